@@ -1,0 +1,17 @@
+#!/bin/bash
+# Entry point of the agent container (runs as `agent`). Sets the git identity, then runs Claude Code with
+# the task on stdin so that no task text, however long, meets the argument-size limit.
+set -euo pipefail
+
+mkdir -p "$HOME/.claude"
+if [ -n "${GIT_AUTHOR_NAME:-}" ]; then
+  git config --global user.name "$GIT_AUTHOR_NAME"
+  git config --global user.email "$GIT_AUTHOR_EMAIL"
+fi
+
+task=/sandbox/in/task.md
+if [ ! -r "$task" ]; then
+  echo "entrypoint: no task at $task" >&2
+  exit 64
+fi
+exec claude "$@" <"$task"

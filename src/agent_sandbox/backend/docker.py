@@ -1,0 +1,141 @@
+"""The Docker backend, on the Docker SDK."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.models.containers import Container
+from docker.types import Mount as DockerMount
+
+from ..errors import EnvironmentNotReady
+from .base import RUN_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
+
+log = logging.getLogger(__name__)
+
+DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
+
+
+def connect_client() -> docker.DockerClient:
+    """A client that has answered a ping, or EnvironmentNotReady."""
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+        raise EnvironmentNotReady(f"Docker is not reachable: {str(exc).splitlines()[0][:200]}",
+                                  hint=DOCKER_HINT) from None
+    return client
+
+
+class DockerBackend(Backend):
+    name = "docker"
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.client = client
+
+    @classmethod
+    def connect(cls) -> DockerBackend:
+        return cls(connect_client())
+
+    def _get(self, container: str) -> Container:
+        return self.client.containers.get(container)
+
+    def create_network(self, spec: NetworkSpec) -> None:
+        self.client.networks.create(spec.name, driver="bridge", internal=spec.internal, labels=spec.labels,
+                                    check_duplicate=True)
+        log.info("network_created name=%s internal=%s", spec.name, spec.internal)
+
+    def start(self, spec: ContainerSpec) -> str:
+        mounts = [DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
+                  for m in spec.mounts]
+        kwargs: dict[str, Any] = dict(
+            image=spec.image, name=spec.name, command=spec.command or None, entrypoint=spec.entrypoint,
+            user=spec.user, environment={**spec.env, **spec.secret_env}, mounts=mounts, labels=spec.labels,
+            read_only=spec.read_only_root, tmpfs=spec.tmpfs or None, cap_drop=spec.cap_drop,
+            security_opt=["no-new-privileges:true"] if spec.no_new_privileges else None,
+            working_dir=spec.working_dir, detach=True, privileged=False, init=True,
+            log_config={"type": "json-file", "config": {"max-size": "64m", "max-file": "2"}},
+        )
+        if spec.memory_bytes:
+            # memswap equal to memory: no swap on top of the limit, so a memory bomb meets the OOM killer.
+            kwargs.update(mem_limit=spec.memory_bytes, memswap_limit=spec.memory_bytes)
+        if spec.nano_cpus:
+            kwargs["nano_cpus"] = spec.nano_cpus
+        if spec.pids_limit:
+            kwargs["pids_limit"] = spec.pids_limit
+        if spec.no_network:
+            kwargs["network_mode"] = "none"
+        elif spec.networks:
+            kwargs["network"] = spec.networks[0]
+            kwargs["networking_config"] = {
+                spec.networks[0]: self.client.api.create_endpoint_config(aliases=spec.aliases or None)}
+        container = self.client.containers.create(**kwargs)
+        try:
+            for extra in spec.networks[1:]:
+                self.client.networks.get(extra).connect(container, aliases=spec.aliases or None)
+            container.start()
+        except Exception:
+            container.remove(force=True)
+            raise
+        log.info("container_started name=%s image=%s", spec.name, spec.image)
+        return container.id
+
+    def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
+        c = self._get(container)
+        yield from c.logs(stream=True, follow=True, stdout=not stderr, stderr=stderr)
+
+    def status(self, container: str) -> ExitInfo:
+        try:
+            c = self._get(container)
+        except docker.errors.NotFound:
+            return ExitInfo(exit_code=None)
+        state = c.attrs.get("State", {})
+        running = bool(state.get("Running"))
+        return ExitInfo(exit_code=None if running else state.get("ExitCode"), oom_killed=bool(state.get("OOMKilled")),
+                        running=running)
+
+    def wait(self, container: str, timeout: float) -> ExitInfo:
+        with contextlib.suppress(requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
+            self._get(container).wait(timeout=timeout)
+        return self.status(container)
+
+    def stop(self, container: str, grace: float) -> None:
+        with contextlib.suppress(docker.errors.NotFound):
+            self._get(container).stop(timeout=max(0, round(grace)))
+
+    def remove_run(self, run_id: str) -> list[str]:
+        removed: list[str] = []
+        flt = {"label": f"{RUN_LABEL}={run_id}"}
+        for c in self.client.containers.list(all=True, filters=flt):
+            try:
+                c.remove(force=True, v=True)
+                removed.append(f"container:{c.name}")
+            except docker.errors.NotFound:
+                pass
+        for n in self.client.networks.list(filters=flt):
+            try:
+                n.remove()
+                removed.append(f"network:{n.name}")
+            except docker.errors.NotFound:
+                pass
+        if removed:
+            log.info("teardown run_id=%s removed=%s", run_id, ",".join(removed))
+        return removed
+
+    def list_runs(self) -> dict[str, list[str]]:
+        runs: dict[str, list[str]] = {}
+        flt = {"label": RUN_LABEL}
+        for c in self.client.containers.list(all=True, filters=flt):
+            runs.setdefault(c.labels[RUN_LABEL], []).append(f"container:{c.name}")
+        for n in self.client.networks.list(filters=flt):
+            runs.setdefault(n.attrs["Labels"][RUN_LABEL], []).append(f"network:{n.name}")
+        return runs
+
+    def image_info(self, image: str) -> dict[str, Any]:
+        img = self.client.images.get(image)
+        return {"ref": image, "id": img.id, "digests": img.attrs.get("RepoDigests", []), "labels": img.labels}

@@ -1,0 +1,181 @@
+"""The `sandbox` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+
+from . import __version__
+from .errors import ExitCode, SandboxError
+from .spec import RunSummary
+from .ui import ConsoleReporter
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+out = Console(highlight=False, soft_wrap=True)
+
+
+def _fail(exc: SandboxError) -> NoReturn:
+    err.print(f"[bold red]error:[/bold red] {exc.message}", markup=True, highlight=False)
+    if exc.hint:
+        err.print(f"[dim]hint:[/dim] {exc.hint}")
+    sys.exit(int(exc.exit_code))
+
+
+def _sigterm_as_interrupt() -> None:
+    # A scheduler's SIGTERM should tear down exactly like Ctrl-C does.
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sandbox")
+@click.option("-v", "--verbose", is_flag=True, help="Log decisions (one structured line each) on stderr.")
+def main(verbose: bool) -> None:
+    """Run coding agents unattended inside locked-down containers."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _print_summary(s: RunSummary, as_json: bool) -> None:
+    if as_json:
+        click.echo(s.model_dump_json())
+        return
+    colour = {"succeeded": "green", "killed": "yellow", "failed": "red"}[s.status]
+    out.print(f"\n[bold {colour}]{s.status}[/bold {colour}] ({s.reason}) in {s.duration_s:.1f}s: {s.message}")
+    if s.branch:
+        out.print(f"  branch   {s.branch}  ({len(s.commits)} commit(s), {len(s.files_changed)} file(s))")
+        out.print(f"  review   git -C {s.repo} diff {s.base_commit[:12]}..{s.branch}")
+    else:
+        out.print("  branch   none: the agent changed nothing")
+    out.print(f"  cost     ${s.cost_usd:.4f} over {s.model_calls} model call(s), {s.turns} turn(s)")
+    out.print(f"  run dir  {s.run_dir}")
+
+
+_RUN_OPTIONS = [
+    click.option("--repo", "repo", required=True, type=click.Path(file_okay=False), help="The git repository."),
+    click.option("--policy", default="default", show_default=True, help="A preset name or a policy YAML file."),
+    click.option("--model", default=None, help="Claude model (default: the policy's)."),
+    click.option("--model-script", type=click.Path(dir_okay=False), default=None,
+                 help="Play this YAML script with the scripted model instead of calling the real API."),
+    click.option("--base", default="HEAD", show_default=True, help="The ref the sandbox starts from."),
+    click.option("--timeout", type=int, default=None, help="Wall-clock limit, seconds (policy: limits.wall_seconds)."),
+    click.option("--idle-timeout", type=int, default=None, help="Idle limit in seconds (policy: limits.idle_seconds)."),
+    click.option("--budget-usd", type=float, default=None, help="Model spend limit (policy: limits.budget_usd)."),
+    click.option("--max-turns", type=int, default=None, help="Turn limit (policy: limits.max_turns)."),
+    click.option("--keep", is_flag=True, help="Keep the workspace checkout in the run directory."),
+    click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
+]
+
+
+def _run_options(f: Any) -> Any:
+    for opt in reversed(_RUN_OPTIONS):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--task", default=None, help="What the agent should do.")
+@_run_options
+def run(task: str | None, as_json: bool, **kw: Any) -> None:
+    """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
+    from .runner import run_task
+
+    _sigterm_as_interrupt()
+    try:
+        summary = run_task(task=task, reporter=ConsoleReporter(err), **kw)
+    except SandboxError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        err.print("interrupted before the run started; nothing was created")
+        sys.exit(int(ExitCode.INTERRUPTED))
+    _print_summary(summary, as_json)
+    sys.exit(summary.exit_code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout.")
+@click.option("--keep", is_flag=True, help="Keep the workspace checkout in the run directory.")
+def demo(as_json: bool, keep: bool) -> None:
+    """A full sandboxed run, no API key needed: the scripted agent fixes a failing test in a throwaway repo."""
+    import git
+
+    from .demo import TASK, make_demo_repo
+    from .paths import state_dir
+    from .runner import run_task
+
+    _sigterm_as_interrupt()
+    repo, script = make_demo_repo(state_dir() / "demo")
+    err.print(f"demo repository: {repo}")
+    try:
+        summary = run_task(repo=str(repo), task=TASK, model_script=str(script), keep=keep,
+                           reporter=ConsoleReporter(err))
+    except SandboxError as exc:
+        _fail(exc)
+    _print_summary(summary, as_json)
+    if summary.branch and not as_json:
+        diff = git.Git(repo).diff(f"{summary.base_commit}..{summary.branch}")
+        out.print(f"\n[bold]git diff {summary.base_commit[:12]}..{summary.branch}[/bold]")
+        out.print(diff, markup=False)
+    sys.exit(summary.exit_code)
+
+
+@main.group()
+def images() -> None:
+    """Build and inspect the sandbox's container images."""
+
+
+@images.command("build")
+@click.option("--force", is_flag=True, help="Rebuild even when images with the current inputs exist.")
+def images_build(force: bool) -> None:
+    """Build the base, agent and sidecar images (cached by a hash of their inputs)."""
+    from .backend.docker import connect_client
+    from .images import build_all
+
+    try:
+        tags = build_all(connect_client(), lambda line: err.print(line, markup=False), force=force)
+    except SandboxError as exc:
+        _fail(exc)
+    out.print(f"agent    {tags.agent}  (Claude Code {tags.claude_code_version})")
+    out.print(f"sidecar  {tags.sidecar}")
+
+
+@images.command("ls")
+@click.option("--json", "as_json", is_flag=True)
+def images_ls(as_json: bool) -> None:
+    """Show the image tags the current inputs call for and whether they exist."""
+    import docker.errors
+
+    from .backend.docker import connect_client
+    from .images import BASE_TAG, expected_tags
+
+    try:
+        client = connect_client()
+        tags = expected_tags(client)
+    except SandboxError as exc:
+        _fail(exc)
+    rows = []
+    for role, ref in (("base", BASE_TAG), ("agent", tags.agent), ("sidecar", tags.sidecar)):
+        try:
+            client.images.get(ref)
+            present = True
+        except docker.errors.ImageNotFound:
+            present = False
+        rows.append({"role": role, "ref": ref, "present": present})
+    if as_json:
+        click.echo(json.dumps(rows))
+    else:
+        for r in rows:
+            out.print(f"{r['role']:<8} {r['ref']:<40} {'built' if r['present'] else 'MISSING'}")
+    sys.exit(0 if all(r["present"] for r in rows) else int(ExitCode.ENVIRONMENT))
+
+
+if __name__ == "__main__":
+    main()

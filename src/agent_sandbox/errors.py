@@ -1,0 +1,44 @@
+"""Errors the CLI turns into a message and a distinct exit code, and the exit codes of a finished run."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Process exit codes of `sandbox`; documented in docs/cli.md."""
+
+    OK = 0
+    INTERNAL = 1  # a bug: an exception nobody expected
+    USAGE = 2  # bad input: options, paths, policy, script (click uses 2 for usage errors too)
+    ENVIRONMENT = 3  # Docker not reachable, images not built, tools missing
+    ERROR = 10  # the run ended with reason `error`
+    TIMEOUT = 11
+    IDLE = 12
+    BUDGET = 13
+    TURNS = 14
+    POLICY = 15
+    INTERRUPTED = 130  # SIGINT/SIGTERM to the supervisor, as shells report Ctrl-C
+
+
+class SandboxError(Exception):
+    """An error with a message meant for the user and the exit code to leave with."""
+
+    exit_code: ExitCode = ExitCode.INTERNAL
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class UsageError(SandboxError):
+    """Bad input from the user; nothing has been created."""
+
+    exit_code = ExitCode.USAGE
+
+
+class EnvironmentNotReady(SandboxError):
+    """The machine lacks something the run needs (Docker engine, images)."""
+
+    exit_code = ExitCode.ENVIRONMENT

@@ -1,0 +1,167 @@
+"""Policies: what a run may do and how far it may go. Loaded from YAML, validated, unknown keys rejected."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UsageError
+from .paths import resource
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)b?$", re.IGNORECASE)
+
+
+def parse_size(value: str | int) -> int:
+    """'4g' -> bytes. Accepts k, m, g suffixes (powers of 1024) and plain byte counts."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE.match(value.strip())
+    if not m:
+        raise ValueError(f"not a size: {value!r} (use e.g. 512m or 4g)")
+    mult = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+class AgentSettings(BaseModel):
+    """How the agent itself is run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = "sonnet"
+    """Claude model name or alias passed to Claude Code's --model; `--model` overrides it."""
+
+
+class Limits(BaseModel):
+    """Kill switches and resource caps, enforced from outside the agent container."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    wall_seconds: int = Field(default=1800, gt=0)
+    """Wall-clock limit for the agent, measured by the supervisor (`--timeout`)."""
+    idle_seconds: int = Field(default=300, gt=0)
+    """The run ends when the agent prints nothing for this long."""
+    budget_usd: float = Field(default=5.0, gt=0)
+    """Spend limit for model calls in US dollars (`--budget-usd`)."""
+    max_turns: int = Field(default=50, gt=0)
+    """Most agent turns (`--max-turns`); also passed to Claude Code as an inner layer."""
+    cpus: float = Field(default=2.0, gt=0)
+    """CPU cores the agent container may use."""
+    memory: str = "4g"
+    """Memory limit of the agent container (e.g. 512m, 4g); swap is not granted on top."""
+    pids: int = Field(default=512, ge=16)
+    """Most processes and threads in the agent container."""
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str) -> str:
+        if parse_size(v) < 64 * 1024**2:
+            raise ValueError("memory must be at least 64m")
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory)
+
+
+class Author(BaseModel):
+    """Identity used for commits made inside the sandbox."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "sandbox agent"
+    """Author and committer name."""
+    email: str = "agent@sandbox.invalid"
+    """Author and committer email."""
+
+
+class GitSettings(BaseModel):
+    """Git rules of the run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    author: Author = Field(default_factory=Author)
+    """Who the agent's commits and the finaliser's commit are by."""
+
+
+class Policy(BaseModel):
+    """A complete policy: agent settings, limits and git rules."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    """A short name shown in summaries and reports."""
+    description: str = ""
+    """What the policy is for."""
+    agent: AgentSettings = Field(default_factory=AgentSettings)
+    """How the agent is run."""
+    limits: Limits = Field(default_factory=Limits)
+    """Kill switches and resource caps."""
+    git: GitSettings = Field(default_factory=GitSettings)
+    """Git rules."""
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON form: the same rules give the same hash."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def presets_dir() -> Path:
+    return resource("policies")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "policy"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_policy(data: Any, source: str) -> Policy:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{source}: a policy must be a mapping, got {type(data).__name__}")
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        raise UsageError(_format_error(exc, source)) from None
+
+
+def load_policy(ref: str) -> tuple[Policy, str]:
+    """Load a preset by name or a policy file by path. Returns the policy and where it came from."""
+    path = Path(ref).expanduser()
+    looks_like_file = path.suffix in (".yaml", ".yml") or "/" in ref
+    if looks_like_file:
+        if not path.is_file():
+            raise UsageError(f"policy file not found: {ref}")
+        source = str(path.resolve())
+    else:
+        path = presets_dir() / f"{ref}.yaml"
+        if not path.is_file():
+            raise UsageError(
+                f"unknown policy {ref!r}",
+                hint="presets: " + ", ".join(preset_names()) + "; or pass a path to a YAML file",
+            )
+        source = f"preset:{ref}"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+    policy = parse_policy(data, str(path))
+    if not looks_like_file and policy.name == "custom":
+        policy = policy.model_copy(update={"name": ref})
+    return policy, source

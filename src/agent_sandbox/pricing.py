@@ -1,0 +1,62 @@
+"""The price table: the one place model prices live. Dollars per million tokens."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Price(BaseModel):
+    """Prices of one model family in US dollars per million tokens."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: float = Field(ge=0)
+    """Uncached input tokens."""
+    output: float = Field(ge=0)
+    """Output tokens."""
+    cache_write: float = Field(ge=0)
+    """Input tokens written to the prompt cache (5-minute cache)."""
+    cache_read: float = Field(ge=0)
+    """Input tokens read from the prompt cache."""
+
+
+def _p(inp: float, out: float) -> Price:
+    return Price(input=inp, output=out, cache_write=inp * 1.25, cache_read=inp * 0.1)
+
+
+# Matched by substring of the model name, first match wins, so specific names come before families.
+DEFAULT_PRICES: dict[str, Price] = {
+    "claude-opus-4-1": _p(15.0, 75.0),
+    "claude-opus-4-0": _p(15.0, 75.0),
+    "claude-opus-4-2025": _p(15.0, 75.0),
+    "claude-3-opus": _p(15.0, 75.0),
+    "opus": _p(5.0, 25.0),
+    "sonnet": _p(3.0, 15.0),
+    "claude-3-5-haiku": _p(0.8, 4.0),
+    "claude-3-haiku": _p(0.25, 1.25),
+    "haiku": _p(1.0, 5.0),
+}
+
+# An unknown model is billed at the highest known rate: a budget should err towards stopping early.
+FALLBACK = Price(
+    input=max(p.input for p in DEFAULT_PRICES.values()),
+    output=max(p.output for p in DEFAULT_PRICES.values()),
+    cache_write=max(p.cache_write for p in DEFAULT_PRICES.values()),
+    cache_read=max(p.cache_read for p in DEFAULT_PRICES.values()),
+)
+
+
+def price_for(model: str, table: dict[str, Price] | None = None) -> Price:
+    name = model.lower()
+    for key, price in {**(table or {}), **DEFAULT_PRICES}.items():
+        if key.lower() in name:
+            return price
+    return FALLBACK
+
+
+def cost_usd(model: str, input_tokens: int = 0, output_tokens: int = 0, cache_read: int = 0,
+             cache_write: int = 0, table: dict[str, Price] | None = None) -> float:
+    p = price_for(model, table)
+    total = (input_tokens * p.input + output_tokens * p.output + cache_read * p.cache_read
+             + cache_write * p.cache_write)
+    return total / 1_000_000

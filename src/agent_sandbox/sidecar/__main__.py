@@ -1,0 +1,64 @@
+"""Entry point of the sidecar container: `python -m agent_sandbox.sidecar`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
+from .gateway import Gateway
+
+
+def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
+    def emit(event: dict[str, Any]) -> None:
+        line = {"time": time.time(), "run_id": run_id, **event}
+        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+
+    return emit
+
+
+async def main() -> None:
+    config = SidecarConfig.model_validate_json(os.environ[CONFIG_ENV])
+    api_key = os.environ.pop(KEY_ENV, None) or None
+    emit = make_emitter(config.run_id)
+    upstream = config.upstream_url
+    runners: list[web.AppRunner] = []
+
+    if config.script_path:
+        from ..script import load_script
+        from ..scripted_model import ScriptedModel, serve
+
+        model = ScriptedModel(load_script(config.script_path),
+                              Path(config.transcript_path) if config.transcript_path else None)
+        runners.append(await serve(model, "127.0.0.1", SCRIPTED_MODEL_PORT))
+        upstream = f"http://127.0.0.1:{SCRIPTED_MODEL_PORT}"
+
+    gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit)
+    runner = web.AppRunner(gateway.app(), access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
+    runners.append(runner)
+    emit({"event": "ready", "gateway_port": config.gateway_port,
+          "upstream": "scripted" if config.script_path else upstream, "key_present": bool(api_key)})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for r in reversed(runners):
+        await r.cleanup()
+    emit({"event": "stopped", "spent_usd": round(gateway.spent_usd, 6), "calls": gateway.calls})
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

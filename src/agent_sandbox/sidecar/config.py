@@ -1,0 +1,33 @@
+"""The sidecar's configuration, handed over by the supervisor as JSON in SANDBOX_SIDECAR_CONFIG."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..pricing import Price
+
+CONFIG_ENV = "SANDBOX_SIDECAR_CONFIG"
+KEY_ENV = "SANDBOX_UPSTREAM_API_KEY"  # kept out of the config so that the config can be logged
+GATEWAY_PORT = 8080
+SCRIPTED_MODEL_PORT = 8099
+
+
+class SidecarConfig(BaseModel):
+    """Everything the sidecar needs to know about its run, except secrets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    """The run this sidecar serves; stamped on every event."""
+    upstream_url: str = "https://api.anthropic.com"
+    """Where the gateway forwards model calls. Ignored when a script is given."""
+    budget_usd: float = Field(gt=0)
+    """Spend after which every further model call is refused with 403."""
+    prices: dict[str, Price] = Field(default_factory=dict)
+    """Price overrides by model-name substring, on top of the built-in table."""
+    script_path: str | None = None
+    """A model script mounted into the sidecar: the gateway then forwards to the scripted model."""
+    transcript_path: str | None = None
+    """Where the scripted model writes its transcript."""
+    gateway_port: int = GATEWAY_PORT
+    """Port the gateway listens on."""

@@ -1,0 +1,101 @@
+"""The resolved run: one validated RunSpec in, one RunSummary out."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import ExitCode
+from .policy import Policy
+
+Status = Literal["succeeded", "failed", "killed"]
+Reason = Literal["completed", "timeout", "idle", "budget", "turns", "policy", "error", "interrupted"]
+
+STATUS_BY_REASON: dict[str, Status] = {
+    "completed": "succeeded", "timeout": "killed", "idle": "killed", "budget": "killed", "turns": "killed",
+    "interrupted": "killed", "policy": "failed", "error": "failed",
+}
+EXIT_BY_REASON: dict[str, ExitCode] = {
+    "completed": ExitCode.OK, "timeout": ExitCode.TIMEOUT, "idle": ExitCode.IDLE, "budget": ExitCode.BUDGET,
+    "turns": ExitCode.TURNS, "policy": ExitCode.POLICY, "error": ExitCode.ERROR,
+    "interrupted": ExitCode.INTERRUPTED,
+}
+
+
+class RunSpec(BaseModel):
+    """Everything one run needs, validated before anything is created."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str
+    """Unique id; also names the branch sandbox/<run_id>."""
+    repo: str
+    """Absolute path of the host repository."""
+    base_ref: str
+    """The ref the user asked to start from."""
+    base_commit: str
+    """The commit it resolved to."""
+    branch: str
+    """The branch the work lands on in the host repository."""
+    task: str
+    """The task text given to the agent."""
+    policy: Policy
+    """The effective policy, CLI overrides applied."""
+    policy_source: str
+    """Where the policy came from: preset:<name> or a file path."""
+    model: str
+    """The Claude model the agent uses."""
+    model_script: str | None = None
+    """A scripted-model YAML file; None means the real Anthropic API."""
+    upstream_url: str = "https://api.anthropic.com"
+    """The model API the gateway forwards to when no script is given."""
+    keep: bool = False
+    """Keep the workspace checkout and the bundle in the run directory."""
+    run_dir: str
+    """The run's directory in the state directory."""
+
+
+class RunSummary(BaseModel):
+    """The outcome of a run; `sandbox run --json` prints exactly this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    """The run id."""
+    status: Status
+    """succeeded, failed or killed."""
+    reason: Reason
+    """Why the run ended."""
+    message: str = ""
+    """A sentence on the outcome, for people."""
+    repo: str
+    """The host repository."""
+    branch: str | None
+    """The branch holding the agent's work in the host repository; None when nothing changed."""
+    base_commit: str
+    """The commit the agent started from."""
+    head: str | None = None
+    """The tip of the branch."""
+    commits: list[str] = Field(default_factory=list)
+    """New commits on the branch, oldest first."""
+    files_changed: list[str] = Field(default_factory=list)
+    """Paths the branch changes relative to the base."""
+    cost_usd: float = 0.0
+    """Model spend metered by the gateway."""
+    model_calls: int = 0
+    """Model calls through the gateway."""
+    turns: int = 0
+    """Agent turns (model responses in the main conversation)."""
+    duration_s: float
+    """Wall time of the whole run."""
+    exit_code: int
+    """The exit code `sandbox run` leaves with."""
+    oom_killed: bool = False
+    """The agent container was killed for running out of memory."""
+    run_dir: str
+    """Where the audit trail, stream and report are."""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"

@@ -1,0 +1,492 @@
+"""The supervisor: runs one task from prepared checkout to imported branch, and always tears down.
+
+Everything that limits the agent lives here or in the sidecar, outside the agent's container: the wall
+clock, idle time, turns and the budget. Whatever ends the run, the finaliser still packs the agent's work,
+the host imports it, and every container and network labelled with the run id is removed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import git
+
+from . import agent_stream
+from .audit import AuditLog
+from .backend import Backend, ContainerSpec, Mount, NetworkSpec
+from .backend.base import ROLE_LABEL, RUN_LABEL
+from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
+from .errors import SandboxError
+from .images import ImageSet
+from .redact import Redactor
+from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, SidecarConfig
+from .spec import EXIT_BY_REASON, STATUS_BY_REASON, RunSpec, RunSummary
+
+log = logging.getLogger(__name__)
+
+AGENT_UID = 1000
+SIDECAR_UID = 1001
+SIDECAR_ALIAS = "sidecar"
+PLACEHOLDER_KEY = "sk-sandbox-placeholder-not-a-key"
+SIDECAR_READY_TIMEOUT = 30.0
+STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this long
+RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
+FINALISER_TIMEOUT = 300.0
+API_KEY_ENV = "ANTHROPIC_API_KEY"
+
+
+class Reporter(Protocol):
+    """Where live progress goes (a terminal, plain lines in CI, or nowhere)."""
+
+    def phase(self, name: str, detail: str = "") -> None: ...
+    def event(self, kind: str, text: str) -> None: ...
+
+
+class _Silent:
+    def phase(self, name: str, detail: str = "") -> None:
+        pass
+
+    def event(self, kind: str, text: str) -> None:
+        pass
+
+
+@dataclass
+class _Watch:
+    """What the supervisor learns while the agent runs."""
+
+    reason: str | None = None  # set when the supervisor ends the run itself
+    message: str = ""
+    result: dict[str, Any] | None = None
+    result_at: float | None = None
+    last_activity: float = field(default_factory=time.monotonic)
+    turns: set[str] = field(default_factory=set)
+    spent_usd: float = 0.0
+    model_calls: int = 0
+    budget_refused: bool = False
+    sidecar_gone: bool = False
+
+
+def _owner() -> tuple[tuple[int, int] | None, str, str]:
+    """Who owns the run's files and whom containers run as: (chown target, agent user, sidecar user)."""
+    if os.getuid() == 0:
+        # Claude Code refuses to skip permission prompts as root, and the agent must not be root anyway.
+        return (AGENT_UID, AGENT_UID), f"{AGENT_UID}:{AGENT_UID}", f"{SIDECAR_UID}:{SIDECAR_UID}"
+    me = f"{os.getuid()}:{os.getgid()}"
+    return None, me, me
+
+
+def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
+    buf = b""
+    for chunk in chunks:
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            yield line.decode("utf-8", errors="replace")
+    if buf:
+        yield buf.decode("utf-8", errors="replace")
+
+
+class Supervisor:
+    def __init__(self, spec: RunSpec, repo: HostRepo, backend: Backend, images: ImageSet,
+                 reporter: Reporter | None = None, api_key: str | None = None) -> None:
+        self.spec = spec
+        self.repo = repo
+        self.backend = backend
+        self.images = images
+        self.ui = reporter or _Silent()
+        self.api_key = api_key
+        self.run_dir = Path(spec.run_dir)
+        self.redact = Redactor([api_key] if api_key else [])
+        self.labels = {RUN_LABEL: spec.run_id}
+        self.prefix = f"sbx-{spec.run_id}"
+        self.limits = spec.policy.limits
+        self.chown, self.agent_user, self.sidecar_user = _owner()
+        self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self.audit: AuditLog | None = None
+
+    # --- the run --------------------------------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        started = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.audit = AuditLog(self.run_dir / "audit.jsonl", self.spec.run_id, self.redact)
+        (self.run_dir / "spec.json").write_text(self.redact(self.spec.model_dump_json(indent=2)))
+        watch = _Watch()
+        imported: Imported | None = None
+        oom = False
+        agent_exit: int | None = None
+        error: str | None = None
+        interrupted = False
+        try:
+            self._record_start()
+            self.ui.phase("prepare", f"checkout of {self.spec.base_commit[:12]} on {self.spec.branch}")
+            self._prepare()
+            self.ui.phase("start", "networks and sidecar")
+            self._start_sidecar()
+            self.ui.phase("agent", f"Claude Code {self.images.claude_code_version}, model {self.spec.model}")
+            agent = self._start_agent()
+            try:
+                self._watch(agent, watch)
+            except KeyboardInterrupt:
+                interrupted = True
+                watch.reason, watch.message = "interrupted", "the supervisor was interrupted"
+                self._record("limit_hit", {"limit": "interrupted"})
+                self.backend.stop(agent, 1.0)
+            info = self.backend.wait(agent, STOP_GRACE + 5)
+            oom, agent_exit = info.oom_killed, info.exit_code
+            reason, message = self._reason(watch, info.exit_code, oom)
+            self.ui.phase("collect", "packing the agent's work")
+            imported, fin_error = self._collect(reason)
+            if fin_error and reason == "completed":
+                reason, message = "error", fin_error
+        except KeyboardInterrupt:
+            interrupted = True
+            reason, message = "interrupted", "the supervisor was interrupted before the agent finished"
+        except SandboxError as exc:
+            reason, message, error = "error", exc.message, exc.message
+        except Exception as exc:  # a bug or a backend failure: the run is an error, and teardown still runs
+            log.exception("run_failed run_id=%s", self.spec.run_id)
+            reason, message, error = "error", f"{type(exc).__name__}: {exc}", repr(exc)
+        finally:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip teardown
+            try:
+                removed = self.backend.remove_run(self.spec.run_id)
+                self._record("teardown", {"removed": removed})
+                self._cleanup_files()
+            finally:
+                signal.signal(signal.SIGINT, previous)
+        summary = self._summary(reason, message, watch, imported, oom, time.monotonic() - started)
+        self._record("run_ended", {"status": summary.status, "reason": reason, "message": message,
+                                   "exit_code": summary.exit_code, "agent_exit_code": agent_exit,
+                                   "oom_killed": oom, "error": error, "interrupted": interrupted,
+                                   "cost_usd": summary.cost_usd, "branch": summary.branch})
+        assert self.audit is not None
+        self.audit.close()
+        (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+        return summary
+
+    # --- steps ----------------------------------------------------------------------------------------------
+
+    def _record(self, type_: str, payload: dict[str, Any], source: str = "supervisor") -> None:
+        if self.audit is not None:
+            self.audit.write(source, type_, payload)  # type: ignore[arg-type]
+
+    def _record_start(self) -> None:
+        images = {}
+        for role, ref in (("agent", self.images.agent), ("sidecar", self.images.sidecar)):
+            try:
+                images[role] = self.backend.image_info(ref)
+            except Exception as exc:  # recorded, not fatal: the start of the container will say more
+                images[role] = {"ref": ref, "error": str(exc)}
+        self._record("run_started", {
+            "spec": self.spec.model_dump(mode="json", exclude={"task"}),
+            "task": self.spec.task,
+            "policy_hash": self.spec.policy.digest(),
+            "images": images,
+            "claude_code_version": self.images.claude_code_version,
+            "backend": self.backend.name,
+        })
+
+    def _prepare(self) -> None:
+        for sub in ("in", "out", "model"):
+            (self.run_dir / sub).mkdir()
+        (self.run_dir / "in" / "task.md").write_text(self.spec.task)
+        prepare_checkout(self.repo, self.spec.base_commit, self.run_dir / "workspace", self.spec.branch, self.chown)
+        if self.chown:
+            os.chown(self.run_dir / "out", *self.chown)
+            os.chown(self.run_dir / "model", SIDECAR_UID, SIDECAR_UID)
+        self._record("checkout_prepared", {"base_commit": self.spec.base_commit, "branch": self.spec.branch,
+                                           "objects": str(self.repo.objects)})
+        for name, internal in ((f"{self.prefix}-int", True), (f"{self.prefix}-egress", False)):
+            self.backend.create_network(NetworkSpec(name=name, internal=internal, labels=self.labels))
+            self._record("network_created", {"name": name, "internal": internal})
+
+    def _start_sidecar(self) -> None:
+        config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url,
+                               budget_usd=self.limits.budget_usd)
+        mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
+        if self.spec.model_script:
+            config.script_path = "/sandbox/model/script.yaml"
+            config.transcript_path = "/sandbox/model-out/transcript.jsonl"
+            mounts.append(Mount(source=self.spec.model_script, target=config.script_path))
+        spec = ContainerSpec(
+            name=f"{self.prefix}-sidecar", image=self.images.sidecar, user=self.sidecar_user,
+            env={CONFIG_ENV: config.model_dump_json()},
+            secret_env={KEY_ENV: self.api_key} if self.api_key else {},
+            mounts=mounts, networks=[f"{self.prefix}-int", f"{self.prefix}-egress"], aliases=[SIDECAR_ALIAS],
+            tmpfs={"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
+            memory_bytes=512 * 1024**2, nano_cpus=1_000_000_000, pids_limit=128,
+            labels={**self.labels, ROLE_LABEL: "sidecar"},
+        )
+        self.sidecar = self.backend.start(spec)
+        self._record("container_created", {"role": "sidecar", "security": spec.security_summary()})
+        threading.Thread(target=self._pump, args=("gateway", self.sidecar, False), daemon=True).start()
+        deadline = time.monotonic() + SIDECAR_READY_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                _source, line = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if not self.backend.status(self.sidecar).running:
+                    break
+                continue
+            if line is None:
+                break
+            event = self._gateway_event(line, _Watch())
+            if event.get("event") == "ready":
+                return
+        raise SandboxError("the sidecar did not become ready: " + self._tail(self.sidecar))
+
+    def _tail(self, container: str) -> str:
+        try:
+            out = b"".join(self.backend.output(container, stderr=True))
+            return self.redact(out.decode(errors="replace")[-1500:]) or "(no output)"
+        except Exception as exc:
+            return f"(no logs: {exc})"
+
+    def _claude_args(self) -> list[str]:
+        return ["-p", "--output-format", "stream-json", "--verbose",
+                # Unattended: nobody is there to answer a prompt. The container is the boundary instead.
+                "--permission-mode", "bypassPermissions",
+                "--model", self.spec.model,
+                "--max-turns", str(self.limits.max_turns),
+                "--no-session-persistence"]
+
+    def _start_agent(self) -> str:
+        uid, gid = self.agent_user.split(":")
+        author = self.spec.policy.git.author
+        spec = ContainerSpec(
+            name=f"{self.prefix}-agent", image=self.images.agent, user=self.agent_user,
+            command=self._claude_args(),
+            env={
+                "ANTHROPIC_BASE_URL": f"http://{SIDECAR_ALIAS}:{GATEWAY_PORT}",
+                # Claude Code wants a key to start; the real one exists only in the sidecar.
+                "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+                "SANDBOX_RUN_ID": self.spec.run_id,
+                "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
+                "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
+                "HOME": "/home/agent",
+            },
+            mounts=self._work_mounts(),
+            networks=[f"{self.prefix}-int"],
+            tmpfs={"/tmp": "rw,nosuid,nodev,exec,size=1g",
+                   "/home/agent": f"rw,nosuid,nodev,exec,size=512m,uid={uid},gid={gid},mode=0700"},
+            memory_bytes=self.limits.memory_bytes, nano_cpus=int(self.limits.cpus * 1e9),
+            pids_limit=self.limits.pids, working_dir="/workspace",
+            labels={**self.labels, ROLE_LABEL: "agent"},
+        )
+        agent = self.backend.start(spec)
+        self._record("container_created", {"role": "agent", "security": spec.security_summary(),
+                                           "command": ["claude", *spec.command]})
+        threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
+        threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
+        return agent
+
+    def _work_mounts(self) -> list[Mount]:
+        return [
+            Mount(source=str(self.run_dir / "workspace"), target="/workspace", read_only=False),
+            # History to read, never to write: the host's .git stays out of the agent's reach.
+            Mount(source=str(self.repo.objects), target=CONTAINER_OBJECTS, read_only=True),
+            Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
+        ]
+
+    def _pump(self, source: str, container: str, stderr: bool) -> None:
+        try:
+            for line in _lines(self.backend.output(container, stderr=stderr)):
+                self._q.put((source, line))
+        except Exception as exc:
+            log.warning("output_stream_failed source=%s error=%r", source, exc)
+        finally:
+            self._q.put((source, None))
+
+    # --- watching -------------------------------------------------------------------------------------------
+
+    def _watch(self, agent: str, w: _Watch) -> None:
+        lim = self.limits
+        t0 = time.monotonic()
+        stream = (self.run_dir / "agent-stream.jsonl").open("a", encoding="utf-8")
+        stderr = (self.run_dir / "agent-stderr.log").open("a", encoding="utf-8")
+        try:
+            agent_done = False
+            while not agent_done:
+                now = time.monotonic()
+                if w.reason is None:
+                    if now - t0 > lim.wall_seconds:
+                        self._limit(agent, w, "timeout", f"wall-clock limit of {lim.wall_seconds}s reached")
+                    elif now - w.last_activity > lim.idle_seconds:
+                        self._limit(agent, w, "idle", f"no output and no model call for {lim.idle_seconds}s")
+                    elif w.result_at is not None and now - w.result_at > RESULT_GRACE:
+                        self._record("agent_lingered", {"seconds": RESULT_GRACE})
+                        self.backend.stop(agent, STOP_GRACE)
+                        w.result_at = None
+                try:
+                    source, line = self._q.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if source == "agent":
+                    if line is None:
+                        agent_done = True
+                        continue
+                    w.last_activity = time.monotonic()
+                    stream.write(self.redact(line) + "\n")
+                    stream.flush()
+                    self._agent_line(agent, line, w)
+                elif source == "agent_stderr":
+                    if line is not None:
+                        stderr.write(self.redact(line) + "\n")
+                elif source == "gateway":
+                    if line is None:
+                        if not w.sidecar_gone and w.reason is None and w.result is None:
+                            w.sidecar_gone = True
+                            self._limit(agent, w, "error", "the sidecar stopped while the agent was running")
+                        continue
+                    self._gateway_event(line, w, agent)
+        finally:
+            stream.close()
+            stderr.close()
+
+    def _limit(self, agent: str, w: _Watch, reason: str, message: str) -> None:
+        w.reason, w.message = reason, message
+        self._record("limit_hit", {"limit": reason, "message": message})
+        self.ui.event("limit", message)
+        log.info("limit_hit run_id=%s limit=%s", self.spec.run_id, reason)
+        self.backend.stop(agent, STOP_GRACE)
+
+    def _agent_line(self, agent: str, line: str, w: _Watch) -> None:
+        for type_, payload in agent_stream.events_from_line(line):
+            self._record(type_, payload, source="agent")
+            if type_ == "tool_call":
+                if payload.get("message_id"):
+                    w.turns.add(payload["message_id"])
+                inp = payload.get("input") or {}
+                detail = inp.get("command") or inp.get("file_path") or inp.get("pattern") or ""
+                self.ui.event("tool", f"{payload.get('name')}: {str(detail)[:100]}")
+            elif type_ == "assistant_text" and payload.get("message_id"):
+                w.turns.add(payload["message_id"])
+            elif type_ == "result":
+                w.result, w.result_at = payload, time.monotonic()
+        if w.reason is None and len(w.turns) > self.limits.max_turns:
+            self._limit(agent, w, "turns", f"more than {self.limits.max_turns} turns")
+
+    def _gateway_event(self, line: str, w: _Watch, agent: str | None = None) -> dict[str, Any]:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            self._record("sidecar_output", {"text": line[:2000]}, source="gateway")
+            return {}
+        kind = str(event.pop("event", "unknown"))
+        for k in ("time", "run_id"):
+            event.pop(k, None)
+        self._record(kind, event, source="gateway")
+        w.last_activity = time.monotonic()
+        if kind == "model_call":
+            w.model_calls += 1
+            w.spent_usd = float(event.get("spent_usd", w.spent_usd))
+        elif kind == "model_call_refused" and event.get("reason") == "budget":
+            w.budget_refused = True
+            if agent is not None and w.reason is None:
+                self._limit(agent, w, "budget", f"model budget of ${self.limits.budget_usd:.2f} spent")
+        return {"event": kind, **event}
+
+    def _reason(self, w: _Watch, exit_code: int | None, oom: bool) -> tuple[str, str]:
+        if w.reason:
+            return w.reason, w.message
+        if oom:
+            return "error", "the agent ran out of memory and was killed"
+        if w.budget_refused:
+            return "budget", f"model budget of ${self.limits.budget_usd:.2f} spent"
+        r = w.result
+        if r is not None:
+            sub = r.get("subtype")
+            if sub == "success" and not r.get("is_error"):
+                return "completed", "the agent finished its task"
+            if sub == "error_max_turns":
+                return "turns", f"Claude Code reached --max-turns {self.limits.max_turns}"
+            if sub == "error_max_budget_usd":
+                return "budget", "Claude Code reached its own budget"
+            return "error", f"the agent ended with an error: {str(r.get('result') or sub)[:300]}"
+        return "error", f"the agent exited with code {exit_code} without a result"
+
+    # --- after the agent ------------------------------------------------------------------------------------
+
+    def _collect(self, reason: str) -> tuple[Imported | None, str | None]:
+        author = self.spec.policy.git.author
+        spec = ContainerSpec(
+            name=f"{self.prefix}-finalise", image=self.images.agent, user=self.agent_user,
+            entrypoint=["/opt/sandbox/finalize.sh"],
+            env={"SANDBOX_RUN_ID": self.spec.run_id, "SANDBOX_BASE_COMMIT": self.spec.base_commit,
+                 "SANDBOX_END_REASON": reason, "HOME": "/tmp",
+                 "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
+                 "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email},
+            mounts=[*self._work_mounts(),
+                    Mount(source=str(self.run_dir / "out"), target="/sandbox/out", read_only=False)],
+            no_network=True, tmpfs={"/tmp": "rw,nosuid,nodev,size=256m"},
+            memory_bytes=1024**3, nano_cpus=1_000_000_000, pids_limit=256, working_dir="/workspace",
+            labels={**self.labels, ROLE_LABEL: "finaliser"},
+        )
+        fin = self.backend.start(spec)
+        self._record("container_created", {"role": "finaliser", "security": spec.security_summary()})
+        info = self.backend.wait(fin, FINALISER_TIMEOUT)
+        if info.running:
+            self.backend.stop(fin, 1)
+            return None, "the finaliser did not finish in time"
+        result_path = self.run_dir / "out" / "result.json"
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError):
+            return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail(fin)}"
+        self._record("finalised", result)
+        if result.get("status") == "unchanged":
+            return Imported(branch=None, head=None, commits=[]), None
+        if result.get("status") != "packed":
+            return None, f"the agent's work could not be packed: {result.get('detail')}"
+        self.ui.phase("import", f"fetching the bundle into {self.spec.branch}")
+        imported = import_bundle(self.repo, self.run_dir / "out" / "work.bundle", self.spec.branch,
+                                 self.spec.base_commit)
+        self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
+                                  "files": self._diffstat(imported)})
+        return imported, None
+
+    def _diffstat(self, imported: Imported) -> list[dict[str, Any]]:
+        if not imported.head:
+            return []
+        out = git.Git(self.repo.path).diff("--numstat", "--no-renames", self.spec.base_commit, imported.head)
+        rows = []
+        for line in out.splitlines():
+            added, deleted, path = line.split("\t", 2)
+            rows.append({"path": path, "added": None if added == "-" else int(added),
+                         "deleted": None if deleted == "-" else int(deleted)})
+        return rows
+
+    def _cleanup_files(self) -> None:
+        transcript = self.run_dir / "model" / "transcript.jsonl"
+        if transcript.is_file():
+            # The sidecar wrote it inside its container; redaction happens here, on the host.
+            transcript.write_text(self.redact(transcript.read_text(errors="replace")))
+        if not self.spec.keep:
+            remove_tree(self.run_dir / "workspace")
+            (self.run_dir / "out" / "work.bundle").unlink(missing_ok=True)
+
+    def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
+                 duration: float) -> RunSummary:
+        files = []
+        if imported and imported.head:
+            files = [r["path"] for r in self._diffstat(imported)]
+        return RunSummary(
+            id=self.spec.run_id, status=STATUS_BY_REASON[reason], reason=reason,  # type: ignore[arg-type]
+            message=message, repo=self.spec.repo,
+            branch=imported.branch if imported else None, base_commit=self.spec.base_commit,
+            head=imported.head if imported else None, commits=imported.commits if imported else [],
+            files_changed=files, cost_usd=round(w.spent_usd, 6), model_calls=w.model_calls, turns=len(w.turns),
+            duration_s=round(duration, 2), exit_code=int(EXIT_BY_REASON[reason]), oom_killed=oom,
+            run_dir=str(self.run_dir),
+        )
