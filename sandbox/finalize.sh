@@ -13,8 +13,9 @@ branch="refs/heads/sandbox/$run_id"
 
 result() {  # status head finaliser_commit bundle detail
   jq -n --arg status "$1" --arg head "$2" --arg fin "$3" --arg bundle "$4" --arg detail "$5" \
-    '{status: $status, head: ($head | select(. != "")), finaliser_commit: ($fin | select(. != "")),
-      bundle: ($bundle | select(. != "")), detail: $detail}' >"$out/result.json"
+    'def opt: if . == "" then null else . end;
+     {status: $status, head: ($head | opt), finaliser_commit: ($fin | opt), bundle: ($bundle | opt),
+      detail: $detail}' >"$out/result.json"
 }
 
 cd /workspace || { result error "" "" "" "workspace is missing"; exit 0; }

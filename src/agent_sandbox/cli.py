@@ -154,7 +154,7 @@ def images_ls(as_json: bool) -> None:
     import docker.errors
 
     from .backend.docker import connect_client
-    from .images import BASE_TAG, expected_tags
+    from .images import base_tag, expected_tags
 
     try:
         client = connect_client()
@@ -162,7 +162,7 @@ def images_ls(as_json: bool) -> None:
     except SandboxError as exc:
         _fail(exc)
     rows = []
-    for role, ref in (("base", BASE_TAG), ("agent", tags.agent), ("sidecar", tags.sidecar)):
+    for role, ref in (("base", base_tag()), ("agent", tags.agent), ("sidecar", tags.sidecar)):
         try:
             client.images.get(ref)
             present = True

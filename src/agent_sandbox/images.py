@@ -31,9 +31,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-BASE_TAG = f"agent-sandbox/base:{BASE_SUITE}"
-AGENT_REPO = "agent-sandbox/agent"
-SIDECAR_REPO = "agent-sandbox/sidecar"
+NAMESPACE_ENV = "SANDBOX_IMAGE_NAMESPACE"
 LABEL_INPUTS = "sandbox.inputs-hash"
 LABEL_CLAUDE = "sandbox.claude-code.version"
 # Only what the sidecar runs goes into its image: less to rebuild when host-side code changes.
@@ -49,6 +47,15 @@ class ImageSet:
     agent: str
     sidecar: str
     claude_code_version: str = CLAUDE_CODE_VERSION
+
+
+def namespace() -> str:
+    """Image repository prefix: `SANDBOX_IMAGE_NAMESPACE`, default agent-sandbox."""
+    return os.environ.get(NAMESPACE_ENV) or "agent-sandbox"
+
+
+def base_tag() -> str:
+    return f"{namespace()}/base:{BASE_SUITE}"
 
 
 def _nothing(_: str) -> None:
@@ -94,12 +101,12 @@ def _tag(repo: str, base_id: str, inputs: list[tuple[str, Path]], extra: str = "
 def expected_tags(client: docker.DockerClient) -> ImageSet:
     """The tags that match the current inputs; raises EnvironmentNotReady if the base is missing."""
     try:
-        base_id = client.images.get(BASE_TAG).id
+        base_id = client.images.get(base_tag()).id
     except docker.errors.ImageNotFound:
-        raise EnvironmentNotReady(f"the base image {BASE_TAG} is not built", hint=BUILD_HINT) from None
+        raise EnvironmentNotReady(f"the base image {base_tag()} is not built", hint=BUILD_HINT) from None
     return ImageSet(
-        agent=_tag(AGENT_REPO, base_id, _agent_inputs(), CLAUDE_CODE_VERSION),
-        sidecar=_tag(SIDECAR_REPO, base_id, _sidecar_inputs()),
+        agent=_tag(f"{namespace()}/agent", base_id, _agent_inputs(), CLAUDE_CODE_VERSION),
+        sidecar=_tag(f"{namespace()}/sidecar", base_id, _sidecar_inputs()),
     )
 
 
@@ -140,28 +147,28 @@ def debian_mirror() -> str:
 def ensure_base(client: docker.DockerClient, progress: Progress = _nothing) -> str:
     """The base image's id: already there, pulled, or bootstrapped with debootstrap when no registry answers."""
     try:
-        return client.images.get(BASE_TAG).id
+        return client.images.get(base_tag()).id
     except docker.errors.ImageNotFound:
         pass
     repo, _, tag = BASE_IMAGE.partition(":")
     try:
         progress(f"pulling {BASE_IMAGE}")
         image = client.images.pull(repo, tag=tag)
-        image.tag(BASE_TAG)
+        image.tag(base_tag())
         log.info("base_image source=pull image=%s", BASE_IMAGE)
-        return client.images.get(BASE_TAG).id
+        return client.images.get(base_tag()).id
     except docker.errors.APIError as exc:
         log.info("base_image source=debootstrap reason=%r", str(exc).splitlines()[0][:200])
         progress(f"no registry answered ({_short(exc)}); building the base with debootstrap")
     mirror = debian_mirror()
     script = resource("images") / "base" / "bootstrap.sh"
     proc = subprocess.run(
-        ["bash", str(script), BASE_TAG, BASE_SUITE, mirror, "sandbox.base.source=debootstrap"],
+        ["bash", str(script), base_tag(), BASE_SUITE, mirror, "sandbox.base.source=debootstrap"],
         capture_output=True, text=True,
     )
     if proc.returncode != 0:
         raise EnvironmentNotReady("debootstrap of the base image failed:\n" + proc.stderr[-2000:])
-    return client.images.get(BASE_TAG).id
+    return client.images.get(base_tag()).id
 
 
 def _short(exc: Exception) -> str:
@@ -276,7 +283,7 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
                 shutil.copy2(binary, ctx / "claude")
             labels = {LABEL_INPUTS: tags.agent.split(":")[1], LABEL_CLAUDE: CLAUDE_CODE_VERSION,
                       "sandbox.base-image": base_id}
-            _build(client, ctx, tags.agent, BASE_TAG, labels, progress)
+            _build(client, ctx, tags.agent, base_tag(), labels, progress)
         log.info("image_built role=agent tag=%s", tags.agent)
     else:
         progress(f"{tags.agent} is up to date")
@@ -290,7 +297,7 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
                 shutil.copy2(src, ctx / name)
             shutil.copytree(sidecar_wheels(arch, progress), ctx / "wheels")
             labels = {LABEL_INPUTS: tags.sidecar.split(":")[1], "sandbox.base-image": base_id}
-            _build(client, ctx, tags.sidecar, BASE_TAG, labels, progress)
+            _build(client, ctx, tags.sidecar, base_tag(), labels, progress)
         log.info("image_built role=sidecar tag=%s", tags.sidecar)
     else:
         progress(f"{tags.sidecar} is up to date")

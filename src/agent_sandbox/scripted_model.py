@@ -149,6 +149,7 @@ class ScriptedModel:
             # A digest, never the key: the transcript lives in the run directory.
             "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
             "anthropic_version": request.headers.get("anthropic-version"),
+            "anthropic_beta": request.headers.get("anthropic-beta"),
         })
         msg = self.message(body, idx, step)
         if not body.get("stream"):

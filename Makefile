@@ -1,0 +1,36 @@
+# The two commands a new user needs are `make demo` and `make test`; each sets up what it needs.
+VENV    ?= .venv
+SANDBOX := $(VENV)/bin/sandbox
+PYTEST  := $(VENV)/bin/pytest
+# Docker-bound tests mostly wait on containers, so more workers than cores pays off.
+TEST_WORKERS ?= 4
+
+.PHONY: all demo test images docker venv lint unit clean-runs
+
+all: test
+
+venv:
+	@scripts/ensure-venv
+
+docker:
+	@scripts/ensure-docker
+
+images: venv docker
+	$(SANDBOX) images build
+
+demo: images
+	$(SANDBOX) demo
+
+lint: venv
+	$(VENV)/bin/ruff check src tests
+
+unit: venv
+	$(PYTEST) -m "not docker" -q
+
+test: lint images
+	$(PYTEST) -n $(TEST_WORKERS) --timeout 600 -q
+
+# Remove whatever a crashed run left behind (containers and networks labelled sandbox.run-id).
+clean-runs: docker
+	-docker ps -aq --filter label=sandbox.run-id | xargs -r docker rm -f
+	-docker network ls -q --filter label=sandbox.run-id | xargs -r docker network rm

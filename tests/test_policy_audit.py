@@ -1,0 +1,61 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from agent_sandbox.audit import AuditLog, verify
+from agent_sandbox.errors import UsageError
+from agent_sandbox.policy import load_policy, parse_size, preset_names
+from agent_sandbox.redact import MASK, Redactor
+
+
+def test_default_preset_loads() -> None:
+    assert "default" in preset_names()
+    pol, source = load_policy("default")
+    assert source == "preset:default" and pol.name == "default"
+    assert pol.limits.memory_bytes == 4 * 1024**3 and pol.limits.max_turns == 50
+
+
+def test_unknown_preset_and_bad_keys(tmp_path: Path) -> None:
+    with pytest.raises(UsageError) as exc:
+        load_policy("no-such-policy")
+    assert "unknown policy 'no-such-policy'" in exc.value.message and "default" in (exc.value.hint or "")
+    f = tmp_path / "p.yaml"
+    f.write_text("limits:\n  wall_seconds: 10\n  wall_secs: 5\n")
+    with pytest.raises(UsageError, match=r"limits\.wall_secs: unknown key"):
+        load_policy(str(f))
+    f.write_text("limits: {memory: lots}\n")
+    with pytest.raises(UsageError, match=r"limits\.memory"):
+        load_policy(str(f))
+
+
+def test_parse_size() -> None:
+    assert parse_size("512m") == 512 * 1024**2 and parse_size("1.5g") == int(1.5 * 1024**3)
+    with pytest.raises(ValueError):
+        parse_size("12x")
+
+
+def test_audit_chain_verifies_and_detects_an_edit(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, "r1", Redactor(["sk-ant-secret-value-1"]))
+    for i in range(5):
+        log.write("supervisor", "step", {"i": i, "note": "key sk-ant-secret-value-1 and ghp_" + "a" * 36})
+    log.close()
+    ok, n, _ = verify(path)
+    assert ok and n == 5
+    text = path.read_text()
+    assert "sk-ant-secret-value-1" not in text and "ghp_aaaa" not in text and MASK in text
+    lines = text.splitlines()
+    event = json.loads(lines[2])
+    event["payload"]["i"] = 99
+    lines[2] = json.dumps(event, separators=(",", ":"))
+    path.write_text("\n".join(lines) + "\n")
+    ok, bad, msg = verify(path)
+    assert not ok and bad == 4 and "line 4" in msg  # line 3 changed, so line 4's prev_hash no longer matches
+
+
+def test_redactor_patterns() -> None:
+    r = Redactor(["short", "a-long-secret-value"])
+    s = r("short a-long-secret-value Authorization: Bearer abcdefghijkl xoxb-123456789012 AKIAABCDEFGHIJKLMNOP")
+    assert s.startswith("short ") and "a-long-secret-value" not in s and "abcdefghijkl" not in s
+    assert "xoxb-" not in s and "AKIA" not in s
