@@ -128,6 +128,44 @@ def demo(as_json: bool, keep: bool) -> None:
 
 
 @main.group()
+def policy() -> None:
+    """Validate and inspect policies."""
+
+
+@policy.command("check")
+@click.argument("ref")
+@click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
+def policy_check(ref: str, as_json: bool) -> None:
+    """Validate a policy file (or preset name) and print its effective rules."""
+    from .egress import parse_rule
+    from .policy import load_policy
+
+    try:
+        pol, source = load_policy(ref)
+    except SandboxError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps({"source": source, "sha256": pol.digest(), "policy": pol.model_dump(mode="json")}))
+        return
+    eg, lim = pol.egress, pol.limits
+    out.print(f"policy   {pol.name} ({source})  sha256 {pol.digest()[:16]}")
+    out.print(f"model    {pol.agent.model}")
+    out.print(f"limits   wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
+              f"{lim.max_turns} turns, {lim.cpus:g} cpus, memory {lim.memory}, {lim.pids} pids")
+    out.print(f"egress   mode {eg.mode}; private addresses {'allowed' if eg.allow_private else 'refused'}; "
+              "the model gateway is always reachable")
+    for kind, rules in (("deny", eg.deny), ("allow", eg.allow)):
+        for text in rules:
+            r = parse_rule(text)
+            what = f"subdomains of {r.host}" if r.wildcard else r.host
+            out.print(f"  {kind:<5}  {text:<32} {what}, ports {', '.join(map(str, r.ports))}", markup=False)
+    if not eg.allow:
+        out.print("  (no allow rules: nothing but the model gateway)")
+    for name, target in eg.hosts.items():
+        out.print(f"  host   {name} -> {target}", markup=False)
+
+
+@main.group()
 def images() -> None:
     """Build and inspect the sandbox's container images."""
 

@@ -35,7 +35,7 @@ NAMESPACE_ENV = "SANDBOX_IMAGE_NAMESPACE"
 LABEL_INPUTS = "sandbox.inputs-hash"
 LABEL_CLAUDE = "sandbox.claude-code.version"
 # Only what the sidecar runs goes into its image: less to rebuild when host-side code changes.
-SIDECAR_MODULES = ("__init__.py", "script.py", "scripted_model.py", "pricing.py", "sidecar/*.py")
+SIDECAR_MODULES = ("__init__.py", "script.py", "scripted_model.py", "pricing.py", "egress.py", "sidecar/*.py")
 SIDECAR_PYTHON = "3.11"  # Debian bookworm's python3, which the sidecar image runs on
 BUILD_HINT = "build them with `sandbox images build` (or `make images`)"
 

@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .egress import Egress
 from .errors import UsageError
 from .paths import resource
 
@@ -102,6 +103,8 @@ class Policy(BaseModel):
     """How the agent is run."""
     limits: Limits = Field(default_factory=Limits)
     """Kill switches and resource caps."""
+    egress: Egress = Field(default_factory=Egress)
+    """Network access beyond the model gateway."""
     git: GitSettings = Field(default_factory=GitSettings)
     """Git rules."""
 

@@ -68,19 +68,29 @@ def _steps_for(i: int, t: Turn, usage: Usage, ws: str) -> list[Step]:
 
 
 def _tool_results(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """The tool results the agent sent back in the last user message."""
+    """The tool results the agent sent back since the model's last answer.
+
+    Claude Code may follow a tool result with a further user message (a reminder, say), so every user
+    message after the last assistant message counts, not only the last one.
+    """
     msgs = body.get("messages") or []
-    if not msgs or msgs[-1].get("role") != "user" or not isinstance(msgs[-1].get("content"), list):
-        return []
+    tail: list[dict[str, Any]] = []
+    for m in reversed(msgs):
+        if m.get("role") == "assistant":
+            break
+        tail.insert(0, m)
     out = []
-    for block in msgs[-1]["content"]:
-        if not isinstance(block, dict) or block.get("type") != "tool_result":
+    for m in tail:
+        if not isinstance(m.get("content"), list):
             continue
-        content = block.get("content")
-        if isinstance(content, list):
-            content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
-        out.append({"tool_use_id": block.get("tool_use_id"), "is_error": bool(block.get("is_error")),
-                    "content": content if isinstance(content, str) else json.dumps(content)})
+        for block in m["content"]:
+            if not isinstance(block, dict) or block.get("type") != "tool_result":
+                continue
+            content = block.get("content")
+            if isinstance(content, list):
+                content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
+            out.append({"tool_use_id": block.get("tool_use_id"), "is_error": bool(block.get("is_error")),
+                        "content": content if isinstance(content, str) else json.dumps(content)})
     return out
 
 

@@ -93,6 +93,10 @@ class RunSummary(BaseModel):
     """The exit code `sandbox run` leaves with."""
     oom_killed: bool = False
     """The agent container was killed for running out of memory."""
+    egress_allowed: int = 0
+    """Connections the egress proxy let through (report mode: including would-be denials)."""
+    egress_denied: int = 0
+    """Connections the egress proxy refused."""
     run_dir: str
     """Where the audit trail, stream and report are."""
 

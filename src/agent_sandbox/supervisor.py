@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import git
+import psutil
 
 from . import agent_stream
 from .audit import AuditLog
@@ -29,7 +31,7 @@ from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prep
 from .errors import SandboxError
 from .images import ImageSet
 from .redact import Redactor
-from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, SidecarConfig
+from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
 from .spec import EXIT_BY_REASON, STATUS_BY_REASON, RunSpec, RunSummary
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,8 @@ class _Watch:
     model_calls: int = 0
     budget_refused: bool = False
     sidecar_gone: bool = False
+    egress_allowed: int = 0
+    egress_denied: int = 0
 
 
 def _owner() -> tuple[tuple[int, int] | None, str, str]:
@@ -83,6 +87,26 @@ def _owner() -> tuple[tuple[int, int] | None, str, str]:
         return (AGENT_UID, AGENT_UID), f"{AGENT_UID}:{AGENT_UID}", f"{SIDECAR_UID}:{SIDECAR_UID}"
     me = f"{os.getuid()}:{os.getgid()}"
     return None, me, me
+
+
+def host_addresses() -> list[str]:
+    """Every address of this host's interfaces: the proxy refuses them like private ones."""
+    out = set()
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6):
+                out.add(a.address.split("%")[0])
+    return sorted(out)
+
+
+def proxy_env() -> dict[str, str]:
+    """Proxy settings for the agent, in every spelling its tools read."""
+    url = f"http://{SIDECAR_ALIAS}:{PROXY_PORT}"
+    no_proxy = f"{SIDECAR_ALIAS},localhost,127.0.0.1"
+    env = {name: url for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy",
+                                  "npm_config_proxy", "npm_config_https_proxy", "PIP_PROXY")}
+    env.update(NO_PROXY=no_proxy, no_proxy=no_proxy)
+    return env
 
 
 def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
@@ -212,8 +236,10 @@ class Supervisor:
             self._record("network_created", {"name": name, "internal": internal})
 
     def _start_sidecar(self) -> None:
+        egress = self.spec.policy.egress
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url,
-                               budget_usd=self.limits.budget_usd)
+                               budget_usd=self.limits.budget_usd, egress=egress, own_addresses=host_addresses(),
+                               gateway_name=SIDECAR_ALIAS)
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
         if self.spec.model_script:
             config.script_path = "/sandbox/model/script.yaml"
@@ -226,7 +252,7 @@ class Supervisor:
             mounts=mounts, networks=[f"{self.prefix}-int", f"{self.prefix}-egress"], aliases=[SIDECAR_ALIAS],
             tmpfs={"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
             memory_bytes=512 * 1024**2, nano_cpus=1_000_000_000, pids_limit=128,
-            labels={**self.labels, ROLE_LABEL: "sidecar"},
+            labels={**self.labels, ROLE_LABEL: "sidecar"}, extra_hosts=egress.hosts,
         )
         self.sidecar = self.backend.start(spec)
         self._record("container_created", {"role": "sidecar", "security": spec.security_summary()})
@@ -275,6 +301,7 @@ class Supervisor:
                 "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
                 "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
                 "HOME": "/home/agent",
+                **proxy_env(),
             },
             mounts=self._work_mounts(),
             networks=[f"{self.prefix}-int"],
@@ -283,10 +310,15 @@ class Supervisor:
             memory_bytes=self.limits.memory_bytes, nano_cpus=int(self.limits.cpus * 1e9),
             pids_limit=self.limits.pids, working_dir="/workspace",
             labels={**self.labels, ROLE_LABEL: "agent"},
+            # Names the sidecar does not know get no answer on an internal network: fail in a second, not ten.
+            dns_options=["timeout:1", "attempts:1"],
         )
         agent = self.backend.start(spec)
         self._record("container_created", {"role": "agent", "security": spec.security_summary(),
                                            "command": ["claude", *spec.command]})
+        self.backend.isolate(agent, self.spec.run_id)
+        self._record("network_isolated", {"container": spec.name, "default_route": "removed"})
+        (self.run_dir / "in" / "network-ready").touch()
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
         return agent
@@ -386,6 +418,14 @@ class Supervisor:
         kind = str(event.pop("event", "unknown"))
         for k in ("time", "run_id"):
             event.pop(k, None)
+        if kind == "egress":
+            self._record("egress", event, source="proxy")
+            if event.get("decision") == "deny":
+                w.egress_denied += 1
+                self.ui.event("denied", f"{event.get('host')}:{event.get('port')}: {event.get('reason')}")
+            else:
+                w.egress_allowed += 1
+            return {"event": kind, **event}
         self._record(kind, event, source="gateway")
         w.last_activity = time.monotonic()
         if kind == "model_call":
@@ -488,5 +528,6 @@ class Supervisor:
             head=imported.head if imported else None, commits=imported.commits if imported else [],
             files_changed=files, cost_usd=round(w.spent_usd, 6), model_calls=w.model_calls, turns=len(w.turns),
             duration_s=round(duration, 2), exit_code=int(EXIT_BY_REASON[reason]), oom_killed=oom,
+            egress_allowed=w.egress_allowed, egress_denied=w.egress_denied,
             run_dir=str(self.run_dir),
         )

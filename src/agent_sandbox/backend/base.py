@@ -83,6 +83,10 @@ class ContainerSpec(BaseModel):
     """Labels; always including sandbox.run-id."""
     working_dir: str | None = None
     """Working directory inside the container."""
+    extra_hosts: dict[str, str] = Field(default_factory=dict)
+    """Static /etc/hosts entries: name -> IP address or `host-gateway`."""
+    dns_options: list[str] = Field(default_factory=list)
+    """resolv.conf options, e.g. `timeout:1` so that lookups with no answer fail fast."""
 
     def security_summary(self) -> dict[str, Any]:
         """The settings an auditor wants to see; secret values left out."""
@@ -92,7 +96,7 @@ class ContainerSpec(BaseModel):
             "tmpfs": sorted(self.tmpfs), "memory_bytes": self.memory_bytes, "nano_cpus": self.nano_cpus,
             "pids_limit": self.pids_limit, "networks": self.networks, "no_network": self.no_network,
             "mounts": [m.model_dump() for m in self.mounts], "env_names": sorted(self.env),
-            "secret_env_names": sorted(self.secret_env),
+            "secret_env_names": sorted(self.secret_env), "extra_hosts": self.extra_hosts,
         }
 
 
@@ -120,6 +124,11 @@ class Backend(ABC):
     @abstractmethod
     def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; returns its id."""
+
+    @abstractmethod
+    def isolate(self, container: str, run_id: str) -> None:
+        """Remove every route out of the container's network namespace but its own subnet's, so that a
+        connection to anything but its neighbours fails at once instead of hanging."""
 
     @abstractmethod
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:

@@ -61,6 +61,10 @@ class DockerBackend(Backend):
             working_dir=spec.working_dir, detach=True, privileged=False, init=True,
             log_config={"type": "json-file", "config": {"max-size": "64m", "max-file": "2"}},
         )
+        if spec.extra_hosts:
+            kwargs["extra_hosts"] = spec.extra_hosts
+        if spec.dns_options:
+            kwargs["dns_opt"] = spec.dns_options
         if spec.memory_bytes:
             # memswap equal to memory: no swap on top of the limit, so a memory bomb meets the OOM killer.
             kwargs.update(mem_limit=spec.memory_bytes, memswap_limit=spec.memory_bytes)
@@ -84,6 +88,27 @@ class DockerBackend(Backend):
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return container.id
+
+    def isolate(self, container: str, run_id: str) -> None:
+        target = self._get(container)
+        # A helper joins the container's network namespace with NET_ADMIN and nothing else, deletes the
+        # default routes that Docker gives even `internal` networks, and checks that none is left. It runs
+        # before any agent code: the agent's entrypoint waits for the supervisor's go-ahead.
+        script = ("ip route del default 2>/dev/null; ip -6 route del default 2>/dev/null; "
+                  "if ip route show default | grep -q .; then echo 'default route remains' >&2; exit 1; fi")
+        helper = self.client.containers.run(
+            target.image.id, entrypoint=["sh", "-c", script], user="0:0", network_mode=f"container:{target.id}",
+            cap_drop=["ALL"], cap_add=["NET_ADMIN"], security_opt=["no-new-privileges:true"], read_only=True,
+            labels={RUN_LABEL: run_id, "sandbox.role": "isolate"}, detach=True,
+        )
+        try:
+            result = helper.wait(timeout=60)
+            if result.get("StatusCode") != 0:
+                logs = helper.logs().decode(errors="replace")[-300:]
+                raise RuntimeError(f"could not isolate the agent's network: {logs}")
+        finally:
+            helper.remove(force=True)
+        log.info("network_isolated container=%s", target.name)
 
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
         c = self._get(container)

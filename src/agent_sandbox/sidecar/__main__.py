@@ -15,6 +15,7 @@ from aiohttp import web
 
 from .config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
 from .gateway import Gateway
+from .proxy import EgressProxy
 
 
 def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
@@ -47,7 +48,12 @@ async def main() -> None:
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
     runners.append(runner)
-    emit({"event": "ready", "gateway_port": config.gateway_port,
+    eg = config.egress
+    proxy = EgressProxy(config.run_id, eg.allow, eg.deny, eg.mode, eg.allow_private, config.own_addresses,
+                        (config.gateway_name, config.gateway_port), emit)
+    proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port)
+    emit({"event": "ready", "gateway_port": config.gateway_port, "proxy_port": config.proxy_port,
+          "egress_mode": eg.mode, "allow": eg.allow, "deny": eg.deny, "allow_private": eg.allow_private,
           "upstream": "scripted" if config.script_path else upstream, "key_present": bool(api_key)})
 
     stop = asyncio.Event()
@@ -55,6 +61,7 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    proxy_server.close()
     for r in reversed(runners):
         await r.cleanup()
     emit({"event": "stopped", "spent_usd": round(gateway.spent_usd, 6), "calls": gateway.calls})

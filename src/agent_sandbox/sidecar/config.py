@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..egress import Egress
 from ..pricing import Price
 
 CONFIG_ENV = "SANDBOX_SIDECAR_CONFIG"
 KEY_ENV = "SANDBOX_UPSTREAM_API_KEY"  # kept out of the config so that the config can be logged
 GATEWAY_PORT = 8080
 SCRIPTED_MODEL_PORT = 8099
+PROXY_PORT = 3128
 
 
 class SidecarConfig(BaseModel):
@@ -31,3 +33,11 @@ class SidecarConfig(BaseModel):
     """Where the scripted model writes its transcript."""
     gateway_port: int = GATEWAY_PORT
     """Port the gateway listens on."""
+    proxy_port: int = PROXY_PORT
+    """Port the egress proxy listens on."""
+    egress: Egress = Field(default_factory=Egress)
+    """The run's egress rules (its `hosts` are applied by the backend, as the sidecar's /etc/hosts)."""
+    own_addresses: list[str] = Field(default_factory=list)
+    """The host's own addresses, refused like private ones unless egress.allow_private."""
+    gateway_name: str = "sidecar"
+    """The name the agent reaches the sidecar by; the proxy passes `name:gateway_port` to the gateway."""
