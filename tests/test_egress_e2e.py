@@ -194,11 +194,15 @@ def test_bad_rules_are_rejected_by_check_and_run(rule, fragment, make_repo, sand
     assert not (state_dir / "runs").exists()
 
 
-def test_unknown_egress_key_is_rejected(sandbox, tmp_path) -> None:
+def test_unknown_egress_key_is_rejected(sandbox, make_repo, write_script, tmp_path, state_dir) -> None:
     pol = tmp_path / "bad.yaml"
     pol.write_text("egress:\n  allow: [ok.example.com]\n  allowed_private: true\n")
     res = sandbox("policy", "check", str(pol))
     assert res.code == 2 and "egress.allowed_private: unknown key" in res.stderr
+    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
+                  "--model-script", str(write_script("turns: []\n")))
+    assert res.code == 2 and "egress.allowed_private: unknown key" in res.stderr
+    assert not (state_dir / "runs").exists()
 
 
 def test_policy_check_prints_effective_rules(sandbox) -> None:
