@@ -129,3 +129,29 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if res.returncode == 0 and left:
         sys.stderr.write(f"\nLEFT BEHIND by the test suite: {left}\n")
         session.exitstatus = 1
+
+
+def start_run(state_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start `sandbox` in the background (for tests that signal or kill it mid-run)."""
+    e = {**os.environ, "SANDBOX_STATE_DIR": str(state_dir), **(env or {})}
+    return subprocess.Popen([*SANDBOX, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
+                            cwd=REPO_ROOT)
+
+
+def wait_for_event(state_dir: Path, type_: str, timeout: float = 90) -> tuple[str, dict[str, Any]]:
+    """Wait until the only run in state_dir has an audit event of this type; returns (run_id, event)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for audit in (state_dir / "runs").glob("*/audit.jsonl") if (state_dir / "runs").exists() else []:
+            for line in audit.read_text().splitlines():
+                event = json.loads(line)
+                if event["type"] == type_:
+                    return audit.parent.name, event
+        time.sleep(0.1)
+    raise AssertionError(f"no {type_} event within {timeout}s")
+
+
+def audit_events(run_dir: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (Path(run_dir) / "audit.jsonl").read_text().splitlines()]

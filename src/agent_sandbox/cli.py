@@ -127,6 +127,34 @@ def demo(as_json: bool, keep: bool) -> None:
     sys.exit(summary.exit_code)
 
 
+@main.command()
+@click.option("--force", is_flag=True, help="Also remove runs whose supervisor still seems alive.")
+@click.option("--json", "as_json", is_flag=True)
+def gc(force: bool, as_json: bool) -> None:
+    """Remove containers and networks left by runs whose supervisor died; mark those runs failed."""
+    from .backend.docker import DockerBackend
+    from .gc import collect
+    from .store import RunStore
+
+    try:
+        backend = DockerBackend.connect()
+    except SandboxError as exc:
+        _fail(exc)
+    store = RunStore()
+    try:
+        results = collect(backend, store, force=force)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in results]))
+        return
+    if not results:
+        out.print("nothing to collect")
+    for r in results:
+        note = " (marked failed)" if r.marked_failed else ""
+        out.print(f"{r.action:<8} {r.run_id}: {', '.join(r.objects) or 'nothing'}{note}")
+
+
 @main.group()
 def policy() -> None:
     """Validate and inspect policies."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .egress import Egress
 from .errors import UsageError
 from .paths import resource
+from .pricing import Price
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)b?$", re.IGNORECASE)
 
@@ -36,6 +37,15 @@ class AgentSettings(BaseModel):
 
     model: str = "sonnet"
     """Claude model name or alias passed to Claude Code's --model; `--model` overrides it."""
+    api_url: str = "https://api.anthropic.com"
+    """The model API the gateway forwards to: Anthropic's, or any compatible endpoint a company runs."""
+
+    @field_validator("api_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            raise ValueError(f"{v!r} is not an http(s) URL")
+        return v.rstrip("/")
 
 
 class Limits(BaseModel):
@@ -57,6 +67,9 @@ class Limits(BaseModel):
     """Memory limit of the agent container (e.g. 512m, 4g); swap is not granted on top."""
     pids: int = Field(default=512, ge=16)
     """Most processes and threads in the agent container."""
+    disk: str = "10g"
+    """Writable space: caps the tmpfs /tmp and home, and the workspace's growth, which the supervisor
+    measures (bind mounts have no quota on most storage drivers)."""
 
     @field_validator("memory")
     @classmethod
@@ -65,9 +78,20 @@ class Limits(BaseModel):
             raise ValueError("memory must be at least 64m")
         return v
 
+    @field_validator("disk")
+    @classmethod
+    def _disk(cls, v: str) -> str:
+        if parse_size(v) < 64 * 1024**2:
+            raise ValueError("disk must be at least 64m")
+        return v
+
     @property
     def memory_bytes(self) -> int:
         return parse_size(self.memory)
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk)
 
 
 class Author(BaseModel):
@@ -107,6 +131,9 @@ class Policy(BaseModel):
     """Network access beyond the model gateway."""
     git: GitSettings = Field(default_factory=GitSettings)
     """Git rules."""
+    pricing: dict[str, Price] = Field(default_factory=dict)
+    """Price overrides in US dollars per million tokens, by model-name substring, on top of the built-in
+    table in pricing.py (e.g. a negotiated rate, or a company endpoint's own models)."""
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON form: the same rules give the same hash."""

@@ -9,13 +9,21 @@ from pathlib import Path
 
 from .backend.docker import DockerBackend
 from .checkout import open_repo, resolve_commit
-from .errors import UsageError
+from .errors import ExitCode, SandboxError, UsageError
 from .images import require_images
 from .paths import runs_dir
 from .policy import load_policy
 from .script import ScriptError, load_script
+from .settings import load_settings
 from .spec import RunSpec, RunSummary
+from .store import RunStore
 from .supervisor import API_KEY_ENV, Reporter, Supervisor
+
+
+class DailyBudgetSpent(SandboxError):
+    """The host's daily budget leaves nothing for another run."""
+
+    exit_code = ExitCode.BUDGET
 
 
 def new_run_id() -> str:
@@ -52,6 +60,17 @@ def run_task(*, repo: str, task: str | None, policy: str = "default", model: str
         raise UsageError(f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
                          "or pass --model-script FILE to use the scripted model")
     base_commit = resolve_commit(host, base)
+    settings = load_settings()
+    store = RunStore()
+    remaining = None
+    if settings.daily_budget_usd is not None:
+        spent = store.spent_on()
+        remaining = settings.daily_budget_usd - spent
+        if remaining <= 0:
+            raise DailyBudgetSpent(
+                f"the host's daily model budget of ${settings.daily_budget_usd:.2f} is spent "
+                f"(${spent:.4f} today, UTC); no new run starts before tomorrow",
+                hint="raise SANDBOX_DAILY_BUDGET_USD or daily_budget_usd in the host config to allow more")
 
     # 2. The machine: Docker answers and the images exist.
     backend = DockerBackend.connect()
@@ -61,7 +80,11 @@ def run_task(*, repo: str, task: str | None, policy: str = "default", model: str
     spec = RunSpec(
         run_id=run_id, repo=str(host.path), base_ref=base, base_commit=base_commit, branch=f"sandbox/{run_id}",
         task=task, policy=pol, policy_source=source, model=model or pol.agent.model, model_script=script_path,
-        keep=keep, run_dir=str(runs_dir() / run_id),
+        upstream_url=pol.agent.api_url, keep=keep, run_dir=str(runs_dir() / run_id), daily_remaining_usd=remaining,
     )
     # 3. Only now is anything created.
-    return Supervisor(spec, host, backend, images, reporter, api_key=api_key).run()
+    try:
+        return Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
+                          daily_budget_usd=settings.daily_budget_usd).run()
+    finally:
+        store.close()

@@ -23,6 +23,21 @@ EXIT_BY_REASON: dict[str, ExitCode] = {
 }
 
 
+class Tokens(BaseModel):
+    """Tokens metered by the gateway over a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: int = 0
+    """Uncached input tokens."""
+    output: int = 0
+    """Output tokens."""
+    cache_read: int = 0
+    """Input tokens read from the prompt cache."""
+    cache_write: int = 0
+    """Input tokens written to the prompt cache."""
+
+
 class RunSpec(BaseModel):
     """Everything one run needs, validated before anything is created."""
 
@@ -52,6 +67,8 @@ class RunSpec(BaseModel):
     """The model API the gateway forwards to when no script is given."""
     keep: bool = False
     """Keep the workspace checkout and the bundle in the run directory."""
+    daily_remaining_usd: float | None = None
+    """What was left of the host's daily budget when the run started; None without a daily cap."""
     run_dir: str
     """The run's directory in the state directory."""
 
@@ -85,6 +102,8 @@ class RunSummary(BaseModel):
     """Model spend metered by the gateway."""
     model_calls: int = 0
     """Model calls through the gateway."""
+    tokens: Tokens = Field(default_factory=Tokens)
+    """Tokens metered by the gateway."""
     turns: int = 0
     """Agent turns (model responses in the main conversation)."""
     duration_s: float

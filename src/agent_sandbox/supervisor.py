@@ -7,6 +7,7 @@ the host imports it, and every container and network labelled with the run id is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -26,13 +27,14 @@ import psutil
 from . import agent_stream
 from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
-from .backend.base import ROLE_LABEL, RUN_LABEL
+from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
 from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
 from .errors import SandboxError
 from .images import ImageSet
 from .redact import Redactor
 from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
-from .spec import EXIT_BY_REASON, STATUS_BY_REASON, RunSpec, RunSummary
+from .spec import EXIT_BY_REASON, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
+from .store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ SIDECAR_READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this long
 RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
 FINALISER_TIMEOUT = 300.0
+DISK_CHECK_INTERVAL = 5.0
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 
 
@@ -78,6 +81,7 @@ class _Watch:
     sidecar_gone: bool = False
     egress_allowed: int = 0
     egress_denied: int = 0
+    tokens: Tokens = field(default_factory=Tokens)
 
 
 def _owner() -> tuple[tuple[int, int] | None, str, str]:
@@ -97,6 +101,22 @@ def host_addresses() -> list[str]:
             if a.family in (socket.AF_INET, socket.AF_INET6):
                 out.add(a.address.split("%")[0])
     return sorted(out)
+
+
+def supervisor_identity() -> str:
+    """pid:start-time of this process: `sandbox gc` tells a live supervisor from a dead one by it."""
+    me = psutil.Process()
+    return f"{me.pid}:{me.create_time():.2f}"
+
+
+def tree_size(root: Path) -> int:
+    """Bytes allocated under root, not following links."""
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames + dirnames:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+    return total
 
 
 def proxy_env() -> dict[str, str]:
@@ -122,7 +142,8 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
 
 class Supervisor:
     def __init__(self, spec: RunSpec, repo: HostRepo, backend: Backend, images: ImageSet,
-                 reporter: Reporter | None = None, api_key: str | None = None) -> None:
+                 reporter: Reporter | None = None, api_key: str | None = None, store: RunStore | None = None,
+                 daily_budget_usd: float | None = None) -> None:
         self.spec = spec
         self.repo = repo
         self.backend = backend
@@ -131,7 +152,9 @@ class Supervisor:
         self.api_key = api_key
         self.run_dir = Path(spec.run_dir)
         self.redact = Redactor([api_key] if api_key else [])
-        self.labels = {RUN_LABEL: spec.run_id}
+        self.store = store
+        self.daily_budget_usd = daily_budget_usd
+        self.labels = {RUN_LABEL: spec.run_id, SUPERVISOR_LABEL: supervisor_identity()}
         self.prefix = f"sbx-{spec.run_id}"
         self.limits = spec.policy.limits
         self.chown, self.agent_user, self.sidecar_user = _owner()
@@ -145,6 +168,12 @@ class Supervisor:
         self.run_dir.mkdir(parents=True, exist_ok=False)
         self.audit = AuditLog(self.run_dir / "audit.jsonl", self.spec.run_id, self.redact)
         (self.run_dir / "spec.json").write_text(self.redact(self.spec.model_dump_json(indent=2)))
+        if self.store:
+            self.store.run_started({
+                "id": self.spec.run_id, "repo": self.spec.repo, "base_commit": self.spec.base_commit,
+                "branch": self.spec.branch, "task": self.redact(self.spec.task.strip().splitlines()[0][:300]),
+                "policy": self.spec.policy.name, "policy_sha256": self.spec.policy.digest(), "status": "running",
+                "started_at": time.time(), "run_dir": str(self.run_dir), "supervisor_pid": os.getpid()})
         watch = _Watch()
         imported: Imported | None = None
         oom = False
@@ -197,6 +226,13 @@ class Supervisor:
         assert self.audit is not None
         self.audit.close()
         (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+        if self.store:
+            t = summary.tokens
+            self.store.update(summary.id, status=summary.status, reason=summary.reason, message=summary.message,
+                              branch=summary.branch, ended_at=time.time(), duration_s=summary.duration_s,
+                              cost_usd=summary.cost_usd, input_tokens=t.input, output_tokens=t.output,
+                              cache_read_tokens=t.cache_read, cache_write_tokens=t.cache_write, turns=summary.turns,
+                              egress_denied=summary.egress_denied, files_changed=len(summary.files_changed))
         return summary
 
     # --- steps ----------------------------------------------------------------------------------------------
@@ -237,8 +273,12 @@ class Supervisor:
 
     def _start_sidecar(self) -> None:
         egress = self.spec.policy.egress
-        config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url,
-                               budget_usd=self.limits.budget_usd, egress=egress, own_addresses=host_addresses(),
+        budget = self.limits.budget_usd
+        if self.spec.daily_remaining_usd is not None:
+            # The gateway stops at whichever comes first: the run's budget or what is left of the day's.
+            budget = min(budget, self.spec.daily_remaining_usd)
+        config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
+                               prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
                                gateway_name=SIDECAR_ALIAS)
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
         if self.spec.model_script:
@@ -305,7 +345,7 @@ class Supervisor:
             },
             mounts=self._work_mounts(),
             networks=[f"{self.prefix}-int"],
-            tmpfs={"/tmp": "rw,nosuid,nodev,exec,size=1g",
+            tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={min(self.limits.disk_bytes, 1024**3)}",
                    "/home/agent": f"rw,nosuid,nodev,exec,size=512m,uid={uid},gid={gid},mode=0700"},
             memory_bytes=self.limits.memory_bytes, nano_cpus=int(self.limits.cpus * 1e9),
             pids_limit=self.limits.pids, working_dir="/workspace",
@@ -321,7 +361,15 @@ class Supervisor:
         (self.run_dir / "in" / "network-ready").touch()
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
+        threading.Thread(target=self._measure_disk, daemon=True).start()
         return agent
+
+    def _measure_disk(self) -> None:
+        workspace = self.run_dir / "workspace"
+        baseline = tree_size(workspace)
+        self._disk_done = threading.Event()
+        while not self._disk_done.wait(DISK_CHECK_INTERVAL):
+            self._q.put(("disk", str(tree_size(workspace) - baseline)))
 
     def _work_mounts(self) -> list[Mount]:
         return [
@@ -375,6 +423,11 @@ class Supervisor:
                 elif source == "agent_stderr":
                     if line is not None:
                         stderr.write(self.redact(line) + "\n")
+                elif source == "disk" and line is not None and w.reason is None:
+                    grown = int(line)
+                    if grown > lim.disk_bytes:
+                        self._limit(agent, w, "error", f"the workspace grew by {grown // 1024**2} MiB, over the "
+                                                      f"disk limit of {lim.disk}", limit="disk")
                 elif source == "gateway":
                     if line is None:
                         if not w.sidecar_gone and w.reason is None and w.result is None:
@@ -383,12 +436,14 @@ class Supervisor:
                         continue
                     self._gateway_event(line, w, agent)
         finally:
+            if hasattr(self, "_disk_done"):
+                self._disk_done.set()
             stream.close()
             stderr.close()
 
-    def _limit(self, agent: str, w: _Watch, reason: str, message: str) -> None:
+    def _limit(self, agent: str, w: _Watch, reason: str, message: str, limit: str | None = None) -> None:
         w.reason, w.message = reason, message
-        self._record("limit_hit", {"limit": reason, "message": message})
+        self._record("limit_hit", {"limit": limit or reason, "reason": reason, "message": message})
         self.ui.event("limit", message)
         log.info("limit_hit run_id=%s limit=%s", self.spec.run_id, reason)
         self.backend.stop(agent, STOP_GRACE)
@@ -431,6 +486,17 @@ class Supervisor:
         if kind == "model_call":
             w.model_calls += 1
             w.spent_usd = float(event.get("spent_usd", w.spent_usd))
+            u = event.get("usage") or {}
+            w.tokens = Tokens(input=w.tokens.input + int(u.get("input_tokens", 0)),
+                              output=w.tokens.output + int(u.get("output_tokens", 0)),
+                              cache_read=w.tokens.cache_read + int(u.get("cache_read_input_tokens", 0)),
+                              cache_write=w.tokens.cache_write + int(u.get("cache_creation_input_tokens", 0)))
+            if self.store:
+                day_total = self.store.add_spend(self.spec.run_id, float(event.get("cost_usd", 0)))
+                cap = self.daily_budget_usd
+                if cap is not None and day_total >= cap and agent is not None and w.reason is None:
+                    self._limit(agent, w, "budget", f"the host's daily budget of ${cap:.2f} is spent "
+                                                    f"(${day_total:.4f} today)", limit="daily_budget")
         elif kind == "model_call_refused" and event.get("reason") == "budget":
             w.budget_refused = True
             if agent is not None and w.reason is None:
@@ -528,6 +594,6 @@ class Supervisor:
             head=imported.head if imported else None, commits=imported.commits if imported else [],
             files_changed=files, cost_usd=round(w.spent_usd, 6), model_calls=w.model_calls, turns=len(w.turns),
             duration_s=round(duration, 2), exit_code=int(EXIT_BY_REASON[reason]), oom_killed=oom,
-            egress_allowed=w.egress_allowed, egress_denied=w.egress_denied,
+            egress_allowed=w.egress_allowed, egress_denied=w.egress_denied, tokens=w.tokens,
             run_dir=str(self.run_dir),
         )

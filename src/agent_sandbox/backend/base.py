@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 RUN_LABEL = "sandbox.run-id"
 ROLE_LABEL = "sandbox.role"
+SUPERVISOR_LABEL = "sandbox.supervisor"  # pid:start-time of the supervisor that created the object
 
 
 class Mount(BaseModel):
@@ -150,8 +151,8 @@ class Backend(ABC):
         """Remove every container and network labelled with this run id; returns what was removed."""
 
     @abstractmethod
-    def list_runs(self) -> dict[str, list[str]]:
-        """Run ids that still have labelled objects, with those objects."""
+    def list_runs(self) -> dict[str, dict[str, Any]]:
+        """Run ids that still have labelled objects: {run_id: {"objects": [...], "supervisor": "pid:start"}}."""
 
     @abstractmethod
     def image_info(self, image: str) -> dict[str, Any]:

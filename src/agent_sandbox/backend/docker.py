@@ -14,7 +14,7 @@ from docker.models.containers import Container
 from docker.types import Mount as DockerMount
 
 from ..errors import EnvironmentNotReady
-from .base import RUN_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
+from .base import RUN_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,15 @@ class DockerBackend(Backend):
             log.info("teardown run_id=%s removed=%s", run_id, ",".join(removed))
         return removed
 
-    def list_runs(self) -> dict[str, list[str]]:
-        runs: dict[str, list[str]] = {}
+    def list_runs(self) -> dict[str, dict[str, Any]]:
+        runs: dict[str, dict[str, Any]] = {}
         flt = {"label": RUN_LABEL}
-        for c in self.client.containers.list(all=True, filters=flt):
-            runs.setdefault(c.labels[RUN_LABEL], []).append(f"container:{c.name}")
-        for n in self.client.networks.list(filters=flt):
-            runs.setdefault(n.attrs["Labels"][RUN_LABEL], []).append(f"network:{n.name}")
+        found = [(c.labels, f"container:{c.name}") for c in self.client.containers.list(all=True, filters=flt)]
+        found += [(n.attrs.get("Labels") or {}, f"network:{n.name}") for n in self.client.networks.list(filters=flt)]
+        for labels, name in found:
+            entry = runs.setdefault(labels[RUN_LABEL], {"objects": [], "supervisor": None})
+            entry["objects"].append(name)
+            entry["supervisor"] = entry["supervisor"] or labels.get(SUPERVISOR_LABEL)
         return runs
 
     def image_info(self, image: str) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""The run store: a SQLite database in the state directory that indexes every run and keeps the spend
+ledger behind the daily budget. WAL mode and a busy timeout let several `sandbox` processes write at once;
+every write is one short transaction, so a crash loses at most the write in flight."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from .paths import state_dir
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    repo TEXT NOT NULL,
+    base_commit TEXT NOT NULL,
+    branch TEXT,
+    task TEXT NOT NULL,              -- first line only
+    policy TEXT NOT NULL,
+    policy_sha256 TEXT NOT NULL,
+    status TEXT NOT NULL,            -- running | succeeded | failed | killed
+    reason TEXT,
+    message TEXT,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    duration_s REAL,
+    cost_usd REAL NOT NULL DEFAULT 0,
+    input_tokens INTEGER NOT NULL DEFAULT 0,
+    output_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_read_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    turns INTEGER NOT NULL DEFAULT 0,
+    egress_denied INTEGER NOT NULL DEFAULT 0,
+    files_changed INTEGER NOT NULL DEFAULT 0,
+    pushed INTEGER NOT NULL DEFAULT 0,
+    run_dir TEXT NOT NULL,
+    supervisor_pid INTEGER
+);
+CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
+CREATE TABLE IF NOT EXISTS spend (
+    run_id TEXT NOT NULL,
+    day TEXT NOT NULL,               -- UTC date
+    usd REAL NOT NULL,
+    PRIMARY KEY (run_id, day)
+);
+"""
+
+
+def today() -> str:
+    return dt.datetime.now(dt.UTC).date().isoformat()
+
+
+class RunStore:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or state_dir() / "runs.sqlite"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=30000")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def run_started(self, row: dict[str, Any]) -> None:
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        self.db.execute(f"INSERT INTO runs ({cols}) VALUES ({marks})", tuple(row.values()))
+
+    def update(self, run_id: str, **fields: Any) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*fields.values(), run_id))
+
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def mark_failed(self, run_id: str, message: str) -> bool:
+        """Mark a run that never finished as failed/error; False if it had finished or is unknown."""
+        cur = self.db.execute(
+            "UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ? "
+            "WHERE id = ? AND status = 'running'", (message, time.time(), run_id))
+        return cur.rowcount > 0
+
+    def add_spend(self, run_id: str, usd: float, day: str | None = None) -> float:
+        """Add to the run's spend for the day; returns the whole host's spend for that day."""
+        d = day or today()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO spend (run_id, day, usd) VALUES (?, ?, ?) "
+                            "ON CONFLICT (run_id, day) DO UPDATE SET usd = usd + excluded.usd", (run_id, d, usd))
+            total = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE day = ?", (d,)).fetchone()[0]
+        return float(total)
+
+    def spent_on(self, day: str | None = None) -> float:
+        row = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE day = ?", (day or today(),)).fetchone()
+        return float(row[0])
