@@ -220,3 +220,24 @@ usage: {input_tokens: 20000, output_tokens: 0}
     assert res.code == 13
     assert "daily model budget of $0.05 is spent ($0.0600 today, UTC)" in res.stderr
     assert sorted(p.name for p in (state_dir / "runs").iterdir()) == runs_before
+
+
+def test_workspace_growth_over_the_disk_limit_ends_the_run(make_repo, sandbox, write_script, tmp_path) -> None:
+    script = write_script("""
+turns:
+  - write: {path: .gitignore, content: "big.bin\\n"}
+  - bash: "python3 -c \\"open('big.bin','wb').write(b'0'*(96*1024*1024)); import time; time.sleep(60)\\""
+    timeout_ms: 120000
+  - text: never reached
+""")
+    pol = tmp_path / "disk.yaml"
+    pol.write_text("limits: {disk: 64m}\n")
+    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script",
+                  str(script), "--json")
+    assert res.code == 10, res.stderr
+    s = res.json()
+    assert s["reason"] == "error" and "over the disk limit of 64m" in s["message"]
+    hits = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "limit_hit"]
+    assert hits[0]["limit"] == "disk"
+    assert s["files_changed"] == [".gitignore"]
+    assert labelled(s["id"]) == []

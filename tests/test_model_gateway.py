@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from agent_sandbox.pricing import Price
 from agent_sandbox.script import parse_script
 from agent_sandbox.scripted_model import ScriptedModel, serve
 from agent_sandbox.sidecar.gateway import Gateway
@@ -146,3 +147,52 @@ def test_gateway_injects_key_meters_and_refuses_over_budget(tmp_path: Path) -> N
     assert calls[0]["cost_usd"] == 0.00105 and calls[1]["spent_usd"] == 0.0021
     assert calls[0]["stream"] is True and calls[1]["stream"] is False
     assert [e["event"] for e in events][-1] == "model_call_refused"
+
+
+def test_gateway_streams_without_buffering_and_applies_price_overrides() -> None:
+    """The upstream sends one event and then waits until the client has it: a buffering gateway deadlocks."""
+    events: list[dict[str, Any]] = []
+    client_got_first = asyncio.Event()
+
+    async def upstream_handler(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        start = {"type": "message_start", "message": {"model": "claude-sonnet-x", "usage": {
+            "input_tokens": 1_000_000, "cache_read_input_tokens": 1_000_000}}}
+        await resp.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
+        await asyncio.wait_for(client_got_first.wait(), 10)
+        delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1_000_000}}
+        await resp.write(f"event: message_delta\ndata: {json.dumps(delta)}\n\n".encode())
+        await resp.write_eof()
+        return resp
+
+    async def main() -> None:
+        up_app = web.Application()
+        up_app.router.add_post("/v1/messages", upstream_handler)
+        up = web.AppRunner(up_app)
+        await up.setup()
+        uport, gport = free_port(), free_port()
+        await web.TCPSite(up, "127.0.0.1", uport).start()
+        # A negotiated rate for sonnet: $1 in, $2 out, $0.5 cache read, per million tokens.
+        prices = {"sonnet": Price(input=1, output=2, cache_write=1, cache_read=0.5)}
+        gw = Gateway("run-s", f"http://127.0.0.1:{uport}", None, 100.0, prices, events.append)
+        runner = web.AppRunner(gw.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", gport).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                resp = await s.post(f"http://127.0.0.1:{gport}/v1/messages", json={"stream": True})
+                first = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 5)
+                assert b"message_start" in first
+                client_got_first.set()
+                rest = await asyncio.wait_for(resp.read(), 5)
+                assert b"message_delta" in rest
+        finally:
+            await runner.cleanup()
+            await up.cleanup()
+
+    asyncio.run(main())
+    (call,) = [e for e in events if e["event"] == "model_call"]
+    assert call["usage"] == {"input_tokens": 1_000_000, "output_tokens": 1_000_000,
+                             "cache_read_input_tokens": 1_000_000, "cache_creation_input_tokens": 0}
+    assert call["cost_usd"] == 3.5  # 1 + 2 + 0.5 at the overridden rates, not the table's $3/$15

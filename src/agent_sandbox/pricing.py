@@ -46,11 +46,13 @@ FALLBACK = Price(
 )
 
 
-def price_for(model: str, table: dict[str, Price] | None = None) -> Price:
+def price_for(model: str, overrides: dict[str, Price] | None = None) -> Price:
+    """The price of a model: the policy's overrides first, then the built-in table, then the fallback."""
     name = model.lower()
-    for key, price in {**(table or {}), **DEFAULT_PRICES}.items():
-        if key.lower() in name:
-            return price
+    for table in (overrides or {}, DEFAULT_PRICES):
+        for key, price in table.items():
+            if key.lower() in name:
+                return price
     return FALLBACK
 
 
