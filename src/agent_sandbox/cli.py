@@ -55,6 +55,12 @@ def _print_summary(s: RunSummary, as_json: bool) -> None:
         out.print(f"  review   git -C {s.repo} diff {s.base_commit[:12]}..{s.branch}")
     else:
         out.print("  branch   none: the agent changed nothing")
+    for v in s.violations:
+        out.print(f"  [red]policy[/red]   {v.rule}: {v.detail}")
+    if s.pushed:
+        out.print(f"  pushed   to {s.remote}" + (f"; pull request {s.pr_url}" if s.pr_url else ""))
+    elif s.push_error:
+        out.print(f"  [yellow]not pushed[/yellow] {s.push_error}")
     out.print(f"  cost     ${s.cost_usd:.4f} over {s.model_calls} model call(s), {s.turns} turn(s)")
     out.print(f"  run dir  {s.run_dir}")
 
@@ -71,6 +77,11 @@ _RUN_OPTIONS = [
     click.option("--budget-usd", type=float, default=None, help="Model spend limit (policy: limits.budget_usd)."),
     click.option("--max-turns", type=int, default=None, help="Turn limit (policy: limits.max_turns)."),
     click.option("--keep", is_flag=True, help="Keep the workspace checkout in the run directory."),
+    click.option("--push", is_flag=True, help="Push sandbox/<id> to the remote when the run completes and the "
+                 "change passes the policy's git rules (policy: git.push)."),
+    click.option("--remote", default="origin", show_default=True, help="The remote to push to."),
+    click.option("--open-pr", is_flag=True, help="Open a GitHub pull request after the push (GITHUB_TOKEN)."),
+    click.option("--pr-base", default=None, help="The pull request's base branch (default: --base or HEAD's)."),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
 ]
 
@@ -125,6 +136,81 @@ def demo(as_json: bool, keep: bool) -> None:
         out.print(f"\n[bold]git diff {summary.base_commit[:12]}..{summary.branch}[/bold]")
         out.print(diff, markup=False)
     sys.exit(summary.exit_code)
+
+
+def _load_run(run_id: str) -> tuple[Any, Any]:
+    """The spec and summary of a finished run, or a clear error."""
+    from .errors import UsageError
+    from .paths import runs_dir
+    from .spec import RunSpec
+
+    d = runs_dir() / run_id
+    if "/" in run_id or not (d / "spec.json").is_file():
+        _fail(UsageError(f"no run {run_id!r} in {runs_dir()}"))
+    if not (d / "summary.json").is_file():
+        _fail(UsageError(f"run {run_id} has not finished (or its supervisor died: see `sandbox gc`)"))
+    return RunSpec.model_validate_json((d / "spec.json").read_text()), \
+        RunSummary.model_validate_json((d / "summary.json").read_text())
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--remote", default=None, help="Push to this remote instead of the run's.")
+@click.option("--json", "as_json", is_flag=True)
+def push(run_id: str, remote: str | None, as_json: bool) -> None:
+    """Push a finished run's branch for review (e.g. after a failed push)."""
+    from pathlib import Path
+
+    from . import report
+    from .checkout import branch_exists, open_repo
+    from .errors import UsageError
+    from .handoff import HandoffError, push_branch
+    from .store import RunStore
+
+    spec, s = _load_run(run_id)
+    if s.violations:
+        refused = SandboxError(f"run {run_id} broke the policy's git rules; its branch is not pushed",
+                               hint="; ".join(v.detail for v in s.violations))
+        refused.exit_code = ExitCode.POLICY
+        _fail(refused)
+    if not s.branch:
+        _fail(UsageError(f"run {run_id} has no branch: the agent changed nothing"))
+    try:
+        repo = open_repo(s.repo)
+        if not branch_exists(repo, s.branch):
+            _fail(UsageError(f"branch {s.branch} no longer exists in {s.repo}"))
+        target = remote or s.remote or spec.remote
+        push_branch(repo, target, s.branch)
+    except HandoffError as exc:
+        exc.exit_code = ExitCode.HANDOFF
+        _fail(exc)
+    except SandboxError as exc:
+        _fail(exc)
+    s.pushed, s.push_error, s.remote = True, None, target
+    if s.reason == "completed":
+        s.exit_code = 0
+    run_dir = Path(s.run_dir)
+    (run_dir / "summary.json").write_text(s.model_dump_json(indent=2))
+    report.write(run_dir, s)
+    store = RunStore()
+    store.update(run_id, pushed=1)
+    store.close()
+    if as_json:
+        click.echo(s.model_dump_json())
+    else:
+        out.print(f"pushed {s.branch} to {target}")
+
+
+@main.command()
+@click.argument("run_id")
+def report(run_id: str) -> None:
+    """Print a run's Markdown report."""
+    from pathlib import Path
+
+    from .report import render
+
+    _spec, s = _load_run(run_id)
+    click.echo(render(Path(s.run_dir), s))
 
 
 @main.command()

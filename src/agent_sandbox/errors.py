@@ -18,6 +18,7 @@ class ExitCode(IntEnum):
     BUDGET = 13
     TURNS = 14
     POLICY = 15
+    HANDOFF = 16  # the run succeeded but the push or pull request it asked for failed; the branch is kept
     INTERRUPTED = 130  # SIGINT/SIGTERM to the supervisor, as shells report Ctrl-C
 
 

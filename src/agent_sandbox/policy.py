@@ -106,12 +106,22 @@ class Author(BaseModel):
 
 
 class GitSettings(BaseModel):
-    """Git rules of the run."""
+    """Git rules of the run: who commits, what the change may touch, and whether it is pushed."""
 
     model_config = ConfigDict(extra="forbid")
 
     author: Author = Field(default_factory=Author)
     """Who the agent's commits and the finaliser's commit are by."""
+    forbidden_paths: list[str] = Field(default_factory=lambda: [".github/workflows/**", ".git/**"])
+    """gitignore-style globs of paths the change must not touch (add, modify or delete)."""
+    max_changed_files: int = Field(default=200, gt=0)
+    """Most paths the change may touch."""
+    max_changed_lines: int = Field(default=5000, gt=0)
+    """Most lines added plus deleted."""
+    allow_binary: bool = False
+    """Whether the change may add or modify binary files."""
+    push: bool = False
+    """Push the branch for review when the run ends and the gate passes (`--push`)."""
 
 
 class Policy(BaseModel):

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ExitCode
+from .gate import Violation
 from .policy import Policy
 
 Status = Literal["succeeded", "failed", "killed"]
@@ -21,6 +22,7 @@ EXIT_BY_REASON: dict[str, ExitCode] = {
     "turns": ExitCode.TURNS, "policy": ExitCode.POLICY, "error": ExitCode.ERROR,
     "interrupted": ExitCode.INTERRUPTED,
 }
+HANDOFF_FAILED = ExitCode.HANDOFF
 
 
 class Tokens(BaseModel):
@@ -69,6 +71,16 @@ class RunSpec(BaseModel):
     """Keep the workspace checkout and the bundle in the run directory."""
     daily_remaining_usd: float | None = None
     """What was left of the host's daily budget when the run started; None without a daily cap."""
+    push: bool = False
+    """Push the branch to `remote` when the run completes and the gate passes."""
+    remote: str = "origin"
+    """The remote to push to."""
+    open_pr: bool = False
+    """Open a pull request after the push (GitHub REST API, token from GITHUB_TOKEN)."""
+    pr_repo: str | None = None
+    """owner/name of the repository the pull request is opened on."""
+    pr_base: str = "main"
+    """The branch the pull request asks to merge into."""
     run_dir: str
     """The run's directory in the state directory."""
 
@@ -116,6 +128,16 @@ class RunSummary(BaseModel):
     """Connections the egress proxy let through (report mode: including would-be denials)."""
     egress_denied: int = 0
     """Connections the egress proxy refused."""
+    violations: list[Violation] = Field(default_factory=list)
+    """How the change breaks the policy's git rules; the branch is then kept locally and not pushed."""
+    pushed: bool = False
+    """The branch was pushed for review."""
+    remote: str | None = None
+    """Where it was (or was to be) pushed."""
+    push_error: str | None = None
+    """Why it was not pushed, when a push was asked for."""
+    pr_url: str | None = None
+    """The pull request, when one was opened."""
     run_dir: str
     """Where the audit trail, stream and report are."""
 

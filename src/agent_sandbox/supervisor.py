@@ -24,16 +24,19 @@ from typing import Any, Protocol
 import git
 import psutil
 
-from . import agent_stream
+from . import agent_stream, report
 from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
 from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
 from .errors import SandboxError
+from .gate import Violation
+from .gate import check as gate_check
+from .handoff import HandoffError, open_pull_request, push_branch
 from .images import ImageSet
 from .redact import Redactor
 from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
-from .spec import EXIT_BY_REASON, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
+from .spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -151,7 +154,8 @@ class Supervisor:
         self.ui = reporter or _Silent()
         self.api_key = api_key
         self.run_dir = Path(spec.run_dir)
-        self.redact = Redactor([api_key] if api_key else [])
+        self.github_token = os.environ.get("GITHUB_TOKEN") if spec.open_pr else None
+        self.redact = Redactor([v for v in (api_key, self.github_token) if v])
         self.store = store
         self.daily_budget_usd = daily_budget_usd
         self.labels = {RUN_LABEL: spec.run_id, SUPERVISOR_LABEL: supervisor_identity()}
@@ -218,21 +222,37 @@ class Supervisor:
                 self._cleanup_files()
             finally:
                 signal.signal(signal.SIGINT, previous)
+        violations: list[Violation] = []
+        if imported and imported.head and error is None:
+            try:
+                gate = gate_check(self.repo, self.spec.base_commit, imported.head, self.spec.policy.git)
+                violations = gate.violations
+                self._record("gate", gate.model_dump())
+            except Exception as exc:  # a gate that cannot run must not let the change through
+                violations = [Violation(rule="gate", detail=f"the gate could not check the change: {exc}")]
+            if violations and reason == "completed":
+                reason = "policy"
+                message = f"the change breaks the policy's git rules ({len(violations)} violation(s)); kept locally"
         summary = self._summary(reason, message, watch, imported, oom, time.monotonic() - started)
+        summary.violations = violations
+        self._handoff(summary)
+        if self.spec.open_pr and summary.pushed:
+            self._open_pr(summary)
         self._record("run_ended", {"status": summary.status, "reason": reason, "message": message,
                                    "exit_code": summary.exit_code, "agent_exit_code": agent_exit,
                                    "oom_killed": oom, "error": error, "interrupted": interrupted,
-                                   "cost_usd": summary.cost_usd, "branch": summary.branch})
+                                   "cost_usd": summary.cost_usd, "branch": summary.branch,
+                                   "pushed": summary.pushed, "pr_url": summary.pr_url})
         assert self.audit is not None
         self.audit.close()
-        (self.run_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
         if self.store:
             t = summary.tokens
-            self.store.update(summary.id, status=summary.status, reason=summary.reason, message=summary.message,
-                              branch=summary.branch, ended_at=time.time(), duration_s=summary.duration_s,
-                              cost_usd=summary.cost_usd, input_tokens=t.input, output_tokens=t.output,
-                              cache_read_tokens=t.cache_read, cache_write_tokens=t.cache_write, turns=summary.turns,
-                              egress_denied=summary.egress_denied, files_changed=len(summary.files_changed))
+            self.store.update(summary.id, message=summary.message, branch=summary.branch, ended_at=time.time(),
+                              duration_s=summary.duration_s, cost_usd=summary.cost_usd, input_tokens=t.input,
+                              output_tokens=t.output, cache_read_tokens=t.cache_read, cache_write_tokens=t.cache_write,
+                              turns=summary.turns, egress_denied=summary.egress_denied,
+                              files_changed=len(summary.files_changed))
+        self._write_summary(summary)
         return summary
 
     # --- steps ----------------------------------------------------------------------------------------------
@@ -581,6 +601,45 @@ class Supervisor:
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
             (self.run_dir / "out" / "work.bundle").unlink(missing_ok=True)
+
+    def _handoff(self, s: RunSummary) -> None:
+        """Push the branch when asked to and allowed to; a failure keeps the branch and says how to retry."""
+        if not self.spec.push:
+            return
+        s.remote = self.spec.remote
+        if not s.branch:
+            s.push_error = "nothing to push: the agent changed nothing"
+        elif s.violations:
+            s.push_error = "refused: the change breaks the policy's git rules"
+        elif s.reason != "completed":
+            s.push_error = f"not pushed: the run ended with reason {s.reason}"
+        else:
+            self.ui.phase("push", f"{s.branch} to {self.spec.remote}")
+            try:
+                push_branch(self.repo, self.spec.remote, s.branch)
+                s.pushed = True
+            except HandoffError as exc:
+                s.push_error = f"{exc.message}; the branch is kept locally: retry with `sandbox push {s.id}`"
+                s.exit_code = int(HANDOFF_FAILED)
+        self._record("push", {"remote": s.remote, "branch": s.branch, "pushed": s.pushed, "error": s.push_error})
+
+    def _open_pr(self, s: RunSummary) -> None:
+        title = "sandbox: " + self.spec.task.strip().splitlines()[0][:72]
+        body = self.redact(report.render(self.run_dir, s))
+        try:
+            assert self.spec.pr_repo and self.github_token
+            s.pr_url = open_pull_request(slug=self.spec.pr_repo, head=s.branch or "", base=self.spec.pr_base,
+                                         title=title, body=body, token=self.github_token)
+        except (HandoffError, AssertionError) as exc:
+            s.push_error = f"pushed, but {getattr(exc, 'message', exc)}"
+            s.exit_code = int(HANDOFF_FAILED)
+        self._record("pull_request", {"url": s.pr_url, "error": s.push_error if not s.pr_url else None})
+
+    def _write_summary(self, s: RunSummary) -> None:
+        (self.run_dir / "summary.json").write_text(s.model_dump_json(indent=2))
+        report.write(self.run_dir, s)
+        if self.store:
+            self.store.update(s.id, pushed=int(s.pushed), reason=s.reason, status=s.status)
 
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:

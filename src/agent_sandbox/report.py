@@ -1,0 +1,106 @@
+"""The run report: a Markdown account of one run, from its audit trail and summary. Written to the run
+directory, printed by `sandbox report`, and used as the pull request's body."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from .spec import RunSummary
+
+MAX_COMMANDS = 60
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "audit.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _md(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render(run_dir: Path, summary: RunSummary) -> str:
+    events = _events(run_dir)
+    by_type: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_type.setdefault(e["type"], []).append(e["payload"])
+    started = (by_type.get("run_started") or [{}])[0]
+    spec = started.get("spec", {})
+    policy = spec.get("policy", {})
+    task = started.get("task", "")
+    lines = [f"# Sandbox run {summary.id}", ""]
+    lines += ["## Task", "", *(f"> {line}" if line else ">" for line in task.splitlines()), ""]
+    lines += ["## Outcome", "", "| | |", "| --- | --- |",
+              f"| status | **{summary.status}** ({summary.reason}) |",
+              f"| message | {_md(summary.message)} |",
+              f"| duration | {summary.duration_s:.1f} s |",
+              f"| cost | ${summary.cost_usd:.4f} over {summary.model_calls} model call(s) |",
+              f"| tokens | {summary.tokens.input} in, {summary.tokens.output} out, "
+              f"{summary.tokens.cache_read} cache read, {summary.tokens.cache_write} cache write |",
+              f"| turns | {summary.turns} |",
+              f"| model | {spec.get('model', '?')} (Claude Code {started.get('claude_code_version', '?')}) |",
+              f"| policy | {policy.get('name', '?')} (sha256 `{started.get('policy_hash', '?')[:16]}`) |",
+              f"| base | `{summary.base_commit[:12]}` |",
+              f"| branch | {f'`{summary.branch}`' if summary.branch else 'none (no changes)'} |"]
+    if summary.pushed:
+        lines.append(f"| pushed | yes, to `{summary.remote}` |")
+    elif summary.push_error:
+        lines.append(f"| pushed | no: {_md(summary.push_error)} |")
+    lines.append("")
+
+    limits = by_type.get("limit_hit", [])
+    lines += ["## Limits hit", ""]
+    lines += [f"- {h.get('limit')}: {h.get('message', '')}" for h in limits] or ["None."]
+    lines.append("")
+
+    if summary.violations:
+        lines += ["## Policy violations", "", "The branch is kept locally and was not pushed.", ""]
+        lines += [f"- `{v.rule}`" + (f" `{v.path}`" if v.path else "") + f": {v.detail}" for v in summary.violations]
+        lines.append("")
+
+    imported = (by_type.get("imported") or [{}])[-1]
+    files = imported.get("files", [])
+    lines += ["## Files changed", ""]
+    if files:
+        lines += ["| file | + | - |", "| --- | ---: | ---: |"]
+        for f in files:
+            added = "bin" if f["added"] is None else f["added"]
+            deleted = "bin" if f["deleted"] is None else f["deleted"]
+            lines.append(f"| `{_md(f['path'])}` | {added} | {deleted} |")
+    else:
+        lines.append("None.")
+    lines.append("")
+
+    commands = [c["input"].get("command", "") for c in by_type.get("tool_call", []) if c.get("name") == "Bash"]
+    lines += ["## Commands run", ""]
+    if commands:
+        lines += ["```"] + [c.replace("\n", " ")[:300] for c in commands[:MAX_COMMANDS]] + ["```"]
+        if len(commands) > MAX_COMMANDS:
+            lines.append(f"... and {len(commands) - MAX_COMMANDS} more (see the audit trail)")
+    else:
+        lines.append("None.")
+    tools = Counter(c.get("name") for c in by_type.get("tool_call", []))
+    if tools:
+        lines += ["", "Tool calls: " + ", ".join(f"{name} {n}" for name, n in tools.most_common())]
+    lines.append("")
+
+    egress = by_type.get("egress", [])
+    contacted = Counter(f"{e['host']}:{e['port']}" for e in egress if e.get("decision") in ("allow", "would_deny"))
+    denied = Counter(f"{e['host']}:{e['port']}" for e in egress if e.get("decision") == "deny")
+    lines += ["## Network", ""]
+    lines.append("Hosts contacted: " + (", ".join(f"`{h}` ({n})" for h, n in contacted.most_common()) or "none"))
+    lines.append("")
+    lines.append("Hosts denied: " + (", ".join(f"`{h}` ({n})" for h, n in denied.most_common()) or "none"))
+    lines += ["", f"_Audit trail: `{run_dir / 'audit.jsonl'}`_", ""]
+    return "\n".join(lines)
+
+
+def write(run_dir: Path, summary: RunSummary) -> Path:
+    path = run_dir / "report.md"
+    path.write_text(render(run_dir, summary))
+    return path
