@@ -22,7 +22,7 @@ demo: images
 	$(SANDBOX) demo
 
 lint: venv
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests bench
 
 unit: venv
 	$(PYTEST) -m "not docker" -q
