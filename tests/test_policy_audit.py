@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,14 @@ def test_audit_chain_verifies_and_detects_an_edit(tmp_path: Path) -> None:
     lines[2] = json.dumps(event, separators=(",", ":"))
     path.write_text("\n".join(lines) + "\n")
     ok, bad, msg = verify(path)
-    assert not ok and bad == 4 and "line 4" in msg  # line 3 changed, so line 4's prev_hash no longer matches
+    assert not ok and bad == 3 and msg.startswith("line 3 was changed")
+    # The tail: a changed last line is caught against the head recorded at the end.
+    path.write_text(text)
+    ok, n, _ = verify(path, expected_head=log.head)
+    assert ok and n == 5
+    path.write_text("\n".join(text.splitlines()[:4]) + "\n")
+    ok, bad, msg = verify(path, expected_head=log.head)
+    assert not ok and "does not match the chain head" in msg
 
 
 def test_redactor_patterns() -> None:
@@ -59,3 +67,18 @@ def test_redactor_patterns() -> None:
     s = r("short a-long-secret-value Authorization: Bearer abcdefghijkl xoxb-123456789012 AKIAABCDEFGHIJKLMNOP")
     assert s.startswith("short ") and "a-long-secret-value" not in s and "abcdefghijkl" not in s
     assert "xoxb-" not in s and "AKIA" not in s
+
+
+def test_store_migrates_an_older_schema(tmp_path: Path) -> None:
+    import sqlite3
+
+    from agent_sandbox.store import SCHEMA, RunStore
+
+    db = sqlite3.connect(tmp_path / "runs.sqlite")
+    old_schema = re.sub(r",\n\s+audit_head TEXT[^\n]*", "", SCHEMA)
+    assert "audit_head" not in old_schema
+    db.executescript(old_schema)
+    db.close()
+    store = RunStore(tmp_path / "runs.sqlite")
+    cols = {r["name"] for r in store.db.execute("PRAGMA table_info(runs)")}
+    assert "audit_head" in cols

@@ -14,10 +14,11 @@ from rich.console import Console
 from . import __version__
 from .errors import ExitCode, SandboxError
 from .spec import RunSummary
-from .ui import ConsoleReporter
+from .ui import reporter_for
 
-err = Console(stderr=True, highlight=False, soft_wrap=True)
-out = Console(highlight=False, soft_wrap=True)
+# Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
+err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
+out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(exc: SandboxError) -> NoReturn:
@@ -101,7 +102,7 @@ def run(task: str | None, as_json: bool, **kw: Any) -> None:
 
     _sigterm_as_interrupt()
     try:
-        summary = run_task(task=task, reporter=ConsoleReporter(err), **kw)
+        summary = run_task(task=task, reporter=reporter_for(err), **kw)
     except SandboxError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -127,7 +128,7 @@ def demo(as_json: bool, keep: bool) -> None:
     err.print(f"demo repository: {repo}")
     try:
         summary = run_task(repo=str(repo), task=TASK, model_script=str(script), keep=keep,
-                           reporter=ConsoleReporter(err))
+                           reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)
     _print_summary(summary, as_json)
@@ -211,6 +212,171 @@ def report(run_id: str) -> None:
 
     _spec, s = _load_run(run_id)
     click.echo(render(Path(s.run_dir), s))
+
+
+@main.command("ls")
+@click.option("--repo", default=None, help="Only runs on this repository.")
+@click.option("--status", type=click.Choice(["running", "succeeded", "failed", "killed"]), default=None)
+@click.option("--since", default=None, help="Only runs started since: 30m, 2h, 7d, or an ISO date/time.")
+@click.option("--limit", type=int, default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="A JSON array of runs.")
+def ls_cmd(repo: str | None, status: str | None, since: str | None, limit: int, as_json: bool) -> None:
+    """List recent runs."""
+    import datetime as dt
+
+    from rich.table import Table
+
+    from .store import RunStore
+    from .views import list_runs
+
+    store = RunStore()
+    try:
+        rows = list_runs(store, repo=repo, status=status, since=since, limit=limit)
+    except SandboxError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps([r.model_dump() for r in rows]))
+        return
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for col in ("id", "status", "reason", "started (UTC)", "time", "cost", "turns", "files", "denied", "task"):
+        table.add_column(col, no_wrap=col != "task", overflow="ellipsis")
+    colour = {"succeeded": "green", "killed": "yellow", "failed": "red", "running": "cyan"}
+    for r in rows:
+        started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%m-%d %H:%M")
+        table.add_row(r.id, f"[{colour[r.status]}]{r.status}[/]", r.reason or "", started,
+                      f"{r.duration_s:.0f}s" if r.duration_s is not None else "", f"${r.cost_usd:.3f}",
+                      str(r.turns), str(r.files_changed), str(r.egress_denied), r.task)
+    out.print(table if rows else "no runs")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+def show(run_id: str, as_json: bool) -> None:
+    """Show one run: what was asked, its limits, the outcome, cost, changes, and hosts allowed and denied."""
+    from .store import RunStore
+    from .views import details, resolve_run
+
+    store = RunStore()
+    try:
+        d = details(resolve_run(run_id), store)
+    except SandboxError as exc:
+        _fail(exc)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(d.model_dump_json())
+        return
+    r, sp, lim = d.run, d.spec, d.spec.policy.limits
+    out.print(f"[bold]run {r.id}[/bold]  {r.status} ({r.reason or '-'})  {r.message or ''}")
+    out.print(f"  repo      {r.repo} @ {r.base_commit[:12]}  ->  {r.branch or 'no branch'}")
+    out.print(f"  task      {r.task}")
+    out.print(f"  policy    {sp.policy.name} ({sp.policy_source}, sha256 {r.policy_sha256[:16]}), model {sp.model}")
+    out.print(f"  limits    wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
+              f"{lim.max_turns} turns, {lim.cpus:g} cpus, {lim.memory} memory, {lim.pids} pids, {lim.disk} disk")
+    out.print(f"  cost      ${r.cost_usd:.4f}; tokens {r.input_tokens} in, {r.output_tokens} out, "
+              f"{r.cache_read_tokens} cache read, {r.cache_write_tokens} cache write; {r.turns} turns")
+    if r.duration_s is not None:
+        out.print(f"  duration  {r.duration_s:.1f}s")
+    if d.limits_hit:
+        out.print(f"  limits hit {', '.join(d.limits_hit)}")
+    if d.tool_calls:
+        out.print("  tools     " + ", ".join(f"{k} {v}" for k, v in sorted(d.tool_calls.items())))
+    if d.summary:
+        out.print(f"  changes   {len(d.summary.commits)} commit(s), {len(d.summary.files_changed)} file(s): "
+                  + ", ".join(d.summary.files_changed[:10]), markup=False)
+        for v in d.summary.violations:
+            out.print(f"  [red]violation[/red] {v.rule}: {v.detail}")
+        out.print(f"  pushed    {'yes, to ' + str(d.summary.remote) if d.summary.pushed else 'no'}"
+                  + (f" ({d.summary.push_error})" if d.summary.push_error else ""), markup=False)
+    out.print("  allowed   " + (", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"), markup=False)
+    out.print("  denied    " + (", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"), markup=False)
+    out.print(f"  run dir   {r.run_dir}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep following a live run until it ends.")
+@click.option("--raw", is_flag=True, help="The audit trail's JSON lines as they are.")
+def logs(run_id: str, follow: bool, raw: bool) -> None:
+    """Print a run's events as readable lines (or follow a live run)."""
+    from .views import brief, follow_events, resolve_run
+
+    try:
+        run_dir = resolve_run(run_id)
+    except SandboxError as exc:
+        _fail(exc)
+    try:
+        for line in follow_events(run_dir, follow):
+            click.echo(line if raw else brief(json.loads(line)))
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+class _RunIdGroup(click.Group):
+    """`sandbox audit ID` filters a trail; `sandbox audit verify ID` checks it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group(cls=_RunIdGroup)
+def audit() -> None:
+    """Query a run's audit trail (`sandbox audit ID`) or check its hash chain (`sandbox audit verify ID`)."""
+
+
+@audit.command("show", hidden=True)
+@click.argument("run_id")
+@click.option("--type", "types", multiple=True, help="Only events of this type (repeatable).")
+@click.option("--source", "sources", multiple=True,
+              type=click.Choice(["supervisor", "agent", "proxy", "gateway"]), help="Only from this source.")
+@click.option("--json", "as_json", is_flag=True, help="Matching events as JSON lines.")
+def audit_show(run_id: str, types: tuple[str, ...], sources: tuple[str, ...], as_json: bool) -> None:
+    from .views import brief, read_events, resolve_run
+
+    try:
+        events = read_events(resolve_run(run_id))
+    except SandboxError as exc:
+        _fail(exc)
+    for e in events:
+        if (types and e["type"] not in types) or (sources and e["source"] not in sources):
+            continue
+        click.echo(json.dumps(e, separators=(",", ":")) if as_json else brief(e))
+
+
+@audit.command("verify")
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+def audit_verify(run_id: str, as_json: bool) -> None:
+    """Check the trail's hash chain; report the first broken line."""
+    from .audit import verify
+    from .spec import RunSummary
+    from .store import RunStore
+    from .views import resolve_run
+
+    try:
+        run_dir = resolve_run(run_id)
+    except SandboxError as exc:
+        _fail(exc)
+    path = run_dir / "audit.jsonl"
+    # The chain head recorded at the end covers the tail; the store's copy survives edits to the run dir.
+    store = RunStore()
+    row = store.get(run_dir.name)
+    store.close()
+    head = row.get("audit_head") if row else None
+    if head is None and (run_dir / "summary.json").is_file():
+        head = RunSummary.model_validate_json((run_dir / "summary.json").read_text()).audit_head
+    ok, line, message = verify(path, head)
+    if as_json:
+        click.echo(json.dumps({"ok": ok, "line": line, "message": message, "path": str(path),
+                               "head_checked": head is not None}))
+    else:
+        (out if ok else err).print(("ok: " if ok else "BROKEN: ") + message, markup=False)
+    sys.exit(0 if ok else int(ExitCode.AUDIT_BROKEN))
 
 
 @main.command()

@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     INTERNAL = 1  # a bug: an exception nobody expected
     USAGE = 2  # bad input: options, paths, policy, script (click uses 2 for usage errors too)
     ENVIRONMENT = 3  # Docker not reachable, images not built, tools missing
+    AUDIT_BROKEN = 4  # `sandbox audit verify` found the hash chain broken
     ERROR = 10  # the run ended with reason `error`
     TIMEOUT = 11
     IDLE = 12

@@ -138,6 +138,8 @@ class RunSummary(BaseModel):
     """Why it was not pushed, when a push was asked for."""
     pr_url: str | None = None
     """The pull request, when one was opened."""
+    audit_head: str | None = None
+    """SHA-256 of the audit trail's last line: `sandbox audit verify` checks the tail against it."""
     run_dir: str
     """Where the audit trail, stream and report are."""
 

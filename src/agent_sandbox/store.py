@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS runs (
     files_changed INTEGER NOT NULL DEFAULT 0,
     pushed INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT NOT NULL,
-    supervisor_pid INTEGER
+    supervisor_pid INTEGER,
+    audit_head TEXT                  -- SHA-256 of the audit trail's last line
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE TABLE IF NOT EXISTS spend (
@@ -47,6 +48,10 @@ CREATE TABLE IF NOT EXISTS spend (
     PRIMARY KEY (run_id, day)
 );
 """
+
+
+# Columns added after the first release of the schema: (name, declaration).
+MIGRATIONS = [("audit_head", "TEXT")]
 
 
 def today() -> str:
@@ -62,6 +67,14 @@ class RunStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=30000")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Add columns that newer versions define to a store an older version created."""
+        have = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
+        for name, decl in MIGRATIONS:
+            if name not in have:
+                self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
 
     def close(self) -> None:
         self.db.close()

@@ -56,15 +56,27 @@ API_KEY_ENV = "ANTHROPIC_API_KEY"
 class Reporter(Protocol):
     """Where live progress goes (a terminal, plain lines in CI, or nowhere)."""
 
+    def begin(self, run_id: str, limits: Any, model: str) -> None: ...
     def phase(self, name: str, detail: str = "") -> None: ...
     def event(self, kind: str, text: str) -> None: ...
+    def status(self, **fields: Any) -> None: ...
+    def end(self) -> None: ...
 
 
 class _Silent:
+    def begin(self, run_id: str, limits: Any, model: str) -> None:
+        pass
+
     def phase(self, name: str, detail: str = "") -> None:
         pass
 
     def event(self, kind: str, text: str) -> None:
+        pass
+
+    def status(self, **fields: Any) -> None:
+        pass
+
+    def end(self) -> None:
         pass
 
 
@@ -184,6 +196,7 @@ class Supervisor:
         agent_exit: int | None = None
         error: str | None = None
         interrupted = False
+        self.ui.begin(self.spec.run_id, self.limits, self.spec.model)
         try:
             self._record_start()
             self.ui.phase("prepare", f"checkout of {self.spec.base_commit[:12]} on {self.spec.branch}")
@@ -201,7 +214,11 @@ class Supervisor:
                 self.backend.stop(agent, 1.0)
             info = self.backend.wait(agent, STOP_GRACE + 5)
             oom, agent_exit = info.oom_killed, info.exit_code
+            self._record_usage()
             reason, message = self._reason(watch, info.exit_code, oom)
+            if watch.reason is None and reason in ("turns", "budget"):
+                # Claude Code's own layer (--max-turns) or the gateway's refusal got there first.
+                self._record("limit_hit", {"limit": reason, "reason": reason, "message": message})
             self.ui.phase("collect", "packing the agent's work")
             imported, fin_error = self._collect(reason)
             if fin_error and reason == "completed":
@@ -236,6 +253,7 @@ class Supervisor:
         summary = self._summary(reason, message, watch, imported, oom, time.monotonic() - started)
         summary.violations = violations
         self._handoff(summary)
+        self.ui.end()
         if self.spec.open_pr and summary.pushed:
             self._open_pr(summary)
         self._record("run_ended", {"status": summary.status, "reason": reason, "message": message,
@@ -245,13 +263,14 @@ class Supervisor:
                                    "pushed": summary.pushed, "pr_url": summary.pr_url})
         assert self.audit is not None
         self.audit.close()
+        summary.audit_head = self.audit.head
         if self.store:
             t = summary.tokens
             self.store.update(summary.id, message=summary.message, branch=summary.branch, ended_at=time.time(),
                               duration_s=summary.duration_s, cost_usd=summary.cost_usd, input_tokens=t.input,
                               output_tokens=t.output, cache_read_tokens=t.cache_read, cache_write_tokens=t.cache_write,
                               turns=summary.turns, egress_denied=summary.egress_denied,
-                              files_changed=len(summary.files_changed))
+                              files_changed=len(summary.files_changed), audit_head=summary.audit_head)
         self._write_summary(summary)
         return summary
 
@@ -382,7 +401,28 @@ class Supervisor:
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
         threading.Thread(target=self._measure_disk, daemon=True).start()
+        self._usage = {"samples": 0, "peak_memory_bytes": 0, "cpu_ns": 0, "peak_pids": 0}
+        threading.Thread(target=self._sample, args=(agent,), daemon=True).start()
         return agent
+
+    def _sample(self, agent: str) -> None:
+        u = self._usage
+        for st in self.backend.stats(agent):
+            u["samples"] += 1
+            u["peak_memory_bytes"] = max(u["peak_memory_bytes"], st["peak_memory"], st["memory"])
+            u["cpu_ns"] = max(u["cpu_ns"], st["cpu_ns"])
+            u["peak_pids"] = max(u["peak_pids"], st["pids"])
+
+    def _record_usage(self) -> None:
+        u = getattr(self, "_usage", None)
+        if u is None:
+            return
+        me = psutil.Process()
+        cpu = me.cpu_times()
+        self._record("resource_usage", {
+            "samples": u["samples"], "peak_memory_bytes": u["peak_memory_bytes"],
+            "cpu_seconds": round(u["cpu_ns"] / 1e9, 3), "peak_pids": u["peak_pids"],
+            "supervisor_rss_bytes": me.memory_info().rss, "supervisor_cpu_seconds": round(cpu.user + cpu.system, 3)})
 
     def _measure_disk(self) -> None:
         workspace = self.run_dir / "workspace"
@@ -481,6 +521,7 @@ class Supervisor:
                 w.turns.add(payload["message_id"])
             elif type_ == "result":
                 w.result, w.result_at = payload, time.monotonic()
+        self.ui.status(turns=len(w.turns))
         if w.reason is None and len(w.turns) > self.limits.max_turns:
             self._limit(agent, w, "turns", f"more than {self.limits.max_turns} turns")
 
@@ -497,6 +538,7 @@ class Supervisor:
             self._record("egress", event, source="proxy")
             if event.get("decision") == "deny":
                 w.egress_denied += 1
+                self.ui.status(denied=w.egress_denied)
                 self.ui.event("denied", f"{event.get('host')}:{event.get('port')}: {event.get('reason')}")
             else:
                 w.egress_allowed += 1
@@ -506,6 +548,7 @@ class Supervisor:
         if kind == "model_call":
             w.model_calls += 1
             w.spent_usd = float(event.get("spent_usd", w.spent_usd))
+            self.ui.status(spent=w.spent_usd)
             u = event.get("usage") or {}
             w.tokens = Tokens(input=w.tokens.input + int(u.get("input_tokens", 0)),
                               output=w.tokens.output + int(u.get("output_tokens", 0)),
@@ -600,6 +643,8 @@ class Supervisor:
             transcript.write_text(self.redact(transcript.read_text(errors="replace")))
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
+            # The task is in the (redacted) audit trail; this raw copy was only for the agent's stdin.
+            (self.run_dir / "in" / "task.md").unlink(missing_ok=True)
             (self.run_dir / "out" / "work.bundle").unlink(missing_ok=True)
 
     def _handoff(self, s: RunSummary) -> None:

@@ -136,6 +136,11 @@ class Backend(ABC):
         """Follow a container's stdout (or stderr) from its start until it exits."""
 
     @abstractmethod
+    def stats(self, container: str) -> Iterator[dict[str, int]]:
+        """Samples of the container's resource use until it stops: memory and peak_memory (bytes),
+        cpu_ns (cumulative CPU time) and pids."""
+
+    @abstractmethod
     def wait(self, container: str, timeout: float) -> ExitInfo:
         """Wait up to timeout seconds for the container to exit."""
 

@@ -114,6 +114,23 @@ class DockerBackend(Backend):
         c = self._get(container)
         yield from c.logs(stream=True, follow=True, stdout=not stderr, stderr=stderr)
 
+    def stats(self, container: str) -> Iterator[dict[str, int]]:
+        try:
+            stream = self._get(container).stats(stream=True, decode=True)
+            for raw in stream:
+                mem = raw.get("memory_stats") or {}
+                if not mem:  # the container has stopped
+                    return
+                yield {
+                    "memory": int(mem.get("usage") or 0),
+                    # cgroup v1 reports the peak itself; v2 does not, so the caller keeps a running maximum.
+                    "peak_memory": int(mem.get("max_usage") or mem.get("usage") or 0),
+                    "cpu_ns": int(((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0),
+                    "pids": int((raw.get("pids_stats") or {}).get("current") or 0),
+                }
+        except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
+            return
+
     def status(self, container: str) -> ExitInfo:
         try:
             c = self._get(container)

@@ -1,0 +1,445 @@
+"""Typed payloads of the audit trail: one pydantic model per event type.
+
+The supervisor validates every payload against its type's model before it is written, so the trail's
+shape is a contract: docs/audit.md documents each type, and readers (`sandbox show`, the report) rely on it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _P(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- supervisor ------------------------------------------------------------------------------------------
+
+class RunStarted(_P):
+    """The run began: what was asked, under which policy, with which images."""
+
+    spec: dict[str, Any]
+    """The resolved RunSpec without the task (policy included)."""
+    task: str
+    """The task text."""
+    policy_hash: str
+    """SHA-256 of the effective policy's canonical JSON."""
+    images: dict[str, Any]
+    """Per role: reference, id, digests and labels of the image."""
+    claude_code_version: str
+    """The Claude Code CLI in the agent image."""
+    backend: str
+    """The container backend."""
+
+
+class CheckoutPrepared(_P):
+    """The task's checkout exists."""
+
+    base_commit: str
+    """The commit it starts from."""
+    branch: str
+    """The branch it is on."""
+    objects: str
+    """The host object directory it borrows from (mounted read-only)."""
+
+
+class NetworkCreated(_P):
+    """A network for this run."""
+
+    name: str
+    """Its name."""
+    internal: bool
+    """True for the agent's network, which has no route out."""
+
+
+class ContainerCreated(_P):
+    """A container for this run, with its security settings."""
+
+    role: str
+    """sidecar, agent or finaliser."""
+    security: dict[str, Any]
+    """User, capabilities, no-new-privileges, read-only root, limits, networks, mounts, env names."""
+    command: list[str] | None = None
+    """The agent's command line."""
+
+
+class NetworkIsolated(_P):
+    """The agent container's default route was removed before any agent code ran."""
+
+    container: str
+    """The container."""
+    default_route: str
+    """What was done with it."""
+
+
+class LimitHit(_P):
+    """A limit ended the run."""
+
+    limit: str
+    """timeout, idle, budget, daily_budget, turns, disk, error (sidecar died) or interrupted."""
+    reason: str | None = None
+    """The run's end reason it maps to."""
+    message: str | None = None
+    """For people."""
+
+
+class AgentLingered(_P):
+    """Claude Code printed its result but did not exit; the supervisor stopped it."""
+
+    seconds: float
+    """How long it was given."""
+
+
+class ResourceUsage(_P):
+    """Resources the agent container and the supervisor used, sampled during the run."""
+
+    samples: int
+    """Number of samples of the agent container."""
+    peak_memory_bytes: int
+    """Highest memory use of the agent container."""
+    cpu_seconds: float
+    """CPU time of the agent container."""
+    peak_pids: int
+    """Most processes and threads at once in the agent container."""
+    supervisor_rss_bytes: int
+    """The supervisor's resident memory at the end."""
+    supervisor_cpu_seconds: float
+    """The supervisor's CPU time (user + system)."""
+
+
+class Finalised(_P):
+    """What the finaliser packed."""
+
+    status: str
+    """packed, unchanged or error."""
+    head: str | None = None
+    """The tip of the agent's work."""
+    finaliser_commit: str | None = None
+    """The commit it made of uncommitted work, if any."""
+    bundle: str | None = None
+    """The bundle's file name."""
+    detail: str = ""
+    """What went wrong, if anything."""
+
+
+class FileStat(_P):
+    """One changed path."""
+
+    path: str
+    """The path."""
+    added: int | None
+    """Lines added; None for a binary file."""
+    deleted: int | None
+    """Lines deleted; None for a binary file."""
+
+
+class Imported(_P):
+    """The agent's work is on the host's branch."""
+
+    branch: str | None
+    """The host branch."""
+    head: str | None
+    """Its tip."""
+    commits: list[str]
+    """New commits, oldest first."""
+    files: list[FileStat]
+    """The diffstat against the base."""
+
+
+class GateChecked(_P):
+    """The diff policy gate's verdict."""
+
+    files: int
+    """Paths changed."""
+    lines: int
+    """Lines added plus deleted."""
+    violations: list[dict[str, Any]]
+    """Rule, path and detail of each violation."""
+
+
+class Pushed(_P):
+    """The push, when one was asked for."""
+
+    remote: str | None
+    """The remote."""
+    branch: str | None
+    """The branch."""
+    pushed: bool
+    """Whether it landed."""
+    error: str | None
+    """Why not."""
+
+
+class PullRequest(_P):
+    """The pull request, when one was asked for."""
+
+    url: str | None
+    """Its URL."""
+    error: str | None
+    """Why it could not be opened."""
+
+
+class Teardown(_P):
+    """Everything labelled with the run id was removed."""
+
+    removed: list[str]
+    """kind:name of each object removed."""
+
+
+class RunEnded(_P):
+    """The run is over."""
+
+    status: str
+    """succeeded, failed or killed."""
+    reason: str
+    """completed, timeout, idle, budget, turns, policy, error or interrupted."""
+    message: str
+    """For people."""
+    exit_code: int
+    """The exit code of `sandbox run`."""
+    agent_exit_code: int | None
+    """Claude Code's exit code."""
+    oom_killed: bool
+    """The OOM killer struck in the agent container."""
+    error: str | None
+    """An internal error, if one ended the run."""
+    interrupted: bool
+    """SIGINT or SIGTERM to the supervisor."""
+    cost_usd: float
+    """Model spend."""
+    branch: str | None
+    """The branch with the work."""
+    pushed: bool = False
+    """Whether it was pushed."""
+    pr_url: str | None = None
+    """The pull request."""
+
+
+# --- agent (from Claude Code's stream-json) ---------------------------------------------------------------
+
+class AgentInit(_P):
+    """Claude Code started its session."""
+
+    session_id: str | None
+    """Its session id."""
+    model: str | None
+    """The model it resolved."""
+    cwd: str | None
+    """Its working directory."""
+    tools: int
+    """Number of tools offered to the model."""
+    permission_mode: str | None
+    """Its permission mode."""
+    claude_code_version: str | None
+    """Its own version, as it reports it."""
+
+
+class ToolCall(_P):
+    """The model asked for a tool."""
+
+    id: str | None
+    """The tool use id."""
+    name: str | None
+    """The tool: Bash, Read, Write, Edit, ..."""
+    input: dict[str, Any]
+    """Its input: the command, the file path, ... (long values bounded)."""
+    message_id: str | None
+    """The model response it came in."""
+
+
+class ToolResult(_P):
+    """What the tool returned to the model."""
+
+    tool_use_id: str | None
+    """The tool use it answers."""
+    is_error: bool
+    """Whether the tool failed."""
+    size: int
+    """Length of the whole result in characters."""
+    excerpt: str
+    """Its beginning (bounded)."""
+
+
+class AssistantText(_P):
+    """Text the model wrote."""
+
+    text: str
+    """The text (bounded)."""
+    message_id: str | None
+    """The model response it came in."""
+
+
+class AgentResult(_P):
+    """Claude Code's final result event."""
+
+    subtype: str | None
+    """success, error_max_turns, error_during_execution, ..."""
+    is_error: bool
+    """Whether it ended in error."""
+    num_turns: int | None
+    """Turns, as Claude Code counts them."""
+    total_cost_usd: float | None
+    """Cost, as Claude Code estimates it (the gateway's figure is the one that counts)."""
+    duration_ms: int | None
+    """Its own duration."""
+    permission_denials: list[Any]
+    """Tool uses it refused."""
+    result: str
+    """The final text (bounded)."""
+
+
+class AgentEvent(_P):
+    """Any other stream-json event."""
+
+    kind: str | None
+    """Its type."""
+    subtype: str | None
+    """Its subtype."""
+
+
+class AgentOutput(_P):
+    """A line of the agent's stdout that was not stream-json."""
+
+    text: str
+    """The line (bounded)."""
+
+
+# --- sidecar ---------------------------------------------------------------------------------------------
+
+class SidecarReady(_P):
+    """The sidecar is serving."""
+
+    gateway_port: int
+    """Port of the model gateway."""
+    proxy_port: int
+    """Port of the egress proxy."""
+    egress_mode: str
+    """enforce or report."""
+    allow: list[str]
+    """Allow rules."""
+    deny: list[str]
+    """Deny rules."""
+    allow_private: bool
+    """Whether private addresses are allowed."""
+    upstream: str
+    """Where model calls go (`scripted` for the scripted model)."""
+    key_present: bool
+    """Whether the sidecar holds a real key."""
+
+
+class SidecarStopped(_P):
+    """The sidecar shut down cleanly."""
+
+    spent_usd: float
+    """Its spend total."""
+    calls: int
+    """Model calls it served."""
+
+
+class ModelCall(_P):
+    """One model call through the gateway, metered from the response."""
+
+    call: int
+    """Its number in the run."""
+    path: str
+    """The API path."""
+    status: int
+    """The upstream's HTTP status."""
+    stream: bool
+    """Whether the response streamed."""
+    model: str
+    """The model the response names."""
+    usage: dict[str, int]
+    """input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens."""
+    cost_usd: float
+    """This call's cost."""
+    spent_usd: float
+    """The run's spend so far."""
+    budget_usd: float
+    """The cap the gateway enforces."""
+    duration_ms: int
+    """How long the call took."""
+
+
+class ModelCallRefused(_P):
+    """The gateway refused a call (403)."""
+
+    reason: str
+    """Why: budget."""
+    spent_usd: float
+    """Spend so far."""
+    budget_usd: float
+    """The cap."""
+
+
+class ModelCallFailed(_P):
+    """The gateway could not reach the upstream."""
+
+    path: str
+    """The API path."""
+    error: str
+    """What went wrong."""
+
+
+class SidecarOutput(_P):
+    """A line from the sidecar that was not an event."""
+
+    text: str
+    """The line (bounded)."""
+
+
+class Egress(_P):
+    """One connection through the egress proxy: the decision line."""
+
+    client: str | None
+    """The agent container's address."""
+    method: str | None
+    """CONNECT, GET, HEAD, ..."""
+    host: str | None
+    """The requested host."""
+    port: int | None
+    """The requested port."""
+    resolved: str | None
+    """The address the proxy resolved and connected to (or refused)."""
+    decision: str
+    """allow, deny, would_deny (report mode) or error."""
+    rule: str | None
+    """The rule that decided; None when no rule matched."""
+    reason: str | None
+    """Why it was denied."""
+    bytes_up: int
+    """Bytes from the agent."""
+    bytes_down: int
+    """Bytes to the agent."""
+    duration_ms: int | None = None
+    """How long the connection lasted."""
+    decision_detail: str | None = None
+    """More on an error: unresolvable, upstream unreachable."""
+
+
+class InvalidEvent(_P):
+    """An event whose payload did not match its type's model: kept, not dropped."""
+
+    original_type: str
+    """The type it claimed."""
+    errors: str
+    """What did not match."""
+    payload: dict[str, Any]
+    """The payload as it came."""
+
+
+EVENT_MODELS: dict[str, type[BaseModel]] = {
+    "run_started": RunStarted, "checkout_prepared": CheckoutPrepared, "network_created": NetworkCreated,
+    "container_created": ContainerCreated, "network_isolated": NetworkIsolated, "limit_hit": LimitHit,
+    "agent_lingered": AgentLingered, "resource_usage": ResourceUsage, "finalised": Finalised,
+    "imported": Imported, "gate": GateChecked, "push": Pushed, "pull_request": PullRequest,
+    "teardown": Teardown, "run_ended": RunEnded,
+    "agent_init": AgentInit, "tool_call": ToolCall, "tool_result": ToolResult, "assistant_text": AssistantText,
+    "result": AgentResult, "agent_event": AgentEvent, "agent_output": AgentOutput,
+    "ready": SidecarReady, "stopped": SidecarStopped, "model_call": ModelCall,
+    "model_call_refused": ModelCallRefused, "model_call_failed": ModelCallFailed, "sidecar_output": SidecarOutput,
+    "egress": Egress, "invalid_event": InvalidEvent,
+}
+SOURCES = ("supervisor", "agent", "proxy", "gateway")
