@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class _P(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Attribute docstrings become field descriptions: docs/audit.md is generated from them.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 # --- supervisor ------------------------------------------------------------------------------------------
