@@ -174,6 +174,7 @@ def test_operator_commands_text_and_json(make_repo, sandbox, write_script, state
     assert len(only) == RunSummary.model_validate_json(Path(d.run.run_dir, "summary.json").read_text()).model_calls
     rep = sandbox("report", run_id)
     assert rep.code == 0 and "## Commands run" in rep.stdout and "echo listing" in rep.stdout
+    assert sandbox("report", run_id, "--json").json() == {"id": run_id, "markdown": rep.stdout[:-1]}
     for cmd in (["show", "nope"], ["logs", "nope"], ["audit", "nope"], ["audit", "verify", "nope"]):
         r = sandbox(*cmd)
         assert r.code == 2 and "no run 'nope'" in r.stderr, cmd

@@ -204,14 +204,16 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("run_id")
-def report(run_id: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help='{"id": ..., "markdown": ...}')
+def report(run_id: str, as_json: bool) -> None:
     """Print a run's Markdown report."""
     from pathlib import Path
 
     from .report import render
 
     _spec, s = _load_run(run_id)
-    click.echo(render(Path(s.run_dir), s))
+    text = render(Path(s.run_dir), s)
+    click.echo(json.dumps({"id": s.id, "markdown": text}) if as_json else text)
 
 
 @main.command("ls")
