@@ -21,6 +21,17 @@ if [ -n "${GIT_AUTHOR_NAME:-}" ]; then
   git config --global user.email "$GIT_AUTHOR_EMAIL"
 fi
 
+# A deterministic updater (pip-compile --upgrade, npm update, ...) may run before the agent, under the same
+# policy. Its outcome goes out as one JSON line ahead of Claude Code's stream, for the audit trail.
+if [ -f /sandbox/in/pre.sh ]; then
+  set +e
+  pre_out=$(cd /workspace && bash /sandbox/in/pre.sh 2>&1)
+  pre_rc=$?
+  set -e
+  jq -cn --arg out "$(printf '%s' "$pre_out" | tail -c 4000)" --argjson rc "$pre_rc" \
+    '{type: "sandbox_pre", exit_code: $rc, output: $out}'
+fi
+
 task=/sandbox/in/task.md
 if [ ! -r "$task" ]; then
   echo "entrypoint: no task at $task" >&2

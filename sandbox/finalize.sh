@@ -11,11 +11,13 @@ reason=${SANDBOX_END_REASON:-completed}
 out=/sandbox/out
 branch="refs/heads/sandbox/$run_id"
 
+check_json=null
 result() {  # status head finaliser_commit bundle detail
   jq -n --arg status "$1" --arg head "$2" --arg fin "$3" --arg bundle "$4" --arg detail "$5" \
+    --argjson check "$check_json" \
     'def opt: if . == "" then null else . end;
      {status: $status, head: ($head | opt), finaliser_commit: ($fin | opt), bundle: ($bundle | opt),
-      detail: $detail}' >"$out/result.json"
+      detail: $detail} + (if $check == null then {} else {check: $check} end)' >"$out/result.json"
 }
 
 cd /workspace || { result error "" "" "" "workspace is missing"; exit 0; }
@@ -45,6 +47,15 @@ if ! g diff --cached --quiet 2>>"$out/finalize.err"; then
     result error "" "" "" "could not commit the uncommitted work: $(tail -n 3 "$out/finalize.err")"
     exit 0
   fi
+fi
+
+# The operator's check (the test suite, say) runs on the agent's committed work; whatever it writes is not
+# packed. It has no network here.
+if [ -f /sandbox/in/check.sh ]; then
+  check_out=$(timeout 900 bash /sandbox/in/check.sh 2>&1)
+  check_rc=$?
+  check_json=$(jq -cn --arg out "$(printf '%s' "$check_out" | tail -c 4000)" --argjson rc "$check_rc" \
+    '{exit_code: $rc, output: $out}')
 fi
 
 head=$(g rev-parse --verify -q HEAD^{commit})

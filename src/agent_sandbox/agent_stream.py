@@ -36,6 +36,9 @@ def events_from_line(line: str) -> list[tuple[str, dict[str, Any]]]:
     if not isinstance(msg, dict):
         return [("agent_output", {"text": _excerpt(line)})]
     kind = msg.get("type")
+    if kind == "sandbox_pre":
+        out = _excerpt(msg.get("output", ""))
+        return [("pre_command", {"exit_code": int(msg.get("exit_code", -1)), "output": out})]
     if kind == "system" and msg.get("subtype") == "init":
         return [("agent_init", {"session_id": msg.get("session_id"), "model": msg.get("model"),
                                 "cwd": msg.get("cwd"), "tools": len(msg.get("tools") or []),

@@ -102,8 +102,10 @@ class Imported:
     commits: list[str]  # new commits, oldest first
 
 
-def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str) -> Imported:
-    """Verify the bundle and fetch its one ref into refs/heads/<branch> of the host repository."""
+def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str, replace: bool = False) -> Imported:
+    """Verify the bundle and fetch its one ref into refs/heads/<branch> of the host repository.
+
+    replace lets it move an existing branch of that name (a sweep's branch, re-run the same day)."""
     ref = f"refs/heads/{branch}"
     g = git.Git(repo.path)
     try:
@@ -116,9 +118,9 @@ def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str) -
         raise SandboxError(f"the agent's bundle must hold exactly {ref}; it holds: {held}")
     try:
         g.execute(["git", *HARDENED, "bundle", "verify", "--quiet", str(bundle)])
-        # No '+': the branch is new, and a fetch that would overwrite an existing one must fail.
+        # Without replace, no '+': the branch is new, and a fetch that would overwrite one must fail.
         g.execute(["git", *HARDENED, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                   "--no-recurse-submodules", str(bundle), f"{ref}:{ref}"])
+                   "--no-recurse-submodules", str(bundle), f"{'+' if replace else ''}{ref}:{ref}"])
     except git.GitCommandError as exc:
         raise SandboxError(f"importing the agent's work failed: {exc.stderr.strip()[:500]}") from None
     head = g.rev_parse("--verify", ref)

@@ -95,14 +95,17 @@ def _run_options(f: Any) -> Any:
 
 @main.command()
 @click.option("--task", default=None, help="What the agent should do.")
+@click.option("--ticket", type=click.Path(dir_okay=False), default=None,
+              help="Take the task from a ticket: Markdown (first line is the title) or JSON with title and body. "
+                   "Untrusted text: it never selects the policy, limits or credentials.")
 @_run_options
-def run(task: str | None, as_json: bool, **kw: Any) -> None:
+def run(task: str | None, ticket: str | None, as_json: bool, **kw: Any) -> None:
     """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
-    from .runner import run_task
+    from .runner import RunRequest, run_task
 
     _sigterm_as_interrupt()
     try:
-        summary = run_task(task=task, reporter=reporter_for(err), **kw)
+        summary = run_task(RunRequest(task=task, ticket=ticket, **kw), reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)
     except KeyboardInterrupt:
@@ -121,13 +124,13 @@ def demo(as_json: bool, keep: bool) -> None:
 
     from .demo import TASK, make_demo_repo
     from .paths import state_dir
-    from .runner import run_task
+    from .runner import RunRequest, run_task
 
     _sigterm_as_interrupt()
     repo, script = make_demo_repo(state_dir() / "demo")
     err.print(f"demo repository: {repo}")
     try:
-        summary = run_task(repo=str(repo), task=TASK, model_script=str(script), keep=keep,
+        summary = run_task(RunRequest(repo=str(repo), task=TASK, model_script=str(script), keep=keep),
                            reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)

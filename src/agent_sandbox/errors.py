@@ -20,6 +20,7 @@ class ExitCode(IntEnum):
     TURNS = 14
     POLICY = 15
     HANDOFF = 16  # the run succeeded but the push or pull request it asked for failed; the branch is kept
+    CHECK = 17  # the check command failed on the agent's work
     INTERRUPTED = 130  # SIGINT/SIGTERM to the supervisor, as shells report Ctrl-C
 
 

@@ -125,6 +125,24 @@ class Finalised(_P):
     """What went wrong, if anything."""
 
 
+class CheckRan(_P):
+    """The operator's check command ran on the agent's committed work (in the finaliser, with no network)."""
+
+    exit_code: int
+    """Its exit code: anything but 0 fails the run with reason check."""
+    output: str
+    """The end of its output."""
+
+
+class PreRan(_P):
+    """The pre command ran inside the sandbox before the agent (under the same policy)."""
+
+    exit_code: int
+    """Its exit code (the agent starts anyway, with the task of making the result pass)."""
+    output: str
+    """The end of its output."""
+
+
 class FileStat(_P):
     """One changed path."""
 
@@ -435,7 +453,8 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "run_started": RunStarted, "checkout_prepared": CheckoutPrepared, "network_created": NetworkCreated,
     "container_created": ContainerCreated, "network_isolated": NetworkIsolated, "limit_hit": LimitHit,
     "agent_lingered": AgentLingered, "resource_usage": ResourceUsage, "finalised": Finalised,
-    "imported": Imported, "gate": GateChecked, "push": Pushed, "pull_request": PullRequest,
+    "imported": Imported, "gate": GateChecked, "check": CheckRan, "pre_command": PreRan, "push": Pushed,
+    "pull_request": PullRequest,
     "teardown": Teardown, "run_ended": RunEnded,
     "agent_init": AgentInit, "tool_call": ToolCall, "tool_result": ToolResult, "assistant_text": AssistantText,
     "result": AgentResult, "agent_event": AgentEvent, "agent_output": AgentOutput,

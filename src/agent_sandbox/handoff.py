@@ -26,7 +26,7 @@ class HandoffError(SandboxError):
     """The push or the pull request failed; the branch is still there locally."""
 
 
-def push_branch(repo: HostRepo, remote: str, branch: str) -> None:
+def push_branch(repo: HostRepo, remote: str, branch: str, force: bool = False) -> None:
     """Push refs/heads/<branch> to the remote, with the host's credentials and without running hooks.
 
     The host's own pre-push hook is disabled too: hooks commonly run the test suite, which would run the
@@ -35,7 +35,7 @@ def push_branch(repo: HostRepo, remote: str, branch: str) -> None:
     ref = f"refs/heads/{branch}"
     try:
         git.Git(repo.path).execute(["git", "-c", "core.hooksPath=/dev/null", "push", "--no-verify", "--porcelain",
-                                    remote, f"{ref}:{ref}"])
+                                    remote, f"{'+' if force else ''}{ref}:{ref}"])
     except git.GitCommandError as exc:
         raise HandoffError(f"pushing {branch} to {remote} failed: {(exc.stderr or str(exc)).strip()[-600:]}") from None
     log.info("pushed branch=%s remote=%s", branch, remote)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict
+
 from .backend.docker import DockerBackend
-from .checkout import open_repo, resolve_commit
+from .checkout import branch_exists, open_repo, resolve_commit
 from .errors import ExitCode, SandboxError, UsageError
 from .handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from .images import require_images
@@ -18,7 +21,8 @@ from .script import ScriptError, load_script
 from .settings import load_settings
 from .spec import RunSpec, RunSummary
 from .store import RunStore
-from .supervisor import API_KEY_ENV, Reporter, Supervisor
+from .supervisor import API_KEY_ENV, BudgetGuard, Reporter, Supervisor
+from .ticket import load_ticket, parse_ticket
 
 
 class DailyBudgetSpent(SandboxError):
@@ -43,19 +47,86 @@ def default_pr_base(host: object, base: str) -> str:
     return "main"
 
 
+def check_branch_name(name: str) -> None:
+    import git
+
+    try:
+        git.Git().check_ref_format("--branch", name)
+    except git.GitCommandError:
+        raise UsageError(f"{name!r} is not a valid branch name") from None
+
+
 def new_run_id() -> str:
     """Sortable by start time, unique across concurrent runs on one host."""
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def run_task(*, repo: str, task: str | None, policy: str = "default", model: str | None = None,
-             model_script: str | None = None, base: str = "HEAD", keep: bool = False,
-             timeout: int | None = None, idle_timeout: int | None = None, budget_usd: float | None = None,
-             max_turns: int | None = None, push: bool = False, remote: str = "origin", open_pr: bool = False,
-             pr_base: str | None = None, reporter: Reporter | None = None) -> RunSummary:
+class RunRequest(BaseModel):
+    """What the caller asks for: the CLI's options, a sweep's entry, a service request."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repo: str
+    """Path of the host repository."""
+    task: str | None = None
+    """What the agent should do."""
+    ticket: str | None = None
+    """A ticket file to take the task from (instead of task)."""
+    ticket_text: str | None = None
+    """A ticket's text, already in hand (a webhook's issue), instead of a file."""
+    policy: str = "default"
+    """Preset name or policy file."""
+    model: str | None = None
+    """Claude model; default the policy's."""
+    model_script: str | None = None
+    """Scripted-model YAML instead of the real API."""
+    base: str = "HEAD"
+    """The ref the sandbox starts from."""
+    keep: bool = False
+    """Keep the workspace checkout."""
+    timeout: int | None = None
+    """Overrides limits.wall_seconds."""
+    idle_timeout: int | None = None
+    """Overrides limits.idle_seconds."""
+    budget_usd: float | None = None
+    """Overrides limits.budget_usd."""
+    max_turns: int | None = None
+    """Overrides limits.max_turns."""
+    push: bool = False
+    """Push the branch when the run completes and passes the gate."""
+    remote: str = "origin"
+    """The remote to push to."""
+    open_pr: bool = False
+    """Open a pull request after the push."""
+    pr_base: str | None = None
+    """The pull request's base branch."""
+    branch: str | None = None
+    """The branch to land on (sweeps: sandbox/<sweep>/<date>); default sandbox/<run-id>."""
+    replace_branch: bool = False
+    """Let the run move an existing branch of that name (a sweep re-run the same day)."""
+    pre: str | None = None
+    """A shell command run inside the sandbox, under the same policy, before the agent."""
+    check: str | None = None
+    """A shell command run inside the sandbox after the agent; if it fails, the run fails with reason check."""
+
+
+def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: BudgetGuard | None = None,
+             on_start: Callable[[Supervisor], None] | None = None) -> RunSummary:
+    """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
+    on_start receives the supervisor (to cancel it from another thread)."""
+    repo, task, ticket, policy, model = req.repo, req.task, req.ticket, req.policy, req.model
+    model_script, base, keep = req.model_script, req.base, req.keep
+    timeout, idle_timeout, budget_usd, max_turns = req.timeout, req.idle_timeout, req.budget_usd, req.max_turns
+    push, remote, open_pr, pr_base = req.push, req.remote, req.open_pr, req.pr_base
     # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
+    title = None
+    if ticket is not None or req.ticket_text is not None:
+        if task is not None:
+            raise UsageError("pass either --task or --ticket, not both")
+        t = load_ticket(ticket) if ticket is not None else parse_ticket(req.ticket_text or "", "ticket")
+        task, title = t.as_task(), t.title
     if task is None or not task.strip():
-        raise UsageError("a task is required: pass --task TEXT")
+        raise UsageError("a task is required: pass --task TEXT (or --ticket FILE)")
     host = open_repo(repo)
     pol, source = load_policy(policy)
     overrides = {k: v for k, v in {"wall_seconds": timeout, "idle_seconds": idle_timeout,
@@ -78,6 +149,13 @@ def run_task(*, repo: str, task: str | None, policy: str = "default", model: str
         raise UsageError(f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
                          "or pass --model-script FILE to use the scripted model")
     base_commit = resolve_commit(host, base)
+    if req.branch is not None:
+        check_branch_name(req.branch)
+        if branch_exists(host, req.branch) and not req.replace_branch:
+            raise UsageError(f"branch {req.branch} already exists in {host.path}")
+    if req.pre:
+        task = (f"{task.rstrip()}\n\nBefore you started, the sandbox ran `{req.pre}` in the workspace; its "
+                "changes are left uncommitted for you. Make the result pass.\n")
     push = push or open_pr or pol.git.push
     pr_repo = None
     if push and remote_url(host, remote) is None:
@@ -107,14 +185,19 @@ def run_task(*, repo: str, task: str | None, policy: str = "default", model: str
 
     run_id = new_run_id()
     spec = RunSpec(
-        run_id=run_id, repo=str(host.path), base_ref=base, base_commit=base_commit, branch=f"sandbox/{run_id}",
+        run_id=run_id, repo=str(host.path), base_ref=base, base_commit=base_commit,
+        branch=req.branch or f"sandbox/{run_id}", replace_branch=req.replace_branch, pre=req.pre, check=req.check,
         task=task, policy=pol, policy_source=source, model=model or pol.agent.model, model_script=script_path,
         upstream_url=pol.agent.api_url, keep=keep, run_dir=str(runs_dir() / run_id), daily_remaining_usd=remaining,
         push=push, remote=remote, open_pr=open_pr, pr_repo=pr_repo, pr_base=pr_base or default_pr_base(host, base),
+        title=title,
     )
     # 3. Only now is anything created.
     try:
-        return Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
-                          daily_budget_usd=settings.daily_budget_usd).run()
+        sup = Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
+                         daily_budget_usd=settings.daily_budget_usd, budget_guard=budget_guard)
+        if on_start is not None:
+            on_start(sup)
+        return sup.run()
     finally:
         store.close()

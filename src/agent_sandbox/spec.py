@@ -11,15 +11,15 @@ from .gate import Violation
 from .policy import Policy
 
 Status = Literal["succeeded", "failed", "killed"]
-Reason = Literal["completed", "timeout", "idle", "budget", "turns", "policy", "error", "interrupted"]
+Reason = Literal["completed", "timeout", "idle", "budget", "turns", "policy", "check", "error", "interrupted"]
 
 STATUS_BY_REASON: dict[str, Status] = {
     "completed": "succeeded", "timeout": "killed", "idle": "killed", "budget": "killed", "turns": "killed",
-    "interrupted": "killed", "policy": "failed", "error": "failed",
+    "interrupted": "killed", "policy": "failed", "check": "failed", "error": "failed",
 }
 EXIT_BY_REASON: dict[str, ExitCode] = {
     "completed": ExitCode.OK, "timeout": ExitCode.TIMEOUT, "idle": ExitCode.IDLE, "budget": ExitCode.BUDGET,
-    "turns": ExitCode.TURNS, "policy": ExitCode.POLICY, "error": ExitCode.ERROR,
+    "turns": ExitCode.TURNS, "policy": ExitCode.POLICY, "check": ExitCode.CHECK, "error": ExitCode.ERROR,
     "interrupted": ExitCode.INTERRUPTED,
 }
 HANDOFF_FAILED = ExitCode.HANDOFF
@@ -81,6 +81,14 @@ class RunSpec(BaseModel):
     """owner/name of the repository the pull request is opened on."""
     pr_base: str = "main"
     """The branch the pull request asks to merge into."""
+    title: str | None = None
+    """A ticket's title: the pull request's title (otherwise the task's first line)."""
+    replace_branch: bool = False
+    """The run may move an existing branch of its name (a sweep's, re-run the same day)."""
+    pre: str | None = None
+    """Shell command run inside the sandbox before the agent, under the same policy."""
+    check: str | None = None
+    """Shell command run inside the sandbox (no network) on the agent's work; failing fails the run."""
     run_dir: str
     """The run's directory in the state directory."""
 

@@ -53,6 +53,29 @@ DISK_CHECK_INTERVAL = 5.0
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 
 
+class BudgetGuard:
+    """A spend cap shared by several runs in one process, such as a sweep's budget."""
+
+    def __init__(self, cap_usd: float, label: str) -> None:
+        self.cap_usd = cap_usd
+        self.label = label
+        self.spent_usd = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, usd: float) -> float:
+        with self._lock:
+            self.spent_usd += usd
+            return self.spent_usd
+
+    def remaining(self) -> float:
+        with self._lock:
+            return max(0.0, self.cap_usd - self.spent_usd)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.remaining() <= 0
+
+
 class Reporter(Protocol):
     """Where live progress goes (a terminal, plain lines in CI, or nowhere)."""
 
@@ -158,7 +181,7 @@ def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
 class Supervisor:
     def __init__(self, spec: RunSpec, repo: HostRepo, backend: Backend, images: ImageSet,
                  reporter: Reporter | None = None, api_key: str | None = None, store: RunStore | None = None,
-                 daily_budget_usd: float | None = None) -> None:
+                 daily_budget_usd: float | None = None, budget_guard: BudgetGuard | None = None) -> None:
         self.spec = spec
         self.repo = repo
         self.backend = backend
@@ -170,12 +193,18 @@ class Supervisor:
         self.redact = Redactor([v for v in (api_key, self.github_token) if v])
         self.store = store
         self.daily_budget_usd = daily_budget_usd
+        self.budget_guard = budget_guard
+        self._cancel: tuple[str, str] | None = None
         self.labels = {RUN_LABEL: spec.run_id, SUPERVISOR_LABEL: supervisor_identity()}
         self.prefix = f"sbx-{spec.run_id}"
         self.limits = spec.policy.limits
         self.chown, self.agent_user, self.sidecar_user = _owner()
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self.audit: AuditLog | None = None
+
+    def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
+        """Ask a running supervisor (in another thread) to stop its agent; the run still collects and tears down."""
+        self._cancel = (reason, message)
 
     # --- the run --------------------------------------------------------------------------------------------
 
@@ -223,6 +252,10 @@ class Supervisor:
             imported, fin_error = self._collect(reason)
             if fin_error and reason == "completed":
                 reason, message = "error", fin_error
+            check = getattr(self, "check_result", None)
+            if check is not None and check.get("exit_code") != 0 and reason == "completed":
+                reason = "check"
+                message = f"the check `{self.spec.check}` failed (exit {check.get('exit_code')}) on the agent's work"
         except KeyboardInterrupt:
             interrupted = True
             reason, message = "interrupted", "the supervisor was interrupted before the agent finished"
@@ -232,13 +265,16 @@ class Supervisor:
             log.exception("run_failed run_id=%s", self.spec.run_id)
             reason, message, error = "error", f"{type(exc).__name__}: {exc}", repr(exc)
         finally:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip teardown
+            # A second Ctrl-C must not skip teardown (signals can only be handled on the main thread).
+            main = threading.current_thread() is threading.main_thread()
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
             try:
                 removed = self.backend.remove_run(self.spec.run_id)
                 self._record("teardown", {"removed": removed})
                 self._cleanup_files()
             finally:
-                signal.signal(signal.SIGINT, previous)
+                if main:
+                    signal.signal(signal.SIGINT, previous)
         violations: list[Violation] = []
         if imported and imported.head and error is None:
             try:
@@ -300,6 +336,9 @@ class Supervisor:
         for sub in ("in", "out", "model"):
             (self.run_dir / sub).mkdir()
         (self.run_dir / "in" / "task.md").write_text(self.spec.task)
+        for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
+            if command:
+                (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
         prepare_checkout(self.repo, self.spec.base_commit, self.run_dir / "workspace", self.spec.branch, self.chown)
         if self.chown:
             os.chown(self.run_dir / "out", *self.chown)
@@ -316,6 +355,8 @@ class Supervisor:
         if self.spec.daily_remaining_usd is not None:
             # The gateway stops at whichever comes first: the run's budget or what is left of the day's.
             budget = min(budget, self.spec.daily_remaining_usd)
+        if self.budget_guard is not None:
+            budget = min(budget, self.budget_guard.remaining())
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
                                prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
                                gateway_name=SIDECAR_ALIAS)
@@ -460,7 +501,9 @@ class Supervisor:
             while not agent_done:
                 now = time.monotonic()
                 if w.reason is None:
-                    if now - t0 > lim.wall_seconds:
+                    if self._cancel is not None:
+                        self._limit(agent, w, *self._cancel)
+                    elif now - t0 > lim.wall_seconds:
                         self._limit(agent, w, "timeout", f"wall-clock limit of {lim.wall_seconds}s reached")
                     elif now - w.last_activity > lim.idle_seconds:
                         self._limit(agent, w, "idle", f"no output and no model call for {lim.idle_seconds}s")
@@ -554,6 +597,11 @@ class Supervisor:
                               output=w.tokens.output + int(u.get("output_tokens", 0)),
                               cache_read=w.tokens.cache_read + int(u.get("cache_read_input_tokens", 0)),
                               cache_write=w.tokens.cache_write + int(u.get("cache_creation_input_tokens", 0)))
+            if self.budget_guard is not None:
+                shared = self.budget_guard.add(float(event.get("cost_usd", 0)))
+                if shared >= self.budget_guard.cap_usd and agent is not None and w.reason is None:
+                    self._limit(agent, w, "budget", f"the {self.budget_guard.label} of "
+                                                    f"${self.budget_guard.cap_usd:.2f} is spent", limit="shared_budget")
             if self.store:
                 day_total = self.store.add_spend(self.spec.run_id, float(event.get("cost_usd", 0)))
                 cap = self.daily_budget_usd
@@ -613,14 +661,18 @@ class Supervisor:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError):
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail(fin)}"
+        check = result.pop("check", None)
         self._record("finalised", result)
+        if check is not None:
+            self._record("check", check)
+            self.check_result = check
         if result.get("status") == "unchanged":
             return Imported(branch=None, head=None, commits=[]), None
         if result.get("status") != "packed":
             return None, f"the agent's work could not be packed: {result.get('detail')}"
         self.ui.phase("import", f"fetching the bundle into {self.spec.branch}")
         imported = import_bundle(self.repo, self.run_dir / "out" / "work.bundle", self.spec.branch,
-                                 self.spec.base_commit)
+                                 self.spec.base_commit, replace=self.spec.replace_branch)
         self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
                                   "files": self._diffstat(imported)})
         return imported, None
@@ -661,7 +713,7 @@ class Supervisor:
         else:
             self.ui.phase("push", f"{s.branch} to {self.spec.remote}")
             try:
-                push_branch(self.repo, self.spec.remote, s.branch)
+                push_branch(self.repo, self.spec.remote, s.branch, force=self.spec.replace_branch)
                 s.pushed = True
             except HandoffError as exc:
                 s.push_error = f"{exc.message}; the branch is kept locally: retry with `sandbox push {s.id}`"
@@ -669,7 +721,7 @@ class Supervisor:
         self._record("push", {"remote": s.remote, "branch": s.branch, "pushed": s.pushed, "error": s.push_error})
 
     def _open_pr(self, s: RunSummary) -> None:
-        title = "sandbox: " + self.spec.task.strip().splitlines()[0][:72]
+        title = self.spec.title or ("sandbox: " + self.spec.task.strip().splitlines()[0][:72])
         body = self.redact(report.render(self.run_dir, s))
         try:
             assert self.spec.pr_repo and self.github_token
