@@ -9,7 +9,7 @@ run_id=${SANDBOX_RUN_ID:?}
 base=${SANDBOX_BASE_COMMIT:?}
 reason=${SANDBOX_END_REASON:-completed}
 out=/sandbox/out
-branch="refs/heads/sandbox/$run_id"
+branch="refs/heads/${SANDBOX_BRANCH:-sandbox/$run_id}"
 
 check_json=null
 result() {  # status head finaliser_commit bundle detail

@@ -320,13 +320,62 @@ def logs(run_id: str, follow: bool, raw: bool) -> None:
         sys.exit(int(ExitCode.INTERRUPTED))
 
 
-class _RunIdGroup(click.Group):
-    """`sandbox audit ID` filters a trail; `sandbox audit verify ID` checks it."""
+class _DefaultGroup(click.Group):
+    """A group whose first argument, when it is not a subcommand, goes to a default one:
+    `sandbox audit ID` is `sandbox audit show ID`, `sandbox sweep FILE` is `sandbox sweep run FILE`."""
+
+    default = "show"
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["show", *args]
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = [self.default, *args]
         return super().parse_args(ctx, args)
+
+
+class _RunIdGroup(_DefaultGroup):
+    default = "show"
+
+
+class _SweepGroup(_DefaultGroup):
+    default = "run"
+
+
+@main.group(cls=_SweepGroup)
+def sweep() -> None:
+    """Run one task across many repositories (`sandbox sweep FILE`), or show the latest summary
+    (`sandbox sweep status NAME`)."""
+
+
+@sweep.command("run", hidden=True)
+@click.argument("manifest", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Run again even where the sweep already succeeded today.")
+@click.option("--json", "as_json", is_flag=True, help="Print the sweep summary as JSON.")
+def sweep_run(manifest: str, force: bool, as_json: bool) -> None:
+    from .sweep import render, run_sweep
+    from .ui import ConsoleReporter
+
+    _sigterm_as_interrupt()
+    try:
+        summary = run_sweep(manifest, force=force, reporter=ConsoleReporter(err))
+    except SandboxError as exc:
+        _fail(exc)
+    click.echo(summary.model_dump_json() if as_json else render(summary))
+    sys.exit(summary.exit_code)
+
+
+@sweep.command("status")
+@click.argument("name")
+@click.option("--date", default=None, help="A given day (YYYY-MM-DD, UTC) instead of the latest.")
+@click.option("--json", "as_json", is_flag=True)
+def sweep_status(name: str, date: str | None, as_json: bool) -> None:
+    """Show a sweep's latest summary."""
+    from .errors import UsageError
+    from .sweep import load_summary, render
+
+    s = load_summary(name, date)
+    if s is None:
+        _fail(UsageError(f"no summary for sweep {name!r}" + (f" on {date}" if date else "")))
+    click.echo(s.model_dump_json() if as_json else render(s))
 
 
 @main.group(cls=_RunIdGroup)

@@ -21,6 +21,7 @@ class ExitCode(IntEnum):
     POLICY = 15
     HANDOFF = 16  # the run succeeded but the push or pull request it asked for failed; the branch is kept
     CHECK = 17  # the check command failed on the agent's work
+    SWEEP_INCOMPLETE = 18  # a sweep in which some repository failed (for a reason other than no changes needed)
     INTERRUPTED = 130  # SIGINT/SIGTERM to the supervisor, as shells report Ctrl-C
 
 

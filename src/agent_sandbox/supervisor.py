@@ -641,6 +641,7 @@ class Supervisor:
             name=f"{self.prefix}-finalise", image=self.images.agent, user=self.agent_user,
             entrypoint=["/opt/sandbox/finalize.sh"],
             env={"SANDBOX_RUN_ID": self.spec.run_id, "SANDBOX_BASE_COMMIT": self.spec.base_commit,
+                 "SANDBOX_BRANCH": self.spec.branch,
                  "SANDBOX_END_REASON": reason, "HOME": "/tmp",
                  "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
                  "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email},
