@@ -134,3 +134,23 @@ def test_ticket_is_only_ever_the_task(make_repo, sandbox, write_script, tmp_path
         assert r.code == 2 and msg in r.stderr
     r = sandbox("run", "--repo", str(make_repo("r9")), "--ticket", str(j), "--task", "both")
     assert r.code == 2 and "either --task or --ticket" in r.stderr
+
+
+def test_pre_command_runs_before_the_agent(make_repo, sandbox, write_script) -> None:
+    script = write_script("turns:\n  - bash: 'cat bumped.txt; git status --short'\n  - text: done\n")
+    repo = make_repo()
+    res = sandbox("run", "--repo", str(repo), "--task", "make it pass", "--pre",
+                  "echo 'requests==9.9' > bumped.txt && echo bumped one package", "--check", "test -f bumped.txt",
+                  "--model-script", str(script), "--json")
+    assert res.code == 0, res.stderr
+    s = res.json()
+    events = [json.loads(x) for x in Path(s["run_dir"], "audit.jsonl").read_text().splitlines()]
+    pre = next(e for e in events if e["type"] == "pre_command")
+    assert pre["source"] == "agent" and pre["payload"] == {"exit_code": 0, "output": "bumped one package"}
+    first_call = next(i for i, e in enumerate(events) if e["type"] == "tool_call")
+    assert events.index(pre) < first_call, "the pre command ran before the agent's first tool call"
+    started = events[0]["payload"]
+    assert "the sandbox ran `echo 'requests==9.9' > bumped.txt" in started["task"]
+    check = next(e for e in events if e["type"] == "check")
+    assert check["payload"]["exit_code"] == 0
+    assert git(repo, "show", f"{s['branch']}:bumped.txt") == "requests==9.9"

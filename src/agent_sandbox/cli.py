@@ -78,6 +78,10 @@ _RUN_OPTIONS = [
     click.option("--budget-usd", type=float, default=None, help="Model spend limit (policy: limits.budget_usd)."),
     click.option("--max-turns", type=int, default=None, help="Turn limit (policy: limits.max_turns)."),
     click.option("--keep", is_flag=True, help="Keep the workspace checkout in the run directory."),
+    click.option("--pre", default=None, help="A command run in the sandbox before the agent, under the same "
+                 "policy (e.g. a deterministic dependency updater)."),
+    click.option("--check", default=None, help="A command run on the agent's work (e.g. the tests); if it fails, "
+                 "the run fails with reason check."),
     click.option("--push", is_flag=True, help="Push sandbox/<id> to the remote when the run completes and the "
                  "change passes the policy's git rules (policy: git.push)."),
     click.option("--remote", default="origin", show_default=True, help="The remote to push to."),
@@ -376,6 +380,57 @@ def sweep_status(name: str, date: str | None, as_json: bool) -> None:
     if s is None:
         _fail(UsageError(f"no summary for sweep {name!r}" + (f" on {date}" if date else "")))
     click.echo(s.model_dump_json() if as_json else render(s))
+
+
+class _ServeGroup(_DefaultGroup):
+    default = "start"
+
+
+@main.group(cls=_ServeGroup)
+def serve() -> None:
+    """The task service: `sandbox serve --config FILE` (see docs/service.md)."""
+
+
+@serve.command("start", hidden=True)
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Service config YAML.")
+@click.option("--bind", default=None, help="Address to listen on (config: bind; default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (config: port; 0 picks a free one).")
+@click.option("--concurrency", type=int, default=None, help="Tasks at once (config: concurrency).")
+def serve_start(config_path: str, bind: str | None, port: int | None, concurrency: int | None) -> None:
+    import asyncio
+
+    from .service import TaskService, load_config
+
+    try:
+        cfg = load_config(config_path)
+    except SandboxError as exc:
+        _fail(exc)
+    for key, value in (("bind", bind), ("port", port), ("concurrency", concurrency)):
+        if value is not None:
+            setattr(cfg, key, value)
+
+    def ready(actual_port: int, reaped: list[str]) -> None:
+        for t in reaped:
+            err.print(f"reaped task {t}: it was running when the service stopped")
+        # One line a supervisor process (or a test) can wait for.
+        click.echo(json.dumps({"listening": f"http://{cfg.bind}:{actual_port}", "port": actual_port,
+                               "reaped": reaped}), err=False)
+        sys.stdout.flush()
+
+    _sigterm_as_interrupt()
+    try:
+        asyncio.run(TaskService(cfg).serve(ready))
+    except KeyboardInterrupt:
+        sys.exit(int(ExitCode.INTERRUPTED))
+
+
+@serve.command("hash-token")
+@click.argument("token")
+def serve_hash_token(token: str) -> None:
+    """Print the SHA-256 of a bearer token, for the config's tokens[].sha256."""
+    from .service import hash_token
+
+    click.echo(hash_token(token))
 
 
 @main.group(cls=_RunIdGroup)

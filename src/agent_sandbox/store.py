@@ -41,6 +41,21 @@ CREATE TABLE IF NOT EXISTS runs (
     audit_head TEXT                  -- SHA-256 of the audit trail's last line
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
+CREATE TABLE IF NOT EXISTS tasks (
+    id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,            -- queued | running | done | failed
+    source TEXT NOT NULL,            -- api | webhook
+    principal TEXT NOT NULL,         -- the token's name, or the webhook
+    repo TEXT NOT NULL,              -- the configured repository name
+    request TEXT NOT NULL,           -- the RunRequest as JSON
+    run_id TEXT,
+    summary TEXT,                    -- the RunSummary as JSON, once finished
+    error TEXT,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    ended_at REAL
+);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_at);
 CREATE TABLE IF NOT EXISTS spend (
     run_id TEXT NOT NULL,
     day TEXT NOT NULL,               -- UTC date
