@@ -28,7 +28,7 @@ unit: venv
 	$(PYTEST) -m "not docker" -q
 
 test: lint images
-	$(PYTEST) -n $(TEST_WORKERS) --timeout 600 -q
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --timeout 600 -q
 
 # Remove whatever a crashed run left behind (containers and networks labelled sandbox.run-id).
 clean-runs: docker

@@ -14,7 +14,7 @@ SCRIPT = "turns:\n  - text: done\n"
 
 
 def assert_nothing_created(state_dir: Path, repo: Path | None) -> None:
-    assert not (state_dir / "runs").exists() or not any((state_dir / "runs").iterdir())
+    assert not state_dir.exists() or not any(state_dir.iterdir()), list(state_dir.iterdir())
     if repo is not None:
         assert git(repo, "branch", "--list", "sandbox/*") == ""
 

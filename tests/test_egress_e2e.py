@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 
 from . import testhosts
-from .conftest import REPO_ROOT, git, labelled, tool_results
+from .conftest import git, labelled, start_run, tool_results
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
@@ -146,10 +145,8 @@ def test_killing_the_sidecar_cuts_the_network_and_fails_the_run(hosts, make_repo
             " >> net.log; sleep 0.1; done")
     sc = f"turns:\n  - bash: {json.dumps(loop)}\n    timeout_ms: 120000\n  - text: done\n"
     repo = make_repo()
-    cmd = [sys.executable, "-m", "agent_sandbox.cli", "run", "--repo", str(repo), "--task", "t", "--policy",
-           str(policy(tmp_path, hosts)), "--model-script", str(write_script(sc)), "--json"]
-    env = {**__import__("os").environ, "SANDBOX_STATE_DIR": str(state_dir)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--policy", str(policy(tmp_path, hosts)),
+                     "--model-script", str(write_script(sc)), "--json")
     try:
         deadline = time.monotonic() + 60
         while sum(1 for r in hosts.requests if r[2] == "/ping") < 3:

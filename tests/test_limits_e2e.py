@@ -188,6 +188,8 @@ def wait_until_bash(state_dir, run_id: str) -> None:
     raise AssertionError("the agent never started its Bash call")
 
 
+# Reapers collect every dead supervisor's leftovers, other tests' included: never two at once.
+@pytest.mark.xdist_group("reaper")
 def test_killed_supervisor_is_cleaned_up_by_gc(make_repo, state_dir, sandbox, write_script) -> None:
     proc = start_run(state_dir, "run", "--repo", str(make_repo()), "--task", "t", "--model-script",
                      str(write_script(SLEEPER)), "--json")

@@ -174,6 +174,8 @@ def test_github_webhook(service: Service, state_dir: Path) -> None:
     assert started["spec"]["policy"]["name"] == "default" and started["spec"]["title"] == "Make x two"
 
 
+# Reapers collect every dead supervisor's leftovers, other tests' included: never two at once.
+@pytest.mark.xdist_group("reaper")
 def test_restart_loses_and_duplicates_nothing(tmp_path: Path, make_repo, state_dir: Path) -> None:
     svc = Service(make_config(tmp_path, make_repo, script=SLOW), state_dir)
     svc.start()

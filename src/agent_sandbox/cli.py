@@ -149,12 +149,13 @@ def demo(as_json: bool, keep: bool) -> None:
 def _load_run(run_id: str) -> tuple[Any, Any]:
     """The spec and summary of a finished run, or a clear error."""
     from .errors import UsageError
-    from .paths import runs_dir
     from .spec import RunSpec
+    from .views import resolve_run
 
-    d = runs_dir() / run_id
-    if "/" in run_id or not (d / "spec.json").is_file():
-        _fail(UsageError(f"no run {run_id!r} in {runs_dir()}"))
+    try:
+        d = resolve_run(run_id)
+    except SandboxError as exc:
+        _fail(exc)
     if not (d / "summary.json").is_file():
         _fail(UsageError(f"run {run_id} has not finished (or its supervisor died: see `sandbox gc`)"))
     return RunSpec.model_validate_json((d / "spec.json").read_text()), \

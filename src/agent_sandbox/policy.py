@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .egress import Egress
 from .errors import UsageError
@@ -71,18 +71,11 @@ class Limits(BaseModel):
     """Writable space: caps the tmpfs /tmp and home, and the workspace's growth, which the supervisor
     measures (bind mounts have no quota on most storage drivers)."""
 
-    @field_validator("memory")
+    @field_validator("memory", "disk")
     @classmethod
-    def _memory(cls, v: str) -> str:
+    def _at_least_64m(cls, v: str, info: ValidationInfo) -> str:
         if parse_size(v) < 64 * 1024**2:
-            raise ValueError("memory must be at least 64m")
-        return v
-
-    @field_validator("disk")
-    @classmethod
-    def _disk(cls, v: str) -> str:
-        if parse_size(v) < 64 * 1024**2:
-            raise ValueError("disk must be at least 64m")
+            raise ValueError(f"{info.field_name} must be at least 64m")
         return v
 
     @property

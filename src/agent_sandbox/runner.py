@@ -11,12 +11,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 
 from .backend.docker import DockerBackend
-from .checkout import branch_exists, open_repo, resolve_commit
+from .checkout import HostRepo, branch_exists, open_repo, resolve_commit
 from .errors import ExitCode, SandboxError, UsageError
 from .handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from .images import require_images
-from .paths import runs_dir
-from .policy import load_policy
+from .paths import runs_dir, state_dir
+from .policy import Policy, load_policy
 from .script import ScriptError, load_script
 from .settings import load_settings
 from .spec import RunSpec, RunSummary
@@ -31,13 +31,10 @@ class DailyBudgetSpent(SandboxError):
     exit_code = ExitCode.BUDGET
 
 
-def default_pr_base(host: object, base: str) -> str:
+def default_pr_base(host: HostRepo, base: str) -> str:
     """The branch a pull request targets: --base when it names a branch, else the checked-out branch."""
     import git
 
-    from .checkout import HostRepo
-
-    assert isinstance(host, HostRepo)
     g = git.Git(host.path)
     for candidate in (base, "HEAD"):
         try:
@@ -110,74 +107,103 @@ class RunRequest(BaseModel):
     """A shell command run inside the sandbox after the agent; if it fails, the run fails with reason check."""
 
 
-def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: BudgetGuard | None = None,
-             on_start: Callable[[Supervisor], None] | None = None) -> RunSummary:
-    """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
-    on_start receives the supervisor (to cancel it from another thread)."""
-    repo, task, ticket, policy, model = req.repo, req.task, req.ticket, req.policy, req.model
-    model_script, base, keep = req.model_script, req.base, req.keep
-    timeout, idle_timeout, budget_usd, max_turns = req.timeout, req.idle_timeout, req.budget_usd, req.max_turns
-    push, remote, open_pr, pr_base = req.push, req.remote, req.open_pr, req.pr_base
-    # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
-    title = None
-    if ticket is not None or req.ticket_text is not None:
+def _task_text(req: RunRequest) -> tuple[str, str | None]:
+    """The task, and a ticket's title if it came from one."""
+    task, title = req.task, None
+    if req.ticket is not None or req.ticket_text is not None:
         if task is not None:
             raise UsageError("pass either --task or --ticket, not both")
-        t = load_ticket(ticket) if ticket is not None else parse_ticket(req.ticket_text or "", "ticket")
+        t = load_ticket(req.ticket) if req.ticket is not None else parse_ticket(req.ticket_text or "", "ticket")
         task, title = t.as_task(), t.title
     if task is None or not task.strip():
         raise UsageError("a task is required: pass --task TEXT (or --ticket FILE)")
-    host = open_repo(repo)
-    pol, source = load_policy(policy)
-    overrides = {k: v for k, v in {"wall_seconds": timeout, "idle_seconds": idle_timeout,
-                                   "budget_usd": budget_usd, "max_turns": max_turns}.items() if v is not None}
+    if req.pre:
+        task = (f"{task.rstrip()}\n\nBefore you started, the sandbox ran `{req.pre}` in the workspace; its "
+                "changes are left uncommitted for you. Make the result pass.\n")
+    return task, title
+
+
+def _effective_policy(req: RunRequest) -> tuple[Policy, str]:
+    pol, source = load_policy(req.policy)
+    overrides = {k: v for k, v in {"wall_seconds": req.timeout, "idle_seconds": req.idle_timeout,
+                                   "budget_usd": req.budget_usd, "max_turns": req.max_turns}.items() if v is not None}
     if overrides:
         try:
             limits = pol.limits.model_validate({**pol.limits.model_dump(), **overrides})
         except ValueError as exc:
             raise UsageError(f"bad limit: {exc}") from None
         pol = pol.model_copy(update={"limits": limits})
-    script_path = None
-    if model_script:
+    return pol, source
+
+
+def _script_path(req: RunRequest) -> str | None:
+    if not req.model_script:
+        return None
+    try:
+        load_script(req.model_script)
+    except ScriptError as exc:
+        raise UsageError(str(exc)) from None
+    return str(Path(req.model_script).resolve())
+
+
+def _pr_repo(req: RunRequest, host: HostRepo, push: bool) -> str | None:
+    """Check that the push and pull request asked for can happen; the pull request's owner/name."""
+    if push and remote_url(host, req.remote) is None:
+        raise UsageError(f"no remote {req.remote!r} in {host.path} to push to", hint="pass --remote NAME")
+    if not req.open_pr:
+        return None
+    if not os.environ.get("GITHUB_TOKEN"):
+        raise UsageError("--open-pr needs a GitHub token in GITHUB_TOKEN (it stays on the host)")
+    slug = os.environ.get(GITHUB_REPO_ENV) or github_slug(remote_url(host, req.remote))
+    if not slug:
+        raise UsageError(f"cannot tell the GitHub repository from remote {req.remote!r}",
+                         hint=f"set {GITHUB_REPO_ENV}=owner/name")
+    return slug
+
+
+def _daily_remaining(daily_budget_usd: float | None) -> float | None:
+    """What is left of the host's daily budget, or DailyBudgetSpent. Reads the ledger only if it exists."""
+    if daily_budget_usd is None:
+        return None
+    path = state_dir() / "runs.sqlite"
+    spent = 0.0
+    if path.exists():
+        store = RunStore(path)
         try:
-            load_script(model_script)
-        except ScriptError as exc:
-            raise UsageError(str(exc)) from None
-        script_path = str(Path(model_script).resolve())
+            spent = store.spent_on()
+        finally:
+            store.close()
+    remaining = daily_budget_usd - spent
+    if remaining <= 0:
+        raise DailyBudgetSpent(
+            f"the host's daily model budget of ${daily_budget_usd:.2f} is spent "
+            f"(${spent:.4f} today, UTC); no new run starts before tomorrow",
+            hint="raise SANDBOX_DAILY_BUDGET_USD or daily_budget_usd in the host config to allow more")
+    return remaining
+
+
+def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: BudgetGuard | None = None,
+             on_start: Callable[[Supervisor], None] | None = None) -> RunSummary:
+    """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
+    on_start receives the supervisor (to cancel it from another thread)."""
+    # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
+    task, title = _task_text(req)
+    host = open_repo(req.repo)
+    pol, source = _effective_policy(req)
+    script_path = _script_path(req)
     api_key = os.environ.get(API_KEY_ENV) or None
     if script_path is None and api_key is None:
         raise UsageError(f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
                          "or pass --model-script FILE to use the scripted model")
-    base_commit = resolve_commit(host, base)
+    base_commit = resolve_commit(host, req.base)
     if req.branch is not None:
         check_branch_name(req.branch)
         if branch_exists(host, req.branch) and not req.replace_branch:
             raise UsageError(f"branch {req.branch} already exists in {host.path}")
-    if req.pre:
-        task = (f"{task.rstrip()}\n\nBefore you started, the sandbox ran `{req.pre}` in the workspace; its "
-                "changes are left uncommitted for you. Make the result pass.\n")
-    push = push or open_pr or pol.git.push
-    pr_repo = None
-    if push and remote_url(host, remote) is None:
-        raise UsageError(f"no remote {remote!r} in {host.path} to push to", hint="pass --remote NAME")
-    if open_pr:
-        if not os.environ.get("GITHUB_TOKEN"):
-            raise UsageError("--open-pr needs a GitHub token in GITHUB_TOKEN (it stays on the host)")
-        pr_repo = os.environ.get(GITHUB_REPO_ENV) or github_slug(remote_url(host, remote))
-        if not pr_repo:
-            raise UsageError(f"cannot tell the GitHub repository from remote {remote!r}",
-                             hint=f"set {GITHUB_REPO_ENV}=owner/name")
+    push = req.push or req.open_pr or pol.git.push
+    pr_repo = _pr_repo(req, host, push)
     settings = load_settings()
-    store = RunStore()
-    remaining = None
-    if settings.daily_budget_usd is not None:
-        spent = store.spent_on()
-        remaining = settings.daily_budget_usd - spent
-        if remaining <= 0:
-            raise DailyBudgetSpent(
-                f"the host's daily model budget of ${settings.daily_budget_usd:.2f} is spent "
-                f"(${spent:.4f} today, UTC); no new run starts before tomorrow",
-                hint="raise SANDBOX_DAILY_BUDGET_USD or daily_budget_usd in the host config to allow more")
+    remaining = _daily_remaining(settings.daily_budget_usd)
 
     # 2. The machine: Docker answers and the images exist.
     backend = DockerBackend.connect()
@@ -185,14 +211,15 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
 
     run_id = new_run_id()
     spec = RunSpec(
-        run_id=run_id, repo=str(host.path), base_ref=base, base_commit=base_commit,
+        run_id=run_id, repo=str(host.path), base_ref=req.base, base_commit=base_commit,
         branch=req.branch or f"sandbox/{run_id}", replace_branch=req.replace_branch, pre=req.pre, check=req.check,
-        task=task, policy=pol, policy_source=source, model=model or pol.agent.model, model_script=script_path,
-        upstream_url=pol.agent.api_url, keep=keep, run_dir=str(runs_dir() / run_id), daily_remaining_usd=remaining,
-        push=push, remote=remote, open_pr=open_pr, pr_repo=pr_repo, pr_base=pr_base or default_pr_base(host, base),
-        title=title,
+        task=task, policy=pol, policy_source=source, model=req.model or pol.agent.model, model_script=script_path,
+        upstream_url=pol.agent.api_url, keep=req.keep, run_dir=str(runs_dir() / run_id),
+        daily_remaining_usd=remaining, push=push, remote=req.remote, open_pr=req.open_pr, pr_repo=pr_repo,
+        pr_base=req.pr_base or default_pr_base(host, req.base), title=title,
     )
     # 3. Only now is anything created.
+    store = RunStore()
     try:
         sup = Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
                          daily_budget_usd=settings.daily_budget_usd, budget_guard=budget_guard)

@@ -272,8 +272,8 @@ class TaskService:
 
             try:
                 collect(DockerBackend.connect(), self.store)
-            except SandboxError as exc:
-                log.warning("recover_gc_failed error=%s", exc.message)
+            except Exception as exc:  # the tasks are still marked; `sandbox gc` can finish the cleanup later
+                log.warning("recover_gc_failed error=%r", exc)
         for row in rows:
             self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
                        ("the service stopped while the task was running; its run was reaped", time.time(), row["id"]))

@@ -200,6 +200,7 @@ class Supervisor:
         self.limits = spec.policy.limits
         self.chown, self.agent_user, self.sidecar_user = _owner()
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
+        self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
         self.audit: AuditLog | None = None
 
     def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
@@ -674,8 +675,9 @@ class Supervisor:
         self.ui.phase("import", f"fetching the bundle into {self.spec.branch}")
         imported = import_bundle(self.repo, self.run_dir / "out" / "work.bundle", self.spec.branch,
                                  self.spec.base_commit, replace=self.spec.replace_branch)
+        self._files = self._diffstat(imported)
         self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
-                                  "files": self._diffstat(imported)})
+                                  "files": self._files})
         return imported, None
 
     def _diffstat(self, imported: Imported) -> list[dict[str, Any]]:
@@ -741,9 +743,7 @@ class Supervisor:
 
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:
-        files = []
-        if imported and imported.head:
-            files = [r["path"] for r in self._diffstat(imported)]
+        files = [r["path"] for r in self._files] if imported and imported.head else []
         return RunSummary(
             id=self.spec.run_id, status=STATUS_BY_REASON[reason], reason=reason,  # type: ignore[arg-type]
             message=message, repo=self.spec.repo,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -151,6 +152,8 @@ class DockerBackend(Backend):
             self._get(container).stop(timeout=max(0, round(grace)))
 
     def remove_run(self, run_id: str) -> list[str]:
+        """Remove the run's containers, then its networks. Safe to race with another remover (a second gc):
+        what the other removed is skipped, and a network whose containers are still going is retried."""
         removed: list[str] = []
         flt = {"label": f"{RUN_LABEL}={run_id}"}
         for c in self.client.containers.list(all=True, filters=flt):
@@ -159,12 +162,22 @@ class DockerBackend(Backend):
                 removed.append(f"container:{c.name}")
             except docker.errors.NotFound:
                 pass
+            except docker.errors.APIError as exc:
+                if exc.status_code != 409:  # 409: its removal is already in progress elsewhere
+                    raise
         for n in self.client.networks.list(filters=flt):
-            try:
-                n.remove()
-                removed.append(f"network:{n.name}")
-            except docker.errors.NotFound:
-                pass
+            for attempt in range(20):
+                try:
+                    n.remove()
+                    removed.append(f"network:{n.name}")
+                    break
+                except docker.errors.NotFound:
+                    break
+                except docker.errors.APIError as exc:
+                    # "has active endpoints": a container on it is still being removed.
+                    if exc.status_code not in (403, 409, 500) or attempt == 19:
+                        raise
+                    time.sleep(0.25)
         if removed:
             log.info("teardown run_id=%s removed=%s", run_id, ",".join(removed))
         return removed
