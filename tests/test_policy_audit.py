@@ -82,3 +82,34 @@ def test_store_migrates_an_older_schema(tmp_path: Path) -> None:
     store = RunStore(tmp_path / "runs.sqlite")
     cols = {r["name"] for r in store.db.execute("PRAGMA table_info(runs)")}
     assert "audit_head" in cols
+
+
+def test_a_fresh_store_opened_by_several_runs_at_once(tmp_path: Path) -> None:
+    """A sweep's runs open a new store at the same instant. The switch to WAL used to fail with 'database is
+    locked' in about one race in twenty (SQLite does not wait for the busy timeout there)."""
+    import threading
+
+    from agent_sandbox.store import RunStore
+
+    for it in range(150):
+        db = tmp_path / f"runs-{it}.sqlite"
+        barrier = threading.Barrier(3)
+        errors: list[str] = []
+
+        def open_and_write(i: int, db: Path = db, barrier: threading.Barrier = barrier,
+                           errors: list[str] = errors) -> None:
+            barrier.wait()
+            try:
+                store = RunStore(db)
+                store.add_spend(f"run-{i}", 1.0)
+                store.close()
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=open_and_write, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [], f"race {it}: {errors}"
+        assert RunStore(db).spent_on() == 3.0

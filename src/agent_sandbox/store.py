@@ -5,6 +5,7 @@ every write is one short transaction, so a crash loses at most the write in flig
 from __future__ import annotations
 
 import datetime as dt
+import random
 import sqlite3
 import time
 from pathlib import Path
@@ -79,10 +80,20 @@ class RunStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=30000")
-        self.db.executescript(SCHEMA)
-        self._migrate()
+        # Switching to WAL needs a moment alone with the file and does not wait for the busy timeout, so
+        # several processes opening the store at once (a sweep's runs) retry; once in WAL it is never asked again.
+        for attempt in range(100):
+            try:
+                if self.db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.executescript(SCHEMA)
+                self._migrate()
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05 + random.random() * 0.1)
 
     def _migrate(self) -> None:
         """Add columns that newer versions define to a store an older version created."""

@@ -272,6 +272,9 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
             s = run_task(req, reporter=rep, budget_guard=guard, on_start=register)
         except SandboxError as exc:
             return SweepRow(repo=r.path, status="failed", reason="error", message=exc.message)
+        except Exception as exc:  # one repository's crash must not take the sweep down with it
+            log.exception("sweep_run_crashed repo=%s", r.path)
+            return SweepRow(repo=r.path, status="failed", reason="error", message=f"{type(exc).__name__}: {exc}")
         finally:
             with lock:
                 running.pop(r.path, None)
