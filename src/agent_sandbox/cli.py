@@ -579,10 +579,8 @@ def images_build(force: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def images_ls(as_json: bool) -> None:
     """Show the image tags the current inputs call for and whether they exist."""
-    import docker.errors
-
     from .backend.docker import connect_client
-    from .images import base_tag, expected_tags
+    from .images import base_tag, expected_tags, image_exists
 
     try:
         client = connect_client()
@@ -591,12 +589,7 @@ def images_ls(as_json: bool) -> None:
         _fail(exc)
     rows = []
     for role, ref in (("base", base_tag()), ("agent", tags.agent), ("sidecar", tags.sidecar)):
-        try:
-            client.images.get(ref)
-            present = True
-        except docker.errors.ImageNotFound:
-            present = False
-        rows.append({"role": role, "ref": ref, "present": present})
+        rows.append({"role": role, "ref": ref, "present": image_exists(client, ref)})
     if as_json:
         click.echo(json.dumps(rows))
     else:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from pydantic import ValidationError
+
 
 class ExitCode(IntEnum):
     """Process exit codes of `sandbox`; documented in docs/cli.md."""
@@ -34,6 +36,16 @@ class SandboxError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+def validation_message(exc: ValidationError, source: str) -> str:
+    """Every error of a pydantic validation, one line each, as `source: key.path: what is wrong`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
 
 
 class UsageError(SandboxError):

@@ -113,12 +113,7 @@ def expected_tags(client: docker.DockerClient) -> ImageSet:
 def require_images(client: docker.DockerClient) -> ImageSet:
     """The run's images, or a clear error naming the missing ones and the command that builds them."""
     tags = expected_tags(client)
-    missing = []
-    for tag in (tags.agent, tags.sidecar):
-        try:
-            client.images.get(tag)
-        except docker.errors.ImageNotFound:
-            missing.append(tag)
+    missing = [tag for tag in (tags.agent, tags.sidecar) if not image_exists(client, tag)]
     if missing:
         raise EnvironmentNotReady("images not built: " + ", ".join(missing), hint=BUILD_HINT)
     return tags
@@ -255,7 +250,7 @@ def _build(client: docker.DockerClient, ctx: Path, tag: str, base: str, labels: 
                 progress(f"  {tag.split(':')[0]}: {line.strip()}")
 
 
-def _exists(client: docker.DockerClient, tag: str) -> bool:
+def image_exists(client: docker.DockerClient, tag: str) -> bool:
     try:
         client.images.get(tag)
         return True
@@ -269,7 +264,7 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
     tags = expected_tags(client)
     arch = client.info().get("Architecture", platform.machine())
 
-    if force or not _exists(client, tags.agent):
+    if force or not image_exists(client, tags.agent):
         progress(f"building {tags.agent}")
         binary = claude_binary(arch, progress)
         with tempfile.TemporaryDirectory(prefix="sandbox-agent-ctx-") as tmp:
@@ -288,7 +283,7 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
     else:
         progress(f"{tags.agent} is up to date")
 
-    if force or not _exists(client, tags.sidecar):
+    if force or not image_exists(client, tags.sidecar):
         progress(f"building {tags.sidecar}")
         with tempfile.TemporaryDirectory(prefix="sandbox-sidecar-ctx-") as tmp:
             ctx = Path(tmp)

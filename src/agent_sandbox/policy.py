@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .egress import Egress
-from .errors import UsageError
+from .errors import UsageError, validation_message
 from .paths import resource
 from .pricing import Price
 
@@ -152,17 +152,6 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
-def _format_error(exc: ValidationError, source: str) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "policy"
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        lines.append(f"{source}: {loc}: {msg}")
-    return "\n".join(lines)
-
-
 def parse_policy(data: Any, source: str) -> Policy:
     if data is None:
         data = {}
@@ -171,13 +160,18 @@ def parse_policy(data: Any, source: str) -> Policy:
     try:
         return Policy.model_validate(data)
     except ValidationError as exc:
-        raise UsageError(_format_error(exc, source)) from None
+        raise UsageError(validation_message(exc, source)) from None
+
+
+def is_policy_file(ref: str) -> bool:
+    """A path to a policy file, as opposed to a preset's name."""
+    return Path(ref).suffix in (".yaml", ".yml") or "/" in ref
 
 
 def load_policy(ref: str) -> tuple[Policy, str]:
     """Load a preset by name or a policy file by path. Returns the policy and where it came from."""
     path = Path(ref).expanduser()
-    looks_like_file = path.suffix in (".yaml", ".yml") or "/" in ref
+    looks_like_file = is_policy_file(ref)
     if looks_like_file:
         if not path.is_file():
             raise UsageError(f"policy file not found: {ref}")

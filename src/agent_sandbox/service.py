@@ -23,7 +23,7 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import SandboxError, UsageError
+from .errors import SandboxError, UsageError, validation_message
 from .runner import RunRequest, run_task
 from .store import RunStore
 from .views import read_events, resolve_run
@@ -114,8 +114,7 @@ def load_config(path: str) -> ServiceConfig:
     except yaml.YAMLError as exc:
         raise UsageError(f"{p}: not valid YAML: {exc}") from None
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise UsageError(f"{p}: {'.'.join(map(str, e['loc']))}: {e['msg']}") from None
+        raise UsageError(validation_message(exc, str(p))) from None
     here = p.resolve().parent
     for name, r in cfg.repos.items():
         for attr in ("path", "model_script"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UsageError
+from .errors import UsageError, validation_message
 
 DAILY_ENV = "SANDBOX_DAILY_BUDGET_USD"
 CONFIG_ENV = "SANDBOX_CONFIG"
@@ -50,5 +50,4 @@ def load_settings() -> HostSettings:
     try:
         return HostSettings.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        raise UsageError(f"host settings ({path}): {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        raise UsageError(validation_message(exc, f"host settings ({path})")) from None

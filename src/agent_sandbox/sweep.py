@@ -19,9 +19,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checkout import open_repo, resolve_commit
-from .errors import ExitCode, SandboxError, UsageError
+from .errors import ExitCode, SandboxError, UsageError, validation_message
 from .paths import state_dir
-from .policy import load_policy
+from .policy import is_policy_file, load_policy
 from .runner import RunRequest, run_task
 from .script import ScriptError, load_script
 from .spec import RunSummary
@@ -163,13 +163,9 @@ def load_manifest(path: str) -> SweepManifest:
     try:
         m = SweepManifest.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for e in exc.errors():
-            loc = ".".join(str(x) for x in e["loc"])
-            lines.append(f"{p}: {loc}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
-        raise UsageError("\n".join(lines)) from None
+        raise UsageError(validation_message(exc, str(p))) from None
     here = p.resolve().parent
-    policy = m.policy if "/" not in m.policy and not m.policy.endswith((".yaml", ".yml")) else _resolve(here, m.policy)
+    policy = _resolve(here, m.policy) if is_policy_file(m.policy) else m.policy
     load_policy(policy or "default")
     m = m.model_copy(update={"policy": policy, "model_script": _resolve(here, m.model_script)})
     seen: set[str] = set()
@@ -241,7 +237,8 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
     m = load_manifest(manifest_path)
     date = dt.datetime.now(dt.UTC).date().isoformat()
     branch = f"sandbox/{m.name}/{date}"
-    earlier = {r.repo: r for r in (load_summary(m.name, date).rows if load_summary(m.name, date) else [])}
+    today = load_summary(m.name, date)
+    earlier = {r.repo: r for r in today.rows} if today else {}
     guard = BudgetGuard(m.budget_usd, "sweep budget") if m.budget_usd else None
     running: dict[str, Supervisor] = {}
     lock = threading.Lock()
