@@ -156,7 +156,7 @@ class DockerBackend(Backend):
         what the other removed is skipped, and a network whose containers are still going is retried."""
         removed: list[str] = []
         flt = {"label": f"{RUN_LABEL}={run_id}"}
-        for c in self.client.containers.list(all=True, filters=flt):
+        for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
             try:
                 c.remove(force=True, v=True)
                 removed.append(f"container:{c.name}")
@@ -183,9 +183,12 @@ class DockerBackend(Backend):
         return removed
 
     def list_runs(self) -> dict[str, dict[str, Any]]:
+        # ignore_removed: the SDK inspects each listed container, and other runs' short-lived containers
+        # (isolation helpers, finalisers) may be gone by then.
         runs: dict[str, dict[str, Any]] = {}
         flt = {"label": RUN_LABEL}
-        found = [(c.labels, f"container:{c.name}") for c in self.client.containers.list(all=True, filters=flt)]
+        containers = self.client.containers.list(all=True, filters=flt, ignore_removed=True)
+        found = [(c.labels, f"container:{c.name}") for c in containers]
         found += [(n.attrs.get("Labels") or {}, f"network:{n.name}") for n in self.client.networks.list(filters=flt)]
         for labels, name in found:
             entry = runs.setdefault(labels[RUN_LABEL], {"objects": [], "supervisor": None})
