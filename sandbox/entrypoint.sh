@@ -3,17 +3,9 @@
 # the task on stdin so that no task text, however long, meets the argument-size limit.
 set -euo pipefail
 
-# Wait for the supervisor's go-ahead: it first strips every route out of this container's network
-# namespace. No agent code may run before that.
-gate=/sandbox/in/network-ready
-for _ in $(seq 1 600); do
-  [ -e "$gate" ] && break
-  sleep 0.05
-done
-if [ ! -e "$gate" ]; then
-  echo "entrypoint: the supervisor never gave the go-ahead ($gate)" >&2
-  exit 65
-fi
+# shellcheck source=env.sh
+. /opt/sandbox/env.sh
+wait_for_go_ahead /sandbox/in/network-ready
 
 mkdir -p "$HOME/.claude"
 if [ -n "${GIT_AUTHOR_NAME:-}" ]; then

@@ -11,21 +11,20 @@ reason=${SANDBOX_END_REASON:-completed}
 out=/sandbox/out
 branch="refs/heads/${SANDBOX_BRANCH:-sandbox/$run_id}"
 
-check_json=null
 result() {  # status head finaliser_commit bundle detail
   jq -n --arg status "$1" --arg head "$2" --arg fin "$3" --arg bundle "$4" --arg detail "$5" \
-    --argjson check "$check_json" \
     'def opt: if . == "" then null else . end;
      {status: $status, head: ($head | opt), finaliser_commit: ($fin | opt), bundle: ($bundle | opt),
-      detail: $detail} + (if $check == null then {} else {check: $check} end)' >"$out/result.json"
+      detail: $detail}' >"$out/result.json"
 }
 
 cd /workspace || { result error "" "" "" "workspace is missing"; exit 0; }
 # The agent controlled this repository's hooks and config. Inside its own sandbox that harms nobody, but
-# packing its work must not depend on them.
+# packing its work must not depend on them. The built-in exclude list, given on the command line where no
+# repository config can override it, keeps generated files (bytecode, caches, node_modules) off the branch.
 g() {
   git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c core.untrackedCache=false \
-      -c commit.gpgSign=false -c gc.auto=0 "$@"
+      -c commit.gpgSign=false -c gc.auto=0 -c core.excludesFile=/opt/sandbox/gitignore "$@"
 }
 
 if ! g rev-parse --git-dir >/dev/null 2>&1; then
@@ -47,15 +46,6 @@ if ! g diff --cached --quiet 2>>"$out/finalize.err"; then
     result error "" "" "" "could not commit the uncommitted work: $(tail -n 3 "$out/finalize.err")"
     exit 0
   fi
-fi
-
-# The operator's check (the test suite, say) runs on the agent's committed work; whatever it writes is not
-# packed. It has no network here.
-if [ -f /sandbox/in/check.sh ]; then
-  check_out=$(timeout 900 bash /sandbox/in/check.sh 2>&1)
-  check_rc=$?
-  check_json=$(jq -cn --arg out "$(printf '%s' "$check_out" | tail -c 4000)" --argjson rc "$check_rc" \
-    '{exit_code: $rc, output: $out}')
 fi
 
 head=$(g rev-parse --verify -q HEAD^{commit})

@@ -16,6 +16,9 @@ from typing import Any
 
 import pytest
 
+from agent_sandbox.egress import address_kind
+from agent_sandbox.supervisor import host_addresses
+
 from . import testhosts
 from .conftest import git, labelled, start_run, tool_results
 
@@ -29,7 +32,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testhosts.TestHo
     yield from testhosts.start(tmp_path_factory.mktemp("testhosts"))
 
 
-def policy(tmp_path: Path, hosts: testhosts.TestHosts, **egress: Any) -> Path:
+def policy(tmp_path: Path, hosts: testhosts.TestHosts, /, **egress: Any) -> Path:
     base: dict[str, Any] = {
         "allow": [f"{NAME}:{hosts.http_port}", f"{NAME}:{hosts.https_port}"],
         "allow_private": True,
@@ -39,6 +42,10 @@ def policy(tmp_path: Path, hosts: testhosts.TestHosts, **egress: Any) -> Path:
     p = tmp_path / "policy.yaml"
     p.write_text(json.dumps({"name": "egress-test", "egress": base}))
     return p
+
+
+def article(kind: str | None) -> str:
+    return f"{'an' if (kind or 'x')[0] in 'aeiou' else 'a'} {kind}"
 
 
 def script(*commands: str) -> str:
@@ -107,7 +114,16 @@ def test_allowlist_enforced_and_every_attempt_logged(hosts, make_repo, sandbox, 
     assert denied[("blocked.sandbox.test", s)]["method"] == "CONNECT"
     assert denied[("192.0.2.1", 443)]["reason"] == "no allow rule matches 192.0.2.1:443"
     assert all(e["bytes_down"] == 0 for e in denied.values())
-    assert summary["egress_denied"] == 4 and summary["egress_allowed"] == 4
+    assert summary["egress_denied"] == 4 and summary["egress_allowed"] == 4 and summary["egress_would_deny"] == 0
+    assert {(d["host"], d["port"]) for d in summary["egress_hosts_denied"]} == set(denied)
+    assert summary["egress_hosts_would_deny"] == []
+    # The suggestion: what the policy would need to allow the denied hosts (not the one a deny rule refused).
+    suggested = sorted(["192.0.2.1", f"blocked.sandbox.test:{h}", f"blocked.sandbox.test:{s}"])
+    assert summary["egress_suggestion"] == {"allow": suggested, "allow_addresses": []}
+    report = Path(summary["run_dir"], "report.md").read_text()
+    assert f"- `x.evil.sandbox.test:{h}` (1): denied by rule '*.evil.sandbox.test:{h}'" in report
+    assert "## To allow the denied hosts" in report
+    assert report.rstrip().endswith("egress:\n  allow: [" + ", ".join(f'"{r}"' for r in suggested) + "]\n```")
     for e in ev:
         assert {"client", "method", "host", "port", "resolved", "decision", "rule", "bytes_up", "bytes_down"} <= set(e)
 
@@ -126,16 +142,77 @@ def test_allowlisted_name_on_a_private_address_is_refused(hosts, make_repo, sand
     assert not any(r[2] == "/private" for r in hosts.requests), "the request must never reach the host"
 
 
-def test_report_mode_allows_and_logs_would_deny(hosts, make_repo, sandbox, write_script, tmp_path) -> None:
-    sc = script(f"curl -sS http://{NAME}:{hosts.http_port}/report")
-    pol = policy(tmp_path, hosts, allow=[], mode="report", allow_private=False)
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
+def test_allow_addresses_lifts_one_address_but_never_metadata(hosts, make_repo, sandbox, write_script,
+                                                              tmp_path) -> None:
+    h = hosts.http_port
+    meta = "meta.sandbox.test"
+    sc = script(f"curl -sS -i http://{NAME}:{h}/via-allow-addresses", f"curl -sS -i http://{meta}:{h}/latest/")
+    names = {NAME: "host-gateway", meta: "169.254.169.254"}
+    # 1. Without allow_private, an allow_addresses entry for the test host's (private, host-own) address lets
+    #    the allowlisted name through; the metadata address stays refused although a range covers it.
+    pol = policy(tmp_path, hosts, allow=[f"{NAME}:{h}", f"{meta}:{h}"], allow_private=False, hosts=names,
+                 allow_addresses=[f"{hosts.address}/32", "169.254.0.0/16"])
+    res = sandbox("run", "--repo", str(make_repo("r1")), "--task", "t", "--policy", str(pol),
                   "--model-script", str(write_script(sc)), "--json")
     assert res.code == 0, res.stderr
-    assert tool_results(res.json()["run_dir"])[0].strip() == "hello from the test host: GET /report"
-    (event,) = proxy_events(res.json()["run_dir"])
+    summary = res.json()
+    out = tool_results(summary["run_dir"])
+    assert out[0].startswith("HTTP/1.0 200") and "hello from the test host: GET /via-allow-addresses" in out[0]
+    assert out[1].startswith("HTTP/1.1 403"), out[1]
+    assert f"{meta} resolves to 169.254.169.254, a cloud metadata address" in out[1]
+    ok, refused = proxy_events(summary["run_dir"])
+    assert ok["decision"] == "allow" and ok["rule"] == f"{NAME}:{h}" and ok["resolved"] == hosts.address
+    kind = address_kind(hosts.address, host_addresses())
+    assert ok["decision_detail"] == f"{hosts.address} ({kind}) let through by allow_addresses entry " \
+                                    f"'{hosts.address}/32'"
+    assert refused["decision"] == "deny" and refused["rule"] == f"{meta}:{h}"
+    assert refused["resolved"] == "169.254.169.254" and refused["bytes_down"] == 0
+    assert refused["reason"] == f"{meta} resolves to 169.254.169.254, a cloud metadata address"
+    assert summary["egress_suggestion"] == {"allow": [], "allow_addresses": []}  # metadata is never suggested
+    # 2. allow_private does not lift it either.
+    pol = policy(tmp_path, hosts, allow=[f"{NAME}:{h}", f"{meta}:{h}"], allow_private=True, hosts=names,
+                 allow_addresses=["169.254.0.0/16"])
+    res = sandbox("run", "--repo", str(make_repo("r2")), "--task", "t", "--policy", str(pol),
+                  "--model-script", str(write_script(sc)), "--json")
+    assert res.code == 0, res.stderr
+    out = tool_results(res.json()["run_dir"])
+    assert "hello from the test host" in out[0] and out[1].startswith("HTTP/1.1 403")
+    ok, refused = proxy_events(res.json()["run_dir"])
+    assert ok["decision"] == "allow" and ok["decision_detail"].endswith("let through by allow_private")
+    assert refused["decision"] == "deny" and "a cloud metadata address" in refused["reason"]
+    assert [r[2] for r in hosts.requests].count("/via-allow-addresses") == 2
+    assert not any(r[2] == "/latest/" for r in hosts.requests)
+
+
+def test_report_mode_allows_and_logs_would_deny(hosts, make_repo, sandbox, write_script, tmp_path) -> None:
+    h = hosts.http_port
+    sc = script(f"curl -sS http://{NAME}:{h}/report")
+    pol = policy(tmp_path, hosts, allow=[], mode="report", allow_private=False)
+    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
+                  "--model-script", str(write_script(sc)))
+    assert res.code == 0, res.stderr
+    (run_dir,) = [line.split(None, 2)[2] for line in res.stdout.splitlines() if line.startswith("  run dir")]
+    assert tool_results(run_dir)[0].strip() == "hello from the test host: GET /report"
+    (event,) = proxy_events(run_dir)
     assert event["decision"] == "would_deny" and event["bytes_down"] > 0
-    assert event["reason"] == f"no allow rule matches {NAME}:{hosts.http_port}"
+    # Every reason enforce mode would refuse it for: the host rule, and the address.
+    kind = address_kind(hosts.address, host_addresses())
+    reasons = [f"no allow rule matches {NAME}:{h}", f"{NAME} resolves to {hosts.address}, {article(kind)}"]
+    assert event["reason"] == "; ".join(reasons)
+    # The summary lists it apart from the allowed hosts, and says what to add.
+    summary = json.loads(Path(run_dir, "summary.json").read_text())
+    assert summary["egress_would_deny"] == 1 and summary["egress_allowed"] == 0 and summary["egress_denied"] == 0
+    assert summary["egress_hosts_would_deny"] == [{"host": NAME, "port": h, "connections": 1, "reasons": reasons}]
+    assert summary["egress_hosts_allowed"] == [] and summary["egress_hosts_denied"] == []
+    yaml_lines = ["egress:", f'  allow: ["{NAME}:{h}"]', f'  allow_addresses: ["{hosts.address}/32"]']
+    assert summary["egress_suggestion"] == {"allow": [f"{NAME}:{h}"], "allow_addresses": [f"{hosts.address}/32"]}
+    report = Path(run_dir, "report.md").read_text()
+    assert "Hosts allowed: none" in report and "Hosts denied: none" in report
+    assert f"Would be denied (report mode):\n\n- `{NAME}:{h}` (1): {'; '.join(reasons)}" in report
+    assert report.rstrip().endswith("```yaml\n" + "\n".join(yaml_lines) + "\n```")
+    # The human summary at the end of `sandbox run` shows the same.
+    assert f"would deny {NAME}:{h} (1): {'; '.join(reasons)}" in res.stdout
+    assert "\n".join(f"    {line}" for line in yaml_lines) in res.stdout
 
 
 def test_killing_the_sidecar_cuts_the_network_and_fails_the_run(hosts, make_repo, state_dir, write_script,
@@ -207,6 +284,29 @@ def test_policy_check_prints_effective_rules(sandbox) -> None:
     assert res.code == 0
     assert "allow  pypi.org" in res.stdout and "allow  *.pythonhosted.org" not in res.stdout
     assert "mode enforce; private addresses refused" in res.stdout
+    assert "169.254.169.254" in res.stdout and "names exactly that address" in res.stdout
     res = sandbox("policy", "check", "default", "--json")
     data = res.json()
     assert data["policy"]["egress"]["allow"] == [] and len(data["sha256"]) == 64
+
+
+def test_policy_check_describes_report_mode_and_allow_addresses(sandbox, tmp_path) -> None:
+    pol = tmp_path / "report.yaml"
+    pol.write_text(json.dumps({"egress": {"mode": "report", "allow": ["pypi.org"],
+                                          "allow_addresses": ["203.0.113.80", "169.254.0.0/16"]}}))
+    res = sandbox("policy", "check", str(pol))
+    assert res.code == 0, res.stderr
+    assert "mode report: connections are allowed and logged; what enforce mode would refuse is logged as " \
+           "would_deny" in res.stdout
+    assert "cloud metadata, loopback and unspecified addresses are refused all the same" in res.stdout
+    assert "nothing but the model gateway" not in res.stdout
+    assert "allow_addresses  203.0.113.80" in res.stdout and "the address 203.0.113.80" in res.stdout
+    assert "169.254.0.0/16" in res.stdout and "not the cloud metadata addresses among them" in res.stdout
+    assert res.stdout.count("\n") >= 6
+    data = sandbox("policy", "check", str(pol), "--json").json()
+    assert data["policy"]["egress"]["allow_addresses"] == ["203.0.113.80", "169.254.0.0/16"]
+    pol.write_text(json.dumps({"egress": {"allow_addresses": ["0.0.0.0/0"]}}))
+    res = sandbox("policy", "check", str(pol))
+    assert res.code == 2
+    assert "egress.allow_addresses: '0.0.0.0/0' would lift the block on every address; name narrower ranges" \
+        in res.stderr

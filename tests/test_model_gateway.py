@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import socket
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +197,55 @@ def test_gateway_streams_without_buffering_and_applies_price_overrides() -> None
     assert call["usage"] == {"input_tokens": 1_000_000, "output_tokens": 1_000_000,
                              "cache_read_input_tokens": 1_000_000, "cache_creation_input_tokens": 0}
     assert call["cost_usd"] == 3.5  # 1 + 2 + 0.5 at the overridden rates, not the table's $3/$15
+
+
+def _company_ca_and_server_cert(tmp: Path) -> tuple[str, ssl.SSLContext]:
+    """A company CA (PEM text) and a TLS context for a server on 127.0.0.1 whose certificate it signed."""
+    import subprocess
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+        "-subj", "/CN=company inspecting proxy CA", "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign")
+    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
+        "-days", "1", "-extfile", "ext.cnf")
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(tmp / "srv.pem", tmp / "srv.key")
+    return (tmp / "ca.pem").read_text(), ctx
+
+
+def test_gateway_trusts_the_policys_extra_certificate_authorities(tmp_path: Path) -> None:
+    """Behind a TLS-inspecting proxy the model API's certificate is signed by the company's CA: the gateway
+    trusts it only when the policy names it (egress.ca_certificates), and never skips verification."""
+    ca_pem, server_ctx = _company_ca_and_server_cert(tmp_path)
+
+    async def call(extra_ca_pem: str) -> tuple[int, list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+        mport, gport = free_port(), free_port()
+        model = web.AppRunner(ScriptedModel(parse_script(SCRIPT), tmp_path / "t.jsonl").app())
+        await model.setup()
+        await web.TCPSite(model, "127.0.0.1", mport, ssl_context=server_ctx).start()
+        gw = Gateway("run-ca", f"https://127.0.0.1:{mport}", "sk-ant-real", 10.0, {}, events.append,
+                     extra_ca_pem=extra_ca_pem)
+        runner = web.AppRunner(gw.app())
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", gport).start()
+        try:
+            async with aiohttp.ClientSession() as s:
+                resp = await s.post(f"http://127.0.0.1:{gport}/v1/messages", json=body(0),
+                                    headers={"anthropic-version": "2023-06-01"})
+                return resp.status, events
+        finally:
+            await runner.cleanup()
+            await model.cleanup()
+
+    status, events = asyncio.run(call(""))
+    assert status == 502 and [e["event"] for e in events] == ["model_call_failed"]
+    assert "certificate verify failed" in events[0]["error"], events
+    status, events = asyncio.run(call(ca_pem))
+    assert status == 200 and [e["event"] for e in events] == ["model_call"], events
+

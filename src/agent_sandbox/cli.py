@@ -10,6 +10,7 @@ from typing import Any, NoReturn
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .errors import ExitCode, SandboxError
@@ -56,14 +57,42 @@ def _print_summary(s: RunSummary, as_json: bool) -> None:
         out.print(f"  review   git -C {s.repo} diff {s.base_commit[:12]}..{s.branch}")
     else:
         out.print("  branch   none: the agent changed nothing")
+    for w in s.warnings:
+        out.print(f"  [yellow]warning[/yellow]  {escape(w)}")
     for v in s.violations:
-        out.print(f"  [red]policy[/red]   {v.rule}: {v.detail}")
+        out.print(f"  [red]policy[/red]   {escape(v.rule)}: {escape(v.detail)}")
+        if v.hint:
+            out.print(f"           what to do: {v.hint}", markup=False)
     if s.pushed:
         out.print(f"  pushed   to {s.remote}" + (f"; pull request {s.pr_url}" if s.pr_url else ""))
     elif s.push_error:
         out.print(f"  [yellow]not pushed[/yellow] {s.push_error}")
     out.print(f"  cost     ${s.cost_usd:.4f} over {s.model_calls} model call(s), {s.turns} turn(s)")
+    _print_egress(s)
     out.print(f"  run dir  {s.run_dir}")
+
+
+def _print_egress(s: RunSummary) -> None:
+    """Denied and would-be-denied hosts with their reasons, and the policy entries that would allow them."""
+    if not (s.egress_denied or s.egress_would_deny):
+        return
+    counts = f"{s.egress_allowed} allowed, {s.egress_denied} denied"
+    if s.egress_would_deny:
+        counts += f", {s.egress_would_deny} would be denied (report mode)"
+    out.print(f"  egress   {counts} connection(s)", markup=False)
+    for label, hosts in (("denied", s.egress_hosts_denied), ("would deny", s.egress_hosts_would_deny)):
+        for h in hosts[:10]:
+            where = f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"
+            out.print(f"    {label:<10} {where} ({h.connections}): {'; '.join(h.reasons)}", markup=False)
+        if len(hosts) > 10:
+            out.print(f"    ... and {len(hosts) - 10} more {label} (see the report)", markup=False)
+    if not s.egress_suggestion.empty:
+        if s.egress_would_deny:
+            out.print("  to allow them in enforce mode, add to the policy:")
+        else:
+            out.print("  the policy would need these entries to allow the denied hosts:")
+        for line in s.egress_suggestion.yaml().splitlines():
+            out.print(f"    {line}", markup=False)
 
 
 _RUN_OPTIONS = [
@@ -303,6 +332,9 @@ def show(run_id: str, as_json: bool) -> None:
                   + (f" ({d.summary.push_error})" if d.summary.push_error else ""), markup=False)
     out.print("  allowed   " + (", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"), markup=False)
     out.print("  denied    " + (", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"), markup=False)
+    if d.hosts_would_deny:
+        out.print("  would deny " + ", ".join(f"{h} ({n})" for h, n in d.hosts_would_deny.items()) + " (report mode)",
+                  markup=False)
     out.print(f"  run dir   {r.run_dir}")
 
 
@@ -527,7 +559,6 @@ def policy() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
 def policy_check(ref: str, as_json: bool) -> None:
     """Validate a policy file (or preset name) and print its effective rules."""
-    from .egress import parse_rule
     from .policy import load_policy
 
     try:
@@ -542,17 +573,55 @@ def policy_check(ref: str, as_json: bool) -> None:
     out.print(f"model    {pol.agent.model}")
     out.print(f"limits   wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
               f"{lim.max_turns} turns, {lim.cpus:g} cpus, memory {lim.memory}, {lim.pids} pids")
-    out.print(f"egress   mode {eg.mode}; private addresses {'allowed' if eg.allow_private else 'refused'}; "
-              "the model gateway is always reachable")
+    for line in _describe_egress(eg):
+        out.print(line, markup=False)
+
+
+def _describe_egress(eg: Any) -> list[str]:
+    """What a policy's egress section means, in the words `sandbox policy check` prints."""
+    from .egress import METADATA, parse_address_entry, parse_rule
+
+    if eg.mode == "report":
+        lines = ["egress   mode report: connections are allowed and logged; what enforce mode would refuse is "
+                 "logged as would_deny, with every reason, and the run's report ends with the entries to add; "
+                 "cloud metadata, loopback and unspecified addresses are refused all the same; "
+                 "the model gateway is always reachable"]
+    else:
+        private = "allowed (but not loopback)" if eg.allow_private else "refused"
+        lines = [f"egress   mode enforce; private addresses {private}; the model gateway is always reachable"]
     for kind, rules in (("deny", eg.deny), ("allow", eg.allow)):
         for text in rules:
             r = parse_rule(text)
             what = f"subdomains of {r.host}" if r.wildcard else r.host
-            out.print(f"  {kind:<5}  {text:<32} {what}, ports {', '.join(map(str, r.ports))}", markup=False)
+            lines.append(f"  {kind:<5}  {text:<32} {what}, ports {', '.join(map(str, r.ports))}")
     if not eg.allow:
-        out.print("  (no allow rules: nothing but the model gateway)")
+        lines.append("  (no allow rules: " + ("enforce mode would refuse every host)" if eg.mode == "report"
+                                             else "nothing but the model gateway)"))
+    refused = "would be refused" if eg.mode == "report" else "are refused"
+    if eg.allow_private:
+        lines.append("  addresses  allowed names may resolve to private, shared, link-local, unique-local, reserved "
+                     "and the host's own addresses; loopback (the sidecar itself) only through allow_addresses")
+    else:
+        lines.append(f"  addresses  allowed names {refused} when they resolve to a loopback, private, link-local, "
+                     "unique-local, reserved or the host's own address, unless allow_addresses covers it")
+    for text in eg.allow_addresses:
+        e = parse_address_entry(text)
+        if e.single:
+            note = f"the address {e.network.network_address}"
+            if e.network.network_address in METADATA:
+                note += " (a cloud metadata address, named exactly)"
+        else:
+            note = f"the {e.network.num_addresses} addresses of {e.network}"
+            if any(m.version == e.network.version and m in e.network for m in METADATA):
+                note += " (not the cloud metadata addresses among them)"
+        lines.append(f"  allow_addresses  {text:<20} allowed names may resolve to {note}")
+    metadata = ", ".join(sorted(map(str, METADATA), key=lambda a: (":" in a, a)))
+    verb = refused.removeprefix("are ")
+    lines.append(f"  metadata   {metadata}: {verb} unless an allow_addresses entry names exactly that address "
+                 "(never through a range or allow_private)")
     for name, target in eg.hosts.items():
-        out.print(f"  host   {name} -> {target}", markup=False)
+        lines.append(f"  host   {name} -> {target}")
+    return lines
 
 
 @main.group()
@@ -562,13 +631,23 @@ def images() -> None:
 
 @images.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when images with the current inputs exist.")
-def images_build(force: bool) -> None:
+@click.option("--policy", "policy_ref", default=None,
+              help="Also build this policy's extension of the agent image (its `image:` section).")
+def images_build(force: bool, policy_ref: str | None) -> None:
     """Build the base, agent and sidecar images (cached by a hash of their inputs)."""
     from .backend.docker import connect_client
-    from .images import build_all
+    from .images import build_all, ensure_policy_image
+    from .policy import load_policy
+
+    def progress(line: str) -> None:
+        err.print(line, markup=False)
 
     try:
-        tags = build_all(connect_client(), lambda line: err.print(line, markup=False), force=force)
+        pol = load_policy(policy_ref)[0] if policy_ref else None
+        client = connect_client()
+        tags = build_all(client, progress, force=force)
+        if pol is not None:
+            tags = ensure_policy_image(client, tags, pol, progress)
     except SandboxError as exc:
         _fail(exc)
     out.print(f"agent    {tags.agent}  (Claude Code {tags.claude_code_version})")

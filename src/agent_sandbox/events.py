@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _P(BaseModel):
@@ -126,12 +126,15 @@ class Finalised(_P):
 
 
 class CheckRan(_P):
-    """The operator's check command ran on the agent's committed work (in the finaliser, with no network)."""
+    """The operator's check command ran on a clean checkout of the agent's committed work, in a container of
+    its own under the run's policy (the network only through the egress proxy)."""
 
     exit_code: int
-    """Its exit code: anything but 0 fails the run with reason check."""
+    """Its exit code: anything but 0 fails the run with reason check (124: it ran out of time)."""
     output: str
     """The end of its output."""
+    head: str
+    """The commit it checked: the head of the branch that is handed back."""
 
 
 class PreRan(_P):
@@ -341,7 +344,9 @@ class SidecarReady(_P):
     deny: list[str]
     """Deny rules."""
     allow_private: bool
-    """Whether private addresses are allowed."""
+    """Whether private addresses are allowed (never loopback or metadata)."""
+    allow_addresses: list[str] = Field(default_factory=list)
+    """Addresses and ranges let through although not public (cloud metadata only when named exactly)."""
     upstream: str
     """Where model calls go (`scripted` for the scripted model)."""
     key_present: bool
@@ -435,7 +440,8 @@ class Egress(_P):
     duration_ms: int | None = None
     """How long the connection lasted."""
     decision_detail: str | None = None
-    """More on an error: unresolvable, upstream unreachable."""
+    """More on the decision: which exception let a non-public address through (an allow_addresses entry or
+    allow_private), or what failed (unresolvable, upstream unreachable)."""
 
 
 class InvalidEvent(_P):

@@ -25,6 +25,24 @@ class Violation(BaseModel):
     """The offending path, where there is one."""
     detail: str
     """What is wrong, for people."""
+    hint: str = ""
+    """What to do about it."""
+
+
+HINTS = {
+    "forbidden_paths": "if the change may touch this path, remove its pattern from the policy's git.forbidden_paths",
+    "symlink": "links that leave the repository are never imported; replace the link with the file it means",
+    "allow_binary": "a generated file? add its pattern to the repository's .gitignore; if the change really "
+                    "needs binary files, set git.allow_binary: true in the policy",
+    "max_changed_files": "split the task, or raise git.max_changed_files in the policy",
+    "max_changed_lines": "split the task, or raise git.max_changed_lines in the policy",
+    "submodule_url": "submodule URLs are never changed by a sandboxed run; change them by hand after review",
+}
+"""What to do when a rule fires: in the summary, the report and the CLI's output."""
+
+
+def _violation(rule: str, detail: str, path: str | None = None) -> Violation:
+    return Violation(rule=rule, path=path, detail=detail, hint=HINTS.get(rule, ""))
 
 
 class GateResult(BaseModel):
@@ -98,25 +116,23 @@ def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResul
     forbidden = pathspec.GitIgnoreSpec.from_lines(rules.forbidden_paths)
     for _old_mode, new_mode, new_sha, path in changes:
         if forbidden.match_file(path):
-            v.append(Violation(rule="forbidden_paths", path=path, detail=f"{path} matches forbidden_paths"))
+            v.append(_violation("forbidden_paths", f"{path} matches forbidden_paths", path))
         if new_mode == "120000":
             target = _git(repo, "cat-file", "blob", new_sha)
             if _escapes(path, target):
-                v.append(Violation(rule="symlink", path=path, detail=f"{path} links outside the repository: {target}"))
+                v.append(_violation("symlink", f"{path} links outside the repository: {target}", path))
         added, deleted = stats.get(path, (0, 0))
         if added is None and new_mode not in ("160000", "000000") and not rules.allow_binary:
-            v.append(Violation(rule="allow_binary", path=path, detail=f"{path} is binary"))
+            v.append(_violation("allow_binary", f"{path} is binary", path))
         result.lines += (added or 0) + (deleted or 0)
     if result.files > rules.max_changed_files:
-        v.append(Violation(rule="max_changed_files",
-                           detail=f"{result.files} files changed, more than {rules.max_changed_files}"))
+        v.append(_violation("max_changed_files", f"{result.files} files changed, more than {rules.max_changed_files}"))
     if result.lines > rules.max_changed_lines:
-        v.append(Violation(rule="max_changed_lines",
-                           detail=f"{result.lines} lines changed, more than {rules.max_changed_lines}"))
+        v.append(_violation("max_changed_lines", f"{result.lines} lines changed, more than {rules.max_changed_lines}"))
     if any(p == ".gitmodules" for *_, p in changes):
         before, after = _submodule_urls(repo, base), _submodule_urls(repo, head)
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
-                v.append(Violation(rule="submodule_url", path=".gitmodules",
-                                   detail=f"{key}: {before.get(key)!r} -> {after.get(key)!r}"))
+                v.append(_violation("submodule_url", f"{key}: {before.get(key)!r} -> {after.get(key)!r}",
+                                    ".gitmodules"))
     return result

@@ -6,7 +6,9 @@ nothing changed costs a few hashes and lookups.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -25,6 +27,7 @@ import docker.errors
 
 from .errors import EnvironmentNotReady, SandboxError
 from .paths import cache_dir, package_dir, resource
+from .policy import ImageExtension, Policy, ca_bundle
 from .versions import BASE_IMAGE, BASE_SUITE, CLAUDE_AGENT_SDK_VERSION, CLAUDE_CODE_VERSION
 
 log = logging.getLogger(__name__)
@@ -242,7 +245,9 @@ def _build(client: docker.DockerClient, ctx: Path, tag: str, base: str, labels: 
     tail: list[str] = []
     for chunk in stream:
         if "error" in chunk:
-            raise SandboxError(f"building {tag} failed: {chunk['error'].strip()}\n" + "".join(tail[-15:]))
+            raise EnvironmentNotReady(f"building {tag} failed: {chunk['error'].strip()}\n" + "".join(tail[-15:]),
+                                      hint="the build's output is above; for a policy's image, check its `image:` "
+                                           "section (package names, setup commands)")
         line = chunk.get("stream", "")
         if line.strip():
             tail.append(line)
@@ -297,3 +302,54 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
     else:
         progress(f"{tags.sidecar} is up to date")
     return tags
+
+
+# --- a policy's extension of the agent image --------------------------------------------------------------
+
+def _extension_dockerfile(ext: ImageExtension, with_ca: bool) -> str:
+    lines = ["ARG BASE", "FROM ${BASE}", "USER root", "ENV HOME=/root"]
+    if with_ca:
+        # Trusted system-wide, so that setup commands (pip, curl, npm) get through a TLS-inspecting proxy.
+        lines += ["COPY ca/ /usr/local/share/ca-certificates/sandbox-policy/",
+                  "RUN update-ca-certificates >/dev/null"]
+    if ext.packages:
+        lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+                     "--no-install-recommends " + " ".join(ext.packages) + " && rm -rf /var/lib/apt/lists/*")
+    # One RUN per command: a failing build names the command, and each is its own cached layer.
+    lines += [f"RUN {json.dumps(['/bin/bash', '-euo', 'pipefail', '-c', cmd])}" for cmd in ext.setup]
+    lines += ["ENV HOME=/home/agent", "USER agent", ""]
+    return "\n".join(lines)
+
+
+def extended_tag(agent_tag: str, ext: ImageExtension, ca_pem: str) -> str:
+    digest = _hash([("agent", agent_tag.encode()), ("dockerfile", _extension_dockerfile(ext, bool(ca_pem)).encode()),
+                    ("ca", ca_pem.encode())])
+    return f"{namespace()}/agent-custom:{digest[:16]}"
+
+
+def ensure_policy_image(client: docker.DockerClient, images: ImageSet, policy: Policy,
+                        progress: Progress = _nothing) -> ImageSet:
+    """The image set for a policy: the agent image itself, or the policy's extension of it, built on first
+    use and cached by a hash of its inputs. Concurrent runs of one policy build it once (a file lock)."""
+    ext = policy.image
+    if ext.empty:
+        return images
+    ca_pem = ca_bundle(policy)
+    tag = extended_tag(images.agent, ext, ca_pem)
+    lock_path = cache_dir() / "locks" / (tag.replace("/", "_").replace(":", "_") + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not image_exists(client, tag):
+            progress(f"building {tag}: the policy's image ({len(ext.packages)} package(s), "
+                     f"{len(ext.setup)} setup command(s))")
+            with tempfile.TemporaryDirectory(prefix="sandbox-custom-ctx-") as tmp:
+                ctx = Path(tmp)
+                (ctx / "Dockerfile").write_text(_extension_dockerfile(ext, bool(ca_pem)))
+                if ca_pem:
+                    (ctx / "ca").mkdir()
+                    (ctx / "ca" / "policy.crt").write_text(ca_pem)
+                labels = {LABEL_INPUTS: tag.split(":")[1], "sandbox.extends": images.agent}
+                _build(client, ctx, tag, images.agent, labels, progress)
+            log.info("image_built role=agent-custom tag=%s extends=%s", tag, images.agent)
+    return ImageSet(agent=tag, sidecar=images.sidecar, claude_code_version=images.claude_code_version)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,43 @@ class GitSettings(BaseModel):
     """Push the branch for review when the run ends and the gate passes (`--push`)."""
 
 
+_DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:*-]+)?$")
+
+
+class ImageExtension(BaseModel):
+    """What a team adds to the agent image: Debian packages and setup commands. The extended image is built
+    once, on top of the agent image, and cached by a hash of these settings and of the image below."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    packages: list[str] = Field(default_factory=list)
+    """Debian packages to install (`name` or `name=version`), e.g. postgresql-client, libpq-dev."""
+    setup: list[str] = Field(default_factory=list)
+    """Shell commands run as root, in order, when the image is built (not when the agent runs): e.g.
+    `pip install --break-system-packages pip-tools`. They reach the network as any image build does, and
+    trust the policy's ca_certificates."""
+
+    @field_validator("packages")
+    @classmethod
+    def _packages(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _DEBIAN_PACKAGE.match(name):
+                raise ValueError(f"{name!r} is not a Debian package name "
+                                 "(write e.g. libpq-dev, or libpq-dev=15.* for a version)")
+        return names
+
+    @field_validator("setup")
+    @classmethod
+    def _setup(cls, commands: list[str]) -> list[str]:
+        if any(not c.strip() for c in commands):
+            raise ValueError("a setup command is empty")
+        return commands
+
+    @property
+    def empty(self) -> bool:
+        return not self.packages and not self.setup
+
+
 class Policy(BaseModel):
     """A complete policy: agent settings, limits and git rules."""
 
@@ -134,6 +172,8 @@ class Policy(BaseModel):
     """Network access beyond the model gateway."""
     git: GitSettings = Field(default_factory=GitSettings)
     """Git rules."""
+    image: ImageExtension = Field(default_factory=ImageExtension)
+    """Extra Debian packages and setup commands for the agent image (built once, cached by hash)."""
     pricing: dict[str, Price] = Field(default_factory=dict)
     """Price overrides in US dollars per million tokens, by model-name substring, on top of the built-in
     table in pricing.py (e.g. a negotiated rate, or a company endpoint's own models)."""
@@ -168,6 +208,35 @@ def is_policy_file(ref: str) -> bool:
     return Path(ref).suffix in (".yaml", ".yml") or "/" in ref
 
 
+def _resolve_ca_certificates(policy: Policy, base: Path, source: str) -> Policy:
+    """Paths in egress.ca_certificates made absolute (relative to the policy file) and checked: each must be
+    a readable PEM file that TLS libraries accept, so a typo stops the run before anything is created."""
+    if not policy.egress.ca_certificates:
+        return policy
+    resolved = []
+    for entry in policy.egress.ca_certificates:
+        path = (base / Path(entry).expanduser()).resolve()
+        try:
+            pem = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{source}: egress.ca_certificates: cannot read {entry!r} ({path}): "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+        if "-----BEGIN CERTIFICATE-----" not in pem:
+            raise UsageError(f"{source}: egress.ca_certificates: {entry!r} holds no PEM certificate")
+        try:
+            ssl.create_default_context().load_verify_locations(cadata=pem)
+        except ssl.SSLError as exc:
+            raise UsageError(f"{source}: egress.ca_certificates: {entry!r} is not a valid certificate: {exc}") from None
+        resolved.append(str(path))
+    egress = policy.egress.model_copy(update={"ca_certificates": resolved})
+    return policy.model_copy(update={"egress": egress})
+
+
+def ca_bundle(policy: Policy) -> str:
+    """The policy's extra certificate authorities as one PEM text ('' when there are none)."""
+    return "".join(Path(p).read_text().rstrip("\n") + "\n" for p in policy.egress.ca_certificates)
+
+
 def load_policy(ref: str) -> tuple[Policy, str]:
     """Load a preset by name or a policy file by path. Returns the policy and where it came from."""
     path = Path(ref).expanduser()
@@ -188,7 +257,7 @@ def load_policy(ref: str) -> tuple[Policy, str]:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise UsageError(f"{path}: not valid YAML: {exc}") from None
-    policy = parse_policy(data, str(path))
+    policy = _resolve_ca_certificates(parse_policy(data, str(path)), path.parent, str(path))
     if not looks_like_file and policy.name == "custom":
         policy = policy.model_copy(update={"name": ref})
     return policy, source

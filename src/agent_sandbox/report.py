@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .egress import EgressHost, overview
 from .spec import RunSummary
 
 MAX_COMMANDS = 60
@@ -53,6 +54,9 @@ def render(run_dir: Path, summary: RunSummary) -> str:
         lines.append(f"| pushed | no: {_md(summary.push_error)} |")
     lines.append("")
 
+    if summary.warnings:
+        lines += ["## Warnings", "", *(f"- {_md(w)}" for w in summary.warnings), ""]
+
     limits = by_type.get("limit_hit", [])
     lines += ["## Limits hit", ""]
     lines += [f"- {h.get('limit')}: {h.get('message', '')}" for h in limits] or ["None."]
@@ -60,7 +64,8 @@ def render(run_dir: Path, summary: RunSummary) -> str:
 
     if summary.violations:
         lines += ["## Policy violations", "", "The branch is kept locally and was not pushed.", ""]
-        lines += [f"- `{v.rule}`" + (f" `{v.path}`" if v.path else "") + f": {v.detail}" for v in summary.violations]
+        lines += [f"- `{v.rule}`" + (f" `{v.path}`" if v.path else "") + f": {v.detail}"
+                  + (f". What to do: {v.hint}" if v.hint else "") for v in summary.violations]
         lines.append("")
 
     imported = (by_type.get("imported") or [{}])[-1]
@@ -89,15 +94,53 @@ def render(run_dir: Path, summary: RunSummary) -> str:
         lines += ["", "Tool calls: " + ", ".join(f"{name} {n}" for name, n in tools.most_common())]
     lines.append("")
 
-    egress = by_type.get("egress", [])
-    contacted = Counter(f"{e['host']}:{e['port']}" for e in egress if e.get("decision") in ("allow", "would_deny"))
-    denied = Counter(f"{e['host']}:{e['port']}" for e in egress if e.get("decision") == "deny")
-    lines += ["## Network", ""]
-    lines.append("Hosts contacted: " + (", ".join(f"`{h}` ({n})" for h, n in contacted.most_common()) or "none"))
-    lines.append("")
-    lines.append("Hosts denied: " + (", ".join(f"`{h}` ({n})" for h, n in denied.most_common()) or "none"))
+    report_mode = (policy.get("egress") or {}).get("mode") == "report"
+    lines += network(by_type.get("egress", []), report_mode)
     lines += ["", f"_Audit trail: `{run_dir / 'audit.jsonl'}`_", ""]
+    lines += suggestion(by_type.get("egress", []), report_mode)
     return "\n".join(lines)
+
+
+def _hosts(hosts: list[EgressHost], with_reasons: bool) -> list[str]:
+    out = []
+    for h in hosts:
+        where = f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"
+        line = f"- `{_md(where)}` ({h.connections})"
+        if with_reasons and h.reasons:
+            line += ": " + _md("; ".join(h.reasons))
+        out.append(line)
+    return out
+
+
+def network(egress: list[dict[str, Any]], report_mode: bool) -> list[str]:
+    """The report's network section: hosts allowed, denied and (report mode) would be denied, with reasons."""
+    net = overview(egress)
+    lines = ["## Network", ""]
+    for title, hosts, show in (("Hosts allowed", net.allowed, True), ("Hosts denied", net.denied, True),
+                               ("Would be denied (report mode)", net.would_deny, report_mode or net.would_deny)):
+        if not show:
+            continue
+        if hosts:
+            lines += [f"{title}:", "", *_hosts(hosts, True), ""]
+        else:
+            lines += [f"{title}: none", ""]
+    return lines[:-1]
+
+
+def suggestion(egress: list[dict[str, Any]], report_mode: bool) -> list[str]:
+    """The policy entries that would allow what was refused, as YAML to paste; nothing when nothing was."""
+    s = overview(egress).suggestion
+    if s.empty:
+        return []
+    if report_mode:
+        lines = ["## Policy lines to add", "",
+                 "To allow in enforce mode what this run would have been denied, add these entries to the policy "
+                 "(merged into the `egress:` lists it already has):"]
+    else:
+        lines = ["## To allow the denied hosts", "",
+                 "The policy would need these entries (merged into the `egress:` lists it already has) to allow "
+                 "the hosts denied above:"]
+    return [*lines, "", "```yaml", s.yaml().rstrip("\n"), "```", ""]
 
 
 def write(run_dir: Path, summary: RunSummary) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -14,7 +15,7 @@ from .backend.docker import DockerBackend
 from .checkout import HostRepo, branch_exists, open_repo, resolve_commit
 from .errors import ExitCode, SandboxError, UsageError
 from .handoff import GITHUB_REPO_ENV, github_slug, remote_url
-from .images import require_images
+from .images import ensure_policy_image, require_images
 from .paths import runs_dir, state_dir
 from .policy import Policy, load_policy
 from .script import ScriptError, load_script
@@ -23,6 +24,8 @@ from .spec import RunSpec, RunSummary
 from .store import RunStore
 from .supervisor import API_KEY_ENV, BudgetGuard, Reporter, Supervisor
 from .ticket import load_ticket, parse_ticket
+
+log = logging.getLogger(__name__)
 
 
 class DailyBudgetSpent(SandboxError):
@@ -182,6 +185,26 @@ def _daily_remaining(daily_budget_usd: float | None) -> float | None:
     return remaining
 
 
+def _progress(reporter: Reporter | None, phase: str) -> Callable[[str], None]:
+    """A line of progress before the run begins (an image build, a warning), or nothing without a reporter."""
+    if reporter is None:
+        return lambda line: log.info("%s %s", phase, line)
+    return lambda line: reporter.phase(phase, line)
+
+
+def _dirty_warning(host: HostRepo, base: str, base_commit: str) -> list[str]:
+    """Starting from HEAD of a working tree with uncommitted changes: the agent will not see them. Say so."""
+    if base != "HEAD" or host.path == host.git_dir:
+        return []
+    import git
+
+    status = git.Git(host.path).status("--porcelain", "--untracked-files=normal").splitlines()
+    if not status:
+        return []
+    return [f"{host.path} has uncommitted changes ({len(status)} path(s)); the sandbox starts from the "
+            f"committed HEAD ({base_commit[:12]}) and will not see them: commit them first, or pass --base"]
+
+
 def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: BudgetGuard | None = None,
              on_start: Callable[[Supervisor], None] | None = None) -> RunSummary:
     """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
@@ -196,6 +219,9 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
         raise UsageError(f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
                          "or pass --model-script FILE to use the scripted model")
     base_commit = resolve_commit(host, req.base)
+    warnings = _dirty_warning(host, req.base, base_commit)
+    for w in warnings:
+        _progress(reporter, "warning")(w)
     if req.branch is not None:
         check_branch_name(req.branch)
         if branch_exists(host, req.branch) and not req.replace_branch:
@@ -208,6 +234,8 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
     # 2. The machine: Docker answers and the images exist.
     backend = DockerBackend.connect()
     images = require_images(backend.client)
+    # A policy's extra packages and setup commands: built on first use, then a lookup.
+    images = ensure_policy_image(backend.client, images, pol, _progress(reporter, "image"))
 
     run_id = new_run_id()
     spec = RunSpec(
@@ -216,7 +244,7 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
         task=task, policy=pol, policy_source=source, model=req.model or pol.agent.model, model_script=script_path,
         upstream_url=pol.agent.api_url, keep=req.keep, run_dir=str(runs_dir() / run_id),
         daily_remaining_usd=remaining, push=push, remote=req.remote, open_pr=req.open_pr, pr_repo=pr_repo,
-        pr_base=req.pr_base or default_pr_base(host, req.base), title=title,
+        pr_base=req.pr_base or default_pr_base(host, req.base), title=title, warnings=warnings,
     )
     # 3. Only now is anything created.
     store = RunStore()

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .egress import EgressHost, EgressSuggestion
 from .errors import ExitCode
 from .gate import Violation
 from .policy import Policy
@@ -91,6 +92,8 @@ class RunSpec(BaseModel):
     """Shell command run inside the sandbox (no network) on the agent's work; failing fails the run."""
     run_dir: str
     """The run's directory in the state directory."""
+    warnings: list[str] = Field(default_factory=list)
+    """What the operator should know before trusting the result (e.g. uncommitted changes left out)."""
 
 
 class RunSummary(BaseModel):
@@ -133,9 +136,20 @@ class RunSummary(BaseModel):
     oom_killed: bool = False
     """The agent container was killed for running out of memory."""
     egress_allowed: int = 0
-    """Connections the egress proxy let through (report mode: including would-be denials)."""
+    """Connections the policy allows (including those that then failed upstream)."""
     egress_denied: int = 0
     """Connections the egress proxy refused."""
+    egress_would_deny: int = 0
+    """Report mode: connections let through that enforce mode would refuse (decision `would_deny`)."""
+    egress_hosts_allowed: list[EgressHost] = Field(default_factory=list)
+    """Hosts reached with the policy's consent, with the address exceptions that let them through."""
+    egress_hosts_denied: list[EgressHost] = Field(default_factory=list)
+    """Hosts refused, with every reason."""
+    egress_hosts_would_deny: list[EgressHost] = Field(default_factory=list)
+    """Report mode: hosts let through that enforce mode would refuse, with every reason."""
+    egress_suggestion: EgressSuggestion = Field(default_factory=EgressSuggestion)
+    """The `egress.allow` and `egress.allow_addresses` entries the policy would need to allow the denied or
+    would-be-denied hosts (deny-rule matches and cloud metadata addresses are never suggested)."""
     violations: list[Violation] = Field(default_factory=list)
     """How the change breaks the policy's git rules; the branch is then kept locally and not pushed."""
     pushed: bool = False
@@ -146,6 +160,8 @@ class RunSummary(BaseModel):
     """Why it was not pushed, when a push was asked for."""
     pr_url: str | None = None
     """The pull request, when one was opened."""
+    warnings: list[str] = Field(default_factory=list)
+    """What the operator should know before trusting the result (e.g. uncommitted changes left out)."""
     audit_head: str | None = None
     """SHA-256 of the audit trail's last line: `sandbox audit verify` checks the tail against it."""
     run_dir: str

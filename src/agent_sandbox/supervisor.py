@@ -29,11 +29,13 @@ from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
 from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
+from .egress import overview as egress_overview
 from .errors import SandboxError
 from .gate import Violation
 from .gate import check as gate_check
 from .handoff import HandoffError, open_pull_request, push_branch
 from .images import ImageSet
+from .policy import ca_bundle
 from .redact import Redactor
 from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
 from .spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
@@ -49,8 +51,10 @@ SIDECAR_READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this long
 RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
 FINALISER_TIMEOUT = 300.0
+CHECK_TIMEOUT = 900  # seconds the operator's check may take
 DISK_CHECK_INTERVAL = 5.0
 API_KEY_ENV = "ANTHROPIC_API_KEY"
+EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
 
 
 class BudgetGuard:
@@ -119,6 +123,8 @@ class _Watch:
     sidecar_gone: bool = False
     egress_allowed: int = 0
     egress_denied: int = 0
+    egress_would_deny: int = 0
+    egress_lines: list[dict[str, Any]] = field(default_factory=list)  # the decision lines, for the summary
     tokens: Tokens = field(default_factory=Tokens)
 
 
@@ -201,6 +207,8 @@ class Supervisor:
         self.chown, self.agent_user, self.sidecar_user = _owner()
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
+        self.check_result: dict[str, Any] | None = None
+        self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
 
     def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
@@ -220,7 +228,7 @@ class Supervisor:
                 "branch": self.spec.branch, "task": self.redact(self.spec.task.strip().splitlines()[0][:300]),
                 "policy": self.spec.policy.name, "policy_sha256": self.spec.policy.digest(), "status": "running",
                 "started_at": time.time(), "run_dir": str(self.run_dir), "supervisor_pid": os.getpid()})
-        watch = _Watch()
+        watch = self.state
         imported: Imported | None = None
         oom = False
         agent_exit: int | None = None
@@ -253,7 +261,7 @@ class Supervisor:
             imported, fin_error = self._collect(reason)
             if fin_error and reason == "completed":
                 reason, message = "error", fin_error
-            check = getattr(self, "check_result", None)
+            check = self.check_result
             if check is not None and check.get("exit_code") != 0 and reason == "completed":
                 reason = "check"
                 message = f"the check `{self.spec.check}` failed (exit {check.get('exit_code')}) on the agent's work"
@@ -337,6 +345,8 @@ class Supervisor:
         for sub in ("in", "out", "model"):
             (self.run_dir / sub).mkdir()
         (self.run_dir / "in" / "task.md").write_text(self.spec.task)
+        if ca := ca_bundle(self.spec.policy):
+            (self.run_dir / "in" / "ca-certificates.pem").write_text(ca)
         for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
             if command:
                 (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
@@ -360,7 +370,7 @@ class Supervisor:
             budget = min(budget, self.budget_guard.remaining())
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
                                prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
-                               gateway_name=SIDECAR_ALIAS)
+                               gateway_name=SIDECAR_ALIAS, extra_ca_pem=ca_bundle(self.spec.policy))
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
         if self.spec.model_script:
             config.script_path = "/sandbox/model/script.yaml"
@@ -408,38 +418,43 @@ class Supervisor:
                 "--max-turns", str(self.limits.max_turns),
                 "--no-session-persistence"]
 
-    def _start_agent(self) -> str:
+    def _sandboxed(self, role: str, env: dict[str, str], mounts: list[Mount], **kwargs: Any) -> ContainerSpec:
+        """The recipe of a container that runs the agent's code (the agent, the check): the policy's limits,
+        the internal network only, the proxy, and no key."""
         uid, gid = self.agent_user.split(":")
-        author = self.spec.policy.git.author
-        spec = ContainerSpec(
-            name=f"{self.prefix}-agent", image=self.images.agent, user=self.agent_user,
-            command=self._claude_args(),
-            env={
-                "ANTHROPIC_BASE_URL": f"http://{SIDECAR_ALIAS}:{GATEWAY_PORT}",
-                # Claude Code wants a key to start; the real one exists only in the sidecar.
-                "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
-                "SANDBOX_RUN_ID": self.spec.run_id,
-                "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
-                "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
-                "HOME": "/home/agent",
-                **proxy_env(),
-            },
-            mounts=self._work_mounts(),
-            networks=[f"{self.prefix}-int"],
+        return ContainerSpec(
+            name=f"{self.prefix}-{role}", image=self.images.agent, user=self.agent_user,
+            env={**env, "SANDBOX_RUN_ID": self.spec.run_id, "HOME": "/home/agent", **proxy_env()},
+            mounts=mounts, networks=[f"{self.prefix}-int"],
             tmpfs={"/tmp": f"rw,nosuid,nodev,exec,size={min(self.limits.disk_bytes, 1024**3)}",
                    "/home/agent": f"rw,nosuid,nodev,exec,size=512m,uid={uid},gid={gid},mode=0700"},
             memory_bytes=self.limits.memory_bytes, nano_cpus=int(self.limits.cpus * 1e9),
             pids_limit=self.limits.pids, working_dir="/workspace",
-            labels={**self.labels, ROLE_LABEL: "agent"},
+            labels={**self.labels, ROLE_LABEL: role},
             # Names the sidecar does not know get no answer on an internal network: fail in a second, not ten.
-            dns_options=["timeout:1", "attempts:1"],
+            dns_options=["timeout:1", "attempts:1"], **kwargs,
         )
-        agent = self.backend.start(spec)
-        self._record("container_created", {"role": "agent", "security": spec.security_summary(),
-                                           "command": ["claude", *spec.command]})
-        self.backend.isolate(agent, self.spec.run_id)
+
+    def _start_isolated(self, spec: ContainerSpec, go_ahead: str, **record: Any) -> str:
+        """Start a container of the agent's, strip its routes, then give its entry point the go-ahead."""
+        container = self.backend.start(spec)
+        self._record("container_created", {"role": spec.labels[ROLE_LABEL], "security": spec.security_summary(),
+                                           **record})
+        self.backend.isolate(container, self.spec.run_id)
         self._record("network_isolated", {"container": spec.name, "default_route": "removed"})
-        (self.run_dir / "in" / "network-ready").touch()
+        (self.run_dir / "in" / go_ahead).touch()
+        return container
+
+    def _start_agent(self) -> str:
+        author = self.spec.policy.git.author
+        spec = self._sandboxed("agent", {
+            "ANTHROPIC_BASE_URL": f"http://{SIDECAR_ALIAS}:{GATEWAY_PORT}",
+            # Claude Code wants a key to start; the real one exists only in the sidecar.
+            "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+            "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
+            "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
+        }, self._work_mounts(), command=self._claude_args())
+        agent = self._start_isolated(spec, "network-ready", command=["claude", *spec.command])
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
         threading.Thread(target=self._measure_disk, daemon=True).start()
@@ -580,10 +595,15 @@ class Supervisor:
             event.pop(k, None)
         if kind == "egress":
             self._record("egress", event, source="proxy")
-            if event.get("decision") == "deny":
+            w.egress_lines.append({k: event.get(k) for k in EGRESS_SUMMARY_KEYS})
+            decision = event.get("decision")
+            if decision == "deny":
                 w.egress_denied += 1
                 self.ui.status(denied=w.egress_denied)
                 self.ui.event("denied", f"{event.get('host')}:{event.get('port')}: {event.get('reason')}")
+            elif decision == "would_deny":
+                w.egress_would_deny += 1
+                self.ui.event("would_deny", f"{event.get('host')}:{event.get('port')}: {event.get('reason')}")
             else:
                 w.egress_allowed += 1
             return {"event": kind, **event}
@@ -663,11 +683,9 @@ class Supervisor:
             result = json.loads(result_path.read_text())
         except (OSError, ValueError):
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail(fin)}"
-        check = result.pop("check", None)
         self._record("finalised", result)
-        if check is not None:
-            self._record("check", check)
-            self.check_result = check
+        if self.spec.check and result.get("head"):
+            self.check_result = self._run_check(result["head"])
         if result.get("status") == "unchanged":
             return Imported(branch=None, head=None, commits=[]), None
         if result.get("status") != "packed":
@@ -678,7 +696,49 @@ class Supervisor:
         self._files = self._diffstat(imported)
         self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
                                   "files": self._files})
+        if imported.head != result.get("head"):
+            # The bundle must hold what the finaliser packed, which is also what the check saw.
+            return imported, (f"the imported head {imported.head} is not the packed head {result.get('head')}; "
+                              "the branch is kept for inspection")
         return imported, None
+
+    def _run_check(self, head: str) -> dict[str, Any]:
+        """The operator's check on a clean checkout of the packed head, in a container like the agent's: the
+        same image and limits, the network through the proxy only. Its egress is on record like the agent's."""
+        self.ui.phase("check", f"`{self.spec.check}` on {head[:12]}")
+        check_dir = self.run_dir / "check"
+        check_dir.mkdir()
+        if self.chown:
+            os.chown(check_dir, *self.chown)
+        mounts = [Mount(source=str(self.run_dir / "workspace"), target="/workspace", read_only=True),
+                  Mount(source=str(self.repo.objects), target=CONTAINER_OBJECTS, read_only=True),
+                  Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
+                  # Its only writable mount: the bundle in out/ stays out of reach of the code it runs.
+                  Mount(source=str(check_dir), target="/sandbox/check", read_only=False)]
+        spec = self._sandboxed("check", {"SANDBOX_CHECK_HEAD": head, "SANDBOX_CHECK_TIMEOUT": str(CHECK_TIMEOUT)},
+                               mounts, entrypoint=["/opt/sandbox/check.sh"])
+        container = self._start_isolated(spec, "check-ready", command=["check", self.spec.check or ""])
+        info = self.backend.wait(container, CHECK_TIMEOUT + 30)
+        if info.running:
+            self.backend.stop(container, 1)
+        self._drain_gateway()
+        try:
+            check = json.loads((check_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            check = {"exit_code": info.exit_code if info.exit_code else 125, "head": head,
+                     "output": f"the check wrote no result: {self._tail(container)}"}
+        self._record("check", check)
+        return check
+
+    def _drain_gateway(self) -> None:
+        """Record what the sidecar said after the watch loop ended (the check's egress, say)."""
+        while True:
+            try:
+                source, line = self._q.get(timeout=0.3)
+            except queue.Empty:
+                return
+            if source == "gateway" and line is not None:
+                self._gateway_event(line, self.state)
 
     def _diffstat(self, imported: Imported) -> list[dict[str, Any]]:
         if not imported.head:
@@ -698,6 +758,7 @@ class Supervisor:
             transcript.write_text(self.redact(transcript.read_text(errors="replace")))
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
+            remove_tree(self.run_dir / "check")
             # The task is in the (redacted) audit trail; this raw copy was only for the agent's stdin.
             (self.run_dir / "in" / "task.md").unlink(missing_ok=True)
             (self.run_dir / "out" / "work.bundle").unlink(missing_ok=True)
@@ -744,6 +805,7 @@ class Supervisor:
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:
         files = [r["path"] for r in self._files] if imported and imported.head else []
+        net = egress_overview(w.egress_lines)
         return RunSummary(
             id=self.spec.run_id, status=STATUS_BY_REASON[reason], reason=reason,  # type: ignore[arg-type]
             message=message, repo=self.spec.repo,
@@ -751,6 +813,8 @@ class Supervisor:
             head=imported.head if imported else None, commits=imported.commits if imported else [],
             files_changed=files, cost_usd=round(w.spent_usd, 6), model_calls=w.model_calls, turns=len(w.turns),
             duration_s=round(duration, 2), exit_code=int(EXIT_BY_REASON[reason]), oom_killed=oom,
-            egress_allowed=w.egress_allowed, egress_denied=w.egress_denied, tokens=w.tokens,
-            run_dir=str(self.run_dir),
+            egress_allowed=w.egress_allowed, egress_denied=w.egress_denied, egress_would_deny=w.egress_would_deny,
+            egress_hosts_allowed=net.allowed, egress_hosts_denied=net.denied, egress_hosts_would_deny=net.would_deny,
+            egress_suggestion=net.suggestion, tokens=w.tokens,
+            run_dir=str(self.run_dir), warnings=self.spec.warnings,
         )

@@ -91,6 +91,8 @@ class RunDetails(BaseModel):
     """host:port -> connections let through."""
     hosts_denied: dict[str, int] = Field(default_factory=dict)
     """host:port -> connections refused."""
+    hosts_would_deny: dict[str, int] = Field(default_factory=dict)
+    """host:port -> connections report mode let through that enforce mode would refuse."""
     limits_hit: list[str] = Field(default_factory=list)
     """The limits that ended the run."""
     tool_calls: dict[str, int] = Field(default_factory=dict)
@@ -223,18 +225,19 @@ def details(run_dir: Path, store: RunStore) -> RunDetails:
     if (run_dir / "summary.json").is_file():
         summary = RunSummary.model_validate_json((run_dir / "summary.json").read_text())
     events = read_events(run_dir)
-    allowed: Counter[str] = Counter()
-    denied: Counter[str] = Counter()
+    by_decision: dict[str, Counter[str]] = {"allow": Counter(), "deny": Counter(), "would_deny": Counter()}
     tools: Counter[str] = Counter()
     limits = []
     for e in events:
         p = e["payload"]
         if e["type"] == "egress":
             key = f"{p.get('host')}:{p.get('port')}"
-            (denied if p.get("decision") == "deny" else allowed)[key] += 1
+            # An upstream error was still an allowed connection.
+            by_decision.get(str(p.get("decision")), by_decision["allow"])[key] += 1
         elif e["type"] == "tool_call":
             tools[p.get("name") or "?"] += 1
         elif e["type"] == "limit_hit":
             limits.append(str(p.get("limit")))
-    return RunDetails(run=RunRow.model_validate(row), summary=summary, spec=spec, hosts_allowed=dict(allowed),
-                      hosts_denied=dict(denied), limits_hit=limits, tool_calls=dict(tools))
+    return RunDetails(run=RunRow.model_validate(row), summary=summary, spec=spec,
+                      hosts_allowed=dict(by_decision["allow"]), hosts_denied=dict(by_decision["deny"]),
+                      hosts_would_deny=dict(by_decision["would_deny"]), limits_hit=limits, tool_calls=dict(tools))

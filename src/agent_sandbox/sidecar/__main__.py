@@ -43,17 +43,19 @@ async def main() -> None:
         runners.append(await serve(model, "127.0.0.1", SCRIPTED_MODEL_PORT))
         upstream = f"http://127.0.0.1:{SCRIPTED_MODEL_PORT}"
 
-    gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit)
+    gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit,
+                      extra_ca_pem=config.extra_ca_pem)
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
     runners.append(runner)
     eg = config.egress
     proxy = EgressProxy(config.run_id, eg.allow, eg.deny, eg.mode, eg.allow_private, config.own_addresses,
-                        (config.gateway_name, config.gateway_port), emit)
+                        (config.gateway_name, config.gateway_port), emit, allow_addresses=eg.allow_addresses)
     proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port)
     emit({"event": "ready", "gateway_port": config.gateway_port, "proxy_port": config.proxy_port,
           "egress_mode": eg.mode, "allow": eg.allow, "deny": eg.deny, "allow_private": eg.allow_private,
+          "allow_addresses": eg.allow_addresses,
           "upstream": "scripted" if config.script_path else upstream, "key_present": bool(api_key)})
 
     stop = asyncio.Event()

@@ -39,5 +39,7 @@ class SidecarConfig(BaseModel):
     """The run's egress rules (its `hosts` are applied by the backend, as the sidecar's /etc/hosts)."""
     own_addresses: list[str] = Field(default_factory=list)
     """The host's own addresses, refused like private ones unless egress.allow_private."""
+    extra_ca_pem: str = ""
+    """The policy's extra certificate authorities (PEM), trusted by the gateway for its upstream."""
     gateway_name: str = "sidecar"
     """The name the agent reaches the sidecar by; the proxy passes `name:gateway_port` to the gateway."""

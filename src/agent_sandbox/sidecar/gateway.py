@@ -8,6 +8,7 @@ once the run's budget is spent. It answers 403, not 429, because clients retry a
 from __future__ import annotations
 
 import json
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,8 +83,9 @@ class UsageMeter:
 
 class Gateway:
     def __init__(self, run_id: str, upstream: str, api_key: str | None, budget_usd: float,
-                 prices: dict[str, Price], emit: Emit) -> None:
+                 prices: dict[str, Price], emit: Emit, extra_ca_pem: str = "") -> None:
         self.run_id = run_id
+        self.extra_ca_pem = extra_ca_pem
         self.upstream = upstream.rstrip("/")
         self.api_key = api_key
         self.budget_usd = budget_usd
@@ -94,8 +96,14 @@ class Gateway:
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self, app: web.Application) -> None:
+        connector = None
+        if self.extra_ca_pem:
+            # The system's authorities plus the policy's (a company's TLS-inspecting proxy, say).
+            ctx = ssl.create_default_context()
+            ctx.load_verify_locations(cadata=self.extra_ca_pem)
+            connector = aiohttp.TCPConnector(ssl=ctx)
         self.session = aiohttp.ClientSession(
-            auto_decompress=False,
+            connector=connector, auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900),
         )
 

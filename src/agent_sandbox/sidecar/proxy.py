@@ -5,7 +5,8 @@ small, strict, well-kept parser with no I/O of its own, which leaves the tunnel,
 counting to plain asyncio here. Each connection is decided by the requested host name against the policy
 (deny rules first), the name is resolved here, never by the agent, and the proxy connects to the very
 address it checked, so a name that resolves to a private address, or re-resolves to one later (DNS
-rebinding), is refused. One JSON decision line is emitted per connection when it closes.
+rebinding), is refused unless the policy's allow_addresses or allow_private lift it (see
+egress.check_address). One JSON decision line is emitted per connection when it closes.
 """
 
 from __future__ import annotations
@@ -14,15 +15,29 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
 import h11
 
-from ..egress import Rule, blocked_address, decide, parse_rule
+from ..egress import (
+    NEVER_IN_REPORT_MODE,
+    REASON_SEP,
+    AddressEntry,
+    Rule,
+    address_kind,
+    address_reason,
+    check_address,
+    decide,
+    host_reason,
+    parse_address_entry,
+    parse_rule,
+)
 
 Emit = Callable[[dict[str, Any]], None]
+Resolve = Callable[[str, int], Awaitable[list[str]]]
+"""host, port -> the addresses the name resolves to; raises OSError when it does not resolve."""
 CONNECT_TIMEOUT = 10.0
 HEAD_TIMEOUT = 30.0
 DROP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive", b"te", b"trailer",
@@ -36,6 +51,17 @@ class Refused(Exception):
         self.reason = reason
 
 
+async def system_resolve(host: str, port: int) -> list[str]:
+    """The sidecar's own resolver (its /etc/hosts, then Docker's DNS)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(i[4][0]) for i in infos]
+
+
+def _detail(rec: dict[str, Any], text: str) -> None:
+    """Add to the decision line's decision_detail (it may already say which exception let an address in)."""
+    rec["decision_detail"] = f"{rec['decision_detail']}{REASON_SEP}{text}" if rec.get("decision_detail") else text
+
+
 def _split_authority(target: str) -> tuple[str, int]:
     host, sep, port = target.rpartition(":")
     if not sep or not port.isdigit():
@@ -45,15 +71,18 @@ def _split_authority(target: str) -> tuple[str, int]:
 
 class EgressProxy:
     def __init__(self, run_id: str, allow: list[str], deny: list[str], mode: str, allow_private: bool,
-                 own_addresses: list[str], gateway: tuple[str, int], emit: Emit) -> None:
+                 own_addresses: list[str], gateway: tuple[str, int], emit: Emit, *,
+                 allow_addresses: Iterable[str] = (), resolve: Resolve | None = None) -> None:
         self.run_id = run_id
         self.allow: list[Rule] = [parse_rule(r) for r in allow]
         self.deny: list[Rule] = [parse_rule(r) for r in deny]
         self.report = mode == "report"
         self.allow_private = allow_private
+        self.allow_addresses: list[AddressEntry] = [parse_address_entry(a) for a in allow_addresses]
         self.own = own_addresses
         self.gateway_name, self.gateway_port = gateway
         self.emit = emit
+        self.resolve: Resolve = resolve or system_resolve
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -75,7 +104,7 @@ class EgressProxy:
             try:
                 up_reader, upstream_writer = await asyncio.wait_for(asyncio.open_connection(ip, port), CONNECT_TIMEOUT)
             except (TimeoutError, OSError) as exc:
-                rec["decision_detail"] = "upstream unreachable"
+                _detail(rec, "upstream unreachable")
                 raise Refused(502, f"cannot connect to {host}:{port} ({ip}): {exc or 'timeout'}") from None
             if is_connect:
                 writer.write(conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
@@ -89,8 +118,10 @@ class EgressProxy:
                                  self._pipe(up_reader, writer, rec, "bytes_down", True))
         except Refused as exc:
             rec["reason"] = rec["reason"] or exc.reason
-            if exc.status != 403:
-                rec["decision"] = "error" if rec["decision"] != "deny" else "deny"
+            if exc.status != 403 and rec["decision"] not in ("deny", "would_deny"):
+                # An allowed connection that failed upstream. A would_deny stays one: enforce mode would have
+                # refused it, which is what report mode is there to record.
+                rec["decision"] = "error"
             self._refuse(conn, writer, exc)
         except (TimeoutError, h11.RemoteProtocolError) as exc:
             rec["reason"] = f"bad request: {exc or 'timeout reading the request'}"
@@ -124,37 +155,50 @@ class EgressProxy:
         return url.hostname.lower(), url.port or 80, False
 
     async def _decide(self, host: str, port: int, rec: dict[str, Any]) -> str:
-        """The address to connect to, or Refused. Fills in the decision, rule and reason."""
+        """The address to connect to, or Refused. Fills in the decision, rule, reason and decision_detail.
+
+        Enforce mode refuses on the first failing step (the host rule, else every refused address at once).
+        Report mode goes through every step and records every reason enforce mode would refuse for, joined
+        by '; ', on a would_deny line; the connection goes ahead.
+        """
         if host == self.gateway_name and port == self.gateway_port:
             # The model gateway is always reachable and lives in this very container.
             rec.update(decision="allow", rule="gateway")
             return "127.0.0.1"
         allowed, rule = decide(host, port, self.allow, self.deny)
         rec["rule"] = rule
+        reasons: list[str] = []
         if not allowed:
-            reason = f"denied by rule {rule!r}" if rule else f"no allow rule matches {host}:{port}"
+            reason = host_reason(host, port, rule)
             if not self.report:
                 rec.update(decision="deny", reason=reason)
                 raise Refused(403, reason)
+            reasons.append(reason)
             rec.update(decision="would_deny", reason=reason)
         try:
-            infos = await asyncio.wait_for(
-                asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), CONNECT_TIMEOUT)
+            found = await asyncio.wait_for(self.resolve(host, port), CONNECT_TIMEOUT)
+            if not found:
+                raise OSError("no addresses")
         except (TimeoutError, OSError):
-            rec.setdefault("decision_detail", "unresolvable")
-            if rec["decision"] != "would_deny":
+            _detail(rec, "unresolvable")
+            if not reasons:
                 rec.update(decision="deny", reason=f"cannot resolve {host}")
             raise Refused(502, f"cannot resolve {host}") from None
-        addresses = sorted({str(i[4][0]) for i in infos}, key=lambda a: ":" in a)  # IPv4 first
-        if not self.allow_private:
-            for addr in addresses:
-                why = blocked_address(addr, self.own)
-                if why:
-                    reason = f"{host} resolves to {addr}, a {why}"
-                    if not self.report:
-                        rec.update(decision="deny", reason=reason, resolved=addr)
-                        raise Refused(403, reason)
-                    rec.update(decision="would_deny", reason=rec["reason"] or reason)
+        addresses = sorted(dict.fromkeys(found), key=lambda a: ":" in a)  # IPv4 first, else as resolved
+        refused: list[str] = []
+        for addr in addresses:
+            check = check_address(addr, self.own, self.allow_private, self.allow_addresses)
+            if check.blocked:
+                refused.append(addr)
+                reasons.append(address_reason(host, addr, check.kind or "refused address"))
+            elif check.detail:
+                _detail(rec, check.detail)
+        if refused:
+            reason = REASON_SEP.join(reasons)
+            if not self.report or any(address_kind(a, self.own) in NEVER_IN_REPORT_MODE for a in refused):
+                rec.update(decision="deny", reason=reason, resolved=refused[0])
+                raise Refused(403, reason)
+            rec.update(decision="would_deny", reason=reason)
         if rec["decision"] != "would_deny":
             rec["decision"] = "allow"
         return addresses[0]
