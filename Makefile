@@ -34,3 +34,5 @@ test: lint images
 clean-runs: docker
 	-docker ps -aq --filter label=sandbox.run-id | xargs -r docker rm -f
 	-docker network ls -q --filter label=sandbox.run-id | xargs -r docker network rm
+
+bench-install: images ; $(VENV)/bin/python bench/install.py --rounds 3
