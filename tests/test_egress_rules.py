@@ -400,3 +400,9 @@ def test_report_sections() -> None:
     assert suggestion(LINES[:3], report_mode=False) == []
     denied = [line("deny", "pypi.org", 443, "no allow rule matches pypi.org:443")]
     assert "## To allow the denied hosts" in suggestion(denied, report_mode=False)
+
+
+def test_decide_an_allowed_name_that_does_not_resolve_is_an_error_not_a_refusal() -> None:
+    rec, res = _decide(_proxy(allow=("nowhere.example",)), "nowhere.example")
+    assert isinstance(res, Refused) and res.status == 502
+    assert rec["decision"] == "error" and rec["reason"] == "cannot resolve nowhere.example"

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
+
+from agent_sandbox import quota
 
 from .conftest import audit_events, git, labelled, start_run, tool_results, transcript, wait_for_event
 
@@ -208,6 +211,11 @@ def test_killed_supervisor_is_cleaned_up_by_gc(make_repo, state_dir, sandbox, wr
     assert mine and mine[0]["action"] == "removed" and mine[0]["marked_failed"] is True
     assert any(o.endswith("-agent") for o in mine[0]["objects"])
     assert labelled(run_id) == []
+    # The workspace's quota filesystem (as root with loop devices) is unmounted and its image removed too.
+    run_dir = state_dir / "runs" / run_id
+    assert str(run_dir) not in Path("/proc/mounts").read_text() and not list(run_dir.glob("*.img"))
+    if quota.unavailable() is None:
+        assert f"filesystem:{run_dir / 'workspace'}" in mine[0]["objects"]
     from agent_sandbox.store import RunStore
 
     row = RunStore(state_dir / "runs.sqlite").get(run_id)
@@ -241,6 +249,8 @@ usage: {input_tokens: 20000, output_tokens: 0}
 
 
 def test_workspace_growth_over_the_disk_limit_ends_the_run(make_repo, sandbox, write_script, tmp_path) -> None:
+    """The fallback where no filesystem quota can be had (no root, no loop devices): the growth is measured.
+    (Where the quota can be had, writes fail at the limit: tests/hostile/test_disk_quota.py.)"""
     script = write_script("""
 turns:
   - write: {path: .gitignore, content: "big.bin\\n"}
@@ -251,10 +261,12 @@ turns:
     pol = tmp_path / "disk.yaml"
     pol.write_text("limits: {disk: 64m}\n")
     res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script",
-                  str(script), "--json")
+                  str(script), "--json", env={"SANDBOX_DISK_QUOTA": "sampled"})
     assert res.code == 10, res.stderr
     s = res.json()
     assert s["reason"] == "error" and "over the disk limit of 64m" in s["message"]
+    (q,) = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "disk_quota"]
+    assert q == {"mode": "sampled", "bytes": 64 * 1024**2, "detail": "SANDBOX_DISK_QUOTA=sampled"}
     hits = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "limit_hit"]
     assert hits[0]["limit"] == "disk"
     assert s["files_changed"] == [".gitignore"]

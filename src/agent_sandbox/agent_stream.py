@@ -1,4 +1,8 @@
-"""Reading Claude Code's stream-json output: each line becomes zero or more audit events."""
+"""Reading Claude Code's stream-json output: each line becomes zero or more audit events.
+
+Everything read here is the agent's own account: any process in its container can write lines to this
+stream. The events are recorded with source `agent`, as claims; the gateway's record of model calls is the
+one the agent cannot touch. A malformed line of any shape becomes `agent_output`, never an error."""
 
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ def _excerpt(value: Any, limit: int = EXCERPT) -> str:
 def _tool_input(name: str, inp: dict[str, Any]) -> dict[str, Any]:
     """The input worth recording: the command, the path; other fields bounded."""
     out: dict[str, Any] = {}
-    for k, v in inp.items():
-        out[k] = v if isinstance(v, int | float | bool) or v is None else _excerpt(v, 4000)
+    for k, v in list(inp.items())[:50]:
+        out[str(k)[:200]] = v if isinstance(v, int | float | bool) or v is None else _excerpt(v, 4000)
     return out
 
 
@@ -31,10 +35,26 @@ def events_from_line(line: str) -> list[tuple[str, dict[str, Any]]]:
     """(type, payload) pairs for the audit trail from one line of the agent's stdout."""
     try:
         msg = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):
         return [("agent_output", {"text": _excerpt(line)})]
     if not isinstance(msg, dict):
         return [("agent_output", {"text": _excerpt(line)})]
+    try:
+        return _events(msg)
+    except (AttributeError, TypeError, ValueError, RecursionError):  # a line shaped like no real event
+        return [("agent_output", {"text": _excerpt(line)})]
+
+
+def _blocks(message: Any) -> list[dict[str, Any]]:
+    content = message.get("content") if isinstance(message, dict) else None
+    return [b for b in content if isinstance(b, dict)] if isinstance(content, list) else []
+
+
+def _str(value: Any) -> str | None:
+    return None if value is None else str(value)[:EXCERPT]
+
+
+def _events(msg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     kind = msg.get("type")
     if kind == "sandbox_pre":
         out = _excerpt(msg.get("output", ""))
@@ -46,22 +66,25 @@ def events_from_line(line: str) -> list[tuple[str, dict[str, Any]]]:
                                 "claude_code_version": msg.get("claude_code_version")})]
     if kind == "assistant":
         m = msg.get("message") or {}
+        mid = _str(m.get("id")) if isinstance(m, dict) else None
         out: list[tuple[str, dict[str, Any]]] = []
-        for block in m.get("content") or []:
+        for block in _blocks(m):
             if block.get("type") == "tool_use":
-                out.append(("tool_call", {"id": block.get("id"), "name": block.get("name"),
-                                          "input": _tool_input(block.get("name", ""), block.get("input") or {}),
-                                          "message_id": m.get("id")}))
+                inp = block.get("input")
+                out.append(("tool_call", {"id": _str(block.get("id")), "name": _str(block.get("name")),
+                                          "input": _tool_input(str(block.get("name")),
+                                                               inp if isinstance(inp, dict) else {}),
+                                          "message_id": mid}))
             elif block.get("type") == "text" and block.get("text"):
-                out.append(("assistant_text", {"text": _excerpt(block["text"]), "message_id": m.get("id")}))
+                out.append(("assistant_text", {"text": _excerpt(block["text"]), "message_id": mid}))
         return out
     if kind == "user":
         m = msg.get("message") or {}
         out = []
-        for block in m.get("content") or [] if isinstance(m.get("content"), list) else []:
+        for block in _blocks(m):
             if block.get("type") == "tool_result":
                 text = _result_text(block.get("content"))
-                out.append(("tool_result", {"tool_use_id": block.get("tool_use_id"),
+                out.append(("tool_result", {"tool_use_id": _str(block.get("tool_use_id")),
                                             "is_error": bool(block.get("is_error")), "size": len(text),
                                             "excerpt": _excerpt(text)}))
         return out

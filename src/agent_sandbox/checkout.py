@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,8 +74,11 @@ def resolve_commit(repo: HostRepo, ref: str) -> str:
 
 
 def prepare_checkout(repo: HostRepo, base_commit: str, dest: Path, branch: str, owner: tuple[int, int] | None) -> None:
-    """Create the workspace at dest: branch at base_commit, working tree checked out, objects borrowed."""
-    dest.mkdir(parents=True)
+    """Create the workspace at dest (new, or an empty directory such as a fresh quota filesystem): branch at
+    base_commit, working tree checked out, objects borrowed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise SandboxError(f"the workspace {dest} is not empty")
     g = git.Git(dest)
     g.init("-q", "--initial-branch", "sandbox-init")
     alternates = dest / ".git" / "objects" / "info" / "alternates"
@@ -138,11 +141,52 @@ def branch_exists(repo: HostRepo, branch: str) -> bool:
 
 
 def remove_tree(path: Path) -> None:
-    """Remove a workspace, also when the agent left read-only directories in it."""
-    def onerror(func, p, _exc):  # type: ignore[no-untyped-def]
-        os.chmod(os.path.dirname(p), 0o700)
-        os.chmod(p, 0o700) if os.path.isdir(p) else None
-        func(p)
+    """Remove a workspace, also when the agent left read-only or unreadable directories in it.
 
-    if path.exists():
-        shutil.rmtree(path, onerror=onerror)
+    The tree is the agent's, and may hold links to host paths (`/etc`, the operator's home). Nothing here
+    follows a link: links are unlinked like files, and only directories of the tree itself ever have their
+    mode changed, each opened with O_NOFOLLOW so that a link in its place is refused, never chmodded."""
+    if path.is_symlink():
+        path.unlink()
+        return
+    if not path.exists():
+        return
+    # GNU rm removes links as entries, never descends through them, and walks by directory handles: a tree
+    # nested deeper than a recursive walk survives (shutil.rmtree's RecursionError) is removed all the same.
+    if _rm(path):
+        return
+    _open_up(path)
+    if not _rm(path):
+        raise SandboxError(f"could not remove {path}")
+
+
+def _rm(path: Path) -> bool:
+    return subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], capture_output=True).returncode == 0
+
+
+def _chmod_dir(name: str, mode: int, dir_fd: int | None = None) -> None:
+    """chmod the directory `name` itself, never what a link there points to (also without read access)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=dir_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
+def _open_up(top: Path) -> None:
+    """Give the owner full access to every directory under top (top included), following no link."""
+    stack = [str(top)]
+    while stack:
+        d = stack.pop()
+        try:
+            _chmod_dir(d, 0o700)
+            fd = os.open(d, os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY)
+        except OSError:
+            continue
+        try:
+            with os.scandir(fd) as entries:
+                stack.extend(os.path.join(d, e.name) for e in entries if e.is_dir(follow_symlinks=False))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

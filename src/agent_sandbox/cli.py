@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from . import __version__
 from .errors import ExitCode, SandboxError
+from .redact import visible
 from .spec import RunSummary
 from .ui import reporter_for
 
@@ -46,27 +47,38 @@ def main(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
+def _v(text: Any) -> str:
+    """Text that came from the agent (or passed through it), for a rich line with markup: control
+    characters shown escaped, one line, and no markup of its own."""
+    return escape(visible(str(text), oneline=True))
+
+
+def _plain(text: Any) -> str:
+    """The same, for a line printed without markup."""
+    return visible(str(text), oneline=True)
+
+
 def _print_summary(s: RunSummary, as_json: bool) -> None:
     if as_json:
         click.echo(s.model_dump_json())
         return
     colour = {"succeeded": "green", "killed": "yellow", "failed": "red"}[s.status]
-    out.print(f"\n[bold {colour}]{s.status}[/bold {colour}] ({s.reason}) in {s.duration_s:.1f}s: {s.message}")
+    out.print(f"\n[bold {colour}]{s.status}[/bold {colour}] ({s.reason}) in {s.duration_s:.1f}s: {_v(s.message)}")
     if s.branch:
         out.print(f"  branch   {s.branch}  ({len(s.commits)} commit(s), {len(s.files_changed)} file(s))")
         out.print(f"  review   git -C {s.repo} diff {s.base_commit[:12]}..{s.branch}")
     else:
         out.print("  branch   none: the agent changed nothing")
     for w in s.warnings:
-        out.print(f"  [yellow]warning[/yellow]  {escape(w)}")
+        out.print(f"  [yellow]warning[/yellow]  {_v(w)}")
     for v in s.violations:
-        out.print(f"  [red]policy[/red]   {escape(v.rule)}: {escape(v.detail)}")
+        out.print(f"  [red]policy[/red]   {_v(v.rule)}: {_v(v.detail)}")
         if v.hint:
-            out.print(f"           what to do: {v.hint}", markup=False)
+            out.print(f"           what to do: {_plain(v.hint)}", markup=False)
     if s.pushed:
         out.print(f"  pushed   to {s.remote}" + (f"; pull request {s.pr_url}" if s.pr_url else ""))
     elif s.push_error:
-        out.print(f"  [yellow]not pushed[/yellow] {s.push_error}")
+        out.print(f"  [yellow]not pushed[/yellow] {_v(s.push_error)}")
     out.print(f"  cost     ${s.cost_usd:.4f} over {s.model_calls} model call(s), {s.turns} turn(s)")
     _print_egress(s)
     out.print(f"  run dir  {s.run_dir}")
@@ -83,7 +95,7 @@ def _print_egress(s: RunSummary) -> None:
     for label, hosts in (("denied", s.egress_hosts_denied), ("would deny", s.egress_hosts_would_deny)):
         for h in hosts[:10]:
             where = f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"
-            out.print(f"    {label:<10} {where} ({h.connections}): {'; '.join(h.reasons)}", markup=False)
+            out.print(_plain(f"    {label:<10} {where} ({h.connections}): {'; '.join(h.reasons)}"), markup=False)
         if len(hosts) > 10:
             out.print(f"    ... and {len(hosts) - 10} more {label} (see the report)", markup=False)
     if not s.egress_suggestion.empty:
@@ -92,7 +104,7 @@ def _print_egress(s: RunSummary) -> None:
         else:
             out.print("  the policy would need these entries to allow the denied hosts:")
         for line in s.egress_suggestion.yaml().splitlines():
-            out.print(f"    {line}", markup=False)
+            out.print(_plain(f"    {line}"), markup=False)
 
 
 _RUN_OPTIONS = [
@@ -286,7 +298,7 @@ def ls_cmd(repo: str | None, status: str | None, since: str | None, limit: int, 
         started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%m-%d %H:%M")
         table.add_row(r.id, f"[{colour[r.status]}]{r.status}[/]", r.reason or "", started,
                       f"{r.duration_s:.0f}s" if r.duration_s is not None else "", f"${r.cost_usd:.3f}",
-                      str(r.turns), str(r.files_changed), str(r.egress_denied), r.task)
+                      str(r.turns), str(r.files_changed), str(r.egress_denied), _v(r.task))
     out.print(table if rows else "no runs")
 
 
@@ -309,9 +321,9 @@ def show(run_id: str, as_json: bool) -> None:
         click.echo(d.model_dump_json())
         return
     r, sp, lim = d.run, d.spec, d.spec.policy.limits
-    out.print(f"[bold]run {r.id}[/bold]  {r.status} ({r.reason or '-'})  {r.message or ''}")
+    out.print(f"[bold]run {r.id}[/bold]  {r.status} ({r.reason or '-'})  {_v(r.message or '')}")
     out.print(f"  repo      {r.repo} @ {r.base_commit[:12]}  ->  {r.branch or 'no branch'}")
-    out.print(f"  task      {r.task}")
+    out.print(f"  task      {_v(r.task)}")
     out.print(f"  policy    {sp.policy.name} ({sp.policy_source}, sha256 {r.policy_sha256[:16]}), model {sp.model}")
     out.print(f"  limits    wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
               f"{lim.max_turns} turns, {lim.cpus:g} cpus, {lim.memory} memory, {lim.pids} pids, {lim.disk} disk")
@@ -322,19 +334,21 @@ def show(run_id: str, as_json: bool) -> None:
     if d.limits_hit:
         out.print(f"  limits hit {', '.join(d.limits_hit)}")
     if d.tool_calls:
-        out.print("  tools     " + ", ".join(f"{k} {v}" for k, v in sorted(d.tool_calls.items())))
+        out.print("  tools     " + ", ".join(f"{_v(k)} {v}" for k, v in sorted(d.tool_calls.items())))
     if d.summary:
         out.print(f"  changes   {len(d.summary.commits)} commit(s), {len(d.summary.files_changed)} file(s): "
-                  + ", ".join(d.summary.files_changed[:10]), markup=False)
+                  + _plain(", ".join(d.summary.files_changed[:10])), markup=False)
         for v in d.summary.violations:
-            out.print(f"  [red]violation[/red] {v.rule}: {v.detail}")
+            out.print(f"  [red]violation[/red] {_v(v.rule)}: {_v(v.detail)}")
         out.print(f"  pushed    {'yes, to ' + str(d.summary.remote) if d.summary.pushed else 'no'}"
-                  + (f" ({d.summary.push_error})" if d.summary.push_error else ""), markup=False)
-    out.print("  allowed   " + (", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"), markup=False)
-    out.print("  denied    " + (", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"), markup=False)
+                  + (f" ({_plain(d.summary.push_error)})" if d.summary.push_error else ""), markup=False)
+    out.print("  allowed   " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"),
+              markup=False)
+    out.print("  denied    " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"),
+              markup=False)
     if d.hosts_would_deny:
-        out.print("  would deny " + ", ".join(f"{h} ({n})" for h, n in d.hosts_would_deny.items()) + " (report mode)",
-                  markup=False)
+        out.print("  would deny " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_would_deny.items()))
+                  + " (report mode)", markup=False)
     out.print(f"  run dir   {r.run_dir}")
 
 
@@ -352,7 +366,8 @@ def logs(run_id: str, follow: bool, raw: bool) -> None:
         _fail(exc)
     try:
         for line in follow_events(run_dir, follow):
-            click.echo(line if raw else brief(json.loads(line)))
+            # The raw lines are JSON, control characters escaped; readable lines are made so here.
+            click.echo(line if raw else _plain(brief(json.loads(line))))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.INTERRUPTED))
 
@@ -487,7 +502,7 @@ def audit_show(run_id: str, types: tuple[str, ...], sources: tuple[str, ...], as
     for e in events:
         if (types and e["type"] not in types) or (sources and e["source"] not in sources):
             continue
-        click.echo(json.dumps(e, separators=(",", ":")) if as_json else brief(e))
+        click.echo(json.dumps(e, separators=(",", ":")) if as_json else _plain(brief(e)))
 
 
 @audit.command("verify")

@@ -35,6 +35,18 @@ class RunStarted(_P):
     """The container backend."""
 
 
+class DiskQuota(_P):
+    """How the run's writable directories (the workspace, the check's checkout) are limited in size."""
+
+    mode: str
+    """`filesystem`: each is an ext4 filesystem of `bytes`, so writing past it fails with ENOSPC; `sampled`:
+    the workspace's growth is measured every few seconds (no root or no loop devices)."""
+    bytes: int
+    """The limit: the policy's `limits.disk`, capped to what the state filesystem can spare."""
+    detail: str = ""
+    """Why the quota is sampled, or that it was capped."""
+
+
 class CheckoutPrepared(_P):
     """The task's checkout exists."""
 
@@ -67,12 +79,13 @@ class ContainerCreated(_P):
 
 
 class NetworkIsolated(_P):
-    """The agent container's default route was removed before any agent code ran."""
+    """A container that runs the agent's code (the agent, the check) was left one route, to the sidecar,
+    before any of that code ran."""
 
     container: str
     """The container."""
     default_route: str
-    """What was done with it."""
+    """What was done: the routes removed, and the one left (`<sidecar address> dev eth0 scope link`)."""
 
 
 class LimitHit(_P):
@@ -84,6 +97,38 @@ class LimitHit(_P):
     """The run's end reason it maps to."""
     message: str | None = None
     """For people."""
+
+
+class AgentLineTruncated(_P):
+    """A line of the agent's output was longer than 1 MiB: its first MiB is kept (in `agent-stream.jsonl`
+    and the event it makes), the rest was counted and dropped, never held in memory whole."""
+
+    stream: str
+    """stdout or stderr."""
+    line: int
+    """Its number in the agent's output (stdout and stderr together, from 1)."""
+    bytes: int
+    """Its whole length in bytes, as written."""
+    kept: int
+    """Bytes kept."""
+
+
+class ResultVerified(_P):
+    """The agent claimed success (a `result` line on its own stream, which any process in its container can
+    write): whether the gateway's record of model calls, which nothing in the container can touch, backs the
+    claim. Only a backed claim makes the run `completed`; otherwise it ends with reason `error`."""
+
+    backed: bool
+    """Whether the claim stands."""
+    detail: str
+    """Why, or why not (no model call, more turns claimed than calls served, tool calls still running, a
+    model call that began after the result, a last call that asked for tools)."""
+    gateway_calls: int
+    """Successful model calls the gateway recorded."""
+    claimed_turns: int | None
+    """Turns the agent's result claims."""
+    last_stop_reason: str | None
+    """How the gateway's last model call ended (when the gateway reports it)."""
 
 
 class AgentLingered(_P):
@@ -242,7 +287,8 @@ class RunEnded(_P):
 # --- agent (from Claude Code's stream-json) ---------------------------------------------------------------
 
 class AgentInit(_P):
-    """Claude Code started its session."""
+    """Claude Code started its session (as reported on the agent's own stream, like every event of source
+    `agent`: claims, not verified; see `result_verified`)."""
 
     session_id: str | None
     """Its session id."""
@@ -259,7 +305,8 @@ class AgentInit(_P):
 
 
 class ToolCall(_P):
-    """The model asked for a tool."""
+    """The model asked for a tool, as the agent reports it (a claim: any process in the agent's container can
+    write such a line)."""
 
     id: str | None
     """The tool use id."""
@@ -294,7 +341,8 @@ class AssistantText(_P):
 
 
 class AgentResult(_P):
-    """Claude Code's final result event."""
+    """Claude Code's final result event, as the agent reports it: a claim. It makes the run `completed` only
+    when the gateway's record backs it (`result_verified`)."""
 
     subtype: str | None
     """success, error_max_turns, error_during_execution, ..."""
@@ -385,17 +433,45 @@ class ModelCall(_P):
     """The cap the gateway enforces."""
     duration_ms: int
     """How long the call took."""
+    stop_reason: str | None = None
+    """How the response ended (end_turn, tool_use, max_tokens, ...), when the gateway reports it."""
+    tool_uses: list[dict[str, Any]] = Field(default_factory=list)
+    """The tool calls the model asked for in it (id, name), when the gateway reports them."""
+    tools_offered: int | None = None
+    """How many tools the request offered (0 for Claude Code's housekeeping calls), when reported."""
+    reserved_usd: float | None = None
+    """The worst case the gateway reserved for it before forwarding (input bound and max_tokens)."""
+    complete: bool = True
+    """False when the response did not end normally: its output is then metered from what was streamed
+    (one token per byte, at most max_tokens)."""
+    cut: str | None = None
+    """Why it did not end normally: `budget` (the gateway cut the stream off when spend crossed the cap),
+    `client` (the client went away), `upstream` (the upstream broke off), `cancelled`."""
 
 
 class ModelCallRefused(_P):
-    """The gateway refused a call (403)."""
+    """The gateway refused a request: it was never forwarded."""
 
     reason: str
-    """Why: budget."""
+    """Why: `budget` (the budget is spent; the run ends), `reservation` (its worst case does not fit beside
+    the calls in flight), `endpoint` (not a forwarded method and path: 404), `path` (raw path not in normal
+    form), `query`, `request` (not a JSON object), `server_tool` (a server-side tool or MCP server the policy
+    does not allow), `url_source` (an image or document the model API would fetch from a host the egress
+    allowlist does not allow)."""
     spent_usd: float
     """Spend so far."""
     budget_usd: float
     """The cap."""
+    method: str | None = None
+    """The request's method."""
+    path: str | None = None
+    """The request's raw path and query, as sent (bounded)."""
+    detail: str | None = None
+    """What was refused: the tool type, the URL."""
+    reserve_usd: float | None = None
+    """reservation: the call's worst case."""
+    outstanding_usd: float | None = None
+    """reservation: what the calls in flight had reserved."""
 
 
 class ModelCallFailed(_P):
@@ -456,9 +532,11 @@ class InvalidEvent(_P):
 
 
 EVENT_MODELS: dict[str, type[BaseModel]] = {
-    "run_started": RunStarted, "checkout_prepared": CheckoutPrepared, "network_created": NetworkCreated,
+    "run_started": RunStarted, "disk_quota": DiskQuota, "checkout_prepared": CheckoutPrepared,
+    "network_created": NetworkCreated,
     "container_created": ContainerCreated, "network_isolated": NetworkIsolated, "limit_hit": LimitHit,
-    "agent_lingered": AgentLingered, "resource_usage": ResourceUsage, "finalised": Finalised,
+    "agent_lingered": AgentLingered, "agent_line_truncated": AgentLineTruncated,
+    "result_verified": ResultVerified, "resource_usage": ResourceUsage, "finalised": Finalised,
     "imported": Imported, "gate": GateChecked, "check": CheckRan, "pre_command": PreRan, "push": Pushed,
     "pull_request": PullRequest,
     "teardown": Teardown, "run_ended": RunEnded,

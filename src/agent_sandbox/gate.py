@@ -4,7 +4,7 @@ attributes, no filters, no hooks."""
 
 from __future__ import annotations
 
-import posixpath
+import subprocess
 
 import git
 import pathspec
@@ -101,11 +101,93 @@ def _submodule_urls(repo: HostRepo, commit: str) -> dict[str, str]:
     return urls
 
 
-def _escapes(path: str, target: str) -> bool:
-    if target.startswith("/"):
-        return True
-    joined = posixpath.normpath(posixpath.join(posixpath.dirname(path), target))
-    return joined == ".." or joined.startswith("../")
+MAX_LINK_HOPS = 40
+"""Links followed while resolving one path, as Linux's MAXSYMLINKS: past it a path does not resolve (ELOOP)."""
+
+
+def _raw(repo: HostRepo, *args: str, stdin: bytes | None = None) -> bytes:
+    proc = subprocess.run(["git", *HARDENED, *args], cwd=repo.path, input=stdin, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise git.GitCommandError(["git", *args], proc.returncode, proc.stderr)
+    return proc.stdout
+
+
+def _links(repo: HostRepo, commit: str) -> dict[str, str]:
+    """Every symbolic link in the commit's tree: path -> target, both as the bytes git holds (surrogateescape)."""
+    raw = _raw(repo, "ls-tree", "-r", "-z", "--full-tree", commit)
+    shas: dict[str, str] = {}
+    for rec in raw.split(b"\0"):
+        meta, _, path = rec.partition(b"\t")
+        if meta.startswith(b"120000 "):
+            shas[path.decode("utf-8", "surrogateescape")] = meta.split(b" ")[2].decode()
+    if not shas:
+        return {}
+    unique = sorted(set(shas.values()))
+    out = _raw(repo, "cat-file", "--batch", stdin="".join(f"{s}\n" for s in unique).encode())
+    targets: dict[str, str] = {}
+    pos = 0
+    for sha in unique:
+        end = out.index(b"\n", pos)
+        size = int(out[pos:end].split(b" ")[2])
+        targets[sha] = out[end + 1:end + 1 + size].decode("utf-8", "surrogateescape")
+        pos = end + 1 + size + 1
+    return {path: targets[sha] for path, sha in shas.items()}
+
+
+def resolve_link(links: dict[str, str], path: str) -> str | None:
+    """Why the link at `path` resolves outside the repository, or None when it stays inside.
+
+    Resolves as the filesystem would, with the tree as the filesystem: the target is read relative to the
+    link's directory, every component that is itself a link is followed (also the last one: links to
+    links), `..` climbs, and a target or component that starts with `/` is absolute. Paths the tree does not
+    hold count as plain directories, so `missing/../..` is judged by its text. More than MAX_LINK_HOPS links
+    on the way means it does not resolve at all (a loop), which is flagged too."""
+    resolved: list[str] = path.split("/")[:-1]
+    pending = links[path].split("/")
+    if links[path].startswith("/"):
+        return f"its target {links[path]!r} is absolute"
+    hops = 1
+    while pending:
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not resolved:
+                return "it climbs above the top of the repository"
+            resolved.pop()
+            continue
+        here = "/".join([*resolved, part])
+        target = links.get(here)
+        if target is None:
+            resolved.append(part)
+            continue
+        hops += 1
+        if hops > MAX_LINK_HOPS:
+            return f"it does not resolve: more than {MAX_LINK_HOPS} links on the way (a loop?)"
+        if target.startswith("/"):
+            return f"it goes through {here} -> {target}, which is absolute"
+        pending = target.split("/") + pending
+    return None
+
+
+def _escaping_links(repo: HostRepo, base: str, head: str) -> list[tuple[str, str, str]]:
+    """(path, target, why) for each link of the head commit that resolves outside the repository and is new
+    in doing so: a link the change added or retargeted, or one that stayed inside at the base (a chain the
+    change completed, say by turning a directory it goes through into a link). A link that is unchanged and
+    already left the repository at the base is the host's own, and not the change's doing."""
+    links = _links(repo, head)
+    out = []
+    base_links: dict[str, str] | None = None
+    for path in sorted(links):
+        why = resolve_link(links, path)
+        if why is None:
+            continue
+        if base_links is None:
+            base_links = _links(repo, base)
+        if base_links.get(path) == links[path] and resolve_link(base_links, path) is not None:
+            continue
+        out.append((path, links[path], why))
+    return out
 
 
 def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResult:
@@ -114,17 +196,15 @@ def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResul
     result = GateResult(files=len(changes))
     v = result.violations
     forbidden = pathspec.GitIgnoreSpec.from_lines(rules.forbidden_paths)
-    for _old_mode, new_mode, new_sha, path in changes:
+    for _old_mode, new_mode, _new_sha, path in changes:
         if forbidden.match_file(path):
             v.append(_violation("forbidden_paths", f"{path} matches forbidden_paths", path))
-        if new_mode == "120000":
-            target = _git(repo, "cat-file", "blob", new_sha)
-            if _escapes(path, target):
-                v.append(_violation("symlink", f"{path} links outside the repository: {target}", path))
         added, deleted = stats.get(path, (0, 0))
         if added is None and new_mode not in ("160000", "000000") and not rules.allow_binary:
             v.append(_violation("allow_binary", f"{path} is binary", path))
         result.lines += (added or 0) + (deleted or 0)
+    for path, target, why in _escaping_links(repo, base, head):
+        v.append(_violation("symlink", f"{path} links outside the repository: {target} ({why})", path))
     if result.files > rules.max_changed_files:
         v.append(_violation("max_changed_files", f"{result.files} files changed, more than {rules.max_changed_files}"))
     if result.lines > rules.max_changed_lines:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
+from . import quota
 from .backend import Backend
+from .errors import SandboxError
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,23 @@ def supervisor_alive(identity: str | None) -> bool:
         return False
 
 
+def _release_quota(store: RunStore, run_id: str) -> list[str]:
+    """Unmount the run's quota filesystems (quota.py) that its supervisor did not live to release."""
+    row = store.get(run_id)
+    if not row or not row.get("run_dir"):
+        return []
+    released = []
+    for name in ("workspace", "check"):
+        directory = Path(row["run_dir"]) / name
+        if quota.is_mounted(directory) or quota.image_path(directory).exists():
+            try:
+                quota.release(directory)
+                released.append(f"filesystem:{directory}")
+            except SandboxError as exc:
+                log.warning("gc_quota_release_failed dir=%s error=%s", directory, exc.message)
+    return released
+
+
 def collect(backend: Backend, store: RunStore, force: bool = False) -> list[Collected]:
     out = []
     for run_id, found in sorted(backend.list_runs().items()):
@@ -47,6 +67,7 @@ def collect(backend: Backend, store: RunStore, force: bool = False) -> list[Coll
             out.append(Collected(run_id=run_id, action="skipped", objects=found["objects"]))
             continue
         removed = backend.remove_run(run_id)
+        removed += _release_quota(store, run_id)
         marked = store.mark_failed(run_id, "the supervisor died before the run ended; cleaned up by sandbox gc")
         log.info("gc run_id=%s removed=%d marked_failed=%s", run_id, len(removed), marked)
         out.append(Collected(run_id=run_id, action="removed", objects=removed, marked_failed=marked))

@@ -7,7 +7,7 @@ import json
 import re
 import ssl
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -40,6 +40,11 @@ class AgentSettings(BaseModel):
     """Claude model name or alias passed to Claude Code's --model; `--model` overrides it."""
     api_url: str = "https://api.anthropic.com"
     """The model API the gateway forwards to: Anthropic's, or any compatible endpoint a company runs."""
+    server_tools: list[Literal["web_search", "web_fetch", "code_execution", "mcp"]] = Field(default_factory=list)
+    """Anthropic server-side tools the model API may run for the agent (none by default: the gateway refuses
+    requests that offer them). web_search and web_fetch are restricted to the egress allowlist's domains,
+    and MCP servers to URLs it allows; code_execution runs code on Anthropic's side, out of the policy's
+    reach: allow it only on purpose."""
 
     @field_validator("api_url")
     @classmethod

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .egress import EgressHost, overview
+from .redact import visible
 from .spec import RunSummary
 
 MAX_COMMANDS = 60
@@ -26,6 +27,12 @@ def _md(text: str) -> str:
 
 
 def render(run_dir: Path, summary: RunSummary) -> str:
+    # Much of the report is the agent's (commands, file names, messages): no control character of it reaches
+    # the file, a terminal or a pull request raw; each is shown escaped (`\x1b`).
+    return visible(_render(run_dir, summary))
+
+
+def _render(run_dir: Path, summary: RunSummary) -> str:
     events = _events(run_dir)
     by_type: dict[str, list[dict[str, Any]]] = {}
     for e in events:
@@ -82,7 +89,8 @@ def render(run_dir: Path, summary: RunSummary) -> str:
     lines.append("")
 
     commands = [c["input"].get("command", "") for c in by_type.get("tool_call", []) if c.get("name") == "Bash"]
-    lines += ["## Commands run", ""]
+    lines += ["## Commands run", "", "_As the agent's own output stream reports them: claims, not verified. "
+              "The model calls and the network are the gateway's and the proxy's record._", ""]
     if commands:
         lines += ["```"] + [c.replace("\n", " ")[:300] for c in commands[:MAX_COMMANDS]] + ["```"]
         if len(commands) > MAX_COMMANDS:

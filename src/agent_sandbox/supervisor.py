@@ -7,13 +7,13 @@ the host imports it, and every container and network labelled with the run id is
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import git
 import psutil
 
-from . import agent_stream, report
+from . import agent_stream, quota, report
 from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
@@ -55,6 +55,14 @@ CHECK_TIMEOUT = 900  # seconds the operator's check may take
 DISK_CHECK_INTERVAL = 5.0
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
+# The agent's output (stdout and stderr together) is bounded: a longer line is cut (and recorded as cut),
+# more output in all ends the run with limit output_flood. Below these bounds no line is lost.
+MAX_LINE_BYTES = 1024**2
+MAX_OUTPUT_BYTES = 64 * 1024**2
+MAX_OUTPUT_LINES = 1_000_000
+BACKLOG_BYTES = 8 * 1024**2  # agent output read but not yet recorded; beyond it the container's writes wait
+RESULT_SLACK = 0.5  # seconds: a model call that started this long after the agent's result is a later call
+END_STOP_REASONS = ("end_turn", "stop_sequence")
 
 
 class BudgetGuard:
@@ -126,6 +134,13 @@ class _Watch:
     egress_would_deny: int = 0
     egress_lines: list[dict[str, Any]] = field(default_factory=list)  # the decision lines, for the summary
     tokens: Tokens = field(default_factory=Tokens)
+    # The agent's output, bounded (output_flood), and what the gateway saw, which decides `completed`.
+    output_bytes: int = 0
+    output_lines: int = 0
+    flooded: bool = False
+    open_tools: dict[str, str] = field(default_factory=dict)  # tool calls the agent reported without a result
+    open_at_result: list[str] = field(default_factory=list)
+    gateway_calls: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (read at, model_call)
 
 
 def _owner() -> tuple[tuple[int, int] | None, str, str]:
@@ -154,13 +169,13 @@ def supervisor_identity() -> str:
 
 
 def tree_size(root: Path) -> int:
-    """Bytes allocated under root, not following links."""
-    total = 0
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in filenames + dirnames:
-            with contextlib.suppress(OSError):
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
-    return total
+    """Bytes allocated under root, not following links, as `du` counts them: it walks by directory handles,
+    so a tree nested deeper than a recursive walk survives, or longer than PATH_MAX, hides nothing."""
+    proc = subprocess.run(["du", "-s", "-B1", "-P", "--", str(root)], capture_output=True, text=True)
+    try:
+        return int(proc.stdout.split()[0])
+    except (IndexError, ValueError):
+        raise SandboxError(f"cannot measure {root}: {proc.stderr.strip()[-300:]}") from None
 
 
 def proxy_env() -> dict[str, str]:
@@ -173,15 +188,84 @@ def proxy_env() -> dict[str, str]:
     return env
 
 
-def _lines(chunks: Iterator[bytes]) -> Iterator[str]:
-    buf = b""
+class _Line(str):
+    """A line of a container's output: `size` is its length in bytes as written, `cut` how many of those were
+    dropped (beyond MAX_LINE_BYTES), `at` when the supervisor read it (monotonic)."""
+
+    size: int = 0
+    cut: int = 0
+    at: float = 0.0
+
+
+def _line(parts: list[bytes], size: int) -> _Line:
+    raw = b"".join(parts)
+    line = _Line(raw.decode("utf-8", errors="replace"))
+    line.size, line.cut, line.at = size, size - len(raw), time.monotonic()
+    return line
+
+
+def _lines(chunks: Iterator[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[_Line]:
+    """Lines out of a byte stream, in linear time: each chunk is scanned once, and at most `limit` bytes of a
+    line are kept (the rest is counted, not buffered), so a line of any length costs bounded memory."""
+    parts: list[bytes] = []
+    kept = size = 0
     for chunk in chunks:
-        buf += chunk
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            yield line.decode("utf-8", errors="replace")
-    if buf:
-        yield buf.decode("utf-8", errors="replace")
+        start, n = 0, len(chunk)
+        while start < n:
+            end = chunk.find(b"\n", start)
+            stop = n if end < 0 else end
+            size += stop - start
+            if kept < limit and stop > start:
+                take = min(stop - start, limit - kept)
+                parts.append(chunk[start:start + take])
+                kept += take
+            if end < 0:
+                break
+            yield _line(parts, size)
+            parts, kept, size = [], 0, 0
+            start = end + 1
+    if size:
+        yield _line(parts, size)
+
+
+class _Backlog:
+    """Bytes of the agent's output read but not yet recorded. The pump waits while there are too many, so a
+    flood waits in the container (its writes block, as the backend attaches to its output) instead of piling
+    up in the supervisor's memory or being dropped."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = 0
+        self.open = True
+        self.allowance = 0  # once closed: bytes still passed on; beyond them lines are read and dropped
+        self._cond = threading.Condition()
+
+    def add(self, n: int) -> bool:
+        """Wait for room; False when the line is to be dropped (the run is ending and past its allowance)."""
+        with self._cond:
+            while self.open and self.pending > self.limit:
+                self._cond.wait(1.0)
+            if not self.open:
+                self.allowance -= n
+                return self.allowance >= 0
+            self.pending += n
+            return True
+
+    def done(self, n: int) -> None:
+        with self._cond:
+            self.pending -= n
+            self._cond.notify_all()
+
+    def close(self, allowance: int) -> None:
+        """Stop holding the writer back (the agent is being stopped, and a blocked writer would hold up its
+        stop): up to `allowance` more bytes are passed on, the rest read and dropped."""
+        with self._cond:
+            self.allowance = allowance if self.open else min(self.allowance, allowance)
+            self.open = False
+            self._cond.notify_all()
+
+
+_BACKLOG_LOCK = threading.Lock()
 
 
 class Supervisor:
@@ -208,6 +292,7 @@ class Supervisor:
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
         self.check_result: dict[str, Any] | None = None
+        self.quota = quota.Quota("sampled", self.limits.disk_bytes, "not planned yet")
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
 
@@ -324,6 +409,14 @@ class Supervisor:
     def _record(self, type_: str, payload: dict[str, Any], source: str = "supervisor") -> None:
         if self.audit is not None:
             self.audit.write(source, type_, payload)  # type: ignore[arg-type]
+        if type_ in ("limit_hit", "agent_lingered"):
+            # The agent is about to be stopped: its output must not hold up the stop (after a flood, nothing
+            # more of it is kept).
+            self._backlog().close(0 if self.state.flooded else MAX_OUTPUT_BYTES)
+        if source == "gateway" and type_ == "model_call":
+            # The gateway's record of model calls, which nothing in the agent's container can write: it
+            # decides whether the agent's claimed result stands (_result_backed).
+            self.state.gateway_calls.append((getattr(self, "_line_at", None) or time.monotonic(), payload))
 
     def _record_start(self) -> None:
         images = {}
@@ -350,6 +443,11 @@ class Supervisor:
         for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
             if command:
                 (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
+        # The workspace is a filesystem of the disk limit's size where the machine allows it (quota.py).
+        self.quota = quota.plan(self.run_dir.parent, self.limits.disk_bytes)
+        self._record("disk_quota", {"mode": self.quota.mode, "bytes": self.quota.size_bytes,
+                                    "detail": self.quota.detail})
+        quota.mount(self.run_dir / "workspace", self.quota)
         prepare_checkout(self.repo, self.spec.base_commit, self.run_dir / "workspace", self.spec.branch, self.chown)
         if self.chown:
             os.chown(self.run_dir / "out", *self.chown)
@@ -370,7 +468,8 @@ class Supervisor:
             budget = min(budget, self.budget_guard.remaining())
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
                                prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
-                               gateway_name=SIDECAR_ALIAS, extra_ca_pem=ca_bundle(self.spec.policy))
+                               gateway_name=SIDECAR_ALIAS, extra_ca_pem=ca_bundle(self.spec.policy),
+                               server_tools=list(self.spec.policy.agent.server_tools))
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
         if self.spec.model_script:
             config.script_path = "/sandbox/model/script.yaml"
@@ -384,6 +483,8 @@ class Supervisor:
             tmpfs={"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
             memory_bytes=512 * 1024**2, nano_cpus=1_000_000_000, pids_limit=128,
             labels={**self.labels, ROLE_LABEL: "sidecar"}, extra_hosts=egress.hosts,
+            # A lost DNS query costs a 1 s retry, not the resolver's default 5 s (the proxy resolves per name).
+            dns_options=["timeout:1", "attempts:3"],
         )
         self.sidecar = self.backend.start(spec)
         self._record("container_created", {"role": "sidecar", "security": spec.security_summary()})
@@ -436,12 +537,16 @@ class Supervisor:
         )
 
     def _start_isolated(self, spec: ContainerSpec, go_ahead: str, **record: Any) -> str:
-        """Start a container of the agent's, strip its routes, then give its entry point the go-ahead."""
+        """Start a container of the agent's, leave it a route to the sidecar alone, then give its entry point
+        the go-ahead. The name `sidecar` is pinned in its /etc/hosts to the one address it can reach."""
+        sidecar_ip = self.backend.address(self.sidecar, f"{self.prefix}-int")
+        spec = spec.model_copy(update={"extra_hosts": {**spec.extra_hosts, SIDECAR_ALIAS: sidecar_ip}})
         container = self.backend.start(spec)
         self._record("container_created", {"role": spec.labels[ROLE_LABEL], "security": spec.security_summary(),
                                            **record})
-        self.backend.isolate(container, self.spec.run_id)
-        self._record("network_isolated", {"container": spec.name, "default_route": "removed"})
+        routes = self.backend.isolate(container, self.spec.run_id, sidecar_ip)
+        self._record("network_isolated", {"container": spec.name,
+                                          "default_route": f"removed; routes left: {'; '.join(routes)}"})
         (self.run_dir / "in" / go_ahead).touch()
         return container
 
@@ -457,7 +562,8 @@ class Supervisor:
         agent = self._start_isolated(spec, "network-ready", command=["claude", *spec.command])
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
-        threading.Thread(target=self._measure_disk, daemon=True).start()
+        if self.quota.mode == "sampled":
+            threading.Thread(target=self._measure_disk, daemon=True).start()
         self._usage = {"samples": 0, "peak_memory_bytes": 0, "cpu_ns": 0, "peak_pids": 0}
         threading.Thread(target=self._sample, args=(agent,), daemon=True).start()
         return agent
@@ -483,10 +589,14 @@ class Supervisor:
 
     def _measure_disk(self) -> None:
         workspace = self.run_dir / "workspace"
-        baseline = tree_size(workspace)
         self._disk_done = threading.Event()
-        while not self._disk_done.wait(DISK_CHECK_INTERVAL):
-            self._q.put(("disk", str(tree_size(workspace) - baseline)))
+        try:
+            baseline = tree_size(workspace)
+            while not self._disk_done.wait(DISK_CHECK_INTERVAL):
+                self._q.put(("disk", str(tree_size(workspace) - baseline)))
+        except SandboxError as exc:
+            # A limit that cannot be measured must not quietly switch off: the run ends instead.
+            self._q.put(("disk", f"unmeasurable: {exc.message}"))
 
     def _work_mounts(self) -> list[Mount]:
         return [
@@ -496,9 +606,18 @@ class Supervisor:
             Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
         ]
 
+    def _backlog(self) -> _Backlog:
+        with _BACKLOG_LOCK:
+            if not hasattr(self, "_agent_backlog"):
+                self._agent_backlog = _Backlog(BACKLOG_BYTES)
+            return self._agent_backlog
+
     def _pump(self, source: str, container: str, stderr: bool) -> None:
+        backlog = self._backlog() if source.startswith("agent") else None
         try:
             for line in _lines(self.backend.output(container, stderr=stderr)):
+                if backlog is not None and not backlog.add(len(line)):
+                    continue
                 self._q.put((source, line))
         except Exception as exc:
             log.warning("output_stream_failed source=%s error=%r", source, exc)
@@ -512,6 +631,7 @@ class Supervisor:
         t0 = time.monotonic()
         stream = (self.run_dir / "agent-stream.jsonl").open("a", encoding="utf-8")
         stderr = (self.run_dir / "agent-stderr.log").open("a", encoding="utf-8")
+        backlog = self._backlog()
         try:
             agent_done = False
             while not agent_done:
@@ -531,6 +651,10 @@ class Supervisor:
                     source, line = self._q.get(timeout=0.25)
                 except queue.Empty:
                     continue
+                if source in ("agent", "agent_stderr") and line is not None:
+                    backlog.done(len(line))
+                    if not self._agent_output(agent, w, source, line):
+                        continue  # past the output bound: the run is ending, nothing more is recorded
                 if source == "agent":
                     if line is None:
                         agent_done = True
@@ -543,6 +667,9 @@ class Supervisor:
                     if line is not None:
                         stderr.write(self.redact(line) + "\n")
                 elif source == "disk" and line is not None and w.reason is None:
+                    if line.startswith("unmeasurable"):
+                        self._limit(agent, w, "error", f"the disk limit cannot be enforced: {line}", limit="disk")
+                        continue
                     grown = int(line)
                     if grown > lim.disk_bytes:
                         self._limit(agent, w, "error", f"the workspace grew by {grown // 1024**2} MiB, over the "
@@ -553,12 +680,36 @@ class Supervisor:
                             w.sidecar_gone = True
                             self._limit(agent, w, "error", "the sidecar stopped while the agent was running")
                         continue
+                    self._line_at = getattr(line, "at", None)
                     self._gateway_event(line, w, agent)
+                    self._line_at = None
         finally:
+            backlog.close(0 if w.flooded else MAX_OUTPUT_BYTES)
             if hasattr(self, "_disk_done"):
                 self._disk_done.set()
             stream.close()
             stderr.close()
+
+    def _agent_output(self, agent: str, w: _Watch, source: str, line: str) -> bool:
+        """Count a line of the agent's output against the bounds; False once they are exceeded."""
+        if w.flooded:
+            return False
+        size = getattr(line, "size", len(line))
+        w.output_bytes += size + 1
+        w.output_lines += 1
+        if w.output_bytes > MAX_OUTPUT_BYTES or w.output_lines > MAX_OUTPUT_LINES:
+            w.flooded = True
+            if w.reason is None:
+                self._limit(agent, w, "error", f"the agent wrote more than {MAX_OUTPUT_BYTES // 1024**2} MiB or "
+                                               f"{MAX_OUTPUT_LINES} lines of output (output_flood); what came "
+                                               "before is kept", limit="output_flood")
+            return False
+        cut = getattr(line, "cut", 0)
+        if cut:
+            self._record("agent_line_truncated", {
+                "stream": "stdout" if source == "agent" else "stderr", "line": w.output_lines, "bytes": size,
+                "kept": size - cut})
+        return True
 
     def _limit(self, agent: str, w: _Watch, reason: str, message: str, limit: str | None = None) -> None:
         w.reason, w.message = reason, message
@@ -568,18 +719,26 @@ class Supervisor:
         self.backend.stop(agent, STOP_GRACE)
 
     def _agent_line(self, agent: str, line: str, w: _Watch) -> None:
+        # Everything here is the agent's own account (any process in its container can write to this
+        # stream): recorded with source `agent`, as claims. What the model was asked and answered is the
+        # gateway's record; `completed` needs the two to agree (_result_backed).
         for type_, payload in agent_stream.events_from_line(line):
             self._record(type_, payload, source="agent")
             if type_ == "tool_call":
                 if payload.get("message_id"):
                     w.turns.add(payload["message_id"])
+                if payload.get("id"):
+                    w.open_tools[str(payload["id"])] = str(payload.get("name"))
                 inp = payload.get("input") or {}
                 detail = inp.get("command") or inp.get("file_path") or inp.get("pattern") or ""
                 self.ui.event("tool", f"{payload.get('name')}: {str(detail)[:100]}")
+            elif type_ == "tool_result":
+                w.open_tools.pop(str(payload.get("tool_use_id")), None)
             elif type_ == "assistant_text" and payload.get("message_id"):
                 w.turns.add(payload["message_id"])
             elif type_ == "result":
-                w.result, w.result_at = payload, time.monotonic()
+                w.result, w.result_at = payload, getattr(line, "at", None) or time.monotonic()
+                w.open_at_result = [f"{name} {tid}" for tid, name in w.open_tools.items()]
         self.ui.status(turns=len(w.turns))
         if w.reason is None and len(w.turns) > self.limits.max_turns:
             self._limit(agent, w, "turns", f"more than {self.limits.max_turns} turns")
@@ -646,13 +805,61 @@ class Supervisor:
         if r is not None:
             sub = r.get("subtype")
             if sub == "success" and not r.get("is_error"):
-                return "completed", "the agent finished its task"
+                self._settle_gateway(w)
+                backed, why = self._result_backed(w, r)
+                calls = [p for _, p in w.gateway_calls]
+                self._record("result_verified", {
+                    "backed": backed, "detail": why, "gateway_calls": len(calls),
+                    "claimed_turns": r.get("num_turns") if isinstance(r.get("num_turns"), int) else None,
+                    "last_stop_reason": calls[-1].get("stop_reason") if calls else None})
+                if backed:
+                    return "completed", "the agent finished its task"
+                return "error", f"the agent's claimed result is not backed by the gateway's record: {why}"
             if sub == "error_max_turns":
                 return "turns", f"Claude Code reached --max-turns {self.limits.max_turns}"
             if sub == "error_max_budget_usd":
                 return "budget", "Claude Code reached its own budget"
             return "error", f"the agent ended with an error: {str(r.get('result') or sub)[:300]}"
         return "error", f"the agent exited with code {exit_code} without a result"
+
+    def _settle_gateway(self, w: _Watch) -> None:
+        """Record the gateway's events still queued when the agent ended: its last model call among them."""
+        while True:
+            try:
+                source, line = self._q.get(timeout=0.3)
+            except queue.Empty:
+                return
+            if source == "gateway" and line is not None:
+                self._line_at = getattr(line, "at", None)
+                self._gateway_event(line, w)
+                self._line_at = None
+
+    def _result_backed(self, w: _Watch, r: dict[str, Any]) -> tuple[bool, str]:
+        """Whether the gateway's record agrees with the agent's claim of success: the model answered, through
+        the gateway, at least as many times as the claim says, no model call began after the result, and (when
+        the gateway reports how calls ended) the last call ended the conversation. The agent's own stream
+        adds one check: no tool call it reported is still without a result."""
+        ok = [(at, p) for at, p in w.gateway_calls if 200 <= int(p.get("status") or 0) < 300]
+        if not ok:
+            return False, "the gateway recorded no successful model call"
+        claimed = r.get("num_turns")
+        if isinstance(claimed, int) and claimed > len(ok):
+            return False, f"it claims {claimed} turns, the gateway served {len(ok)} model call(s)"
+        if w.open_at_result:
+            return False, ("the result came while tool calls were still running: "
+                           + ", ".join(w.open_at_result[:5]))
+        at = w.result_at or time.monotonic()
+        later = [p for t, p in ok if t - int(p.get("duration_ms") or 0) / 1000 > at + RESULT_SLACK]
+        if later:
+            return False, f"{len(later)} model call(s) began after the result (call {later[0].get('call')} first)"
+        before = [p for t, p in ok if p not in later]
+        if any("stop_reason" in p for p in before):
+            main = [p for p in before if p.get("tools_offered", 1)] or before
+            last = main[-1]
+            if last.get("stop_reason") not in END_STOP_REASONS or last.get("tool_uses"):
+                return False, (f"the last model call (call {last.get('call')}) ended with "
+                               f"{last.get('stop_reason')}, asking for {len(last.get('tool_uses') or [])} tool(s)")
+        return True, f"{len(ok)} model call(s) through the gateway agree"
 
     # --- after the agent ------------------------------------------------------------------------------------
 
@@ -664,6 +871,8 @@ class Supervisor:
             env={"SANDBOX_RUN_ID": self.spec.run_id, "SANDBOX_BASE_COMMIT": self.spec.base_commit,
                  "SANDBOX_BRANCH": self.spec.branch,
                  "SANDBOX_END_REASON": reason, "HOME": "/tmp",
+                 # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
+                 "SANDBOX_DISK_LIMIT": str(self.limits.disk_bytes),
                  "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
                  "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email},
             mounts=[*self._work_mounts(),
@@ -690,8 +899,15 @@ class Supervisor:
             return Imported(branch=None, head=None, commits=[]), None
         if result.get("status") != "packed":
             return None, f"the agent's work could not be packed: {result.get('detail')}"
+        bundle = self.run_dir / "out" / "work.bundle"
+        if bundle.is_symlink() or not bundle.is_file():
+            return None, "the finaliser reported a bundle but wrote no plain file"
+        if bundle.stat().st_size > self.limits.disk_bytes:
+            # Never import more than the disk limit into the host repository.
+            return None, (f"the agent's bundle ({bundle.stat().st_size} bytes) is larger than the disk limit "
+                          f"of {self.limits.disk}; nothing was imported")
         self.ui.phase("import", f"fetching the bundle into {self.spec.branch}")
-        imported = import_bundle(self.repo, self.run_dir / "out" / "work.bundle", self.spec.branch,
+        imported = import_bundle(self.repo, bundle, self.spec.branch,
                                  self.spec.base_commit, replace=self.spec.replace_branch)
         self._files = self._diffstat(imported)
         self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
@@ -707,7 +923,7 @@ class Supervisor:
         same image and limits, the network through the proxy only. Its egress is on record like the agent's."""
         self.ui.phase("check", f"`{self.spec.check}` on {head[:12]}")
         check_dir = self.run_dir / "check"
-        check_dir.mkdir()
+        quota.mount(check_dir, self.quota)
         if self.chown:
             os.chown(check_dir, *self.chown)
         mounts = [Mount(source=str(self.run_dir / "workspace"), target="/workspace", read_only=True),
@@ -756,6 +972,11 @@ class Supervisor:
         if transcript.is_file():
             # The sidecar wrote it inside its container; redaction happens here, on the host.
             transcript.write_text(self.redact(transcript.read_text(errors="replace")))
+        for directory in (self.run_dir / "workspace", self.run_dir / "check"):
+            try:
+                quota.release(directory, keep=self.spec.keep)
+            except SandboxError as exc:  # teardown goes on; `sandbox gc` retries
+                log.warning("quota_release_failed dir=%s error=%s", directory, exc.message)
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
             remove_tree(self.run_dir / "check")

@@ -11,6 +11,14 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from .redact import visible
+
+
+def _safe(text: str) -> str:
+    """Agent-provided text for the terminal: control characters shown escaped (never sent raw), one line,
+    and no rich markup."""
+    return escape(visible(str(text), oneline=True))
+
 
 class ConsoleReporter:
     """Plain lines, one per phase and tool call: what a log file or a CI job wants."""
@@ -27,11 +35,11 @@ class ConsoleReporter:
                            f"budget ${limits.budget_usd:.2f}, {limits.max_turns} turns")
 
     def phase(self, name: str, detail: str = "") -> None:
-        self.console.print(f"{self._stamp()} [bold cyan]{name:<8}[/bold cyan] {escape(detail)}")
+        self.console.print(f"{self._stamp()} [bold cyan]{name:<8}[/bold cyan] {_safe(detail)}")
 
     def event(self, kind: str, text: str) -> None:
         style = "yellow" if kind in ("limit", "denied") else "white"
-        self.console.print(f"{self._stamp()}   [{style}]{kind}[/{style}] {escape(text)}")
+        self.console.print(f"{self._stamp()}   [{style}]{kind}[/{style}] {_safe(text)}")
 
     def status(self, **fields: Any) -> None:
         pass
@@ -61,7 +69,7 @@ class LiveReporter(ConsoleReporter):
 
     def event(self, kind: str, text: str) -> None:
         if kind == "tool":
-            self.state["tool"] = text
+            self.state["tool"] = visible(text, oneline=True)
         super().event(kind, text)
 
     def status(self, **fields: Any) -> None:

@@ -120,16 +120,25 @@ class Backend(ABC):
     name: str = "abstract"
 
     @abstractmethod
-    def create_network(self, spec: NetworkSpec) -> None: ...
+    def create_network(self, spec: NetworkSpec) -> None:
+        """Create the network. An internal one also gets the host's firewall closed to it where the backend
+        can do that (traffic from it to the host dropped), as defence in depth behind `isolate`; where it
+        cannot, a one-line warning says so and the run goes on."""
 
     @abstractmethod
     def start(self, spec: ContainerSpec) -> str:
         """Create and start a container; returns its id."""
 
     @abstractmethod
-    def isolate(self, container: str, run_id: str) -> None:
-        """Remove every route out of the container's network namespace but its own subnet's, so that a
-        connection to anything but its neighbours fails at once instead of hanging."""
+    def isolate(self, container: str, run_id: str, peer: str) -> list[str]:
+        """Leave the container's network namespace one route: to `peer` (an IPv4 address on its network,
+        the sidecar's), on-link. No default route, no subnet route, no broadcast route, so a connection to
+        anything but the peer (the host side of the bridge included) fails at once instead of hanging.
+        Returns the routes left, as `ip route` prints them."""
+
+    @abstractmethod
+    def address(self, container: str, network: str) -> str:
+        """The container's IPv4 address on that network."""
 
     @abstractmethod
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
@@ -153,11 +162,13 @@ class Backend(ABC):
 
     @abstractmethod
     def remove_run(self, run_id: str) -> list[str]:
-        """Remove every container and network labelled with this run id; returns what was removed."""
+        """Remove every container and network labelled with this run id, and the host firewall rules made
+        for its networks; returns what was removed."""
 
     @abstractmethod
     def list_runs(self) -> dict[str, dict[str, Any]]:
-        """Run ids that still have labelled objects: {run_id: {"objects": [...], "supervisor": "pid:start"}}."""
+        """Run ids that still have labelled objects (or host firewall rules):
+        {run_id: {"objects": [...], "supervisor": "pid:start"}}."""
 
     @abstractmethod
     def image_info(self, image: str) -> dict[str, Any]:

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -15,11 +21,121 @@ from docker.models.containers import Container
 from docker.types import Mount as DockerMount
 
 from ..errors import EnvironmentNotReady
-from .base import RUN_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
+from .base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
 
 log = logging.getLogger(__name__)
 
+# Roles whose output the supervisor follows line by line: it is attached to before the container starts, so
+# no line is missed, and it is read from the container's own stream, so a slow reader holds the writer back
+# (a flood waits in the container) instead of the log file rotating lines away unread.
+ATTACHED_ROLES = ("agent",)
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
+BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+
+# Run by a helper in the container's network namespace, as root with NET_ADMIN alone, before any of the
+# container's own code runs. It leaves one route, to the peer (the sidecar), on-link: no default route, no
+# subnet route (which would reach the host side of the bridge, the network's .1), no subnet broadcast route;
+# then checks that exactly that is left and prints it. Idempotent: it finds the interface by its address,
+# not by a route it may already have removed. The local table keeps the container's own address.
+ISOLATE_SCRIPT = r"""
+set -eu
+peer=$1
+devs=$(ip -o -4 addr show scope global | awk '{print $2}' | sort -u)
+[ "$(echo $devs | wc -w)" = 1 ] || { echo "expected one network interface, found: $devs" >&2; exit 1; }
+dev=$devs
+ip -4 route flush table main
+ip -6 route flush table main 2>/dev/null || true
+ip -4 route show table local type broadcast dev "$dev" | while read -r _type addr _rest; do
+  ip -4 route del table local broadcast "$addr" dev "$dev"
+done
+ip -4 route add "$peer/32" dev "$dev" scope link
+routes=$(ip -4 route show table main | sed 's/ *$//')
+[ "$routes" = "$peer dev $dev scope link" ] || { echo "unexpected routes left: $routes" >&2; exit 1; }
+if ip -6 route show table main 2>/dev/null | grep -q .; then echo "IPv6 routes left" >&2; exit 1; fi
+if ip -4 route show table local type broadcast dev "$dev" | grep -q .; then echo "broadcast routes left" >&2; exit 1; fi
+echo "$routes"
+"""
+
+
+class HostFirewall:
+    """Host iptables rules that drop what arrives from a run's internal bridge: to the host itself (INPUT)
+    and towards any other interface (DOCKER-USER, else FORWARD; traffic between the bridge's own containers,
+    agent to sidecar, stays allowed). Defence in depth behind the route isolation: even a namespace that got a
+    route back, or a broadcast sent with SO_BINDTODEVICE, reaches no host service or published port. Each
+    rule carries the comment `sandbox.run-id=<id>`, by which teardown and `sandbox gc` find and remove it."""
+
+    TOOLS = ("iptables", "ip6tables")
+    COMMENT = "sandbox.run-id="
+    _COMMENT_RE = re.compile(r'--comment "?sandbox\.run-id=([A-Za-z0-9._-]+)"?')
+    _RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+    def unavailable(self) -> str | None:
+        """Why no rules can be set here, or None."""
+        if os.geteuid() != 0:
+            return "not running as root"
+        if not shutil.which("iptables"):
+            return "iptables is not installed"
+        return None
+
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        # -w: wait for the xtables lock that concurrent runs (and the Docker engine) take.
+        return subprocess.run([tool, "-w", "10", *args], capture_output=True, text=True, timeout=30)
+
+    def _forward_chain(self, tool: str) -> str:
+        return "DOCKER-USER" if self._run(tool, "-S", "DOCKER-USER").returncode == 0 else "FORWARD"
+
+    def add(self, bridge: str, run_id: str) -> list[str]:
+        """Insert the rules; returns them as `tool chain`. RuntimeError when iptables (IPv4) refuses."""
+        if not self._RUN_ID_RE.match(run_id):
+            raise RuntimeError(f"unexpected run id {run_id!r}")
+        comment = ["-m", "comment", "--comment", f"{self.COMMENT}{run_id}"]
+        added = []
+        for tool in self.TOOLS:
+            if not shutil.which(tool):
+                continue
+            rules = [("INPUT", ["-i", bridge]), (self._forward_chain(tool), ["-i", bridge, "!", "-o", bridge])]
+            for chain, match in rules:
+                res = self._run(tool, "-I", chain, "1", *match, *comment, "-j", "DROP")
+                if res.returncode != 0:
+                    if tool == "iptables":
+                        raise RuntimeError(f"{tool} -I {chain}: {res.stderr.strip()[:200]}")
+                    # IPv6 is off in the run's containers; its rules are a bonus where ip6tables works.
+                    log.info("host_firewall_skipped tool=%s chain=%s error=%s", tool, chain, res.stderr.strip())
+                    continue
+                added.append(f"{tool} {chain}")
+        return added
+
+    def rules(self) -> list[tuple[str, str, str]]:
+        """(tool, rule as `iptables -S` prints it, run id) of every rule this class made."""
+        if self.unavailable():
+            return []
+        found = []
+        for tool in self.TOOLS:
+            if not shutil.which(tool):
+                continue
+            for chain in dict.fromkeys(("INPUT", self._forward_chain(tool), "FORWARD")):
+                res = self._run(tool, "-S", chain)
+                for line in res.stdout.splitlines() if res.returncode == 0 else []:
+                    m = self._COMMENT_RE.search(line)
+                    if m and line.startswith("-A "):
+                        found.append((tool, line, m.group(1)))
+        return found
+
+    def remove(self, run_id: str) -> list[str]:
+        """Delete this run's rules; returns what was deleted. Failures are logged, never raised: teardown
+        goes on, and `sandbox gc` finds what is left."""
+        removed = []
+        for tool, line, rid in self.rules():
+            if rid != run_id:
+                continue
+            args = shlex.split(line)
+            res = self._run(tool, "-D", *args[1:])
+            if res.returncode == 0:
+                removed.append(f"firewall:{tool} {args[1]}")
+            elif "does a matching rule exist" not in res.stderr and "Bad rule" not in res.stderr:
+                log.warning("host_firewall_remove_failed run_id=%s rule=%r error=%s", run_id, line,
+                            res.stderr.strip()[:200])
+        return removed
 
 
 def connect_client() -> docker.DockerClient:
@@ -38,6 +154,8 @@ class DockerBackend(Backend):
 
     def __init__(self, client: docker.DockerClient) -> None:
         self.client = client
+        self.firewall = HostFirewall()
+        self._firewall_warned = False
 
     @classmethod
     def connect(cls) -> DockerBackend:
@@ -47,9 +165,29 @@ class DockerBackend(Backend):
         return self.client.containers.get(container)
 
     def create_network(self, spec: NetworkSpec) -> None:
-        self.client.networks.create(spec.name, driver="bridge", internal=spec.internal, labels=spec.labels,
-                                    check_duplicate=True)
+        network = self.client.networks.create(spec.name, driver="bridge", internal=spec.internal,
+                                              labels=spec.labels, check_duplicate=True)
         log.info("network_created name=%s internal=%s", spec.name, spec.internal)
+        if spec.internal:
+            self._close_host_firewall(network, spec.labels.get(RUN_LABEL, ""))
+
+    def _close_host_firewall(self, network: Any, run_id: str) -> None:
+        network.reload()
+        bridge = (network.attrs.get("Options") or {}).get(BRIDGE_NAME_OPTION) or f"br-{network.id[:12]}"
+        why = self.firewall.unavailable()
+        if why is None and not os.path.exists(f"/sys/class/net/{bridge}"):
+            why = f"its bridge {bridge} is not an interface of this machine (a remote Docker engine?)"
+        if why is None:
+            try:
+                added = self.firewall.add(bridge, run_id)
+                log.info("host_firewall_closed bridge=%s rules=%s", bridge, ",".join(added))
+                return
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                why = f"iptables failed: {exc}"
+        if not self._firewall_warned:  # once per process: a sweep of fifty runs needs one line, not fifty
+            self._firewall_warned = True
+            log.warning("no host firewall for the run's internal network (%s); the agent's route isolation "
+                        "still holds", why)
 
     def start(self, spec: ContainerSpec) -> str:
         mounts = [DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
@@ -83,6 +221,11 @@ class DockerBackend(Backend):
         try:
             for extra in spec.networks[1:]:
                 self.client.networks.get(extra).connect(container, aliases=spec.aliases or None)
+            if spec.labels.get(ROLE_LABEL) in ATTACHED_ROLES:
+                attached = self.__dict__.setdefault("_attached", {})
+                attached[container.id] = {
+                    err: self.client.api.attach(container.id, stdout=not err, stderr=err, stream=True, logs=False)
+                    for err in (False, True)}
             container.start()
         except Exception:
             container.remove(force=True)
@@ -90,15 +233,22 @@ class DockerBackend(Backend):
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return container.id
 
-    def isolate(self, container: str, run_id: str) -> None:
+    def address(self, container: str, network: str) -> str:
+        networks = (self._get(container).attrs.get("NetworkSettings") or {}).get("Networks") or {}
+        ip = (networks.get(network) or {}).get("IPAddress") or ""
+        if not ip:
+            raise RuntimeError(f"container {container[:12]} has no IPv4 address on network {network}")
+        return ip
+
+    def isolate(self, container: str, run_id: str, peer: str) -> list[str]:
+        peer = str(ipaddress.IPv4Address(peer))
         target = self._get(container)
-        # A helper joins the container's network namespace with NET_ADMIN and nothing else, deletes the
-        # default routes that Docker gives even `internal` networks, and checks that none is left. It runs
-        # before any agent code: the agent's entrypoint waits for the supervisor's go-ahead.
-        script = ("ip route del default 2>/dev/null; ip -6 route del default 2>/dev/null; "
-                  "if ip route show default | grep -q .; then echo 'default route remains' >&2; exit 1; fi")
+        # A helper joins the container's network namespace with NET_ADMIN and nothing else and leaves it a
+        # single route, to the peer (ISOLATE_SCRIPT). It runs before any agent code: the agent's entrypoint
+        # waits for the supervisor's go-ahead.
         helper = self.client.containers.run(
-            target.image.id, entrypoint=["sh", "-c", script], user="0:0", network_mode=f"container:{target.id}",
+            target.image.id, entrypoint=["sh", "-c", ISOLATE_SCRIPT, "isolate", peer], user="0:0",
+            network_mode=f"container:{target.id}",
             cap_drop=["ALL"], cap_add=["NET_ADMIN"], security_opt=["no-new-privileges:true"], read_only=True,
             labels={RUN_LABEL: run_id, "sandbox.role": "isolate"}, detach=True,
         )
@@ -107,11 +257,23 @@ class DockerBackend(Backend):
             if result.get("StatusCode") != 0:
                 logs = helper.logs().decode(errors="replace")[-300:]
                 raise RuntimeError(f"could not isolate the agent's network: {logs}")
+            routes = helper.logs(stdout=True, stderr=False).decode(errors="replace").splitlines()
         finally:
             helper.remove(force=True)
-        log.info("network_isolated container=%s", target.name)
+        log.info("network_isolated container=%s routes=%s", target.name, routes)
+        return routes
 
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
+        """The container's output as it comes: the stream attached at start, once, for the roles in
+        ATTACHED_ROLES; otherwise (and for later calls) its log, followed."""
+        streams = self.__dict__.get("_attached", {}).get(container)
+        attached = streams.pop(stderr, None) if streams is not None else None
+        if attached is not None:
+            try:
+                yield from attached
+            finally:
+                attached.close()
+            return
         c = self._get(container)
         yield from c.logs(stream=True, follow=True, stdout=not stderr, stderr=stderr)
 
@@ -178,6 +340,9 @@ class DockerBackend(Backend):
                     if exc.status_code not in (403, 409, 500) or attempt == 19:
                         raise
                     time.sleep(0.25)
+        # After the networks: a rule that outlived its bridge matches nothing, while a bridge without its
+        # rules would be open. gc finds rules whose networks are gone (list_runs).
+        removed += self.firewall.remove(run_id)
         if removed:
             log.info("teardown run_id=%s removed=%s", run_id, ",".join(removed))
         return removed
@@ -190,6 +355,7 @@ class DockerBackend(Backend):
         containers = self.client.containers.list(all=True, filters=flt, ignore_removed=True)
         found = [(c.labels, f"container:{c.name}") for c in containers]
         found += [(n.attrs.get("Labels") or {}, f"network:{n.name}") for n in self.client.networks.list(filters=flt)]
+        found += [({RUN_LABEL: rid}, f"firewall:{tool} {line.split()[1]}") for tool, line, rid in self.firewall.rules()]
         for labels, name in found:
             entry = runs.setdefault(labels[RUN_LABEL], {"objects": [], "supervisor": None})
             entry["objects"].append(name)

@@ -41,5 +41,8 @@ class SidecarConfig(BaseModel):
     """The host's own addresses, refused like private ones unless egress.allow_private."""
     extra_ca_pem: str = ""
     """The policy's extra certificate authorities (PEM), trusted by the gateway for its upstream."""
+    server_tools: list[str] = Field(default_factory=list)
+    """Anthropic server-side tools the gateway lets through in forwarded requests (the policy's
+    `agent.server_tools`): web_search, web_fetch, code_execution, mcp. Anything else is refused."""
     gateway_name: str = "sidecar"
     """The name the agent reaches the sidecar by; the proxy passes `name:gateway_port` to the gateway."""
