@@ -823,7 +823,8 @@ class Supervisor:
         return "error", f"the agent exited with code {exit_code} without a result"
 
     def _settle_gateway(self, w: _Watch) -> None:
-        """Record the gateway's events still queued when the agent ended: its last model call among them."""
+        """Record the gateway's events still queued once the watch loop is done: when the agent ended (its
+        last model call among them), and after the check (its egress)."""
         while True:
             try:
                 source, line = self._q.get(timeout=0.3)
@@ -937,7 +938,7 @@ class Supervisor:
         info = self.backend.wait(container, CHECK_TIMEOUT + 30)
         if info.running:
             self.backend.stop(container, 1)
-        self._drain_gateway()
+        self._settle_gateway(self.state)  # the check's egress lines
         try:
             check = json.loads((check_dir / "result.json").read_text())
         except (OSError, ValueError):
@@ -945,16 +946,6 @@ class Supervisor:
                      "output": f"the check wrote no result: {self._tail(container)}"}
         self._record("check", check)
         return check
-
-    def _drain_gateway(self) -> None:
-        """Record what the sidecar said after the watch loop ended (the check's egress, say)."""
-        while True:
-            try:
-                source, line = self._q.get(timeout=0.3)
-            except queue.Empty:
-                return
-            if source == "gateway" and line is not None:
-                self._gateway_event(line, self.state)
 
     def _diffstat(self, imported: Imported) -> list[dict[str, Any]]:
         if not imported.head:
