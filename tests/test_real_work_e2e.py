@@ -234,3 +234,34 @@ def test_a_dirty_host_repository_is_named_and_left_alone(make_repo, sandbox, wri
     assert tool_results(s["run_dir"])[0].strip() == "x = 1"  # the agent saw the committed file
     assert (repo / "a.py").read_text() == "x = 'work in progress'\n"  # and the host's edit is untouched
     assert "## Warnings" in Path(s["run_dir"], "report.md").read_text()
+
+
+def test_an_interrupt_during_the_check_still_brings_the_work_home(make_repo, state_dir, write_script) -> None:
+    import signal
+    import time
+
+    from .conftest import start_run
+
+    repo = make_repo()
+    script = write_script("turns:\n  - bash: echo 'x = 2' > a.py && git commit -qam bump\n  - text: done\n")
+    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(script),
+                     "--check", "sleep 120", "--json")
+    try:
+        deadline = time.monotonic() + 90
+        while not any(e["type"] == "container_created" and e["payload"]["role"] == "check"
+                      for a in (state_dir / "runs").glob("*/audit.jsonl") for e in audit_events(a.parent)):
+            assert time.monotonic() < deadline and proc.poll() is None, "the check never started"
+            time.sleep(0.2)
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # a second signal must not cut the import or the teardown short
+        stdout, stderr = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    s = json.loads(stdout)
+    assert s["reason"] == "interrupted" and "during the check" in s["message"]
+    assert s["branch"] and git(repo, "show", f"{s['branch']}:a.py").strip() == "x = 2"
+    assert labelled(s["id"]) == [] and s["run_dir"] not in Path("/proc/mounts").read_text()

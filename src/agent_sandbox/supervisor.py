@@ -168,6 +168,13 @@ def supervisor_identity() -> str:
     return f"{me.pid}:{me.create_time():.2f}"
 
 
+def _ignore_interrupts() -> None:
+    """SIGINT and SIGTERM are ignored from now on (only the main thread can change signal handling)."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
+
 def tree_size(root: Path) -> int:
     """Bytes allocated under root, not following links, as `du` counts them: it walks by directory handles,
     so a tree nested deeper than a recursive walk survives, or longer than PATH_MAX, hides nothing."""
@@ -292,6 +299,7 @@ class Supervisor:
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
         self.check_result: dict[str, Any] | None = None
+        self.interrupted_in_check = False
         self.quota = quota.Quota("sampled", self.limits.disk_bytes, "not planned yet")
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
@@ -347,7 +355,11 @@ class Supervisor:
             if fin_error and reason == "completed":
                 reason, message = "error", fin_error
             check = self.check_result
-            if check is not None and check.get("exit_code") != 0 and reason == "completed":
+            if self.interrupted_in_check:
+                interrupted = True
+                reason, message = "interrupted", ("the supervisor was interrupted during the check; the agent's "
+                                                  "work is on the branch, unchecked")
+            elif check is not None and check.get("exit_code") != 0 and reason == "completed":
                 reason = "check"
                 message = f"the check `{self.spec.check}` failed (exit {check.get('exit_code')}) on the agent's work"
         except KeyboardInterrupt:
@@ -935,7 +947,20 @@ class Supervisor:
         spec = self._sandboxed("check", {"SANDBOX_CHECK_HEAD": head, "SANDBOX_CHECK_TIMEOUT": str(CHECK_TIMEOUT)},
                                mounts, entrypoint=["/opt/sandbox/check.sh"])
         container = self._start_isolated(spec, "check-ready", command=["check", self.spec.check or ""])
-        info = self.backend.wait(container, CHECK_TIMEOUT + 30)
+        try:
+            info = self.backend.wait(container, CHECK_TIMEOUT + 30)
+        except KeyboardInterrupt:
+            # The work is packed already: stop the check and still bring the work home. Later signals must not
+            # interrupt that (or teardown), so they are ignored from here on, on the main thread.
+            self.interrupted_in_check = True
+            _ignore_interrupts()
+            self._record("limit_hit", {"limit": "interrupted", "reason": "interrupted",
+                                       "message": "the supervisor was interrupted during the check"})
+            self.backend.stop(container, 1)
+            info = self.backend.status(container)
+            check = {"exit_code": 130, "head": head, "output": "the check was interrupted"}
+            self._record("check", check)
+            return check
         if info.running:
             self.backend.stop(container, 1)
         self._settle_gateway(self.state)  # the check's egress lines
