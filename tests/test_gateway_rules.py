@@ -530,3 +530,62 @@ def test_a_cancelled_handler_still_books_the_call() -> None:
         assert call["cut"] == "cancelled" and call["cost_usd"] == pytest.approx(reserve, abs=1e-6)
 
     asyncio.run(main())
+
+
+def test_a_budget_shared_by_several_runs_is_as_hard_as_one_runs(tmp_path) -> None:
+    """A sweep's budget: two runs' gateways, each with a run budget far above it, 20 parallel calls each, all
+    reserving against one ledger over its unix sockets (budget_broker.py). Total spend stays within the
+    shared cap plus one call, and every reservation is settled."""
+    from agent_sandbox.budget_broker import SharedBudget
+
+    shared = SharedBudget(1.0, "sweep budget")
+    endpoints = [shared.serve(f"run-{i}") for i in range(2)]
+    body = message(max_tokens=20_000)
+    one_call = cost_usd("claude-sonnet-4-5", 1000, 20_000)
+
+    async def main() -> int:
+        ups = [Upstream(input_tokens=lambda b: 1000, output_tokens=lambda b: b["max_tokens"], delay=0.2)
+               for _ in endpoints]
+        async with gateway(ups[0], budget=50.0, broker_socket=str(endpoints[0].path)) as (gw0, url0, ev0), \
+                gateway(ups[1], budget=50.0, broker_socket=str(endpoints[1].path)) as (gw1, url1, ev1):
+            for gw in (gw0, gw1):
+                gw.admit_wait = 5.0
+            async with aiohttp.ClientSession() as s:
+                async def call(url: str) -> int:
+                    async with s.post(url + "/v1/messages", json=body) as r:
+                        await r.read()
+                        return r.status
+
+                statuses = await asyncio.gather(*(call(u) for u in [url0, url1] * 20))
+            await asyncio.sleep(0.3)  # the last settle messages reach the ledger
+            forwarded = len(ups[0].requests) + len(ups[1].requests)
+            assert statuses.count(200) == forwarded >= 3
+            spent = gw0.spent_usd + gw1.spent_usd
+            assert shared.spent_usd == pytest.approx(spent)
+            print(f"\n40 parallel calls over two runs on a shared $1: {forwarded} forwarded, spent ${spent:.4f}")
+            assert spent <= 1.0 + one_call
+            refused = [e for e in ev0 + ev1 if e["event"] == "model_call_refused"]
+            assert {e["reason"] for e in refused} <= {"budget", "reservation"} and refused
+            return forwarded
+
+    try:
+        asyncio.run(main())
+    finally:
+        held = [e.close() for e in endpoints]
+    assert held == [0.0, 0.0], "every reservation was settled"
+    assert not any(e.path.parent.exists() for e in endpoints), "the sockets' directories are removed"
+
+
+def test_a_run_whose_sidecar_dies_mid_call_has_its_reservation_booked(tmp_path) -> None:
+    from agent_sandbox.budget_broker import SharedBudget
+
+    shared = SharedBudget(1.0, "sweep budget")
+    ep = shared.serve("run-x")
+    assert shared.reserve("run-x", 1, 0.4) == (True, "")
+    assert shared.reserve("run-y", 1, 0.7, wait=0.1) == (False, "reservation")
+    assert ep.close() == pytest.approx(0.4) and shared.spent_usd == pytest.approx(0.4)
+    # Nothing in flight and spend below the cap: the lone call goes (the one call the cap may be overshot by).
+    assert shared.reserve("run-y", 2, 0.7) == (True, "")
+    assert shared.reserve("run-z", 1, 0.1, wait=0.05) == (False, "reservation")
+    shared.settle("run-y", 2, 0.65)
+    assert shared.reserve("run-z", 2, 0.01) == (False, "budget") and shared.exhausted

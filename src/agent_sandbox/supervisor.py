@@ -28,6 +28,7 @@ from . import agent_stream, quota, report
 from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
+from .budget_broker import BrokerEndpoint, SharedBudget
 from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
 from .egress import overview as egress_overview
 from .errors import SandboxError
@@ -65,27 +66,8 @@ RESULT_SLACK = 0.5  # seconds: a model call that started this long after the age
 END_STOP_REASONS = ("end_turn", "stop_sequence")
 
 
-class BudgetGuard:
-    """A spend cap shared by several runs in one process, such as a sweep's budget."""
-
-    def __init__(self, cap_usd: float, label: str) -> None:
-        self.cap_usd = cap_usd
-        self.label = label
-        self.spent_usd = 0.0
-        self._lock = threading.Lock()
-
-    def add(self, usd: float) -> float:
-        with self._lock:
-            self.spent_usd += usd
-            return self.spent_usd
-
-    def remaining(self) -> float:
-        with self._lock:
-            return max(0.0, self.cap_usd - self.spent_usd)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.remaining() <= 0
+# A sweep's budget: the ledger its runs' gateways reserve and settle against (budget_broker.py).
+BudgetGuard = SharedBudget
 
 
 class Reporter(Protocol):
@@ -300,6 +282,7 @@ class Supervisor:
         self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
         self.check_result: dict[str, Any] | None = None
         self.interrupted_in_check = False
+        self.broker: BrokerEndpoint | None = None
         self.quota = quota.Quota("sampled", self.limits.disk_bytes, "not planned yet")
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
@@ -376,6 +359,10 @@ class Supervisor:
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
             try:
                 removed = self.backend.remove_run(self.spec.run_id)
+                if self.broker is not None:
+                    held = self.broker.close()  # what the sidecar still held is booked at its worst case
+                    if held:
+                        log.info("shared_budget_held run_id=%s usd=%.6f", self.spec.run_id, held)
                 self._record("teardown", {"removed": removed})
                 self._cleanup_files()
             finally:
@@ -483,6 +470,12 @@ class Supervisor:
                                gateway_name=SIDECAR_ALIAS, extra_ca_pem=ca_bundle(self.spec.policy),
                                server_tools=list(self.spec.policy.agent.server_tools))
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
+        if self.budget_guard is not None:
+            # The shared budget's ledger, on a socket in a directory mounted into the sidecar alone.
+            sidecar_owner = (SIDECAR_UID, SIDECAR_UID) if self.chown else None
+            self.broker = self.budget_guard.serve(self.spec.run_id, sidecar_owner)
+            config.broker_socket = "/sandbox/budget/" + self.broker.path.name
+            mounts.append(Mount(source=str(self.broker.path.parent), target="/sandbox/budget", read_only=True))
         if self.spec.model_script:
             config.script_path = "/sandbox/model/script.yaml"
             config.transcript_path = "/sandbox/model-out/transcript.jsonl"
@@ -790,7 +783,8 @@ class Supervisor:
                               cache_read=w.tokens.cache_read + int(u.get("cache_read_input_tokens", 0)),
                               cache_write=w.tokens.cache_write + int(u.get("cache_creation_input_tokens", 0)))
             if self.budget_guard is not None:
-                shared = self.budget_guard.add(float(event.get("cost_usd", 0)))
+                # The gateway books the call in the shared ledger itself (budget_broker.py).
+                shared = self.budget_guard.spent_usd
                 if shared >= self.budget_guard.cap_usd and agent is not None and w.reason is None:
                     self._limit(agent, w, "budget", f"the {self.budget_guard.label} of "
                                                     f"${self.budget_guard.cap_usd:.2f} is spent", limit="shared_budget")

@@ -45,7 +45,8 @@ async def main() -> None:
 
     gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit,
                       extra_ca_pem=config.extra_ca_pem, server_tools=config.server_tools,
-                      egress_allow=config.egress.allow, egress_deny=config.egress.deny)
+                      egress_allow=config.egress.allow, egress_deny=config.egress.deny,
+                      broker_socket=config.broker_socket)
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()

@@ -39,6 +39,8 @@ class SidecarConfig(BaseModel):
     """The run's egress rules (its `hosts` are applied by the backend, as the sidecar's /etc/hosts)."""
     own_addresses: list[str] = Field(default_factory=list)
     """The host's own addresses, refused like private ones unless egress.allow_private."""
+    broker_socket: str | None = None
+    """The unix socket of a budget shared with other runs (budget_broker.py), mounted into the sidecar alone."""
     extra_ca_pem: str = ""
     """The policy's extra certificate authorities (PEM), trusted by the gateway for its upstream."""
     server_tools: list[str] = Field(default_factory=list)

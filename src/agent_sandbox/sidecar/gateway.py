@@ -372,6 +372,8 @@ class _Call:
     status: int = 0
     stream: bool = False
     cut: str | None = None  # budget (the gateway cut the stream), client (the client went away), upstream
+    booked_usd: float = 0.0  # what _settle booked
+    shared: bool = False  # reserved in the shared budget too (budget_broker.py)
 
 
 # --- the gateway ----------------------------------------------------------------------------------------------
@@ -384,7 +386,7 @@ class Gateway:
     def __init__(self, run_id: str, upstream: str, api_key: str | None, budget_usd: float,
                  prices: dict[str, Price], emit: Emit, extra_ca_pem: str = "", *,
                  server_tools: Iterable[str] = (), egress_allow: Iterable[str] = (),
-                 egress_deny: Iterable[str] = ()) -> None:
+                 egress_deny: Iterable[str] = (), broker_socket: str | None = None) -> None:
         self.run_id = run_id
         self.extra_ca_pem = extra_ca_pem
         self.upstream = upstream.rstrip("/")
@@ -400,6 +402,8 @@ class Gateway:
         self._ids = itertools.count(1)
         self._settled = asyncio.Event()  # set (and replaced) whenever a call settles
         self.admit_wait = ADMIT_WAIT
+        self.broker_socket = broker_socket  # a budget shared with other runs (budget_broker.py), when set
+        self._broker_tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
 
     async def start(self, app: web.Application) -> None:
@@ -490,8 +494,22 @@ class Gateway:
                 await asyncio.wait_for(settled.wait(), left)
         if self.spent_usd >= self.budget_usd:
             raise self._budget_spent()
+        shared = False
+        if self.broker_socket:
+            call_id = next(self._ids)
+            reply = await self._broker({"op": "reserve", "id": call_id, "usd": reserve,
+                                        "wait": max(0.0, deadline - time.monotonic())})
+            if not reply.get("ok"):
+                why = reply.get("reason") or "unreachable"
+                raise Refusal("budget" if why == "budget" else "reservation",
+                              f"sandbox: the shared budget (${reply.get('cap_usd', 0):.2f}, "
+                              f"${reply.get('spent_usd', 0):.4f} spent) "
+                              + ("is spent" if why == "budget" else f"has no room for this call ({why})"),
+                              reserve_usd=round(reserve, 6))
+            shared = True
         tools = body.get("tools")
-        call = _Call(next(self._ids), model, max_tokens, bound, reserve, len(tools) if isinstance(tools, list) else 0)
+        call = _Call(call_id if shared else next(self._ids), model, max_tokens, bound, reserve,
+                     len(tools) if isinstance(tools, list) else 0, shared=shared)
         self.reserved[call.id] = reserve
         self.live[call.id] = 0.0
         return call
@@ -625,6 +643,11 @@ class Gateway:
         # Wake the calls waiting for room; later waiters wait on a fresh event.
         self._settled.set()
         self._settled = asyncio.Event()
+        if call.shared:
+            # The shared ledger hears what this call cost once _settle below has booked it (0 if it failed).
+            task = asyncio.get_running_loop().create_task(self._broker_settle(call))
+            self._broker_tasks.add(task)
+            task.add_done_callback(self._broker_tasks.discard)
         m = call.meter
         if call.phase == "failed":
             return  # the upstream never answered: nothing was spent (model_call_failed says so)
@@ -641,6 +664,7 @@ class Gateway:
             cost = m.cost(self.prices, call.max_tokens, call.model or "unknown")
             estimated = estimated and m.started
         self.spent_usd += cost
+        call.booked_usd = cost
         self.calls += 1
         event: dict[str, Any] = {
             "event": "model_call", "call": self.calls, "path": request.path, "status": call.status,
@@ -652,6 +676,28 @@ class Gateway:
         if call.cut or estimated:
             event.update(complete=False, cut=call.cut)
         self.emit(event)
+
+    async def _broker(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request to the shared budget's ledger on the host; a broker that cannot be reached admits
+        nothing (fail closed)."""
+        assert self.broker_socket is not None
+        try:
+            reader, writer = await asyncio.open_unix_connection(self.broker_socket)
+            try:
+                writer.write(json.dumps(request).encode() + b"\n")
+                await writer.drain()
+                line = await asyncio.wait_for(reader.readline(), float(request.get("wait") or 0) + 30)
+            finally:
+                writer.close()
+            reply = json.loads(line)
+            return reply if isinstance(reply, dict) else {"ok": False, "reason": "bad reply"}
+        except (OSError, ValueError, TimeoutError) as exc:
+            self.emit({"event": "model_call_failed", "path": "budget-broker", "error": f"shared budget: {exc}"[:300]})
+            return {"ok": False, "reason": "the shared budget cannot be reached"}
+
+    async def _broker_settle(self, call: _Call) -> None:
+        await asyncio.sleep(0)  # after _settle has booked the call's cost
+        await self._broker({"op": "settle", "id": call.id, "usd": call.booked_usd})
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024 * 1024)
