@@ -156,6 +156,8 @@ class DockerBackend(Backend):
         self.client = client
         self.firewall = HostFirewall()
         self._firewall_warned = False
+        # Container id -> its attached output streams (stdout: False, stderr: True) not yet handed out.
+        self._attached: dict[str, dict[bool, Any]] = {}
 
     @classmethod
     def connect(cls) -> DockerBackend:
@@ -222,12 +224,13 @@ class DockerBackend(Backend):
             for extra in spec.networks[1:]:
                 self.client.networks.get(extra).connect(container, aliases=spec.aliases or None)
             if spec.labels.get(ROLE_LABEL) in ATTACHED_ROLES:
-                attached = self.__dict__.setdefault("_attached", {})
-                attached[container.id] = {
+                self._attached[container.id] = {
                     err: self.client.api.attach(container.id, stdout=not err, stderr=err, stream=True, logs=False)
                     for err in (False, True)}
             container.start()
         except Exception:
+            for stream in self._attached.pop(container.id, {}).values():
+                stream.close()
             container.remove(force=True)
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
@@ -266,8 +269,10 @@ class DockerBackend(Backend):
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
         """The container's output as it comes: the stream attached at start, once, for the roles in
         ATTACHED_ROLES; otherwise (and for later calls) its log, followed."""
-        streams = self.__dict__.get("_attached", {}).get(container)
+        streams = self._attached.get(container)
         attached = streams.pop(stderr, None) if streams is not None else None
+        if streams == {}:
+            del self._attached[container]
         if attached is not None:
             try:
                 yield from attached
