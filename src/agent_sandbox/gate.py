@@ -5,6 +5,7 @@ attributes, no filters, no hooks."""
 from __future__ import annotations
 
 import subprocess
+import threading
 
 import git
 import pathspec
@@ -190,17 +191,72 @@ def _escaping_links(repo: HostRepo, base: str, head: str) -> list[tuple[str, str
     return out
 
 
+def _blobs_with_nul(repo: HostRepo, shas: list[str]) -> set[str]:
+    """The blobs among `shas` that hold a NUL byte anywhere. git's own binary sniff reads the first 8,000
+    bytes only, so text followed by binary passes it; this reads every byte, streamed, a blob at a time."""
+    if not shas:
+        return set()
+    found: set[str] = set()
+    proc = subprocess.Popen(["git", *HARDENED, "cat-file", "--batch"], cwd=repo.path, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    stdin, stdout = proc.stdin, proc.stdout
+    assert stdin is not None and stdout is not None
+
+    def feed() -> None:  # in a thread: git answers while it reads, and neither pipe may fill up and stall
+        with stdin:
+            stdin.write("".join(f"{sha}\n" for sha in shas).encode())
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        for _ in shas:
+            header = stdout.readline().split()
+            if len(header) != 3:
+                continue  # "<sha> missing"
+            left = int(header[2])
+            while left:
+                chunk = stdout.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                left -= len(chunk)
+                if b"\0" in chunk:
+                    found.add(header[0].decode())
+            stdout.read(1)  # the newline after the contents
+    finally:
+        stdout.close()
+        proc.wait()
+        feeder.join(timeout=10)
+    return found
+
+
+def _forbidden(spec: pathspec.GitIgnoreSpec, patterns: list[str], path: str, is_link: bool) -> str | None:
+    """Why `path` breaks forbidden_paths, or None. Case does not matter (a case-insensitive checkout puts
+    `.GitHub/workflows/x.yml` in `.github/workflows`), and a link counts for what lies beneath it: a link at
+    `.github/workflows` (or `.github`) to a directory of the agent's puts that directory's files there."""
+    low = path.lower()
+    if spec.match_file(low):
+        return f"{path} matches forbidden_paths"
+    if is_link and (spec.match_file(low + "/_") or any(p.lstrip("/").startswith(low + "/") for p in patterns)):
+        return f"{path} is a link where forbidden_paths covers what lies beneath it"
+    return None
+
+
 def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResult:
     changes = _changes(repo, base, head)
     stats = _numstat(repo, base, head)
     result = GateResult(files=len(changes))
     v = result.violations
-    forbidden = pathspec.GitIgnoreSpec.from_lines(rules.forbidden_paths)
-    for _old_mode, new_mode, _new_sha, path in changes:
-        if forbidden.match_file(path):
-            v.append(_violation("forbidden_paths", f"{path} matches forbidden_paths", path))
+    patterns = [p.lower() for p in rules.forbidden_paths]
+    forbidden = pathspec.GitIgnoreSpec.from_lines(patterns)
+    text_blobs = [sha for _o, mode, sha, path in changes if mode in ("100644", "100755")
+                  and stats.get(path, (0, 0))[0] is not None]
+    nul = set() if rules.allow_binary else _blobs_with_nul(repo, text_blobs)
+    for _old_mode, new_mode, new_sha, path in changes:
+        why = _forbidden(forbidden, patterns, path, new_mode == "120000")
+        if why:
+            v.append(_violation("forbidden_paths", why, path))
         added, deleted = stats.get(path, (0, 0))
-        if added is None and new_mode not in ("160000", "000000") and not rules.allow_binary:
+        if (added is None or new_sha in nul) and new_mode not in ("160000", "000000") and not rules.allow_binary:
             v.append(_violation("allow_binary", f"{path} is binary", path))
         result.lines += (added or 0) + (deleted or 0)
     for path, target, why in _escaping_links(repo, base, head):

@@ -97,21 +97,19 @@ def estimate_input_tokens(raw: bytes, body: dict[str, Any]) -> int:
 
 
 def _content_blocks(body: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    """Every content block of the request: the system prompt's, the messages', and those nested in tool
-    results."""
-    lists: list[Any] = [body.get("system")]
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        lists += [m.get("content") for m in msgs if isinstance(m, dict)]
-    while lists:
-        blocks = lists.pop()
-        if not isinstance(blocks, list):
-            continue
-        for b in blocks:
-            if isinstance(b, dict):
-                yield b
-                if isinstance(b.get("content"), list):
-                    lists.append(b["content"])
+    """Every content block of the request, however deeply nested: the system prompt's, the messages', and
+    any block inside another (tool results, a document whose source is itself content, ...). Every object
+    with a `type` under `system` and `messages` counts: a block the API would read is never skipped for
+    sitting somewhere this code did not expect."""
+    stack: list[Any] = [body.get("system"), body.get("messages")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                yield node
+            stack.extend(v for v in node.values() if isinstance(v, (list, dict)))
 
 
 # --- server tools -----------------------------------------------------------------------------------------------
