@@ -254,8 +254,6 @@ class _Backlog:
             self._cond.notify_all()
 
 
-_BACKLOG_LOCK = threading.Lock()
-
 
 class Supervisor:
     def __init__(self, spec: RunSpec, repo: HostRepo, backend: Backend, images: ImageSet,
@@ -284,6 +282,9 @@ class Supervisor:
         self.interrupted_in_check = False
         self.broker: BrokerEndpoint | None = None
         self.quota = quota.Quota("sampled", self.limits.disk_bytes, "not planned yet")
+        self.ca_pem = ca_bundle(spec.policy)  # the policy's extra certificate authorities, read once
+        # The agent's output read but not yet recorded: a flood waits in its container, not in memory here.
+        self._agent_backlog = _Backlog(BACKLOG_BYTES)
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
 
@@ -411,11 +412,7 @@ class Supervisor:
         if type_ in ("limit_hit", "agent_lingered"):
             # The agent is about to be stopped: its output must not hold up the stop (after a flood, nothing
             # more of it is kept).
-            self._backlog().close(0 if self.state.flooded else MAX_OUTPUT_BYTES)
-        if source == "gateway" and type_ == "model_call":
-            # The gateway's record of model calls, which nothing in the agent's container can write: it
-            # decides whether the agent's claimed result stands (_result_backed).
-            self.state.gateway_calls.append((getattr(self, "_line_at", None) or time.monotonic(), payload))
+            self._agent_backlog.close(0 if self.state.flooded else MAX_OUTPUT_BYTES)
 
     def _record_start(self) -> None:
         images = {}
@@ -437,8 +434,8 @@ class Supervisor:
         for sub in ("in", "out", "model"):
             (self.run_dir / sub).mkdir()
         (self.run_dir / "in" / "task.md").write_text(self.spec.task)
-        if ca := ca_bundle(self.spec.policy):
-            (self.run_dir / "in" / "ca-certificates.pem").write_text(ca)
+        if self.ca_pem:
+            (self.run_dir / "in" / "ca-certificates.pem").write_text(self.ca_pem)
         for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
             if command:
                 (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
@@ -467,7 +464,7 @@ class Supervisor:
             budget = min(budget, self.budget_guard.remaining())
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
                                prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
-                               gateway_name=SIDECAR_ALIAS, extra_ca_pem=ca_bundle(self.spec.policy),
+                               gateway_name=SIDECAR_ALIAS, extra_ca_pem=self.ca_pem,
                                server_tools=list(self.spec.policy.agent.server_tools))
         mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
         if self.budget_guard is not None:
@@ -611,14 +608,8 @@ class Supervisor:
             Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
         ]
 
-    def _backlog(self) -> _Backlog:
-        with _BACKLOG_LOCK:
-            if not hasattr(self, "_agent_backlog"):
-                self._agent_backlog = _Backlog(BACKLOG_BYTES)
-            return self._agent_backlog
-
     def _pump(self, source: str, container: str, stderr: bool) -> None:
-        backlog = self._backlog() if source.startswith("agent") else None
+        backlog = self._agent_backlog if source.startswith("agent") else None
         try:
             for line in _lines(self.backend.output(container, stderr=stderr)):
                 if backlog is not None and not backlog.add(len(line)):
@@ -636,7 +627,7 @@ class Supervisor:
         t0 = time.monotonic()
         stream = (self.run_dir / "agent-stream.jsonl").open("a", encoding="utf-8")
         stderr = (self.run_dir / "agent-stderr.log").open("a", encoding="utf-8")
-        backlog = self._backlog()
+        backlog = self._agent_backlog
         try:
             agent_done = False
             while not agent_done:
@@ -685,9 +676,7 @@ class Supervisor:
                             w.sidecar_gone = True
                             self._limit(agent, w, "error", "the sidecar stopped while the agent was running")
                         continue
-                    self._line_at = getattr(line, "at", None)
                     self._gateway_event(line, w, agent)
-                    self._line_at = None
         finally:
             backlog.close(0 if w.flooded else MAX_OUTPUT_BYTES)
             if hasattr(self, "_disk_done"):
@@ -774,6 +763,9 @@ class Supervisor:
         self._record(kind, event, source="gateway")
         w.last_activity = time.monotonic()
         if kind == "model_call":
+            # The gateway's record of model calls, which nothing in the agent's container can write, stamped
+            # with when the line was read: it decides whether the agent's claimed result stands (_result_backed).
+            w.gateway_calls.append((getattr(line, "at", None) or time.monotonic(), event))
             w.model_calls += 1
             w.spent_usd = float(event.get("spent_usd", w.spent_usd))
             self.ui.status(spent=w.spent_usd)
@@ -837,9 +829,7 @@ class Supervisor:
             except queue.Empty:
                 return
             if source == "gateway" and line is not None:
-                self._line_at = getattr(line, "at", None)
                 self._gateway_event(line, w)
-                self._line_at = None
 
     def _result_backed(self, w: _Watch, r: dict[str, Any]) -> tuple[bool, str]:
         """Whether the gateway's record agrees with the agent's claim of success: the model answered, through
