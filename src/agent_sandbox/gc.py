@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from . import quota
 from .backend import Backend
-from .errors import SandboxError
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,7 @@ def _release_quota(store: RunStore, run_id: str) -> list[str]:
     row = store.get(run_id)
     if not row or not row.get("run_dir"):
         return []
-    released = []
-    for name in ("workspace", "check"):
-        directory = Path(row["run_dir"]) / name
-        if quota.is_mounted(directory) or quota.image_path(directory).exists():
-            try:
-                quota.release(directory)
-                released.append(f"filesystem:{directory}")
-            except SandboxError as exc:
-                log.warning("gc_quota_release_failed dir=%s error=%s", directory, exc.message)
-    return released
+    return quota.release_run(Path(row["run_dir"]))
 
 
 def collect(backend: Backend, store: RunStore, force: bool = False) -> list[Collected]:

@@ -117,6 +117,27 @@ def release(directory: Path, keep: bool = False) -> None:
     image.unlink(missing_ok=True)
 
 
+QUOTA_DIRS = ("workspace", "check")
+"""The directories of a run directory that get a quota filesystem."""
+
+
+def release_run(run_dir: Path, keep: bool = False) -> list[str]:
+    """Release the quota filesystems of a run directory (a finished run's, or one a dead supervisor left);
+    returns them as `filesystem:<dir>`. A failure is logged, not raised: teardown goes on, and `sandbox gc`
+    tries again."""
+    released = []
+    for name in QUOTA_DIRS:
+        directory = run_dir / name
+        if not (is_mounted(directory) or image_path(directory).exists()):
+            continue
+        try:
+            release(directory, keep=keep)
+            released.append(f"filesystem:{directory}")
+        except (EnvironmentNotReady, OSError) as exc:
+            log.warning("quota_release_failed dir=%s error=%s", directory, getattr(exc, "message", exc))
+    return released
+
+
 def _run(*cmd: str) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:

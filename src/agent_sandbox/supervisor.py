@@ -972,11 +972,7 @@ class Supervisor:
         if transcript.is_file():
             # The sidecar wrote it inside its container; redaction happens here, on the host.
             transcript.write_text(self.redact(transcript.read_text(errors="replace")))
-        for directory in (self.run_dir / "workspace", self.run_dir / "check"):
-            try:
-                quota.release(directory, keep=self.spec.keep)
-            except SandboxError as exc:  # teardown goes on; `sandbox gc` retries
-                log.warning("quota_release_failed dir=%s error=%s", directory, exc.message)
+        quota.release_run(self.run_dir, keep=self.spec.keep)
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
             remove_tree(self.run_dir / "check")
