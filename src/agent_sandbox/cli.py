@@ -94,8 +94,7 @@ def _print_egress(s: RunSummary) -> None:
     out.print(f"  egress   {counts} connection(s)", markup=False)
     for label, hosts in (("denied", s.egress_hosts_denied), ("would deny", s.egress_hosts_would_deny)):
         for h in hosts[:10]:
-            where = f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"
-            out.print(_plain(f"    {label:<10} {where} ({h.connections}): {'; '.join(h.reasons)}"), markup=False)
+            out.print(_plain(f"    {label:<10} {h.where} ({h.connections}): {'; '.join(h.reasons)}"), markup=False)
         if len(hosts) > 10:
             out.print(f"    ... and {len(hosts) - 10} more {label} (see the report)", markup=False)
     if not s.egress_suggestion.empty:

@@ -103,12 +103,17 @@ def parse_rule(text: str) -> Rule:
     return Rule(raw, host, wildcard, ports)
 
 
+def authority(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def rule_text(host: str, port: int) -> str:
     """The allow rule for exactly this host and port: `host` for 80 and 443, else `host:port`."""
     host = host.lower().rstrip(".")
     if port in DEFAULT_PORTS:
         return host
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return authority(host, port)
 
 
 def decide(host: str, port: int, allow: Iterable[Rule], deny: Iterable[Rule]) -> tuple[bool, str | None]:
@@ -335,6 +340,10 @@ class EgressHost(BaseModel):
     """How many connections asked for it."""
     reasons: list[str] = Field(default_factory=list)
     """Denied or would be denied: every distinct reason. Allowed: the address exceptions that let it through."""
+
+    @property
+    def where(self) -> str:
+        return authority(self.host, self.port)
 
 
 class EgressSuggestion(BaseModel):

@@ -112,8 +112,7 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
 def _hosts(hosts: list[EgressHost], with_reasons: bool) -> list[str]:
     out = []
     for h in hosts:
-        where = f"[{h.host}]:{h.port}" if ":" in h.host else f"{h.host}:{h.port}"
-        line = f"- `{_md(where)}` ({h.connections})"
+        line = f"- `{_md(h.where)}` ({h.connections})"
         if with_reasons and h.reasons:
             line += ": " + _md("; ".join(h.reasons))
         out.append(line)
