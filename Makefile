@@ -27,8 +27,10 @@ lint: venv
 unit: venv
 	$(PYTEST) -m "not docker" -q
 
+# The serial tests restart the Docker engine, which stops every container on it: they run alone, afterwards.
 test: lint images
-	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --timeout 600 -q
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadgroup --timeout 600 -q -m "not serial"
+	$(PYTEST) -p no:xdist --timeout 600 -q -m serial
 
 # Remove whatever a crashed run left behind (containers and networks labelled sandbox.run-id).
 clean-runs: docker
@@ -36,3 +38,4 @@ clean-runs: docker
 	-docker network ls -q --filter label=sandbox.run-id | xargs -r docker network rm
 
 bench-install: images ; $(VENV)/bin/python bench/install.py --rounds 3
+bench-soak: images ; $(VENV)/bin/python bench/soak.py --sequential 100 --concurrent 10

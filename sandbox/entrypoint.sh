@@ -3,6 +3,20 @@
 # the task on stdin so that no task text, however long, meets the argument-size limit.
 set -euo pipefail
 
+# The run's deadline (SANDBOX_DEADLINE_SECONDS: the supervisor's wall time plus a margin; unset, none). This
+# script runs itself again under coreutils `timeout`, which stays the container's main process (under docker's
+# init), so that `pre` and Claude Code end when it passes even if the supervisor is gone: TERM first, KILL 10 s
+# later; once timeout exits (124 or 137) the container stops and the kernel kills whatever is left. The TERM of
+# `docker stop` still reaches Claude Code: timeout passes it on to its child and that child's process group.
+if [ -n "${SANDBOX_DEADLINE_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
+  if ! [[ $SANDBOX_DEADLINE_SECONDS =~ ^[0-9]+([.][0-9]+)?$ && $SANDBOX_DEADLINE_SECONDS =~ [1-9] ]]; then
+    echo "entrypoint: SANDBOX_DEADLINE_SECONDS=$SANDBOX_DEADLINE_SECONDS is not a positive number of seconds" >&2
+    exit 64
+  fi
+  export SANDBOX_UNDER_DEADLINE=1
+  exec timeout --kill-after=10 "$SANDBOX_DEADLINE_SECONDS" bash "$0" "$@"
+fi
+
 # shellcheck source=env.sh
 . /opt/sandbox/env.sh
 wait_for_go_ahead /sandbox/in/network-ready

@@ -18,6 +18,17 @@
 # and what lands in the host's run directory is the bundle, result.json and at most 64 KiB of errors.
 set -uo pipefail
 
+# The finaliser never hangs for good, supervisor or not: with SANDBOX_DEADLINE_SECONDS set it runs itself
+# again under coreutils `timeout` (TERM when the deadline passes, KILL 10 s later), as the agent's entrypoint does.
+if [ -n "${SANDBOX_DEADLINE_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
+  if ! [[ $SANDBOX_DEADLINE_SECONDS =~ ^[0-9]+([.][0-9]+)?$ && $SANDBOX_DEADLINE_SECONDS =~ [1-9] ]]; then
+    echo "finalize: SANDBOX_DEADLINE_SECONDS=$SANDBOX_DEADLINE_SECONDS is not a positive number of seconds" >&2
+    exit 64
+  fi
+  export SANDBOX_UNDER_DEADLINE=1
+  exec timeout --kill-after=10 "$SANDBOX_DEADLINE_SECONDS" bash "$0" "$@"
+fi
+
 run_id=${SANDBOX_RUN_ID:?}
 base=${SANDBOX_BASE_COMMIT:?}
 reason=${SANDBOX_END_REASON:-completed}

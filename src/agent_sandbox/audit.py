@@ -6,8 +6,10 @@ reordering a line breaks the chain at that point. Secrets are redacted before a 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -51,7 +53,35 @@ class AuditLog:
         self._lock = threading.Lock()
         self._seq = 0
         self._prev = GENESIS
-        self._fh = path.open("a", encoding="utf-8")
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.broken: str | None = None  # why writing stopped (after a failed write, nothing more is appended)
+
+    @classmethod
+    def resume(cls, path: Path, run_id: str, redactor: Redactor) -> tuple[AuditLog, int]:
+        """Continue a trail a dead supervisor left: the chain goes on from its last whole line. A last line cut
+        off mid-write is dropped (it was never part of the chain); returns the log and the bytes dropped."""
+        data = path.read_bytes() if path.exists() else b""
+        whole = data[:data.rfind(b"\n") + 1]
+        dropped = len(data) - len(whole)
+        if dropped:
+            with path.open("r+b") as fh:
+                fh.truncate(len(whole))
+        log = cls(path, run_id, redactor)
+        lines = whole.splitlines()
+        log._seq = len(lines)
+        log._prev = hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
+        return log, dropped
+
+    def events(self) -> list[dict[str, Any]]:
+        """The trail so far, parsed (lines that are not JSON are skipped)."""
+        out = []
+        with self.path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    out.append(json.loads(raw))
+                except ValueError:
+                    continue
+        return out
 
     def write(self, source: Source, type_: str, payload: dict[str, Any]) -> None:
         model = EVENT_MODELS.get(type_)
@@ -67,8 +97,20 @@ class AuditLog:
             event = AuditEvent(seq=self._seq, time=time.time(), run_id=self.run_id, source=source, type=type_,
                                payload=payload, prev_hash=self._prev)
             line = self.redact(json.dumps(event.model_dump(), separators=(",", ":"), default=str))
-            self._fh.write(line + "\n")
-            self._fh.flush()
+            if self.broken:
+                self._seq -= 1
+                raise OSError(f"the audit trail stopped at line {self._seq}: {self.broken}")
+            try:
+                data = (line + "\n").encode()
+                # One unbuffered write per line: a failure (a full disk) leaves at most a part of this line,
+                # which resume() drops, and nothing half-written waits in a buffer to follow later lines.
+                written = os.write(self._fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)")
+            except OSError as exc:
+                self._seq -= 1
+                self.broken = str(exc)
+                raise
             self._prev = hashlib.sha256(line.encode()).hexdigest()
 
     @property
@@ -78,7 +120,9 @@ class AuditLog:
 
     def close(self) -> None:
         with self._lock:
-            self._fh.close()
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def verify(path: Path, expected_head: str | None = None) -> tuple[bool, int, str]:

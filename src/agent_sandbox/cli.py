@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import signal
 import sys
-from typing import Any, NoReturn
 
-import click
-from rich.console import Console
-from rich.markup import escape
+from .interrupts import interrupts
 
-from . import __version__
-from .errors import ExitCode, SandboxError
-from .redact import visible
-from .spec import RunSummary
-from .ui import reporter_for
+RUNNING_COMMANDS = ("run", "demo", "sweep", "gc")
+
+
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv[1:] if not a.startswith("-")), None)
+
+
+# Before anything slow is imported: for the commands that run things, SIGINT, SIGTERM and SIGHUP become
+# requests to stop (interrupts.py) from the process's first moments, so a signal at any point ends the run
+# cleanly and never halfway through packing or teardown.
+if _command(sys.argv) in RUNNING_COMMANDS:
+    interrupts.install()
+
+import json  # noqa: E402
+import logging  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
+
+import click  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
+
+from . import __version__  # noqa: E402
+from .errors import ExitCode, SandboxError  # noqa: E402
+from .redact import visible  # noqa: E402
+from .spec import RunSummary  # noqa: E402
+from .ui import reporter_for  # noqa: E402
 
 # Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
@@ -30,19 +45,14 @@ def _fail(exc: SandboxError) -> NoReturn:
     sys.exit(int(exc.exit_code))
 
 
-def _sigterm_as_interrupt() -> None:
-    # A scheduler's SIGTERM should tear down exactly like Ctrl-C does.
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sandbox")
 @click.option("-v", "--verbose", is_flag=True, help="Log decisions (one structured line each) on stderr.")
-def main(verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, verbose: bool) -> None:
     """Run coding agents unattended inside locked-down containers."""
+    if ctx.invoked_subcommand in RUNNING_COMMANDS:
+        interrupts.install()  # done at import already when the command line said so; this covers main([...])
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -147,14 +157,10 @@ def run(task: str | None, ticket: str | None, as_json: bool, **kw: Any) -> None:
     """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
     from .runner import RunRequest, run_task
 
-    _sigterm_as_interrupt()
     try:
         summary = run_task(RunRequest(task=task, ticket=ticket, **kw), reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)
-    except KeyboardInterrupt:
-        err.print("interrupted before the run started; nothing was created")
-        sys.exit(int(ExitCode.INTERRUPTED))
     _print_summary(summary, as_json)
     sys.exit(summary.exit_code)
 
@@ -170,7 +176,6 @@ def demo(as_json: bool, keep: bool) -> None:
     from .paths import state_dir
     from .runner import RunRequest, run_task
 
-    _sigterm_as_interrupt()
     repo, script = make_demo_repo(state_dir() / "demo")
     err.print(f"demo repository: {repo}")
     try:
@@ -363,12 +368,23 @@ def logs(run_id: str, follow: bool, raw: bool) -> None:
         run_dir = resolve_run(run_id)
     except SandboxError as exc:
         _fail(exc)
+    ended: int | None = None
     try:
         for line in follow_events(run_dir, follow):
+            event = json.loads(line)
+            if event.get("type") == "run_ended":
+                ended = int((event.get("payload") or {}).get("exit_code") or 0)
             # The raw lines are JSON, control characters escaped; readable lines are made so here.
-            click.echo(line if raw else _plain(brief(json.loads(line))))
+            click.echo(line if raw else _plain(brief(event)))
     except KeyboardInterrupt:
         sys.exit(int(ExitCode.INTERRUPTED))
+    if follow:
+        # Like `gh run watch --exit-status`: the run's own exit code.
+        if ended is None:
+            err.print("the run's supervisor is gone and the run never ended; `sandbox gc` recovers it "
+                      "(its work onto its branch)")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        sys.exit(ended)
 
 
 class _DefaultGroup(click.Group):
@@ -405,7 +421,6 @@ def sweep_run(manifest: str, force: bool, as_json: bool) -> None:
     from .sweep import render, run_sweep
     from .ui import ConsoleReporter
 
-    _sigterm_as_interrupt()
     try:
         summary = run_sweep(manifest, force=force, reporter=ConsoleReporter(err))
     except SandboxError as exc:
@@ -464,11 +479,9 @@ def serve_start(config_path: str, bind: str | None, port: int | None, concurrenc
                                "reaped": reaped}), err=False)
         sys.stdout.flush()
 
-    _sigterm_as_interrupt()
-    try:
-        asyncio.run(TaskService(cfg).serve(ready))
-    except KeyboardInterrupt:
-        sys.exit(int(ExitCode.INTERRUPTED))
+    interrupts.install()
+    asyncio.run(TaskService(cfg).serve(ready))
+    sys.exit(int(ExitCode.INTERRUPTED))
 
 
 @serve.command("hash-token")
@@ -536,21 +549,25 @@ def audit_verify(run_id: str, as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--force", is_flag=True, help="Also remove runs whose supervisor still seems alive.")
+@click.option("--dry-run", is_flag=True, help="Show what would be recovered or removed; change nothing.")
 @click.option("--json", "as_json", is_flag=True)
-def gc(force: bool, as_json: bool) -> None:
-    """Remove containers and networks left by runs whose supervisor died; mark those runs failed."""
+def gc(dry_run: bool, as_json: bool) -> None:
+    """Recover runs nobody supervises any more: pack and import their work, remove what they left, write
+    their summaries. Only this state directory's runs are touched."""
     from .backend.docker import DockerBackend
     from .gc import collect
+    from .images import require_images
     from .store import RunStore
 
     try:
         backend = DockerBackend.connect()
+        images = None if dry_run else require_images(backend.client)
+        store = RunStore()
     except SandboxError as exc:
         _fail(exc)
-    store = RunStore()
     try:
-        results = collect(backend, store, force=force)
+        results = collect(backend, store, images, dry_run=dry_run,
+                          progress=None if as_json else lambda line: err.print(line, markup=False))
     finally:
         store.close()
     if as_json:
@@ -559,8 +576,11 @@ def gc(force: bool, as_json: bool) -> None:
     if not results:
         out.print("nothing to collect")
     for r in results:
-        note = " (marked failed)" if r.marked_failed else ""
-        out.print(f"{r.action:<8} {r.run_id}: {', '.join(r.objects) or 'nothing'}{note}")
+        action = f"would be {r.action}" if r.dry_run else r.action
+        objs = f" [{', '.join(r.objects)}]" if r.objects else ""
+        branch = f" -> {r.branch}" if r.branch else ""
+        out.print(f"{action:<8} {r.run_id}{branch}: {_plain(r.detail)}{objs}", markup=False)
+    sys.exit(int(ExitCode.ENVIRONMENT) if any(r.action == "failed" for r in results) else 0)
 
 
 @main.group()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+if TYPE_CHECKING:  # pydantic is slow to import, and the CLI imports this before taking over signals
+    from pydantic import ValidationError
 
 
 class ExitCode(IntEnum):
@@ -58,3 +61,11 @@ class EnvironmentNotReady(SandboxError):
     """The machine lacks something the run needs (Docker engine, images)."""
 
     exit_code = ExitCode.ENVIRONMENT
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether an error (an OSError, SQLite's, git's) says that a filesystem is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space left on device" in text or "database or disk is full" in text or "disk quota exceeded" in text

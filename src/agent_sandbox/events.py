@@ -253,6 +253,28 @@ class Teardown(_P):
 
     removed: list[str]
     """kind:name of each object removed."""
+    error: str | None = None
+    """Why teardown could not finish (the engine gone): what is left carries the run's labels, and
+    `sandbox gc` removes it."""
+    kept: str | None = None
+    """The agent's work that could not be imported and is kept for recovery (a path in the run directory)."""
+
+
+class Recovery(_P):
+    """A run whose supervisor died (or whose work could not be imported) is being finished by another
+    process: `sandbox gc`, or a later `sandbox run`."""
+
+    by: str
+    """Which command recovers it, and its process id."""
+    why: str
+    """Why the run needed recovering."""
+    dropped_bytes: int = 0
+    """A last audit line the dead supervisor had only half written, dropped so that the chain goes on."""
+    gateway_lines: int = 0
+    """Lines of the sidecar's log the supervisor never recorded (model calls and egress after it died),
+    recorded now, after this event, from the sidecar's container log."""
+    agent_lines: int = 0
+    """Lines of the agent's output the supervisor never read, recorded now from its container log."""
 
 
 class RunEnded(_P):
@@ -401,6 +423,19 @@ class SidecarReady(_P):
     """Whether the sidecar holds a real key."""
 
 
+class Watchdog(_P):
+    """The sidecar's backstop changed state: with the supervisor's heartbeat stale (`supervisor_lost`) or the
+    run's deadline passed (`deadline`) it refuses every model call and connection and cuts those open;
+    `restored` when a paused supervisor's heartbeat came back."""
+
+    state: str
+    """supervisor_lost, deadline or restored."""
+    detail: str
+    """For people: how old the heartbeat is, or how long the sidecar has run."""
+    heartbeat_age_s: float | None = None
+    """Seconds since the supervisor last touched its heartbeat file."""
+
+
 class SidecarStopped(_P):
     """The sidecar shut down cleanly."""
 
@@ -446,7 +481,8 @@ class ModelCall(_P):
     (one token per byte, at most max_tokens)."""
     cut: str | None = None
     """Why it did not end normally: `budget` (the gateway cut the stream off when spend crossed the cap),
-    `client` (the client went away), `upstream` (the upstream broke off), `cancelled`."""
+    `client` (the client went away), `upstream` (the upstream broke off), `cancelled`, `supervisor_lost` or
+    `deadline` (the sidecar's watchdog tripped mid-stream)."""
 
 
 class ModelCallRefused(_P):
@@ -457,7 +493,8 @@ class ModelCallRefused(_P):
     the calls in flight), `endpoint` (not a forwarded method and path: 404), `path` (raw path not in normal
     form), `query`, `request` (not a JSON object), `server_tool` (a server-side tool or MCP server the policy
     does not allow), `url_source` (an image or document the model API would fetch from a host the egress
-    allowlist does not allow)."""
+    allowlist does not allow), `supervisor_lost` (the supervisor's heartbeat stopped: nobody watches the run),
+    `deadline` (the run's own deadline passed, supervisor or not)."""
     spent_usd: float
     """Spend so far."""
     budget_usd: float
@@ -539,10 +576,10 @@ EVENT_MODELS: dict[str, type[BaseModel]] = {
     "result_verified": ResultVerified, "resource_usage": ResourceUsage, "finalised": Finalised,
     "imported": Imported, "gate": GateChecked, "check": CheckRan, "pre_command": PreRan, "push": Pushed,
     "pull_request": PullRequest,
-    "teardown": Teardown, "run_ended": RunEnded,
+    "teardown": Teardown, "run_ended": RunEnded, "recovery": Recovery,
     "agent_init": AgentInit, "tool_call": ToolCall, "tool_result": ToolResult, "assistant_text": AssistantText,
     "result": AgentResult, "agent_event": AgentEvent, "agent_output": AgentOutput,
-    "ready": SidecarReady, "stopped": SidecarStopped, "model_call": ModelCall,
+    "ready": SidecarReady, "stopped": SidecarStopped, "watchdog": Watchdog, "model_call": ModelCall,
     "model_call_refused": ModelCallRefused, "model_call_failed": ModelCallFailed, "sidecar_output": SidecarOutput,
     "egress": Egress, "invalid_event": InvalidEvent,
 }

@@ -1,37 +1,61 @@
-"""`sandbox gc`: remove what runs whose supervisor died left behind, found by label, and nothing else."""
+"""Recovery of runs nobody supervises any more: `sandbox gc`, and every `sandbox run` before it starts.
+
+A run needs recovering when the store still calls it running but nobody holds its lock (its supervisor was
+killed, the machine rebooted), or when its work waits to be imported (the engine or the disk failed). Either
+way the work is packed and imported onto its branch, everything of the run is removed, and the run gets a
+summary: `interrupted` for a dead supervisor. Objects on the engine are only ever touched when they carry
+this state directory's identity (liveness.py): another state directory's runs, on the same engine, are left
+alone. Objects from before that label existed are removed when the process that made them is gone.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
+from typing import Any, Literal
 
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import quota
 from .backend import Backend
+from .errors import EnvironmentNotReady
+from .images import ImageSet
+from .liveness import RunLock, state_id, supervised
+from .paths import runs_dir
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
+Action = Literal["recovered", "removed", "skipped", "failed"]
+
 
 class Collected(BaseModel):
-    """One run's leftovers and what gc did with them."""
+    """One run that `sandbox gc` looked at, and what it did (or, with --dry-run, would do)."""
 
     model_config = ConfigDict(extra="forbid")
 
     run_id: str
-    """The run the objects are labelled with."""
-    action: str
-    """`removed`, or `skipped` while its supervisor is alive."""
+    """The run."""
+    action: Action
+    """recovered (work packed and imported, summary written), removed (objects only), skipped or failed."""
+    detail: str = ""
+    """Why: the supervisor is alive, another state directory's run, the outcome of the recovery."""
     objects: list[str] = Field(default_factory=list)
-    """Containers and networks, as kind:name."""
-    marked_failed: bool = False
-    """The run store had it as running and now has it failed with reason error."""
+    """Containers, networks and firewall rules on record for it, as kind:name."""
+    branch: str | None = None
+    """Where the recovered work is."""
+    status: str | None = None
+    """The run's status after recovery."""
+    dry_run: bool = False
+    """Nothing was done: this is what would be."""
 
 
 def supervisor_alive(identity: str | None) -> bool:
-    """Whether the process named by a `pid:start-time` label still runs (the start time rules out pid reuse)."""
+    """Whether the process named by a `pid:start-time` label still runs (the start time rules out pid reuse).
+    Only for objects made before the state label; everything newer is judged by its run's lock."""
     if not identity:
         return False
     try:
@@ -42,23 +66,85 @@ def supervisor_alive(identity: str | None) -> bool:
         return False
 
 
-def _release_quota(store: RunStore, run_id: str) -> list[str]:
-    """Unmount the run's quota filesystems (quota.py) that its supervisor did not live to release."""
-    row = store.get(run_id)
-    if not row or not row.get("run_dir"):
-        return []
-    return quota.release_run(Path(row["run_dir"]))
+def _why(row: dict[str, Any] | None) -> str:
+    if row is not None and row.get("status") != "running" and row.get("recover"):
+        return f"its work waited to be imported ({row['recover']})"
+    pid = row.get("supervisor_pid") if row else None
+    return f"its supervisor{f' (pid {pid})' if pid else ''} died before the run ended"
 
 
-def collect(backend: Backend, store: RunStore, force: bool = False) -> list[Collected]:
-    out = []
-    for run_id, found in sorted(backend.list_runs().items()):
-        if not force and supervisor_alive(found.get("supervisor")):
-            out.append(Collected(run_id=run_id, action="skipped", objects=found["objects"]))
+def collect(backend: Backend, store: RunStore, images: ImageSet | None, dry_run: bool = False,
+            objects: bool = True, progress: Any = None) -> list[Collected]:
+    """Recover every run of this state directory that nobody supervises. objects=False looks at the store
+    alone (the cheap check before a run); images None leaves work unimported (it stays for a later gc)."""
+    mine = state_id()
+    rows = {r["id"]: r for r in store.unfinished()}
+    found = backend.list_runs() if objects else {}
+    out: list[Collected] = []
+    for run_id in sorted(set(rows) | set(found)):
+        row, entry = rows.get(run_id) or store.get(run_id), found.get(run_id, {})
+        objs = list(entry.get("objects", []))
+        state = entry.get("state")
+        if entry and state is None and row is None:
+            # Made before the state label, or a firewall rule whose network is gone.
+            if supervisor_alive(entry.get("supervisor")):
+                out.append(Collected(run_id=run_id, action="skipped", objects=objs, detail="its supervisor is alive"))
+                continue
+            removed = objs if dry_run else backend.remove_run(run_id)
+            out.append(Collected(run_id=run_id, action="removed", objects=removed, dry_run=dry_run,
+                                 detail="left by a dead supervisor of an earlier version"))
             continue
-        removed = backend.remove_run(run_id)
-        removed += _release_quota(store, run_id)
-        marked = store.mark_failed(run_id, "the supervisor died before the run ended; cleaned up by sandbox gc")
-        log.info("gc run_id=%s removed=%d marked_failed=%s", run_id, len(removed), marked)
-        out.append(Collected(run_id=run_id, action="removed", objects=removed, marked_failed=marked))
+        if state is not None and state != mine:
+            out.append(Collected(run_id=run_id, action="skipped", objects=objs,
+                                 detail=f"another state directory's run ({state})"))
+            continue
+        run_dir = Path(row["run_dir"]) if row else runs_dir() / run_id
+        if run_dir.exists() and supervised(run_dir):
+            out.append(Collected(run_id=run_id, action="skipped", objects=objs, detail="its supervisor is alive"))
+            continue
+        if dry_run:
+            what = "recover: pack and import its work, remove" if (run_dir / "spec.json").exists() else "remove"
+            out.append(Collected(run_id=run_id, action="recovered" if "recover" in what else "removed",
+                                 objects=objs, dry_run=True, detail=f"would {what}; {_why(row)}"))
+            continue
+        if progress is not None:
+            progress(f"recovering run {run_id}: {_why(row)}")
+        out.append(_recover(backend, store, images, run_id, run_dir, row, objs))
     return out
+
+
+def _recover(backend: Backend, store: RunStore, images: ImageSet | None, run_id: str, run_dir: Path,
+             row: dict[str, Any] | None, objs: list[str]) -> Collected:
+    lock = RunLock(run_dir)
+    if run_dir.exists() and not lock.try_acquire():
+        return Collected(run_id=run_id, action="skipped", objects=objs, detail="another process took it first")
+    try:
+        if images is None or not (run_dir / "spec.json").exists():
+            # Nothing to pack (it died before it began), or no images to pack with: remove, mark, and keep
+            # the workspace (if any) for a later gc.
+            removed = backend.remove_run(run_id)
+            if (run_dir / "spec.json").exists():
+                return Collected(run_id=run_id, action="skipped", objects=removed,
+                                 detail="objects removed; the work waits for the images (`sandbox images build`)")
+            removed += quota.release_run(run_dir)
+            marked = store.mark_failed(run_id, f"{_why(row)}; it had not started; cleaned up by sandbox gc")
+            return Collected(run_id=run_id, action="removed", objects=removed, status="failed" if marked else None,
+                             detail=_why(row))
+        from .supervisor import Supervisor
+
+        sup = Supervisor.for_recovery(run_dir, backend, images, store)
+        summary = sup.recover(_why(row), f"sandbox gc (pid {os.getpid()})")
+        return Collected(run_id=run_id, action="recovered" if not summary.kept else "failed", objects=objs,
+                         branch=summary.branch, status=summary.status, detail=summary.message)
+    except Exception as exc:  # one run that cannot be recovered must not stop the others
+        log.exception("recovery_failed run_id=%s", run_id)
+        detail = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, EnvironmentNotReady):
+            # Not for want of an engine or room: trying again will not help. The run ends, failed, and its
+            # directory stays as it is for a person to look at.
+            store.db.execute("UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ?, "
+                             "recover = NULL WHERE id = ? AND (status = 'running' OR recover IS NOT NULL)",
+                             (f"{_why(row)}; recovery failed: {detail}; see {run_dir}", time.time(), run_id))
+        return Collected(run_id=run_id, action="failed", objects=objs, detail=detail)
+    finally:
+        lock.release()

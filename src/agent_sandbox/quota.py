@@ -117,6 +117,23 @@ def release(directory: Path, keep: bool = False) -> None:
     image.unlink(missing_ok=True)
 
 
+def park(directory: Path) -> None:
+    """Unmount the directory's filesystem but keep its image: the agent's work waits there, on no mount, for
+    `sandbox gc` to import it (remount)."""
+    if is_mounted(directory):
+        _run(_tool("umount") or "umount", "-l", str(directory))
+        log.info("quota_parked dir=%s image=%s", directory, image_path(directory))
+
+
+def remount(directory: Path) -> None:
+    """Mount a parked (or, after a reboot, dropped) image over its directory again; no-op without an image."""
+    image = image_path(directory)
+    if image.exists() and not is_mounted(directory):
+        directory.mkdir(exist_ok=True)
+        _run(_tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
+        log.info("quota_remounted dir=%s", directory)
+
+
 QUOTA_DIRS = ("workspace", "check")
 """The directories of a run directory that get a quota filesystem."""
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import shutil
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,9 +15,10 @@ from pydantic import BaseModel, ConfigDict
 
 from .backend.docker import DockerBackend
 from .checkout import HostRepo, branch_exists, open_repo, resolve_commit
-from .errors import ExitCode, SandboxError, UsageError
+from .errors import EnvironmentNotReady, ExitCode, SandboxError, UsageError, disk_full
 from .handoff import GITHUB_REPO_ENV, github_slug, remote_url
-from .images import ensure_policy_image, require_images
+from .images import ImageSet, ensure_policy_image, require_images
+from .interrupts import interrupts
 from .paths import runs_dir, state_dir
 from .policy import Policy, load_policy
 from .script import ScriptError, load_script
@@ -26,6 +29,8 @@ from .supervisor import API_KEY_ENV, BudgetGuard, Reporter, Supervisor
 from .ticket import load_ticket, parse_ticket
 
 log = logging.getLogger(__name__)
+
+MIN_STATE_FREE = 16 * 1024**2  # room for a run's records (trail, stream, summary) before it starts
 
 
 class DailyBudgetSpent(SandboxError):
@@ -210,6 +215,7 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
     """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
     on_start receives the supervisor (to cancel it from another thread)."""
     # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
+    interrupts.checkpoint()
     task, title = _task_text(req)
     host = open_repo(req.repo)
     pol, source = _effective_policy(req)
@@ -231,11 +237,19 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
     settings = load_settings()
     remaining = _daily_remaining(settings.daily_budget_usd)
 
-    # 2. The machine: Docker answers and the images exist.
+    # 2. The machine: Docker answers, the images exist, the state directory has room.
+    interrupts.checkpoint()
     backend = DockerBackend.connect()
     images = require_images(backend.client)
     # A policy's extra packages and setup commands: built on first use, then a lookup.
-    images = ensure_policy_image(backend.client, images, pol, _progress(reporter, "image"))
+    image_progress = _progress(reporter, "image")
+
+    def building(line: str) -> None:
+        interrupts.checkpoint()  # a signal during a long build ends it: nothing of the run exists yet
+        image_progress(line)
+
+    images = ensure_policy_image(backend.client, images, pol, building)
+    _check_room()
 
     run_id = new_run_id()
     spec = RunSpec(
@@ -246,9 +260,12 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
         daily_remaining_usd=remaining, push=push, remote=req.remote, open_pr=req.open_pr, pr_repo=pr_repo,
         pr_base=req.pr_base or default_pr_base(host, req.base), title=title, warnings=warnings,
     )
-    # 3. Only now is anything created.
-    store = RunStore()
+    # 3. Runs of this state directory that nobody supervises any more are finished first (cheap when there
+    # are none: a look at the store and a lock per unfinished run). Only now is anything created.
+    store = open_store()
     try:
+        recover_first(backend, store, images, reporter)
+        interrupts.checkpoint()
         sup = Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
                          daily_budget_usd=settings.daily_budget_usd, budget_guard=budget_guard)
         if on_start is not None:
@@ -256,3 +273,40 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
         return sup.run()
     finally:
         store.close()
+
+
+def open_store() -> RunStore:
+    """The run store, or a clear EnvironmentNotReady when the state directory has no room for it."""
+    try:
+        return RunStore()
+    except (OSError, sqlite3.Error) as exc:
+        if disk_full(exc):
+            raise EnvironmentNotReady(f"the state directory's filesystem is full ({state_dir()}): {exc}",
+                                      hint="free some space, or set SANDBOX_STATE_DIR elsewhere") from None
+        raise
+
+
+def _check_room() -> None:
+    """A run needs some room in the state directory for its records before it starts."""
+    root = state_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if free < MIN_STATE_FREE:
+        raise EnvironmentNotReady(
+            f"the state directory's filesystem ({root}) has {free // 1024**2} MiB free; a run needs at least "
+            f"{MIN_STATE_FREE // 1024**2} MiB for its records", hint="free some space, or set SANDBOX_STATE_DIR")
+
+
+def recover_first(backend: DockerBackend, store: RunStore, images: ImageSet, reporter: Reporter | None) -> None:
+    """Recover this state directory's runs whose supervisor is gone (gc.py), saying so; never fatal."""
+    from .gc import collect
+
+    try:
+        done = collect(backend, store, images, objects=False, progress=_progress(reporter, "recover"))
+    except Exception as exc:  # the new run matters more; `sandbox gc` will try again
+        log.warning("recover_first_failed error=%r", exc)
+        return
+    for r in done:
+        if r.action in ("recovered", "failed"):
+            log.info("recovered_before_run run_id=%s action=%s", r.run_id, r.action)
+            _progress(reporter, "recover")(f"{r.run_id}: {r.action}: {r.detail}")

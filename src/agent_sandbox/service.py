@@ -24,6 +24,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import SandboxError, UsageError, validation_message
+from .interrupts import interrupts
 from .runner import RunRequest, run_task
 from .store import RunStore
 from .views import read_events, resolve_run
@@ -254,6 +255,8 @@ class TaskService:
         self.wake = asyncio.Event()
         self.running: set[str] = set()
         self.workers: list[asyncio.Task[None]] = []
+        self.closing = False  # a signal came: no further task is claimed
+        self.in_flight = 0  # runs in progress, which a stopping service waits for
 
     # --- queue ---------------------------------------------------------------------------------------------
 
@@ -262,20 +265,24 @@ class TaskService:
             return self.store.db.execute(sql, args).fetchall()
 
     def recover(self) -> list[str]:
-        """Tasks left running by a service that died: remove their containers, mark them failed."""
+        """Tasks left running by a service that died: their runs are recovered (work imported, everything
+        removed, as `sandbox gc` does) and the tasks marked failed."""
         rows = self._exec("SELECT id, run_id FROM tasks WHERE status = 'running'")
         reaped = []
         if rows:
             from .backend.docker import DockerBackend
             from .gc import collect
+            from .images import require_images
 
             try:
-                collect(DockerBackend.connect(), self.store)
+                backend = DockerBackend.connect()
+                collect(backend, self.store, require_images(backend.client))
             except Exception as exc:  # the tasks are still marked; `sandbox gc` can finish the cleanup later
                 log.warning("recover_gc_failed error=%r", exc)
         for row in rows:
             self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
-                       ("the service stopped while the task was running; its run was reaped", time.time(), row["id"]))
+                       ("the service stopped while the task was running; its run was recovered by the service's "
+                        "restart (`sandbox show` has its branch)", time.time(), row["id"]))
             reaped.append(row["id"])
             log.info("task_reaped id=%s run_id=%s", row["id"], row["run_id"])
         return reaped
@@ -307,7 +314,7 @@ class TaskService:
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            claimed = self._claim()
+            claimed = None if self.closing else self._claim()
             if claimed is None:
                 self.wake.clear()
                 await self.wake.wait()
@@ -317,6 +324,7 @@ class TaskService:
             def started(sup: Any, task_id: str = task_id) -> None:
                 self._exec("UPDATE tasks SET run_id = ? WHERE id = ?", (sup.spec.run_id, task_id))
 
+            self.in_flight += 1
             try:
                 summary = await loop.run_in_executor(None, functools.partial(run_task, req, on_start=started))
                 self._exec("UPDATE tasks SET status = 'done', summary = ?, run_id = ?, ended_at = ? WHERE id = ?",
@@ -328,6 +336,8 @@ class TaskService:
                 log.exception("task_crashed id=%s", task_id)
                 self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
                            (f"{type(exc).__name__}: {exc}", time.time(), task_id))
+            finally:
+                self.in_flight -= 1
 
     # --- HTTP ----------------------------------------------------------------------------------------------
 
@@ -470,8 +480,16 @@ class TaskService:
         if ready:
             ready(port, reaped)
         self.workers = [asyncio.create_task(self.worker()) for _ in range(self.config.concurrency)]
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.Event()
         try:
-            await asyncio.Event().wait()
+            # A signal (interrupts.py) stops the service: the runs in progress get it too, stop their agents,
+            # import their work and tear down; the service waits for them, then exits. No new task starts.
+            with interrupts.delivered_to(lambda _name: loop.call_soon_threadsafe(stopping.set)):
+                await stopping.wait()
+                self.closing = True
+                while self.in_flight:
+                    await asyncio.sleep(0.2)
         finally:
             for w in self.workers:
                 w.cancel()

@@ -162,6 +162,9 @@ class RunSummary(BaseModel):
     """The pull request, when one was opened."""
     warnings: list[str] = Field(default_factory=list)
     """What the operator should know before trusting the result (e.g. uncommitted changes left out)."""
+    kept: str | None = None
+    """When the agent's work could not be imported (the engine gone, the state disk full): where it is kept.
+    `sandbox gc` imports it onto the branch once the cause is fixed."""
     audit_head: str | None = None
     """SHA-256 of the audit trail's last line: `sandbox audit verify` checks the tail against it."""
     run_dir: str

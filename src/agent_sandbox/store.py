@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     pushed INTEGER NOT NULL DEFAULT 0,
     run_dir TEXT NOT NULL,
     supervisor_pid INTEGER,
-    audit_head TEXT                  -- SHA-256 of the audit trail's last line
+    audit_head TEXT,                 -- SHA-256 of the audit trail's last line
+    recover TEXT                     -- set while the run's work waits for `sandbox gc` to import it
 );
 CREATE INDEX IF NOT EXISTS runs_started ON runs (started_at);
 CREATE TABLE IF NOT EXISTS tasks (
@@ -67,7 +68,9 @@ CREATE TABLE IF NOT EXISTS spend (
 
 
 # Columns added after the first release of the schema: (name, declaration).
-MIGRATIONS = [("audit_head", "TEXT")]
+MIGRATIONS = [("audit_head", "TEXT"),
+              # Why the run's work waits to be imported by `sandbox gc` (kept when the engine or disk failed).
+              ("recover", "TEXT")]
 
 
 def today() -> str:
@@ -117,6 +120,12 @@ class RunStore:
     def get(self, run_id: str) -> dict[str, Any] | None:
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return dict(row) if row else None
+
+    def unfinished(self) -> list[dict[str, Any]]:
+        """Runs still marked running, or whose work waits to be imported: `sandbox gc` looks at each."""
+        rows = self.db.execute("SELECT * FROM runs WHERE status = 'running' OR recover IS NOT NULL "
+                               "ORDER BY started_at").fetchall()
+        return [dict(r) for r in rows]
 
     def mark_failed(self, run_id: str, message: str) -> bool:
         """Mark a run that never finished as failed/error; False if it had finished or is unknown."""

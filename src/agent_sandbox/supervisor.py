@@ -7,12 +7,13 @@ the host imports it, and every container and network labelled with the run id is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
-import signal
 import socket
+import sqlite3
 import subprocess
 import threading
 import time
@@ -29,13 +30,15 @@ from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
 from .budget_broker import BrokerEndpoint, SharedBudget
-from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, import_bundle, prepare_checkout, remove_tree
+from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, branch_exists, import_bundle, prepare_checkout, remove_tree
 from .egress import overview as egress_overview
-from .errors import SandboxError
+from .errors import ExitCode, SandboxError, disk_full
 from .gate import Violation
 from .gate import check as gate_check
 from .handoff import HandoffError, open_pull_request, push_branch
 from .images import ImageSet
+from .interrupts import interrupts
+from .liveness import HEARTBEAT_DIR, HEARTBEAT_FILE, HEARTBEAT_TIMEOUT, STATE_LABEL, Heartbeat, RunLock, state_id
 from .policy import ca_bundle
 from .redact import Redactor
 from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
@@ -54,6 +57,7 @@ RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
 FINALISER_TIMEOUT = 300.0
 CHECK_TIMEOUT = 900  # seconds the operator's check may take
 DISK_CHECK_INTERVAL = 5.0
+DEADLINE_MARGIN = 120  # seconds the containers' own deadline leaves the supervisor past the wall clock
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
 # The agent's output (stdout and stderr together) is bounded: a longer line is cut (and recorded as cut),
@@ -148,13 +152,6 @@ def supervisor_identity() -> str:
     """pid:start-time of this process: `sandbox gc` tells a live supervisor from a dead one by it."""
     me = psutil.Process()
     return f"{me.pid}:{me.create_time():.2f}"
-
-
-def _ignore_interrupts() -> None:
-    """SIGINT and SIGTERM are ignored from now on (only the main thread can change signal handling)."""
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)
 
 
 def tree_size(root: Path) -> int:
@@ -255,6 +252,10 @@ class _Backlog:
 
 
 
+class _Cancelled(Exception):
+    """The run was cancelled while it was being set up."""
+
+
 class Supervisor:
     def __init__(self, spec: RunSpec, repo: HostRepo, backend: Backend, images: ImageSet,
                  reporter: Reporter | None = None, api_key: str | None = None, store: RunStore | None = None,
@@ -272,14 +273,20 @@ class Supervisor:
         self.daily_budget_usd = daily_budget_usd
         self.budget_guard = budget_guard
         self._cancel: tuple[str, str] | None = None
-        self.labels = {RUN_LABEL: spec.run_id, SUPERVISOR_LABEL: supervisor_identity()}
+        self.labels = {RUN_LABEL: spec.run_id, SUPERVISOR_LABEL: supervisor_identity(),
+                       STATE_LABEL: state_id(self.run_dir.parent.parent)}
+        self.lock = RunLock(self.run_dir)
+        self.heartbeat: Heartbeat | None = None
+        self.agent_started = False  # from here on the workspace may hold the agent's work
+        self.work_settled = False  # the work is imported, or there was none: the workspace may go
+        self.kept: str | None = None  # where the work waits when it could not be imported
+        self.environment_failure: str | None = None  # the engine gone, the state disk full: exit code 3
         self.prefix = f"sbx-{spec.run_id}"
         self.limits = spec.policy.limits
         self.chown, self.agent_user, self.sidecar_user = _owner()
         self._q: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._files: list[dict[str, Any]] = []  # the diffstat of the imported work
         self.check_result: dict[str, Any] | None = None
-        self.interrupted_in_check = False
         self.broker: BrokerEndpoint | None = None
         self.quota = quota.Quota("sampled", self.limits.disk_bytes, "not planned yet")
         self.ca_pem = ca_bundle(spec.policy)  # the policy's extra certificate authorities, read once
@@ -287,16 +294,39 @@ class Supervisor:
         self._agent_backlog = _Backlog(BACKLOG_BYTES)
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
+        self.audit_failed: str | None = None
+        self._replaying = False  # recovery rebuilds what the run learnt from its trail without recording it
 
     def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
-        """Ask a running supervisor (in another thread) to stop its agent; the run still collects and tears down."""
-        self._cancel = (reason, message)
+        """Ask a running supervisor (a signal, another thread) to stop its agent; the run still collects, imports
+        and tears down. The first request stands."""
+        if self._cancel is None:
+            self._cancel = (reason, message)
+
+    def _on_signal(self, name: str) -> None:
+        self.cancel("interrupted", f"the supervisor received {name}")
+
+    def _checkpoint(self) -> None:
+        """Between the steps that set the run up: a cancelled run goes no further (and still tears down)."""
+        if self._cancel is not None:
+            raise _Cancelled
 
     # --- the run --------------------------------------------------------------------------------------------
 
     def run(self) -> RunSummary:
-        started = time.monotonic()
+        """The run, from a new run directory to its summary. It holds the run's lock (liveness.py) throughout:
+        whoever can take it knows the supervisor is gone. Signals stop the agent (interrupts.py); nothing
+        interrupts the collection, import and teardown that follow."""
         self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.lock.acquire()
+        try:
+            with interrupts.delivered_to(self._on_signal):
+                return self._run()
+        finally:
+            self.lock.release()
+
+    def _run(self) -> RunSummary:
+        started = time.monotonic()
         self.audit = AuditLog(self.run_dir / "audit.jsonl", self.spec.run_id, self.redact)
         (self.run_dir / "spec.json").write_text(self.redact(self.spec.model_dump_json(indent=2)))
         if self.store:
@@ -310,23 +340,23 @@ class Supervisor:
         oom = False
         agent_exit: int | None = None
         error: str | None = None
-        interrupted = False
         self.ui.begin(self.spec.run_id, self.limits, self.spec.model)
         try:
             self._record_start()
+            self._checkpoint()
             self.ui.phase("prepare", f"checkout of {self.spec.base_commit[:12]} on {self.spec.branch}")
             self._prepare()
+            self._checkpoint()
             self.ui.phase("start", "networks and sidecar")
             self._start_sidecar()
+            self._checkpoint()
             self.ui.phase("agent", f"Claude Code {self.images.claude_code_version}, model {self.spec.model}")
             agent = self._start_agent()
             try:
                 self._watch(agent, watch)
-            except KeyboardInterrupt:
-                interrupted = True
-                watch.reason, watch.message = "interrupted", "the supervisor was interrupted"
-                self._record("limit_hit", {"limit": "interrupted"})
-                self.backend.stop(agent, 1.0)
+            except KeyboardInterrupt:  # signals not taken over (interrupts.py): the agent still stops cleanly
+                self.cancel("interrupted", "the supervisor was interrupted")
+                self._limit(agent, watch, "interrupted", "the supervisor was interrupted", grace=1.0)
             info = self.backend.wait(agent, STOP_GRACE + 5)
             oom, agent_exit = info.oom_killed, info.exit_code
             self._record_usage()
@@ -339,36 +369,44 @@ class Supervisor:
             if fin_error and reason == "completed":
                 reason, message = "error", fin_error
             check = self.check_result
-            if self.interrupted_in_check:
-                interrupted = True
-                reason, message = "interrupted", ("the supervisor was interrupted during the check; the agent's "
-                                                  "work is on the branch, unchecked")
-            elif check is not None and check.get("exit_code") != 0 and reason == "completed":
+            if (check is not None and check.get("exit_code") != 0 and not check.get("interrupted")
+                    and reason == "completed"):
                 reason = "check"
                 message = f"the check `{self.spec.check}` failed (exit {check.get('exit_code')}) on the agent's work"
-        except KeyboardInterrupt:
-            interrupted = True
-            reason, message = "interrupted", "the supervisor was interrupted before the agent finished"
+        except (_Cancelled, KeyboardInterrupt):
+            self.cancel("interrupted", "the supervisor was interrupted")
+            assert self._cancel is not None
+            reason, message = self._cancel[0], f"{self._cancel[1]} before the agent started"
         except SandboxError as exc:
             reason, message, error = "error", exc.message, exc.message
+            if exc.exit_code == ExitCode.ENVIRONMENT:
+                self.environment_failure = exc.message
         except Exception as exc:  # a bug or a backend failure: the run is an error, and teardown still runs
             log.exception("run_failed run_id=%s", self.spec.run_id)
             reason, message, error = "error", f"{type(exc).__name__}: {exc}", repr(exc)
+            if disk_full(exc):
+                self.environment_failure = message = f"the state directory's filesystem is full: {exc}"
         finally:
-            # A second Ctrl-C must not skip teardown (signals can only be handled on the main thread).
-            main = threading.current_thread() is threading.main_thread()
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-            try:
-                removed = self.backend.remove_run(self.spec.run_id)
-                if self.broker is not None:
-                    held = self.broker.close()  # what the sidecar still held is booked at its worst case
-                    if held:
-                        log.info("shared_budget_held run_id=%s usd=%.6f", self.spec.run_id, held)
-                self._record("teardown", {"removed": removed})
-                self._cleanup_files()
-            finally:
-                if main:
-                    signal.signal(signal.SIGINT, previous)
+            self._teardown()
+        if self._cancel is not None and reason in ("completed", "check"):
+            # Stopped after the agent had finished (during the collection or the check): the run is
+            # interrupted, and its work, already packed, is on the branch all the same.
+            check = self.check_result or {}
+            when = "during the check" if check.get("interrupted") else "after the agent finished"
+            unchecked = bool(self.spec.check) and (not check or check.get("interrupted"))
+            landed = "; its work is on the branch" + (", unchecked" if unchecked else "")
+            reason, message = self._cancel[0], f"{self._cancel[1]} {when}" + (
+                landed if imported and imported.head else "")
+        if self.backend.engine_lost and self.environment_failure is None:
+            self.environment_failure = "the Docker engine went away during the run (stopped or restarted)"
+            if reason in ("completed", "error"):
+                reason, message = "error", f"{self.environment_failure}: {message}"
+        return self._finish(reason, message, watch, imported, oom, agent_exit, error, started)
+
+    def _finish(self, reason: str, message: str, watch: _Watch, imported: Imported | None, oom: bool,
+                agent_exit: int | None, error: str | None, started: float) -> RunSummary:
+        """The gate, the summary, the push and pull request, the last audit line and the store: what comes
+        after teardown, for a run and for its recovery. A full state disk loses records here, never the work."""
         violations: list[Violation] = []
         if imported and imported.head and error is None:
             try:
@@ -380,35 +418,199 @@ class Supervisor:
             if violations and reason == "completed":
                 reason = "policy"
                 message = f"the change breaks the policy's git rules ({len(violations)} violation(s)); kept locally"
+        if self.kept:
+            message += (f"; the agent's work is kept in {self.kept}: `sandbox gc` imports it onto "
+                        f"{self.spec.branch} once {'the cause is' if not self.environment_failure else 'that is'} "
+                        "fixed")
         summary = self._summary(reason, message, watch, imported, oom, time.monotonic() - started)
         summary.violations = violations
+        summary.kept = self.kept
+        if self.environment_failure:
+            summary.exit_code = int(ExitCode.ENVIRONMENT)
         self._handoff(summary)
         self.ui.end()
         if self.spec.open_pr and summary.pushed:
             self._open_pr(summary)
         self._record("run_ended", {"status": summary.status, "reason": reason, "message": message,
                                    "exit_code": summary.exit_code, "agent_exit_code": agent_exit,
-                                   "oom_killed": oom, "error": error, "interrupted": interrupted,
+                                   "oom_killed": oom, "error": error, "interrupted": reason == "interrupted",
                                    "cost_usd": summary.cost_usd, "branch": summary.branch,
                                    "pushed": summary.pushed, "pr_url": summary.pr_url})
-        assert self.audit is not None
-        self.audit.close()
-        summary.audit_head = self.audit.head
-        if self.store:
-            t = summary.tokens
-            self.store.update(summary.id, message=summary.message, branch=summary.branch, ended_at=time.time(),
-                              duration_s=summary.duration_s, cost_usd=summary.cost_usd, input_tokens=t.input,
-                              output_tokens=t.output, cache_read_tokens=t.cache_read, cache_write_tokens=t.cache_write,
-                              turns=summary.turns, egress_denied=summary.egress_denied,
-                              files_changed=len(summary.files_changed), audit_head=summary.audit_head)
-        self._write_summary(summary)
+        if self.audit is not None:
+            self.audit.close()
+            summary.audit_head = self.audit.head
+        try:
+            self._write_summary(summary)
+        except Exception as exc:
+            # The run is over and its work is where the summary says; only the records are missing. The
+            # store keeps the run as running, so `sandbox gc` finishes it once there is room again.
+            log.warning("summary_not_written run_id=%s error=%r", self.spec.run_id, exc)
+            if disk_full(exc) and not self.environment_failure:
+                summary.exit_code = int(ExitCode.ENVIRONMENT)
+                summary.message += "; the state directory's filesystem is full, the run's records are incomplete"
         return summary
+
+    def _teardown(self) -> None:
+        """Remove every object of the run and release its files. Nothing here raises: what cannot be removed
+        now (the engine gone) keeps its labels for `sandbox gc`, and work not yet imported is kept."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        removed: list[str] = []
+        failure: str | None = None
+        try:
+            removed = self.backend.remove_run(self.spec.run_id)
+        except Exception as exc:
+            failure = f"{type(exc).__name__}: {str(exc)[:300]}"
+            log.warning("teardown_failed run_id=%s error=%s", self.spec.run_id, failure)
+        if self.broker is not None:
+            try:
+                held = self.broker.close()  # what the sidecar still held is booked at its worst case
+                if held:
+                    log.info("shared_budget_held run_id=%s usd=%.6f", self.spec.run_id, held)
+            except Exception as exc:
+                log.warning("shared_budget_close_failed run_id=%s error=%r", self.spec.run_id, exc)
+        try:
+            self._cleanup_files()
+        except Exception as exc:
+            log.warning("cleanup_failed run_id=%s error=%r", self.spec.run_id, exc)
+        self._record("teardown", {"removed": removed, "error": failure, "kept": self.kept})
+
+    # --- recovery -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def for_recovery(cls, run_dir: Path, backend: Backend, images: ImageSet, store: RunStore | None,
+                     reporter: Reporter | None = None) -> Supervisor:
+        """A supervisor for a run another process started and did not finish (recovery.py holds its lock)."""
+        from .checkout import open_repo
+
+        spec = RunSpec.model_validate_json((run_dir / "spec.json").read_text())
+        return cls(spec, open_repo(spec.repo), backend, images, reporter, store=store)
+
+    def recover(self, why: str, by: str) -> RunSummary:
+        """Finish a run whose supervisor is gone, or whose work waits to be imported: stop what still runs,
+        record what the sidecar and the agent did that the trail lacks, pack and import the work, tear down,
+        and write the summary. The caller holds the run's lock."""
+        started = time.monotonic()
+        self.audit, dropped = AuditLog.resume(self.run_dir / "audit.jsonl", self.spec.run_id, self.redact)
+        prior_path = self.run_dir / "summary.json"
+        prior = RunSummary.model_validate_json(prior_path.read_text()) if prior_path.exists() else None
+        self.cancel("interrupted", why)  # no check and no push for recovered work
+        self.agent_started = True
+        watch = self._replay()
+        # Stopped first, so that their logs end and the workspace stops changing; removed once read.
+        for role in ("agent", "check", "finalise", "sidecar"):
+            self.backend.stop(f"{self.prefix}-{role}", 1)
+        gateway_lines = self._unrecorded(f"{self.prefix}-sidecar", False, self._recorded("gateway", "proxy"))
+        agent_lines = self._unrecorded(f"{self.prefix}-agent", False, self._stream_lines())
+        self._record("recovery", {"by": by, "why": why, "dropped_bytes": dropped,
+                                  "gateway_lines": len(gateway_lines), "agent_lines": len(agent_lines)})
+        for line in gateway_lines:
+            self._gateway_event(line, watch)
+        with (self.run_dir / "agent-stream.jsonl").open("a", encoding="utf-8") as stream:
+            for line in agent_lines:
+                self._keep_line(stream, line)
+                self._agent_line(f"{self.prefix}-agent", line, watch)
+        imported: Imported | None = None
+        error: str | None = None
+        try:
+            self.backend.remove_run(self.spec.run_id)
+            quota.remount(self.run_dir / "workspace")
+            if (self.run_dir / "workspace" / ".git").exists():
+                for sub in ("out", "in"):
+                    (self.run_dir / sub).mkdir(exist_ok=True)
+                (self.run_dir / "out" / "result.json").unlink(missing_ok=True)
+                imported, fin_error = self._collect("interrupted")
+                error = fin_error
+            elif branch_exists(self.repo, self.spec.branch):
+                # The workspace is gone because the work was imported: the branch is what there is.
+                head = git.Git(self.repo.path).rev_parse("--verify", f"refs/heads/{self.spec.branch}")
+                imported = Imported(branch=self.spec.branch, head=head, commits=git.Git(self.repo.path).rev_list(
+                    "--reverse", f"{self.spec.base_commit}..{head}").split())
+                self.work_settled = True
+            else:
+                self.work_settled = True  # nothing left to import, and nothing to keep
+        except SandboxError as exc:
+            error = exc.message
+            if exc.exit_code == ExitCode.ENVIRONMENT:
+                self.environment_failure = exc.message
+        except Exception as exc:
+            log.exception("recovery_failed run_id=%s", self.spec.run_id)
+            error = f"{type(exc).__name__}: {exc}"
+        finally:
+            self._teardown()
+        if imported is not None and imported.head:
+            self._files = self._diffstat(imported)
+        landed = f"its work is on {imported.branch}" if imported and imported.head else (
+            "it had changed nothing" if imported else f"its work could not be imported: {error}")
+        if prior is not None:
+            reason = prior.reason
+            before = prior.message.split("; the agent's work is kept")[0]
+            message = f"{before}; recovered by {by}: {landed}"
+        else:
+            reason, message = "interrupted", f"{why}; recovered by {by}: {landed}"
+        log.info("recovered run_id=%s by=%s imported=%s", self.spec.run_id, by, bool(imported and imported.head))
+        return self._finish(reason, message, watch, imported, False, None, error, started)
+
+    def _recorded(self, *sources: str) -> int:
+        assert self.audit is not None
+        return sum(1 for e in self.audit.events() if e.get("source") in sources)
+
+    def _stream_lines(self) -> int:
+        path = self.run_dir / "agent-stream.jsonl"
+        if not path.exists():
+            return 0
+        with path.open("rb") as fh:
+            return sum(1 for _ in fh)
+
+    def _unrecorded(self, container: str, stderr: bool, seen: int) -> list[_Line]:
+        """The lines of a stopped container's log past the first `seen` (which the trail has already)."""
+        out: list[_Line] = []
+        size = 0
+        try:
+            for n, line in enumerate(_lines(self.backend.output(container, stderr=stderr))):
+                if n < seen:
+                    continue
+                size += line.size + 1
+                if size > MAX_OUTPUT_BYTES or len(out) >= MAX_OUTPUT_LINES:
+                    break  # the same bounds as a live run's: a flood is not read back in full either
+                out.append(line)
+        except Exception as exc:  # the container is gone (removed, or the engine restarted without it)
+            log.info("no_container_log container=%s error=%r", container, exc)
+        return out
+
+    def _replay(self) -> _Watch:
+        """What the run had learnt (spend, calls, tokens, egress, turns, the agent's result), rebuilt from its
+        trail and stream without recording anything again."""
+        assert self.audit is not None
+        w = _Watch()
+        self._replaying = True
+        try:
+            for e in self.audit.events():
+                if e.get("source") in ("gateway", "proxy") and isinstance(e.get("payload"), dict):
+                    self._gateway_event(json.dumps({"event": e.get("type"), **e["payload"]}), w)
+            path = self.run_dir / "agent-stream.jsonl"
+            if path.exists():
+                with path.open(encoding="utf-8", errors="replace") as fh:
+                    for line in fh:
+                        self._agent_line(f"{self.prefix}-agent", line.rstrip("\n"), w)
+        finally:
+            self._replaying = False
+        w.reason = None
+        return w
 
     # --- steps ----------------------------------------------------------------------------------------------
 
     def _record(self, type_: str, payload: dict[str, Any], source: str = "supervisor") -> None:
-        if self.audit is not None:
-            self.audit.write(source, type_, payload)  # type: ignore[arg-type]
+        if self.audit is not None and not self._replaying:
+            try:
+                self.audit.write(source, type_, payload)  # type: ignore[arg-type]
+            except OSError as exc:
+                # A full state disk must not take the run down with it: the work comes first.
+                if not self.audit_failed:
+                    self.audit_failed = f"the audit trail could not be written: {exc}"
+                    log.warning("audit_write_failed run_id=%s error=%r", self.spec.run_id, exc)
+                    if disk_full(exc):
+                        self.environment_failure = f"the state directory's filesystem is full ({exc.strerror})"
         if type_ in ("limit_hit", "agent_lingered"):
             # The agent is about to be stopped: its output must not hold up the stop (after a flood, nothing
             # more of it is kept).
@@ -465,8 +667,18 @@ class Supervisor:
         config = SidecarConfig(run_id=self.spec.run_id, upstream_url=self.spec.upstream_url, budget_usd=budget,
                                prices=self.spec.policy.pricing, egress=egress, own_addresses=host_addresses(),
                                gateway_name=SIDECAR_ALIAS, extra_ca_pem=self.ca_pem,
-                               server_tools=list(self.spec.policy.agent.server_tools))
-        mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False)]
+                               server_tools=list(self.spec.policy.agent.server_tools),
+                               # The backstop should the supervisor die (liveness.py): no model call and no
+                               # connection once its heartbeat stops, or once the run is over by the clock.
+                               heartbeat_path=f"/sandbox/heartbeat/{HEARTBEAT_FILE}",
+                               heartbeat_timeout_s=HEARTBEAT_TIMEOUT,
+                               # The check, after the agent, still reaches the network through the proxy.
+                               deadline_s=self._deadline() + (CHECK_TIMEOUT + DEADLINE_MARGIN if self.spec.check
+                                                              else 0))
+        self.heartbeat = Heartbeat(self.run_dir)
+        self.heartbeat.start()
+        mounts = [Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False),
+                  Mount(source=str(self.run_dir / HEARTBEAT_DIR), target="/sandbox/heartbeat", read_only=True)]
         if self.budget_guard is not None:
             # The shared budget's ledger, on a socket in a directory mounted into the sidecar alone.
             sidecar_owner = (SIDECAR_UID, SIDECAR_UID) if self.chown else None
@@ -505,6 +717,11 @@ class Supervisor:
             if event.get("event") == "ready":
                 return
         raise SandboxError("the sidecar did not become ready: " + self._tail(self.sidecar))
+
+    def _deadline(self) -> float:
+        """Seconds after which the run's own containers end it whatever happens to the supervisor: past the
+        wall clock, with room for the check and the supervisor's own stop."""
+        return float(self.limits.wall_seconds + DEADLINE_MARGIN)
 
     def _tail(self, container: str) -> str:
         try:
@@ -560,7 +777,10 @@ class Supervisor:
             "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
             "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
             "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
+            # Its entry point ends the container by itself past this, should the supervisor be gone.
+            "SANDBOX_DEADLINE_SECONDS": str(int(self._deadline())),
         }, self._work_mounts(), command=self._claude_args())
+        self.agent_started = True  # the workspace is the agent's from here: never removed before it is imported
         agent = self._start_isolated(spec, "network-ready", command=["claude", *spec.command])
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", agent, True), daemon=True).start()
@@ -634,7 +854,10 @@ class Supervisor:
                 now = time.monotonic()
                 if w.reason is None:
                     if self._cancel is not None:
-                        self._limit(agent, w, *self._cancel)
+                        self._limit(agent, w, *self._cancel, grace=1.0)
+                    elif self.environment_failure is not None:
+                        # The trail can no longer be written: an unrecorded agent is an unsupervised one.
+                        self._limit(agent, w, "error", self.environment_failure, limit="state_disk")
                     elif now - t0 > lim.wall_seconds:
                         self._limit(agent, w, "timeout", f"wall-clock limit of {lim.wall_seconds}s reached")
                     elif now - w.last_activity > lim.idle_seconds:
@@ -656,12 +879,11 @@ class Supervisor:
                         agent_done = True
                         continue
                     w.last_activity = time.monotonic()
-                    stream.write(self.redact(line) + "\n")
-                    stream.flush()
+                    self._keep_line(stream, line)
                     self._agent_line(agent, line, w)
                 elif source == "agent_stderr":
                     if line is not None:
-                        stderr.write(self.redact(line) + "\n")
+                        self._keep_line(stderr, line)
                 elif source == "disk" and line is not None and w.reason is None:
                     if line.startswith("unmeasurable"):
                         self._limit(agent, w, "error", f"the disk limit cannot be enforced: {line}", limit="disk")
@@ -681,8 +903,18 @@ class Supervisor:
             backlog.close(0 if w.flooded else MAX_OUTPUT_BYTES)
             if hasattr(self, "_disk_done"):
                 self._disk_done.set()
-            stream.close()
-            stderr.close()
+            for fh in (stream, stderr):
+                with contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost, not the run
+                    fh.close()
+
+    def _keep_line(self, fh: Any, line: str) -> None:
+        """A line of the agent's output into its file in the run directory; a full disk is the audit's concern."""
+        try:
+            fh.write(self.redact(line) + "\n")
+            fh.flush()
+        except OSError as exc:
+            if disk_full(exc) and self.environment_failure is None:
+                self.environment_failure = f"the state directory's filesystem is full ({exc.strerror})"
 
     def _agent_output(self, agent: str, w: _Watch, source: str, line: str) -> bool:
         """Count a line of the agent's output against the bounds; False once they are exceeded."""
@@ -705,12 +937,13 @@ class Supervisor:
                 "kept": size - cut})
         return True
 
-    def _limit(self, agent: str, w: _Watch, reason: str, message: str, limit: str | None = None) -> None:
+    def _limit(self, agent: str, w: _Watch, reason: str, message: str, limit: str | None = None,
+               grace: float = STOP_GRACE) -> None:
         w.reason, w.message = reason, message
         self._record("limit_hit", {"limit": limit or reason, "reason": reason, "message": message})
         self.ui.event("limit", message)
         log.info("limit_hit run_id=%s limit=%s", self.spec.run_id, reason)
-        self.backend.stop(agent, STOP_GRACE)
+        self.backend.stop(agent, grace)
 
     def _agent_line(self, agent: str, line: str, w: _Watch) -> None:
         # Everything here is the agent's own account (any process in its container can write to this
@@ -780,8 +1013,8 @@ class Supervisor:
                 if shared >= self.budget_guard.cap_usd and agent is not None and w.reason is None:
                     self._limit(agent, w, "budget", f"the {self.budget_guard.label} of "
                                                     f"${self.budget_guard.cap_usd:.2f} is spent", limit="shared_budget")
-            if self.store:
-                day_total = self.store.add_spend(self.spec.run_id, float(event.get("cost_usd", 0)))
+            if self.store and not self._replaying:
+                day_total = self._book(float(event.get("cost_usd", 0)))
                 cap = self.daily_budget_usd
                 if cap is not None and day_total >= cap and agent is not None and w.reason is None:
                     self._limit(agent, w, "budget", f"the host's daily budget of ${cap:.2f} is spent "
@@ -791,6 +1024,18 @@ class Supervisor:
             if agent is not None and w.reason is None:
                 self._limit(agent, w, "budget", f"model budget of ${self.limits.budget_usd:.2f} spent")
         return {"event": kind, **event}
+
+    def _book(self, usd: float) -> float:
+        """Book a model call's cost in the store's daily ledger; the day's total. A store that cannot be written
+        (a full disk) ends the run rather than letting spend go unbooked."""
+        assert self.store is not None
+        try:
+            return self.store.add_spend(self.spec.run_id, usd)
+        except sqlite3.Error as exc:
+            log.warning("spend_not_booked run_id=%s usd=%.6f error=%r", self.spec.run_id, usd, exc)
+            if self.environment_failure is None:
+                self.environment_failure = f"the run store cannot be written: {exc}"
+            return 0.0
 
     def _reason(self, w: _Watch, exit_code: int | None, oom: bool) -> tuple[str, str]:
         if w.reason:
@@ -868,6 +1113,8 @@ class Supervisor:
             env={"SANDBOX_RUN_ID": self.spec.run_id, "SANDBOX_BASE_COMMIT": self.spec.base_commit,
                  "SANDBOX_BRANCH": self.spec.branch,
                  "SANDBOX_END_REASON": reason, "HOME": "/tmp",
+                 # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`).
+                 "SANDBOX_DEADLINE_SECONDS": str(int(FINALISER_TIMEOUT + DEADLINE_MARGIN)),
                  # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
                  "SANDBOX_DISK_LIMIT": str(self.limits.disk_bytes),
                  "GIT_AUTHOR_NAME": author.name, "GIT_AUTHOR_EMAIL": author.email,
@@ -891,21 +1138,28 @@ class Supervisor:
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail(fin)}"
         self._record("finalised", result)
         if self.spec.check and result.get("head"):
-            self.check_result = self._run_check(result["head"])
+            if self._cancel is None:
+                self.check_result = self._run_check(result["head"])
+            else:
+                self._record("check", {"exit_code": 130, "head": result["head"], "interrupted": True,
+                                       "output": f"not run: {self._cancel[1]}"})
         if result.get("status") == "unchanged":
+            self.work_settled = True
             return Imported(branch=None, head=None, commits=[]), None
         if result.get("status") != "packed":
             return None, f"the agent's work could not be packed: {result.get('detail')}"
         bundle = self.run_dir / "out" / "work.bundle"
         if bundle.is_symlink() or not bundle.is_file():
+            self.work_settled = True  # refused, not lost: a bundle that is no plain file is never imported
             return None, "the finaliser reported a bundle but wrote no plain file"
         if bundle.stat().st_size > self.limits.disk_bytes:
+            self.work_settled = True
             # Never import more than the disk limit into the host repository.
             return None, (f"the agent's bundle ({bundle.stat().st_size} bytes) is larger than the disk limit "
                           f"of {self.limits.disk}; nothing was imported")
         self.ui.phase("import", f"fetching the bundle into {self.spec.branch}")
-        imported = import_bundle(self.repo, bundle, self.spec.branch,
-                                 self.spec.base_commit, replace=self.spec.replace_branch)
+        imported = self._import(bundle, result.get("head"))
+        self.work_settled = True
         self._files = self._diffstat(imported)
         self._record("imported", {"branch": imported.branch, "head": imported.head, "commits": imported.commits,
                                   "files": self._files})
@@ -914,6 +1168,24 @@ class Supervisor:
             return imported, (f"the imported head {imported.head} is not the packed head {result.get('head')}; "
                               "the branch is kept for inspection")
         return imported, None
+
+    def _import(self, bundle: Path, head: str | None) -> Imported:
+        """Fetch the bundle onto the branch. A recovery may find the branch there already, at the packed head
+        (the dead supervisor got that far): that is the work, imported."""
+        try:
+            return import_bundle(self.repo, bundle, self.spec.branch, self.spec.base_commit,
+                                 replace=self.spec.replace_branch)
+        except SandboxError as exc:
+            if head and branch_exists(self.repo, self.spec.branch):
+                g = git.Git(self.repo.path)
+                if g.rev_parse("--verify", f"refs/heads/{self.spec.branch}") == head:
+                    commits = g.rev_list("--reverse", f"{self.spec.base_commit}..{head}").split()
+                    return Imported(branch=self.spec.branch, head=head, commits=commits)
+            if disk_full(exc):
+                self.environment_failure = f"the host repository's filesystem is full: {exc.message}"
+            else:
+                self.work_settled = True  # refused for what it is, not for want of room: nothing to retry
+            raise
 
     def _run_check(self, head: str) -> dict[str, Any]:
         """The operator's check on a clean checkout of the packed head, in a container like the agent's: the
@@ -931,18 +1203,16 @@ class Supervisor:
         spec = self._sandboxed("check", {"SANDBOX_CHECK_HEAD": head, "SANDBOX_CHECK_TIMEOUT": str(CHECK_TIMEOUT)},
                                mounts, entrypoint=["/opt/sandbox/check.sh"])
         container = self._start_isolated(spec, "check-ready", command=["check", self.spec.check or ""])
-        try:
-            info = self.backend.wait(container, CHECK_TIMEOUT + 30)
-        except KeyboardInterrupt:
-            # The work is packed already: stop the check and still bring the work home. Later signals must not
-            # interrupt that (or teardown), so they are ignored from here on, on the main thread.
-            self.interrupted_in_check = True
-            _ignore_interrupts()
-            self._record("limit_hit", {"limit": "interrupted", "reason": "interrupted",
-                                       "message": "the supervisor was interrupted during the check"})
+        deadline = time.monotonic() + CHECK_TIMEOUT + 30
+        info = self.backend.status(container)
+        while info.running and time.monotonic() < deadline and self._cancel is None:
+            info = self.backend.wait(container, 1.0)
+        if self._cancel is not None and info.running:
+            # The work is packed already: stop the check and still bring the work home.
+            self._record("limit_hit", {"limit": self._cancel[0], "reason": self._cancel[0],
+                                       "message": f"{self._cancel[1]} during the check"})
             self.backend.stop(container, 1)
-            info = self.backend.status(container)
-            check = {"exit_code": 130, "head": head, "output": "the check was interrupted"}
+            check = {"exit_code": 130, "head": head, "interrupted": True, "output": "the check was interrupted"}
             self._record("check", check)
             return check
         if info.running:
@@ -972,6 +1242,18 @@ class Supervisor:
         if transcript.is_file():
             # The sidecar wrote it inside its container; redaction happens here, on the host.
             transcript.write_text(self.redact(transcript.read_text(errors="replace")))
+        if self.agent_started and not self.work_settled:
+            # The work never reached the branch (the engine gone, a full disk, a finaliser that failed): it
+            # stays, and the store marks the run for `sandbox gc` to import it.
+            self.kept = str(self.run_dir / "workspace")
+            quota.park(self.run_dir / "workspace")
+            quota.release(self.run_dir / "check")
+            if self.store:
+                try:
+                    self.store.update(self.spec.run_id, recover=self.environment_failure or "the work was not imported")
+                except Exception as exc:
+                    log.warning("store_update_failed run_id=%s error=%r", self.spec.run_id, exc)
+            return
         quota.release_run(self.run_dir, keep=self.spec.keep)
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
@@ -1014,10 +1296,20 @@ class Supervisor:
         self._record("pull_request", {"url": s.pr_url, "error": s.push_error if not s.pr_url else None})
 
     def _write_summary(self, s: RunSummary) -> None:
-        (self.run_dir / "summary.json").write_text(s.model_dump_json(indent=2))
+        """summary.json and the report, then the store: the store calls a run ended only once its files exist,
+        and a run it still calls running once its supervisor is gone is finished by `sandbox gc`."""
+        tmp = self.run_dir / ".summary.json.tmp"
+        tmp.write_text(s.model_dump_json(indent=2))
+        tmp.replace(self.run_dir / "summary.json")
         report.write(self.run_dir, s)
         if self.store:
-            self.store.update(s.id, pushed=int(s.pushed), reason=s.reason, status=s.status)
+            t = s.tokens
+            self.store.update(s.id, status=s.status, reason=s.reason, message=s.message, branch=s.branch,
+                              ended_at=time.time(), duration_s=s.duration_s, cost_usd=s.cost_usd,
+                              input_tokens=t.input, output_tokens=t.output, cache_read_tokens=t.cache_read,
+                              cache_write_tokens=t.cache_write, turns=s.turns, egress_denied=s.egress_denied,
+                              files_changed=len(s.files_changed), audit_head=s.audit_head, pushed=int(s.pushed),
+                              recover=(self.environment_failure or "the work was not imported") if s.kept else None)
 
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:

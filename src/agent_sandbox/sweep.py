@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .checkout import open_repo, resolve_commit
 from .errors import ExitCode, SandboxError, UsageError, validation_message
+from .interrupts import Interrupted, interrupts
 from .paths import state_dir
 from .policy import is_policy_file, load_policy
 from .runner import RunRequest, run_task
@@ -267,6 +268,8 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
             name = Path(r.path).name
             rep = PrefixReporter(reporter, name) if reporter is not None else None
             s = run_task(req, reporter=rep, budget_guard=guard, on_start=register)
+        except Interrupted as exc:
+            return SweepRow(repo=r.path, status="skipped", reason="interrupted", message="not started: " + exc.message)
         except SandboxError as exc:
             return SweepRow(repo=r.path, status="failed", reason="error", message=exc.message)
         except Exception as exc:  # one repository's crash must not take the sweep down with it
@@ -277,8 +280,14 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
                 running.pop(r.path, None)
         return _row(r.path, s)
 
+    def interrupted(name: str) -> None:
+        # The running runs get the signal themselves (interrupts.py): they stop their agents and bring their
+        # work home. No further run starts.
+        stopped.append(f"the sweep was interrupted ({name})")
+
     rows: list[SweepRow] = []
-    with ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="sweep") as pool:
+    with interrupts.delivered_to(interrupted), \
+            ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="sweep") as pool:
         futures = [pool.submit(one, r) for r in m.repos]
         try:
             for f in futures:
@@ -288,7 +297,7 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
                         break
                     except TimeoutError:
                         continue
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # signals not taken over (a library caller): stop the runs from here
             stopped.append("the sweep was interrupted")
             with lock:
                 for sup in running.values():

@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import UsageError
+from .liveness import supervised
 from .paths import runs_dir
 from .spec import RunSpec, RunSummary
 from .store import RunStore
@@ -39,7 +40,8 @@ class RunRow(BaseModel):
     policy_sha256: str
     """The policy's hash."""
     status: str
-    """running, succeeded, failed or killed."""
+    """running, succeeded, failed or killed; `orphaned` for a run the store calls running that nobody
+    supervises any more (its supervisor died): `sandbox gc`, or the next `sandbox run`, recovers it."""
     reason: str | None
     """Why it ended."""
     message: str | None
@@ -74,6 +76,8 @@ class RunRow(BaseModel):
     """The supervisor's process id."""
     audit_head: str | None
     """SHA-256 of the audit trail's last line, recorded when the run ended."""
+    recover: str | None = None
+    """Set while the run's work waits for `sandbox gc` to import it (the engine or the disk failed)."""
 
 
 class RunDetails(BaseModel):
@@ -127,7 +131,13 @@ def list_runs(store: RunStore, repo: str | None = None, status: str | None = Non
         args.append(since_to_epoch(since))
     sql += " ORDER BY started_at DESC LIMIT ?"
     args.append(limit)
-    return [RunRow.model_validate(dict(r)) for r in store.db.execute(sql, args).fetchall()]
+    return [_row(dict(r)) for r in store.db.execute(sql, args).fetchall()]
+
+
+def _row(r: dict[str, Any]) -> RunRow:
+    if r["status"] == "running" and not supervised(Path(r["run_dir"])):
+        r["status"] = "orphaned"
+    return RunRow.model_validate(r)
 
 
 def resolve_run(run_id: str) -> Path:
@@ -151,13 +161,16 @@ def read_events(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def follow_events(run_dir: Path, follow: bool, poll: float = 0.25) -> Iterator[str]:
-    """Lines of the audit trail; with follow, keep reading until the run has ended."""
+    """Lines of the audit trail; with follow, keep reading until the run has ended, or until nobody
+    supervises it any more (its supervisor died: `sandbox gc` finishes it)."""
     path = run_dir / "audit.jsonl"
+    idle_polls = 0
     with path.open() as fh:
         buf = ""
         while True:
             chunk = fh.readline()
             if chunk:
+                idle_polls = 0
                 buf += chunk
                 if buf.endswith("\n"):
                     line, buf = buf.rstrip("\n"), ""
@@ -166,6 +179,10 @@ def follow_events(run_dir: Path, follow: bool, poll: float = 0.25) -> Iterator[s
                         return
                 continue
             if not follow or (run_dir / "summary.json").exists():
+                return
+            idle_polls += 1
+            # The lock is held from before the first line to after the last: free means no one will write more.
+            if idle_polls % 4 == 0 and not supervised(run_dir):
                 return
             time.sleep(poll)
 
@@ -238,6 +255,6 @@ def details(run_dir: Path, store: RunStore) -> RunDetails:
             tools[p.get("name") or "?"] += 1
         elif e["type"] == "limit_hit":
             limits.append(str(p.get("limit")))
-    return RunDetails(run=RunRow.model_validate(row), summary=summary, spec=spec,
+    return RunDetails(run=_row(dict(row)), summary=summary, spec=spec,
                       hosts_allowed=dict(by_decision["allow"]), hosts_denied=dict(by_decision["deny"]),
                       hosts_would_deny=dict(by_decision["would_deny"]), limits_hit=limits, tool_calls=dict(tools))

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 RUN_LABEL = "sandbox.run-id"
 ROLE_LABEL = "sandbox.role"
 SUPERVISOR_LABEL = "sandbox.supervisor"  # pid:start-time of the supervisor that created the object
+STATE_LABEL = "sandbox.state"  # the identity of the state directory whose run created it (liveness.py)
 
 
 class Mount(BaseModel):
@@ -118,6 +119,8 @@ class Backend(ABC):
     """A container platform that can run one sandboxed task."""
 
     name: str = "abstract"
+    engine_lost: bool = False
+    """Set once the platform stopped answering during the run (it may have come back since)."""
 
     @abstractmethod
     def create_network(self, spec: NetworkSpec) -> None:
@@ -168,7 +171,7 @@ class Backend(ABC):
     @abstractmethod
     def list_runs(self) -> dict[str, dict[str, Any]]:
         """Run ids that still have labelled objects (or host firewall rules):
-        {run_id: {"objects": [...], "supervisor": "pid:start"}}."""
+        {run_id: {"objects": [...], "supervisor": "pid:start", "state": state id or None}}."""
 
     @abstractmethod
     def image_info(self, image: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from docker.models.containers import Container
 from docker.types import Mount as DockerMount
 
 from ..errors import EnvironmentNotReady
-from .base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
+from .base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,13 @@ log = logging.getLogger(__name__)
 ATTACHED_ROLES = ("agent",)
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+# How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
+# before the run gives up on it; once given up on, later calls (teardown) fail at once.
+ENGINE_WAIT = 120.0
+
+
+class EngineUnavailable(EnvironmentNotReady):
+    """The Docker engine stopped answering mid-run and did not come back in time."""
 
 # Run by a helper in the container's network namespace, as root with NET_ADMIN alone, before any of the
 # container's own code runs. It leaves one route, to the peer (the sidecar), on-link: no default route, no
@@ -158,17 +165,36 @@ class DockerBackend(Backend):
         self._firewall_warned = False
         # Container id -> its attached output streams (stdout: False, stderr: True) not yet handed out.
         self._attached: dict[str, dict[bool, Any]] = {}
+        self._engine_gone = False
 
     @classmethod
     def connect(cls) -> DockerBackend:
         return cls(connect_client())
 
     def _get(self, container: str) -> Container:
-        return self.client.containers.get(container)
+        return self._engine(self.client.containers.get, container)
+
+    def _engine(self, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Make an engine call, waiting (up to ENGINE_WAIT) for an engine that is restarting."""
+        deadline: float | None = None
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except requests.exceptions.ConnectionError as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    self.engine_lost = True
+                    deadline = now + (0 if self._engine_gone else ENGINE_WAIT)
+                    log.warning("engine_unreachable waiting_s=%.0f error=%s", deadline - now, str(exc)[:200])
+                if now >= deadline:
+                    self._engine_gone = True
+                    raise EngineUnavailable(f"the Docker engine stopped answering and did not come back within "
+                                            f"{ENGINE_WAIT:.0f}s: {str(exc)[:200]}", hint=DOCKER_HINT) from None
+                time.sleep(1.0)
 
     def create_network(self, spec: NetworkSpec) -> None:
-        network = self.client.networks.create(spec.name, driver="bridge", internal=spec.internal,
-                                              labels=spec.labels, check_duplicate=True)
+        network = self._engine(self.client.networks.create, spec.name, driver="bridge", internal=spec.internal,
+                               labels=spec.labels, check_duplicate=True)
         log.info("network_created name=%s internal=%s", spec.name, spec.internal)
         if spec.internal:
             self._close_host_firewall(network, spec.labels.get(RUN_LABEL, ""))
@@ -219,10 +245,11 @@ class DockerBackend(Backend):
             kwargs["network"] = spec.networks[0]
             kwargs["networking_config"] = {
                 spec.networks[0]: self.client.api.create_endpoint_config(aliases=spec.aliases or None)}
-        container = self.client.containers.create(**kwargs)
+        container = self._create(spec.name, kwargs)
         try:
             for extra in spec.networks[1:]:
-                self.client.networks.get(extra).connect(container, aliases=spec.aliases or None)
+                network = self._engine(self.client.networks.get, extra)
+                self._engine(network.connect, container, aliases=spec.aliases or None)
             if spec.labels.get(ROLE_LABEL) in ATTACHED_ROLES:
                 self._attached[container.id] = {
                     err: self.client.api.attach(container.id, stdout=not err, stderr=err, stream=True, logs=False)
@@ -235,6 +262,18 @@ class DockerBackend(Backend):
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return container.id
+
+    def _create(self, name: str, kwargs: dict[str, Any]) -> Container:
+        """Create a container, waiting for a restarting engine. A create cut off by the engine going away may
+        have happened all the same: the half-made container of that name is removed and the create repeated."""
+        try:
+            return self._engine(self.client.containers.create, **kwargs)
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or not self.engine_lost:
+                raise
+            log.info("container_recreated name=%s after the engine came back", name)
+            self._engine(self.client.api.remove_container, name, force=True)
+            return self._engine(self.client.containers.create, **kwargs)
 
     def address(self, container: str, network: str) -> str:
         networks = (self._get(container).attrs.get("NetworkSettings") or {}).get("Networks") or {}
@@ -253,7 +292,8 @@ class DockerBackend(Backend):
             target.image.id, entrypoint=["sh", "-c", ISOLATE_SCRIPT, "isolate", peer], user="0:0",
             network_mode=f"container:{target.id}",
             cap_drop=["ALL"], cap_add=["NET_ADMIN"], security_opt=["no-new-privileges:true"], read_only=True,
-            labels={RUN_LABEL: run_id, "sandbox.role": "isolate"}, detach=True,
+            labels={**{k: v for k, v in target.labels.items() if k in (RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL)},
+                    RUN_LABEL: run_id, ROLE_LABEL: "isolate"}, detach=True,
         )
         try:
             result = helper.wait(timeout=60)
@@ -316,26 +356,27 @@ class DockerBackend(Backend):
 
     def stop(self, container: str, grace: float) -> None:
         with contextlib.suppress(docker.errors.NotFound):
-            self._get(container).stop(timeout=max(0, round(grace)))
+            c = self._get(container)
+            self._engine(c.stop, timeout=max(0, round(grace)))
 
     def remove_run(self, run_id: str) -> list[str]:
         """Remove the run's containers, then its networks. Safe to race with another remover (a second gc):
         what the other removed is skipped, and a network whose containers are still going is retried."""
         removed: list[str] = []
         flt = {"label": f"{RUN_LABEL}={run_id}"}
-        for c in self.client.containers.list(all=True, filters=flt, ignore_removed=True):
+        for c in self._engine(self.client.containers.list, all=True, filters=flt, ignore_removed=True):
             try:
-                c.remove(force=True, v=True)
+                self._engine(c.remove, force=True, v=True)
                 removed.append(f"container:{c.name}")
             except docker.errors.NotFound:
                 pass
             except docker.errors.APIError as exc:
                 if exc.status_code != 409:  # 409: its removal is already in progress elsewhere
                     raise
-        for n in self.client.networks.list(filters=flt):
+        for n in self._engine(self.client.networks.list, filters=flt):
             for attempt in range(20):
                 try:
-                    n.remove()
+                    self._engine(n.remove)
                     removed.append(f"network:{n.name}")
                     break
                 except docker.errors.NotFound:
@@ -357,14 +398,15 @@ class DockerBackend(Backend):
         # (isolation helpers, finalisers) may be gone by then.
         runs: dict[str, dict[str, Any]] = {}
         flt = {"label": RUN_LABEL}
-        containers = self.client.containers.list(all=True, filters=flt, ignore_removed=True)
+        containers = self._engine(self.client.containers.list, all=True, filters=flt, ignore_removed=True)
         found = [(c.labels, f"container:{c.name}") for c in containers]
         found += [(n.attrs.get("Labels") or {}, f"network:{n.name}") for n in self.client.networks.list(filters=flt)]
         found += [({RUN_LABEL: rid}, f"firewall:{tool} {line.split()[1]}") for tool, line, rid in self.firewall.rules()]
         for labels, name in found:
-            entry = runs.setdefault(labels[RUN_LABEL], {"objects": [], "supervisor": None})
+            entry = runs.setdefault(labels[RUN_LABEL], {"objects": [], "supervisor": None, "state": None})
             entry["objects"].append(name)
             entry["supervisor"] = entry["supervisor"] or labels.get(SUPERVISOR_LABEL)
+            entry["state"] = entry["state"] or labels.get(STATE_LABEL)
         return runs
 
     def image_info(self, image: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from aiohttp import web
 from .config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
 from .gateway import Gateway
 from .proxy import EgressProxy
+from .watchdog import Watchdog
 
 
 def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
@@ -33,6 +34,7 @@ async def main() -> None:
     emit = make_emitter(config.run_id)
     upstream = config.upstream_url
     runners: list[web.AppRunner] = []
+    watchdog = Watchdog(emit, config.heartbeat_path, config.heartbeat_timeout_s, config.deadline_s)
 
     if config.script_path:
         from ..script import load_script
@@ -46,25 +48,29 @@ async def main() -> None:
     gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit,
                       extra_ca_pem=config.extra_ca_pem, server_tools=config.server_tools,
                       egress_allow=config.egress.allow, egress_deny=config.egress.deny,
-                      broker_socket=config.broker_socket)
+                      broker_socket=config.broker_socket, watchdog=watchdog)
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
     runners.append(runner)
     eg = config.egress
     proxy = EgressProxy(config.run_id, eg.allow, eg.deny, eg.mode, eg.allow_private, config.own_addresses,
-                        (config.gateway_name, config.gateway_port), emit, allow_addresses=eg.allow_addresses)
+                        (config.gateway_name, config.gateway_port), emit, allow_addresses=eg.allow_addresses,
+                        watchdog=watchdog)
     proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port)
     emit({"event": "ready", "gateway_port": config.gateway_port, "proxy_port": config.proxy_port,
           "egress_mode": eg.mode, "allow": eg.allow, "deny": eg.deny, "allow_private": eg.allow_private,
           "allow_addresses": eg.allow_addresses,
           "upstream": "scripted" if config.script_path else upstream, "key_present": bool(api_key)})
 
+    watching = asyncio.create_task(watchdog.run())
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    watching.cancel()
     proxy_server.close()
     for r in reversed(runners):
         await r.cleanup()

@@ -48,3 +48,9 @@ class SidecarConfig(BaseModel):
     `agent.server_tools`): web_search, web_fetch, code_execution, mcp. Anything else is refused."""
     gateway_name: str = "sidecar"
     """The name the agent reaches the sidecar by; the proxy passes `name:gateway_port` to the gateway."""
+    heartbeat_path: str | None = None
+    """The supervisor's heartbeat file inside the sidecar (it touches it every few seconds); None: not watched."""
+    heartbeat_timeout_s: float = Field(default=30.0, gt=0)
+    """A heartbeat older than this means the supervisor is gone: no model calls, no connections (watchdog.py)."""
+    deadline_s: float | None = Field(default=None, gt=0)
+    """Seconds after the sidecar's start after which the run is over, supervisor or not; None: no deadline."""

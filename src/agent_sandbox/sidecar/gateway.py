@@ -16,6 +16,8 @@ What it forwards, and how (docs/limits.md has the full rules):
 - **The budget is a hard cap.** Each call reserves its worst case before it is forwarded and settles to its
   metered cost when it ends; a stream is cut off once actual spend crosses the cap, and a call whose client
   goes away is still metered from what was streamed.
+- **No supervisor, no model.** Once the run's watchdog trips (watchdog.py: the supervisor's heartbeat
+  stopped, or the run's deadline passed), every call is refused with 403 and streams in flight are cut off.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from aiohttp import web
 
 from ..egress import Rule, decide, is_ip, parse_rule
 from ..pricing import Price, cost_usd, worst_case_usd
+from .watchdog import REASONS, Watchdog
 
 # Headers we pass upstream. Everything else from the agent (its placeholder key above all) stays behind.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "content-type", "accept", "user-agent",
@@ -384,7 +387,8 @@ class Gateway:
     def __init__(self, run_id: str, upstream: str, api_key: str | None, budget_usd: float,
                  prices: dict[str, Price], emit: Emit, extra_ca_pem: str = "", *,
                  server_tools: Iterable[str] = (), egress_allow: Iterable[str] = (),
-                 egress_deny: Iterable[str] = (), broker_socket: str | None = None) -> None:
+                 egress_deny: Iterable[str] = (), broker_socket: str | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.run_id = run_id
         self.extra_ca_pem = extra_ca_pem
         self.upstream = upstream.rstrip("/")
@@ -403,6 +407,7 @@ class Gateway:
         self.broker_socket = broker_socket  # a budget shared with other runs (budget_broker.py), when set
         self._broker_tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
+        self.watchdog = watchdog  # once it trips, nothing is forwarded (None: never)
 
     async def start(self, app: web.Application) -> None:
         connector = None
@@ -423,6 +428,12 @@ class Gateway:
     def _budget_spent(self) -> Refusal:
         return Refusal("budget", f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent "
                                  f"(${self.spent_usd:.4f}); no further model calls are allowed")
+
+    def _tripped(self) -> str | None:
+        return self.watchdog.tripped if self.watchdog is not None else None
+
+    def _watchdog_refusal(self, why: str) -> Refusal:
+        return Refusal(why, f"sandbox: {REASONS[why]}; no further model calls are allowed")
 
     @property
     def outstanding_usd(self) -> float:
@@ -492,6 +503,8 @@ class Gateway:
                 await asyncio.wait_for(settled.wait(), left)
         if self.spent_usd >= self.budget_usd:
             raise self._budget_spent()
+        if why := self._tripped():  # it tripped while this call waited for room
+            raise self._watchdog_refusal(why)
         shared = False
         if self.broker_socket:
             call_id = next(self._ids)
@@ -516,6 +529,8 @@ class Gateway:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         try:
+            if why := self._tripped():
+                raise self._watchdog_refusal(why)
             kind = self.route(request.method, request.raw_path)
             if self.spent_usd >= self.budget_usd:
                 raise self._budget_spent()
@@ -606,6 +621,9 @@ class Gateway:
                     if call is not None and is_sse and not call.meter.final and self._over(call):
                         call.cut = "budget"
                         break
+                    if call is not None and is_sse and (why := self._tripped()):
+                        call.cut = why
+                        break
             except aiohttp.ClientError:
                 if call is not None:
                     call.cut = "upstream"
@@ -618,10 +636,14 @@ class Gateway:
                 call.meter.feed_json(bytes(whole))
             if client:
                 with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
+                    message = None
                     if call is not None and call.cut == "budget":
-                        err = {"type": "error", "error": {"type": "permission_error", "message":
-                               f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent; the response "
-                               "was cut off"}}
+                        message = (f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent; the "
+                                   "response was cut off")
+                    elif call is not None and call.cut in REASONS:
+                        message = f"sandbox: {REASONS[call.cut]}; the response was cut off"
+                    if message:
+                        err = {"type": "error", "error": {"type": "permission_error", "message": message}}
                         await resp.write(b"event: error\ndata: " + json.dumps(err).encode() + b"\n\n")
                     await resp.write_eof()
         return resp
@@ -707,5 +729,5 @@ class Gateway:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "spent_usd": self.spent_usd, "calls": self.calls,
-                                  "reserved_usd": self.outstanding_usd})
+                                  "reserved_usd": self.outstanding_usd, "watchdog": self._tripped()})
 

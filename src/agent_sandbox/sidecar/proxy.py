@@ -18,6 +18,10 @@ Smuggling checks, in both modes (they are about the request's honesty, not the a
   port, which only a rule naming that port (or the gateway) allows, may carry any protocol, and the server
   may speak first there. A refusal inside a tunnel is a TLS access_denied alert (or, for a client that spoke
   something else, an HTTP 403), and a deny decision line with the reason.
+
+Once the run's watchdog trips (watchdog.py: the supervisor's heartbeat stopped, or the run's deadline
+passed), every new request is refused with 403 and every connection open is cut off (its decision line says
+so in decision_detail).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ from ..egress import (
     parse_rule,
 )
 from .resolver import CachingResolver
+from .watchdog import REASONS, Watchdog
 
 Emit = Callable[[dict[str, Any]], None]
 Resolve = Callable[[str, int], Awaitable[list[str]]]
@@ -260,7 +265,8 @@ def _split_authority(target: str) -> tuple[str, int]:
 class EgressProxy:
     def __init__(self, run_id: str, allow: list[str], deny: list[str], mode: str, allow_private: bool,
                  own_addresses: list[str], gateway: tuple[str, int], emit: Emit, *,
-                 allow_addresses: Iterable[str] = (), resolve: Resolve | None = None) -> None:
+                 allow_addresses: Iterable[str] = (), resolve: Resolve | None = None,
+                 watchdog: Watchdog | None = None) -> None:
         self.run_id = run_id
         self.allow: list[Rule] = [parse_rule(r) for r in allow]
         self.deny: list[Rule] = [parse_rule(r) for r in deny]
@@ -272,6 +278,16 @@ class EgressProxy:
         self.emit = emit
         self.resolve: Resolve = resolve or CachingResolver()
         self.connect = asyncio.open_connection  # tests point it at a local server
+        self.watchdog = watchdog  # once it trips, no connection is made and those open are cut (None: never)
+        self._open: dict[asyncio.Task[Any], dict[str, Any]] = {}  # handler -> its decision line, while open
+        if watchdog is not None:
+            watchdog.on_trip(self._cut_all)
+
+    def _cut_all(self, why: str) -> None:
+        """The watchdog tripped: end every connection's handler (each still emits its decision line)."""
+        for task, rec in list(self._open.items()):
+            _detail(rec, f"cut off: {why} ({REASONS[why]})")
+            task.cancel()
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -281,6 +297,10 @@ class EgressProxy:
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER)
         upstream_writer: asyncio.StreamWriter | None = None
+        cut = False
+        task = asyncio.current_task()
+        if task is not None:
+            self._open[task] = rec
         try:
             request = await asyncio.wait_for(self._next(conn, reader), HEAD_TIMEOUT)
             if not isinstance(request, h11.Request):
@@ -288,6 +308,9 @@ class EgressProxy:
             rec["method"] = request.method.decode("ascii", "replace")
             host, port, is_connect = self._target(request)
             rec.update(host=host, port=port)
+            if self.watchdog is not None and (why := self.watchdog.tripped):
+                rec.update(decision="deny", reason=f"{why}: {REASONS[why]}")
+                raise Refused(403, rec["reason"])
             if not is_connect and (smuggled := host_header_reason(request, host, port)):
                 rec.update(decision="deny", reason=smuggled)
                 raise Refused(403, smuggled)
@@ -328,9 +351,17 @@ class EgressProxy:
             self._refuse(conn, writer, Refused(400, rec["reason"]))
         except (ConnectionError, OSError) as exc:
             rec["reason"] = rec["reason"] or f"connection ended: {exc}"
+        except asyncio.CancelledError:
+            cut = True  # by the watchdog (_cut_all), or the loop's shutdown: this handler's task ends here
         finally:
+            if task is not None:
+                self._open.pop(task, None)
             for w in (writer, upstream_writer):
-                if w is not None:
+                if w is None:
+                    continue
+                if cut:
+                    w.transport.abort()  # at once, whatever is still buffered for a peer that does not read
+                else:
                     w.close()
             rec["duration_ms"] = int((time.monotonic() - started) * 1000)
             if rec["method"] is not None:

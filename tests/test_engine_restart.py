@@ -1,0 +1,55 @@
+"""The Docker engine restarts mid-run. This stops every container on the engine, so it runs on its own, after
+the parallel suite (`make test` runs `-m serial` separately)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO_ROOT, git, labelled, start_run
+from .test_faults_e2e import SLEEPER, bash_started, finish, no_leftovers, only_run_id, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.serial, pytest.mark.usefixtures("docker_ready")]
+
+PIDFILE = Path("/var/run/docker.pid")
+
+
+def restart_dockerd() -> None:
+    """Stop the engine this machine's docker.sock belongs to and start it again with the same command line."""
+    pid = int(PIDFILE.read_text().strip())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 90
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "dockerd did not stop"
+        time.sleep(0.2)
+    with open("/var/log/dockerd.log", "ab") as log:
+        subprocess.Popen(cmdline, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True, timeout=120)
+
+
+def test_dockerd_restart_mid_run_keeps_the_work(make_repo, state_dir, write_script) -> None:
+    if os.geteuid() != 0 or not PIDFILE.exists():
+        pytest.skip("restarting the engine needs root and a dockerd with /var/run/docker.pid")
+    repo = make_repo()
+    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
+                     str(write_script(SLEEPER)), "--json")
+    wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
+    run_id = only_run_id(state_dir)
+    restart_dockerd()
+    code, out, err = finish(proc, 400)
+    assert "Traceback" not in err, err
+    s = json.loads(out)
+    # The engine's restart stopped the agent; the supervisor waited for the engine, packed and imported the
+    # work, tore down, and says what happened with the environment's exit code.
+    assert code == 3, err
+    assert "Docker engine went away" in s["message"] and s["reason"] == "error"
+    assert git(repo, "show", f"{s['branch']}:partial.txt") == "work before the stop"
+    no_leftovers(state_dir, run_id)
+    assert labelled(run_id) == []
