@@ -243,9 +243,9 @@ class Soak:
                 t0 = time.perf_counter()
                 res = self._attempt(r)
                 r.wall = time.perf_counter() - t0
-                if res.returncode != 3 or attempt or self.stop:
-                    break
-                r.retries += 1  # 3: the images changed under us (the work tree was edited); build, retry
+                if res.returncode != 3 or "images not built" not in res.stderr or attempt or self.stop:
+                    break  # any other exit 3 (the engine lost, a full disk) is a failure of the run
+                r.retries += 1  # the images changed under us (the work tree was edited); build, retry
                 images()
             r.rc = res.returncode
             r.stderr_tail = res.stderr[-3000:]

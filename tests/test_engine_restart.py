@@ -53,3 +53,38 @@ def test_dockerd_restart_mid_run_keeps_the_work(make_repo, state_dir, write_scri
     assert git(repo, "show", f"{s['branch']}:partial.txt") == "work before the stop"
     no_leftovers(state_dir, run_id)
     assert labelled(run_id) == []
+
+
+def test_engine_gone_for_good_keeps_the_work_for_gc(make_repo, state_dir, sandbox, write_script) -> None:
+    if os.geteuid() != 0 or not PIDFILE.exists():
+        pytest.skip("stopping the engine needs root and a dockerd with /var/run/docker.pid")
+    repo = make_repo()
+    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
+                     str(write_script(SLEEPER)), "--json", env={"SANDBOX_ENGINE_WAIT_SECONDS": "10"})
+    wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
+    run_id = only_run_id(state_dir)
+    pid = int(PIDFILE.read_text().strip())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:-1]
+    os.kill(pid, signal.SIGTERM)
+    try:
+        code, out, err = finish(proc, 300)
+    finally:
+        while Path(f"/proc/{pid}").exists():
+            time.sleep(0.2)
+        with open("/var/log/dockerd.log", "ab") as log:
+            subprocess.Popen(cmdline, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+        subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True, timeout=120)
+    assert "Traceback" not in err, err
+    s = json.loads(out)
+    # The engine never came back while the run waited: exit 3, the work kept where the summary says.
+    assert code == 3 and "stopped answering" in s["message"], err
+    assert (Path(s["kept"]) / "partial.txt").read_text() == "work before the stop\n"
+    assert s["branch"] is None
+
+    # With the engine back, gc imports it and removes what the run left.
+    res = sandbox("gc", "--json", timeout=300)
+    assert res.code == 0, res.stderr
+    (mine,) = [r for r in res.json() if r["run_id"] == run_id]
+    assert mine["action"] == "recovered", mine
+    assert git(repo, "show", f"sandbox/{run_id}:partial.txt") == "work before the stop"
+    no_leftovers(state_dir, run_id)

@@ -355,3 +355,16 @@ def test_full_state_disk_keeps_the_work_for_gc(make_repo, small_state_dir, write
     r = row(state, run_id)
     assert r["status"] != "running" and r["recover"] is None and r["branch"] == f"sandbox/{run_id}"
     no_leftovers(state, run_id)
+
+
+def test_full_state_disk_before_a_run_refuses_it_cleanly(make_repo, small_state_dir, write_script) -> None:
+    state = small_state_dir
+    subprocess.run(["dd", "if=/dev/zero", f"of={state / 'filler'}", "bs=1M"], capture_output=True)  # to ENOSPC
+    proc = start_run(state, "run", "--repo", str(make_repo()), "--task", "t", "--model-script",
+                     str(write_script(WORKER)), "--json", env={"SANDBOX_DISK_QUOTA": "sampled"})
+    code, out, err = finish(proc)
+    assert out == ""
+    assert code == 3 and "Traceback" not in err, err
+    assert "filesystem" in err and "free" in err
+    # Nothing was created: no run directory, no store (not even an empty one), nothing on the engine.
+    assert not (state / "runs").exists() and not (state / "runs.sqlite").exists()

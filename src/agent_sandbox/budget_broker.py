@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socketserver
 import tempfile
 import threading
@@ -99,7 +100,8 @@ class SharedBudget:
         """Listen on a unix socket for one run's gateway, in a new private directory (under `directory`, or the
         system's temporary directory: a socket's path must stay under 108 bytes, which a state directory's
         run path may not)."""
-        home = Path(tempfile.mkdtemp(prefix="sbx-budget-", dir=directory))
+        # Named for the run, so that the recovery of a run whose supervisor died finds it (leftovers()).
+        home = Path(tempfile.mkdtemp(prefix=f"sbx-budget-{run_id}-", dir=directory))
         if owner:
             os.chown(home, *owner)
         return BrokerEndpoint(self, run_id, home / "broker.sock", owner)
@@ -142,6 +144,15 @@ class BrokerEndpoint:
             self.path.unlink()
             self.path.parent.rmdir()
         return self.budget.close_run(self.run_id)
+
+
+def remove_leftovers(run_id: str) -> list[str]:
+    """Remove the socket directories a dead supervisor left for this run; returns them as `socket:<dir>`."""
+    removed = []
+    for home in Path(tempfile.gettempdir()).glob(f"sbx-budget-{run_id}-*"):
+        shutil.rmtree(home, ignore_errors=True)
+        removed.append(f"socket:{home}")
+    return removed
 
 
 def _answer(ledger: SharedBudget, run_id: str, raw: bytes) -> dict[str, Any]:

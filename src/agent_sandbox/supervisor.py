@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import git
 import psutil
 
-from . import agent_stream, quota, report
+from . import agent_stream, budget_broker, quota, report
 from .audit import AuditLog
 from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
@@ -538,6 +538,7 @@ class Supervisor:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._teardown()
+            budget_broker.remove_leftovers(self.spec.run_id)
         if imported is not None and imported.head:
             self._files = self._diffstat(imported)
         landed = f"its work is on {imported.branch}" if imported and imported.head else (
@@ -705,6 +706,7 @@ class Supervisor:
         threading.Thread(target=self._pump, args=("gateway", self.sidecar, False), daemon=True).start()
         deadline = time.monotonic() + SIDECAR_READY_TIMEOUT
         while time.monotonic() < deadline:
+            self._checkpoint()
             try:
                 _source, line = self._q.get(timeout=0.2)
             except queue.Empty:

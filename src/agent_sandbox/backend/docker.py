@@ -34,6 +34,14 @@ BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 # How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
 # before the run gives up on it; once given up on, later calls (teardown) fail at once.
 ENGINE_WAIT = 120.0
+ENGINE_WAIT_ENV = "SANDBOX_ENGINE_WAIT_SECONDS"
+
+
+def engine_wait() -> float:
+    try:
+        return max(0.0, float(os.environ.get(ENGINE_WAIT_ENV) or ENGINE_WAIT))
+    except ValueError:
+        return ENGINE_WAIT
 
 
 class EngineUnavailable(EnvironmentNotReady):
@@ -184,12 +192,12 @@ class DockerBackend(Backend):
                 now = time.monotonic()
                 if deadline is None:
                     self.engine_lost = True
-                    deadline = now + (0 if self._engine_gone else ENGINE_WAIT)
+                    deadline = now + (0 if self._engine_gone else engine_wait())
                     log.warning("engine_unreachable waiting_s=%.0f error=%s", deadline - now, str(exc)[:200])
                 if now >= deadline:
                     self._engine_gone = True
                     raise EngineUnavailable(f"the Docker engine stopped answering and did not come back within "
-                                            f"{ENGINE_WAIT:.0f}s: {str(exc)[:200]}", hint=DOCKER_HINT) from None
+                                            f"{engine_wait():.0f}s: {str(exc)[:200]}", hint=DOCKER_HINT) from None
                 time.sleep(1.0)
 
     def create_network(self, spec: NetworkSpec) -> None:
