@@ -5,6 +5,8 @@
 # `pre` or the agent left in the workspace (ignored files, a virtualenv, node_modules) is seen. What the
 # check writes is never packed: its only writable mount is /sandbox/check, which holds the checkout and the
 # one JSON result, /sandbox/check/result.json (written last, after the command and its processes are done).
+# That directory is also the checked code's to write, so the file is only its output: the verdict is this
+# script's exit status, which the supervisor takes from the engine.
 set -uo pipefail
 
 # shellcheck source=env.sh
@@ -27,12 +29,12 @@ g() { git -c core.hooksPath=/dev/null -c core.fsmonitor=false -c protocol.file.a
 if ! clone_out=$(g clone --quiet --shared --no-checkout /workspace "$dest" 2>&1 \
                  && g -C "$dest" checkout --quiet --detach "$head" 2>&1); then
   result 125 "sandbox: could not check out $head for the check: $clone_out"
-  exit 0
+  exit 125
 fi
-cd "$dest" || exit 0
+cd "$dest" || exit 125
 check_out=$(timeout --kill-after=10 "$limit" bash /sandbox/in/check.sh 2>&1)
 rc=$?
 [ "$rc" = 124 ] && check_out="$check_out
 sandbox: the check did not finish within ${limit}s"
 result "$rc" "$check_out"
-exit 0
+exit "$rc"

@@ -3,17 +3,20 @@
 # the task on stdin so that no task text, however long, meets the argument-size limit.
 set -euo pipefail
 
-# The run's deadline (SANDBOX_DEADLINE_SECONDS: the supervisor's wall time plus a margin; unset, none). This
-# script runs itself again under coreutils `timeout`, which stays the container's main process (under docker's
-# init), so that `pre` and Claude Code end when it passes even if the supervisor is gone: TERM first, KILL 10 s
-# later; once timeout exits (124 or 137) the container stops and the kernel kills whatever is left. The TERM of
-# `docker stop` still reaches Claude Code: timeout passes it on to its child and that child's process group.
+# The run's deadline (SANDBOX_DEADLINE_SECONDS: the supervisor's wall time plus a margin; unset, none): the
+# container ends by itself when it passes, even if the supervisor is gone. As the container's PID 1 (the
+# supervisor starts it without Docker's init), this script hands PID 1 to init.py, which runs it again beneath
+# itself and holds the deadline where the agent cannot stop it (see init.py). Under another init it falls
+# back to coreutils `timeout`, which the agent, as the same user, could stop.
 if [ -n "${SANDBOX_DEADLINE_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
   if ! [[ $SANDBOX_DEADLINE_SECONDS =~ ^[0-9]+([.][0-9]+)?$ && $SANDBOX_DEADLINE_SECONDS =~ [1-9] ]]; then
     echo "entrypoint: SANDBOX_DEADLINE_SECONDS=$SANDBOX_DEADLINE_SECONDS is not a positive number of seconds" >&2
     exit 64
   fi
   export SANDBOX_UNDER_DEADLINE=1
+  if [ "$$" = 1 ]; then
+    exec python3 -I /opt/sandbox/init.py "$SANDBOX_DEADLINE_SECONDS" bash "$0" "$@"
+  fi
   exec timeout --kill-after=10 "$SANDBOX_DEADLINE_SECONDS" bash "$0" "$@"
 fi
 

@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -59,29 +60,38 @@ class AuditLog:
     @classmethod
     def resume(cls, path: Path, run_id: str, redactor: Redactor) -> tuple[AuditLog, int]:
         """Continue a trail a dead supervisor left: the chain goes on from its last whole line. A last line cut
-        off mid-write is dropped (it was never part of the chain); returns the log and the bytes dropped."""
-        data = path.read_bytes() if path.exists() else b""
-        whole = data[:data.rfind(b"\n") + 1]
-        dropped = len(data) - len(whole)
+        off mid-write is dropped (it was never part of the chain); returns the log and the bytes dropped. Reads
+        the file in chunks: a trail of any size costs bounded memory."""
+        count, whole, last_hash = 0, 0, GENESIS
+        line_hash, line_len = hashlib.sha256(), 0
+        if path.exists():
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    *ended, rest = chunk.split(b"\n")
+                    for part in ended:  # each ends a line: hashed as it goes, never held whole
+                        line_hash.update(part)
+                        count, whole = count + 1, whole + line_len + len(part) + 1
+                        last_hash, line_hash, line_len = line_hash.hexdigest(), hashlib.sha256(), 0
+                    line_hash.update(rest)
+                    line_len += len(rest)
+        size = path.stat().st_size if path.exists() else 0
+        dropped = size - whole
         if dropped:
             with path.open("r+b") as fh:
-                fh.truncate(len(whole))
+                fh.truncate(whole)
         log = cls(path, run_id, redactor)
-        lines = whole.splitlines()
-        log._seq = len(lines)
-        log._prev = hashlib.sha256(lines[-1]).hexdigest() if lines else GENESIS
+        log._seq = count
+        log._prev = last_hash
         return log, dropped
 
-    def events(self) -> list[dict[str, Any]]:
-        """The trail so far, parsed (lines that are not JSON are skipped)."""
-        out = []
+    def events(self) -> Iterator[dict[str, Any]]:
+        """The trail so far, parsed line by line (lines that are not JSON are skipped)."""
         with self.path.open("rb") as fh:
             for raw in fh:
                 try:
-                    out.append(json.loads(raw))
+                    yield json.loads(raw)
                 except ValueError:
                     continue
-        return out
 
     def write(self, source: Source, type_: str, payload: dict[str, Any]) -> None:
         model = EVENT_MODELS.get(type_)

@@ -420,7 +420,7 @@ def overview(lines: Iterable[dict[str, Any]]) -> EgressOverview:
         if decision not in groups or not host or not isinstance(port, int) or line.get("rule") == "gateway":
             continue
         entry = groups[decision].setdefault((host, port), EgressHost(host=host, port=port))
-        entry.connections += 1
+        entry.connections += int(line.get("count") or 1)  # a line may stand for several alike
         if decision == "allow":  # the address exceptions that let it through
             parts = [p for p in (line.get("decision_detail") or "").split(REASON_SEP) if "let through by" in p]
         else:

@@ -175,11 +175,15 @@ class CheckRan(_P):
     its own under the run's policy (the network only through the egress proxy)."""
 
     exit_code: int
-    """Its exit code: anything but 0 fails the run with reason check (124: it ran out of time)."""
+    """Its exit code, as the engine reports the check container's (the result file lies where the checked
+    code can write, so only its output is taken from it): anything but 0 fails the run with reason check
+    (124: it ran out of time; 130: interrupted)."""
     output: str
     """The end of its output."""
     head: str
     """The commit it checked: the head of the branch that is handed back."""
+    interrupted: bool = False
+    """A signal stopped the run during the check, or before it began: the work is on the branch, unchecked."""
 
 
 class PreRan(_P):
@@ -272,7 +276,10 @@ class Recovery(_P):
     """A last audit line the dead supervisor had only half written, dropped so that the chain goes on."""
     gateway_lines: int = 0
     """Lines of the sidecar's log the supervisor never recorded (model calls and egress after it died),
-    recorded now, after this event, from the sidecar's container log."""
+    recorded now, after this event, from the sidecar's container log (found by the sidecar's line numbers;
+    egress decision lines beyond 64 MiB are left out, never the model calls)."""
+    gateway_lines_lost: int = 0
+    """Of those, lines the container's log no longer had (rotated away by a flood)."""
     agent_lines: int = 0
     """Lines of the agent's output the supervisor never read, recorded now from its container log."""
 

@@ -14,6 +14,7 @@ import os
 import queue
 import socket
 import sqlite3
+import stat
 import subprocess
 import threading
 import time
@@ -118,7 +119,9 @@ class _Watch:
     egress_allowed: int = 0
     egress_denied: int = 0
     egress_would_deny: int = 0
-    egress_lines: list[dict[str, Any]] = field(default_factory=list)  # the decision lines, for the summary
+    # The decision lines for the summary, one per distinct line with its count: a flood of connections costs
+    # memory by the kinds of decision, not by the connection.
+    egress_lines: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
     tokens: Tokens = field(default_factory=Tokens)
     # The agent's output, bounded (output_flood), and what the gateway saw, which decides `completed`.
     output_bytes: int = 0
@@ -162,6 +165,27 @@ def tree_size(root: Path) -> int:
         return int(proc.stdout.split()[0])
     except (IndexError, ValueError):
         raise SandboxError(f"cannot measure {root}: {proc.stderr.strip()[-300:]}") from None
+
+
+RESULT_LIMIT = 1024**2
+
+
+def read_result(path: Path) -> dict[str, Any]:
+    """A result file a container wrote into a directory it could write (the check's is shared with the code it
+    ran): read on the host only as a plain file, never through a link, a FIFO or a device, and at most
+    RESULT_LIMIT bytes. OSError or ValueError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > RESULT_LIMIT:
+            raise ValueError(f"{path.name} is not a plain file of at most {RESULT_LIMIT} bytes")
+        data = os.read(fd, RESULT_LIMIT + 1)
+    finally:
+        os.close(fd)
+    result = json.loads(data)
+    if not isinstance(result, dict):
+        raise ValueError(f"{path.name} does not hold a JSON object")
+    return result
 
 
 def proxy_env() -> dict[str, str]:
@@ -500,10 +524,11 @@ class Supervisor:
         # Stopped first, so that their logs end and the workspace stops changing; removed once read.
         for role in ("agent", "check", "finalise", "sidecar"):
             self.backend.stop(f"{self.prefix}-{role}", 1)
-        gateway_lines = self._unrecorded(f"{self.prefix}-sidecar", False, self._recorded("gateway", "proxy"))
+        gateway_lines, lost = self._unrecorded_sidecar(self._recorded_sidecar_lines())
         agent_lines = self._unrecorded(f"{self.prefix}-agent", False, self._stream_lines())
         self._record("recovery", {"by": by, "why": why, "dropped_bytes": dropped,
-                                  "gateway_lines": len(gateway_lines), "agent_lines": len(agent_lines)})
+                                  "gateway_lines": len(gateway_lines), "gateway_lines_lost": lost,
+                                  "agent_lines": len(agent_lines)})
         for line in gateway_lines:
             self._gateway_event(line, watch)
         with (self.run_dir / "agent-stream.jsonl").open("a", encoding="utf-8") as stream:
@@ -552,9 +577,37 @@ class Supervisor:
         log.info("recovered run_id=%s by=%s imported=%s", self.spec.run_id, by, bool(imported and imported.head))
         return self._finish(reason, message, watch, imported, False, None, error, started)
 
-    def _recorded(self, *sources: str) -> int:
+    def _recorded_sidecar_lines(self) -> int:
+        """How many of the sidecar's (numbered) lines the trail has: one event each, in order."""
         assert self.audit is not None
-        return sum(1 for e in self.audit.events() if e.get("source") in sources)
+        return sum(1 for e in self.audit.events()
+                   if e.get("source") in ("gateway", "proxy") and e.get("type") != "sidecar_output")
+
+    def _unrecorded_sidecar(self, seen: int) -> tuple[list[_Line], int]:
+        """The sidecar's lines past number `seen`, from its container's log, and how many of them the log no
+        longer has (rotated away). Every line but egress decisions is kept; egress lines (a connection flood)
+        up to the live run's output bound, so that a flood cannot hide the model calls after it."""
+        out: list[_Line] = []
+        first: int | None = None
+        egress_bytes = 0
+        try:
+            for line in _lines(self.backend.output(f"{self.prefix}-sidecar")):
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                n = event.get("n") if isinstance(event, dict) else None
+                if not isinstance(n, int) or n <= seen:
+                    continue
+                first = n if first is None else first
+                if event.get("event") == "egress":
+                    egress_bytes += line.size + 1
+                    if egress_bytes > MAX_OUTPUT_BYTES:
+                        continue
+                out.append(line)
+        except Exception as exc:  # the container is gone (removed, or the engine restarted without it)
+            log.info("no_sidecar_log run_id=%s error=%r", self.spec.run_id, exc)
+        return out, max(0, (first or seen + 1) - (seen + 1))
 
     def _stream_lines(self) -> int:
         path = self.run_dir / "agent-stream.jsonl"
@@ -781,7 +834,7 @@ class Supervisor:
             "GIT_COMMITTER_NAME": author.name, "GIT_COMMITTER_EMAIL": author.email,
             # Its entry point ends the container by itself past this, should the supervisor be gone.
             "SANDBOX_DEADLINE_SECONDS": str(int(self._deadline())),
-        }, self._work_mounts(), command=self._claude_args())
+        }, self._work_mounts(), command=self._claude_args(), init=False)
         self.agent_started = True  # the workspace is the agent's from here: never removed before it is imported
         agent = self._start_isolated(spec, "network-ready", command=["claude", *spec.command])
         threading.Thread(target=self._pump, args=("agent", agent, False), daemon=True).start()
@@ -979,11 +1032,16 @@ class Supervisor:
             self._record("sidecar_output", {"text": line[:2000]}, source="gateway")
             return {}
         kind = str(event.pop("event", "unknown"))
-        for k in ("time", "run_id"):
+        for k in ("time", "run_id", "n"):
             event.pop(k, None)
         if kind == "egress":
             self._record("egress", event, source="proxy")
-            w.egress_lines.append({k: event.get(k) for k in EGRESS_SUMMARY_KEYS})
+            key = tuple(str(event.get(k)) for k in EGRESS_SUMMARY_KEYS)
+            seen = w.egress_lines.get(key)
+            if seen is None:
+                w.egress_lines[key] = {**{k: event.get(k) for k in EGRESS_SUMMARY_KEYS}, "count": 1}
+            else:
+                seen["count"] += 1
             decision = event.get("decision")
             if decision == "deny":
                 w.egress_denied += 1
@@ -1135,7 +1193,7 @@ class Supervisor:
             return None, "the finaliser did not finish in time"
         result_path = self.run_dir / "out" / "result.json"
         try:
-            result = json.loads(result_path.read_text())
+            result = read_result(result_path)
         except (OSError, ValueError):
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail(fin)}"
         self._record("finalised", result)
@@ -1221,10 +1279,13 @@ class Supervisor:
             self.backend.stop(container, 1)
         self._settle_gateway(self.state)  # the check's egress lines
         try:
-            check = json.loads((check_dir / "result.json").read_text())
+            written = read_result(check_dir / "result.json")
+            check = {"head": head, "output": str(written.get("output", ""))[-4000:]}
         except (OSError, ValueError):
-            check = {"exit_code": info.exit_code if info.exit_code else 125, "head": head,
-                     "output": f"the check wrote no result: {self._tail(container)}"}
+            check = {"head": head, "output": f"the check wrote no result: {self._tail(container)}"}
+        # The verdict is check.sh's exit status, from the engine: the result file lies in a directory the checked
+        # code can write, so it is read for the output alone.
+        check["exit_code"] = info.exit_code if info.exit_code is not None else 125
         self._record("check", check)
         return check
 
@@ -1316,7 +1377,7 @@ class Supervisor:
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:
         files = [r["path"] for r in self._files] if imported and imported.head else []
-        net = egress_overview(w.egress_lines)
+        net = egress_overview(w.egress_lines.values())
         return RunSummary(
             id=self.spec.run_id, status=STATUS_BY_REASON[reason], reason=reason,  # type: ignore[arg-type]
             message=message, repo=self.spec.repo,

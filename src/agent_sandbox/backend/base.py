@@ -87,6 +87,9 @@ class ContainerSpec(BaseModel):
     """Working directory inside the container."""
     extra_hosts: dict[str, str] = Field(default_factory=dict)
     """Static /etc/hosts entries: name -> IP address or `host-gateway`."""
+    init: bool = True
+    """Docker's init as PID 1 (reaps orphans, passes signals on). False when the entry point is its own init:
+    the agent's, whose PID 1 holds the run's deadline (sandbox/init.py)."""
     dns_options: list[str] = Field(default_factory=list)
     """resolv.conf options, e.g. `timeout:1` so that lookups with no answer fail fast."""
 

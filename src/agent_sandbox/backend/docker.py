@@ -233,7 +233,7 @@ class DockerBackend(Backend):
             user=spec.user, environment={**spec.env, **spec.secret_env}, mounts=mounts, labels=spec.labels,
             read_only=spec.read_only_root, tmpfs=spec.tmpfs or None, cap_drop=spec.cap_drop,
             security_opt=["no-new-privileges:true"] if spec.no_new_privileges else None,
-            working_dir=spec.working_dir, detach=True, privileged=False, init=True,
+            working_dir=spec.working_dir, detach=True, privileged=False, init=spec.init,
             log_config={"type": "json-file", "config": {"max-size": "64m", "max-file": "2"}},
         )
         if spec.extra_hosts:

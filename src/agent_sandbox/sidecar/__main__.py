@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -20,8 +21,12 @@ from .watchdog import Watchdog
 
 
 def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
+    # Every line is numbered: should the supervisor die, its recovery reads this container's log and records
+    # the lines past the last it had, by number, even if the log was rotated or flooded meanwhile.
+    count = itertools.count(1)
+
     def emit(event: dict[str, Any]) -> None:
-        line = {"time": time.time(), "run_id": run_id, **event}
+        line = {"time": time.time(), "run_id": run_id, "n": next(count), **event}
         sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
         sys.stdout.flush()
 

@@ -535,6 +535,8 @@ class Gateway:
             if self.spent_usd >= self.budget_usd:
                 raise self._budget_spent()
             raw = await request.read()
+            if why := self._tripped():  # it tripped while the body came in: nothing goes upstream after
+                raise self._watchdog_refusal(why)
             body: dict[str, Any] | None = None
             if kind in ("messages", "count_tokens"):
                 try:
@@ -590,6 +592,12 @@ class Gateway:
                                           f"({upstream.status}); redirects are never followed"}}, status=502)
             if call is not None:
                 call.phase, call.status = "answered", upstream.status
+            if why := self._tripped():
+                # The answer came after the supervisor was gone (or the deadline passed): not handed over.
+                if call is not None:
+                    call.cut = why
+                upstream.close()
+                return self._refuse(request, self._watchdog_refusal(why))
             resp = web.StreamResponse(status=upstream.status, headers={
                 k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
             is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
@@ -604,6 +612,11 @@ class Gateway:
             try:
                 # iter_any hands over whatever has arrived: nothing waits for a full buffer.
                 async for chunk in upstream.content.iter_any():
+                    if (why := self._tripped()) is not None:  # before this chunk is handed over
+                        if call is not None:
+                            call.cut = why
+                        client = client and is_sse  # a cut JSON answer is no answer: the connection just ends
+                        break
                     if call is not None:
                         if is_sse:
                             call.meter.feed_sse(chunk)
@@ -621,16 +634,14 @@ class Gateway:
                     if call is not None and is_sse and not call.meter.final and self._over(call):
                         call.cut = "budget"
                         break
-                    if call is not None and is_sse and (why := self._tripped()):
-                        call.cut = why
-                        break
+
             except aiohttp.ClientError:
                 if call is not None:
                     call.cut = "upstream"
             except BaseException:  # cancelled: the generation must not go on unread
                 upstream.close()
                 raise
-            if call is not None and call.cut is not None:
+            if (call is not None and call.cut is not None) or self._tripped():
                 upstream.close()  # closing the connection ends the generation upstream
             if call is not None and not is_sse:
                 call.meter.feed_json(bytes(whole))
