@@ -19,6 +19,7 @@ def _command(argv: list[str]) -> str | None:
 if _command(sys.argv) in RUNNING_COMMANDS:
     interrupts.install()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
@@ -161,7 +162,9 @@ def run(task: str | None, ticket: str | None, as_json: bool, **kw: Any) -> None:
         summary = run_task(RunRequest(task=task, ticket=ticket, **kw), reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)
-    _print_summary(summary, as_json)
+    # The terminal may be gone (an ssh drop): the run is over all the same, and exits with its own code.
+    with contextlib.suppress(OSError, SystemExit):
+        _print_summary(summary, as_json)
     sys.exit(summary.exit_code)
 
 

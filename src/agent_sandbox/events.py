@@ -92,7 +92,8 @@ class LimitHit(_P):
     """A limit ended the run."""
 
     limit: str
-    """timeout, idle, budget, daily_budget, turns, disk, error (sidecar died) or interrupted."""
+    """timeout, idle, budget, daily_budget, shared_budget, turns, disk, output_flood, egress_flood,
+    state_disk (the trail could not be written), error (sidecar died) or interrupted."""
     reason: str | None = None
     """The run's end reason it maps to."""
     message: str | None = None
@@ -276,10 +277,11 @@ class Recovery(_P):
     """A last audit line the dead supervisor had only half written, dropped so that the chain goes on."""
     gateway_lines: int = 0
     """Lines of the sidecar's log the supervisor never recorded (model calls and egress after it died),
-    recorded now, after this event, from the sidecar's container log (found by the sidecar's line numbers;
-    egress decision lines beyond 64 MiB are left out, never the model calls)."""
+    recorded now, after this event, from the sidecar's own numbered copy of its lines (its container's log
+    where there is none). Model calls are all there; egress decision lines beyond 64 MiB are not."""
     gateway_lines_lost: int = 0
-    """Of those, lines the container's log no longer had (rotated away by a flood)."""
+    """Numbered lines that were not there to record: egress lines past that bound, or lines rotated out of the
+    container's log."""
     agent_lines: int = 0
     """Lines of the agent's output the supervisor never read, recorded now from its container log."""
 

@@ -20,6 +20,7 @@ import fcntl
 import os
 import secrets
 import threading
+import time
 from pathlib import Path
 
 from .backend.base import STATE_LABEL
@@ -95,7 +96,12 @@ def supervised(run_dir: Path) -> bool:
 
 
 class Heartbeat:
-    """Touches the heartbeat file every HEARTBEAT_INTERVAL seconds from a thread, until stopped."""
+    """Touches the heartbeat file every HEARTBEAT_INTERVAL seconds from a thread, until stopped. While the
+    supervisor watches its agent, the watch loop sets `progress` on each round: a loop stuck for
+    STUCK_AFTER seconds (its output blocked on a terminal nobody reads, say) stops the beat, so a living but
+    stuck supervisor counts as gone. Outside the loop (collection, the check) its waits are bounded."""
+
+    STUCK_AFTER = 15.0
 
     def __init__(self, run_dir: Path) -> None:
         self.dir = run_dir / HEARTBEAT_DIR
@@ -104,12 +110,15 @@ class Heartbeat:
         self.file.touch()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self.progress: float | None = None  # monotonic time of the watch loop's last round; None outside it
 
     def start(self) -> None:
         self._thread.start()
 
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_INTERVAL):
+            if self.progress is not None and time.monotonic() - self.progress > self.STUCK_AFTER:
+                continue
             with contextlib.suppress(OSError):  # a vanished run directory: the sidecar stops the run, rightly
                 os.utime(self.file)
 

@@ -15,11 +15,48 @@ from .spec import RunSummary
 MAX_COMMANDS = 60
 
 
-def _events(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "audit.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+MAX_EGRESS_KINDS = 10_000
+EGRESS_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
+KEPT_TYPES = ("run_started", "limit_hit", "imported")
+
+
+class _Trail:
+    """What the report needs from a trail, read line by line: a trail of any size (a connection flood) costs
+    bounded memory. Egress lines are folded into one line per kind, with its count."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.by_type: dict[str, list[dict[str, Any]]] = {t: [] for t in KEPT_TYPES}
+        self.commands: list[str] = []
+        self.command_count = 0
+        self.tools: Counter[str] = Counter()
+        egress: dict[tuple[str, ...], dict[str, Any]] = {}
+        path = run_dir / "audit.jsonl"
+        if not path.is_file():
+            self.egress: list[dict[str, Any]] = []
+            return
+        with path.open("rb") as fh:
+            for raw in fh:
+                try:
+                    e = json.loads(raw)
+                    t, p = e["type"], e["payload"]
+                except (ValueError, KeyError, TypeError):
+                    continue
+                if t in self.by_type:
+                    self.by_type[t].append(p)
+                elif t == "tool_call":
+                    self.tools[str(p.get("name"))] += 1
+                    if p.get("name") == "Bash":
+                        self.command_count += 1
+                        if len(self.commands) < MAX_COMMANDS:
+                            self.commands.append(str((p.get("input") or {}).get("command", "")))
+                elif t == "egress":
+                    line = {k: p.get(k) for k in EGRESS_KEYS}
+                    key = tuple(str(v)[:300] for v in line.values())
+                    if key not in egress and len(egress) >= MAX_EGRESS_KINDS:
+                        line = {"decision": p.get("decision"), "host": "(other hosts)", "port": 0}
+                        key = (str(p.get("decision")), "(other hosts)")
+                    egress.setdefault(key, {**line, "count": 0})["count"] += 1
+        self.egress = list(egress.values())
 
 
 def _md(text: str) -> str:
@@ -33,10 +70,8 @@ def render(run_dir: Path, summary: RunSummary) -> str:
 
 
 def _render(run_dir: Path, summary: RunSummary) -> str:
-    events = _events(run_dir)
-    by_type: dict[str, list[dict[str, Any]]] = {}
-    for e in events:
-        by_type.setdefault(e["type"], []).append(e["payload"])
+    trail = _Trail(run_dir)
+    by_type = trail.by_type
     started = (by_type.get("run_started") or [{}])[0]
     spec = started.get("spec", {})
     policy = spec.get("policy", {})
@@ -88,24 +123,24 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
         lines.append("None.")
     lines.append("")
 
-    commands = [c["input"].get("command", "") for c in by_type.get("tool_call", []) if c.get("name") == "Bash"]
+    commands = trail.commands
     lines += ["## Commands run", "", "_As the agent's own output stream reports them: claims, not verified. "
               "The model calls and the network are the gateway's and the proxy's record._", ""]
     if commands:
         lines += ["```"] + [c.replace("\n", " ")[:300] for c in commands[:MAX_COMMANDS]] + ["```"]
-        if len(commands) > MAX_COMMANDS:
-            lines.append(f"... and {len(commands) - MAX_COMMANDS} more (see the audit trail)")
+        if trail.command_count > MAX_COMMANDS:
+            lines.append(f"... and {trail.command_count - MAX_COMMANDS} more (see the audit trail)")
     else:
         lines.append("None.")
-    tools = Counter(c.get("name") for c in by_type.get("tool_call", []))
+    tools = trail.tools
     if tools:
         lines += ["", "Tool calls: " + ", ".join(f"{name} {n}" for name, n in tools.most_common())]
     lines.append("")
 
     report_mode = (policy.get("egress") or {}).get("mode") == "report"
-    lines += network(by_type.get("egress", []), report_mode)
+    lines += network(trail.egress, report_mode)
     lines += ["", f"_Audit trail: `{run_dir / 'audit.jsonl'}`_", ""]
-    lines += suggestion(by_type.get("egress", []), report_mode)
+    lines += suggestion(trail.egress, report_mode)
     return "\n".join(lines)
 
 

@@ -25,7 +25,7 @@ from .script import ScriptError, load_script
 from .settings import load_settings
 from .spec import RunSpec, RunSummary
 from .store import RunStore
-from .supervisor import API_KEY_ENV, BudgetGuard, Reporter, Supervisor
+from .supervisor import API_KEY_ENV, BudgetGuard, Guarded, Reporter, Supervisor
 from .ticket import load_ticket, parse_ticket
 
 log = logging.getLogger(__name__)
@@ -216,6 +216,8 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
     on_start receives the supervisor (to cancel it from another thread)."""
     # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
     interrupts.checkpoint()
+    if reporter is not None:
+        reporter = Guarded(reporter)  # a terminal that goes away must not end the run
     task, title = _task_text(req)
     host = open_repo(req.repo)
     pol, source = _effective_policy(req)

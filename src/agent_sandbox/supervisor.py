@@ -58,6 +58,7 @@ RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
 FINALISER_TIMEOUT = 300.0
 CHECK_TIMEOUT = 900  # seconds the operator's check may take
 DISK_CHECK_INTERVAL = 5.0
+SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
 DEADLINE_MARGIN = 120  # seconds the containers' own deadline leaves the supervisor past the wall clock
 API_KEY_ENV = "ANTHROPIC_API_KEY"
 EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
@@ -66,6 +67,7 @@ EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_d
 MAX_LINE_BYTES = 1024**2
 MAX_OUTPUT_BYTES = 64 * 1024**2
 MAX_OUTPUT_LINES = 1_000_000
+MAX_EGRESS_KINDS = 10_000  # distinct egress decision lines the summary keeps apart
 BACKLOG_BYTES = 8 * 1024**2  # agent output read but not yet recorded; beyond it the container's writes wait
 RESULT_SLACK = 0.5  # seconds: a model call that started this long after the agent's result is a later call
 END_STOP_REASONS = ("end_turn", "stop_sequence")
@@ -102,6 +104,41 @@ class _Silent:
         pass
 
 
+class Guarded:
+    """A reporter that can never hold up or end the run: a terminal gone (an ssh drop; rich turns the broken
+    pipe into SystemExit) or any error silences it for good, and long texts are cut (a 16 kB host name is
+    not a progress line)."""
+
+    TEXT_LIMIT = 300
+
+    def __init__(self, inner: Reporter) -> None:
+        self.inner: Reporter | None = inner
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> None:
+        if self.inner is None:
+            return
+        try:
+            getattr(self.inner, name)(*args, **kwargs)
+        except (Exception, SystemExit) as exc:
+            log.warning("reporter_silenced error=%r", exc)
+            self.inner = None
+
+    def begin(self, run_id: str, limits: Any, model: str) -> None:
+        self._call("begin", run_id, limits, model)
+
+    def phase(self, name: str, detail: str = "") -> None:
+        self._call("phase", name, detail[:self.TEXT_LIMIT])
+
+    def event(self, kind: str, text: str) -> None:
+        self._call("event", kind, text[:self.TEXT_LIMIT])
+
+    def status(self, **fields: Any) -> None:
+        self._call("status", **fields)
+
+    def end(self) -> None:
+        self._call("end")
+
+
 @dataclass
 class _Watch:
     """What the supervisor learns while the agent runs."""
@@ -124,6 +161,8 @@ class _Watch:
     egress_lines: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
     tokens: Tokens = field(default_factory=Tokens)
     # The agent's output, bounded (output_flood), and what the gateway saw, which decides `completed`.
+    sidecar_bytes: int = 0  # the sidecar's lines, bounded like the agent's output (egress_flood)
+    egress_unrecorded: int = 0
     output_bytes: int = 0
     output_lines: int = 0
     flooded: bool = False
@@ -288,7 +327,7 @@ class Supervisor:
         self.repo = repo
         self.backend = backend
         self.images = images
-        self.ui = reporter or _Silent()
+        self.ui: Reporter = Guarded(reporter) if reporter is not None else _Silent()
         self.api_key = api_key
         self.run_dir = Path(spec.run_dir)
         self.github_token = os.environ.get("GITHUB_TOKEN") if spec.open_pr else None
@@ -316,6 +355,7 @@ class Supervisor:
         self.ca_pem = ca_bundle(spec.policy)  # the policy's extra certificate authorities, read once
         # The agent's output read but not yet recorded: a flood waits in its container, not in memory here.
         self._agent_backlog = _Backlog(BACKLOG_BYTES)
+        self._gateway_backlog = _Backlog(BACKLOG_BYTES)
         self.state = _Watch()  # what the supervisor learns while the agent runs (and the check after it)
         self.audit: AuditLog | None = None
         self.audit_failed: str | None = None
@@ -479,6 +519,9 @@ class Supervisor:
         now (the engine gone) keeps its labels for `sandbox gc`, and work not yet imported is kept."""
         if self.heartbeat is not None:
             self.heartbeat.stop()
+        # Nobody reads the sidecar's lines any more: its pump must not wait for room (a sweep's or the service's
+        # process lives on).
+        self._gateway_backlog.close(0)
         removed: list[str] = []
         failure: str | None = None
         try:
@@ -588,10 +631,17 @@ class Supervisor:
         longer has (rotated away). Every line but egress decisions is kept; egress lines (a connection flood)
         up to the live run's output bound, so that a flood cannot hide the model calls after it."""
         out: list[_Line] = []
-        first: int | None = None
+        expected, missing = seen + 1, 0
         egress_bytes = 0
+        kept = self.run_dir / "model" / SIDECAR_EVENTS
         try:
-            for line in _lines(self.backend.output(f"{self.prefix}-sidecar")):
+            # The sidecar's own file, which no flood rotates away; its container's log where there is none.
+            if kept.is_file() and not kept.is_symlink():
+                fh = kept.open("rb")
+                source: Iterator[bytes] = iter(lambda: fh.read(1 << 20), b"")
+            else:
+                fh, source = None, self.backend.output(f"{self.prefix}-sidecar")
+            for line in _lines(source):
                 try:
                     event = json.loads(line)
                 except ValueError:
@@ -599,15 +649,18 @@ class Supervisor:
                 n = event.get("n") if isinstance(event, dict) else None
                 if not isinstance(n, int) or n <= seen:
                     continue
-                first = n if first is None else first
+                missing += max(0, n - expected)  # rotated out of the log, or past the file's egress cap
+                expected = n + 1
                 if event.get("event") == "egress":
                     egress_bytes += line.size + 1
                     if egress_bytes > MAX_OUTPUT_BYTES:
                         continue
                 out.append(line)
+            if fh is not None:
+                fh.close()
         except Exception as exc:  # the container is gone (removed, or the engine restarted without it)
             log.info("no_sidecar_log run_id=%s error=%r", self.spec.run_id, exc)
-        return out, max(0, (first or seen + 1) - (seen + 1))
+        return out, missing
 
     def _stream_lines(self) -> int:
         path = self.run_dir / "agent-stream.jsonl"
@@ -726,6 +779,7 @@ class Supervisor:
                                # connection once its heartbeat stops, or once the run is over by the clock.
                                heartbeat_path=f"/sandbox/heartbeat/{HEARTBEAT_FILE}",
                                heartbeat_timeout_s=HEARTBEAT_TIMEOUT,
+                               events_path=f"/sandbox/model-out/{SIDECAR_EVENTS}",
                                # The check, after the agent, still reaches the network through the proxy.
                                deadline_s=self._deadline() + (CHECK_TIMEOUT + DEADLINE_MARGIN if self.spec.check
                                                               else 0))
@@ -761,7 +815,7 @@ class Supervisor:
         while time.monotonic() < deadline:
             self._checkpoint()
             try:
-                _source, line = self._q.get(timeout=0.2)
+                _source, line = self._next_line(timeout=0.2)
             except queue.Empty:
                 if not self.backend.status(self.sidecar).running:
                     break
@@ -883,8 +937,18 @@ class Supervisor:
             Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
         ]
 
+    def _next_line(self, timeout: float) -> tuple[str, str | None]:
+        """The next line read from a container (queue.Empty after timeout); the sidecar's backlog shrinks by it
+        (the agent's is settled by the watch loop, which bounds that output)."""
+        source, line = self._q.get(timeout=timeout)
+        if source == "gateway" and line is not None:
+            self._gateway_backlog.done(len(line))
+        return source, line
+
     def _pump(self, source: str, container: str, stderr: bool) -> None:
-        backlog = self._agent_backlog if source.startswith("agent") else None
+        # Lines read but not yet recorded are bounded: a flood waits in the container (the agent's) or in the
+        # sidecar's log file (the sidecar's), not in this process's memory.
+        backlog = self._agent_backlog if source.startswith("agent") else self._gateway_backlog
         try:
             for line in _lines(self.backend.output(container, stderr=stderr)):
                 if backlog is not None and not backlog.add(len(line)):
@@ -907,6 +971,8 @@ class Supervisor:
             agent_done = False
             while not agent_done:
                 now = time.monotonic()
+                if self.heartbeat is not None:
+                    self.heartbeat.progress = now  # the sidecar serves only while this loop goes round
                 if w.reason is None:
                     if self._cancel is not None:
                         self._limit(agent, w, *self._cancel, grace=1.0)
@@ -922,7 +988,7 @@ class Supervisor:
                         self.backend.stop(agent, STOP_GRACE)
                         w.result_at = None
                 try:
-                    source, line = self._q.get(timeout=0.25)
+                    source, line = self._next_line(timeout=0.25)
                 except queue.Empty:
                     continue
                 if source in ("agent", "agent_stderr") and line is not None:
@@ -953,11 +1019,23 @@ class Supervisor:
                             w.sidecar_gone = True
                             self._limit(agent, w, "error", "the sidecar stopped while the agent was running")
                         continue
+                    w.sidecar_bytes += getattr(line, "size", len(line)) + 1
+                    if w.sidecar_bytes > MAX_OUTPUT_BYTES and '"event":"egress"' in line[:200]:
+                        # A connection flood: the run ends, and its decision lines are counted, no longer
+                        # recorded (model calls always are), so neither the trail nor this process grows on.
+                        w.egress_unrecorded += 1
+                        if w.reason is None:
+                            self._limit(agent, w, "error", f"the agent made connections enough for more than "
+                                        f"{MAX_OUTPUT_BYTES // 1024**2} MiB of egress decisions (egress_flood)",
+                                        limit="egress_flood")
+                        continue
                     self._gateway_event(line, w, agent)
         finally:
             backlog.close(0 if w.flooded else MAX_OUTPUT_BYTES)
             if hasattr(self, "_disk_done"):
                 self._disk_done.set()
+            if self.heartbeat is not None:
+                self.heartbeat.progress = None  # out of the loop: collection and the check wait boundedly
             for fh in (stream, stderr):
                 with contextlib.suppress(OSError):  # what a full disk kept in the buffer is lost, not the run
                     fh.close()
@@ -1036,10 +1114,15 @@ class Supervisor:
             event.pop(k, None)
         if kind == "egress":
             self._record("egress", event, source="proxy")
-            key = tuple(str(event.get(k)) for k in EGRESS_SUMMARY_KEYS)
+            summary_line = {k: event.get(k) for k in EGRESS_SUMMARY_KEYS}
+            key = tuple(str(v)[:300] for v in summary_line.values())
+            if key not in w.egress_lines and len(w.egress_lines) >= MAX_EGRESS_KINDS:
+                # Thousands of distinct hosts: the rest are counted under one line per decision.
+                summary_line = {"decision": event.get("decision"), "host": "(other hosts)", "port": 0}
+                key = (str(event.get("decision")), "(other hosts)")
             seen = w.egress_lines.get(key)
             if seen is None:
-                w.egress_lines[key] = {**{k: event.get(k) for k in EGRESS_SUMMARY_KEYS}, "count": 1}
+                w.egress_lines[key] = {**summary_line, "count": 1}
             else:
                 seen["count"] += 1
             decision = event.get("decision")
@@ -1130,7 +1213,7 @@ class Supervisor:
         last model call among them), and after the check (its egress)."""
         while True:
             try:
-                source, line = self._q.get(timeout=0.3)
+                source, line = self._next_line(timeout=0.3)
             except queue.Empty:
                 return
             if source == "gateway" and line is not None:
@@ -1301,6 +1384,8 @@ class Supervisor:
         return rows
 
     def _cleanup_files(self) -> None:
+        # Recovery's copy of the sidecar's lines: the trail has them now.
+        (self.run_dir / "model" / SIDECAR_EVENTS).unlink(missing_ok=True)
         transcript = self.run_dir / "model" / "transcript.jsonl"
         if transcript.is_file():
             # The sidecar wrote it inside its container; redaction happens here, on the host.

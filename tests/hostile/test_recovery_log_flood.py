@@ -87,7 +87,7 @@ log(done=True)
 @pytest.mark.parametrize("order", list(ORDERS))
 def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(order, make_repo, state_dir,
                                                                              write_script) -> None:
-    # FAILS TODAY: Supervisor._unrecorded skips the first `seen` lines of the container's log (seen = the
+    # Fixed bug: Supervisor._unrecorded skips the first `seen` lines of the container's log (seen = the
     # trail's gateway and proxy events), assuming the log still starts with the sidecar's first line. Docker
     # rotates it at 2 x 64 MiB (backend/docker.py log_config), so after a flood the calls are gone before gc
     # reads it; and even without rotation, only the first 64 MiB after `seen` are read, so a flood made first

@@ -1,14 +1,12 @@
-"""Red team of issue 12's recovery: the agent makes its run's trail as large as it likes, and `sandbox gc`
-needs memory in proportion to it.
+"""Red team of issue 12: the agent grows its run's trail (and so the supervisor's memory, and recovery's)
+with a flood of connections, each one a decision line.
 
-Nothing bounds the lines the sidecar writes for the agent: every connection to the proxy is one decision line,
-and its host name (the CONNECT target, up to h11's 16 kB head) appears in it twice. Supervised, the agent
-makes ~10 MB/s of trail this way (the supervisor records every line, and keeps each line's host and reason in
-_Watch.egress_lines: ~2x the trail in RSS). Recovery then reads the whole trail into memory several times
-over (AuditLog.resume: read_bytes and splitlines; AuditLog.events() in _replay and in _recorded; _replay
-rebuilds egress_lines). A gc that runs out of memory either fails (MemoryError: the run is marked failed,
-its objects and workspace stay, and every later gc fails the same way) or is OOM-killed (the run stays
-`running`, and every `sandbox run` recovers it first, and dies).
+Found at first: nothing bounded the sidecar's lines. Every connection to the proxy was one decision line with
+its host name (up to h11's 16 kB head) in it twice; the supervisor recorded every line and kept each one's
+host in memory (~2x the trail in RSS: 1.27 GB for a 656 MB trail), and recovery read the whole trail into
+memory several times over (2.2 GiB for 355 MiB). Now host names past 253 characters are refused, a run ends
+once its sidecar has written 64 MiB of lines (`egress_flood`, egress decisions past that are counted, not
+recorded), the summary keeps at most 10,000 distinct decision lines, and the trail is read in bounded memory.
 """
 
 from __future__ import annotations
@@ -17,26 +15,22 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import yaml
 
 from ..conftest import REPO_ROOT, SANDBOX, git, labelled
-from ..test_faults_e2e import bash_started, no_leftovers, only_run_id, wait_for
-from .test_supervisor_loss import gc
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
-LINES = 12000  # ~32 kB each: a ~390 MB trail
-LIMIT_MB = 512
+LIMIT_MB = 400
 
 FLOOD = r'''
 import socket, threading
-def worker(k, n):
-    for i in range(n):
-        # A distinct host name each time: no two decision lines alike.
-        req = ("CONNECT " + "a" * 15980 + f"{k}-{i:08d}:443 HTTP/1.0\r\n\r\n").encode()
+def worker(k):
+    for i in range(1_000_000):
+        # A distinct host name each time, as long as the proxy lets one be: no two decision lines alike.
+        req = ("CONNECT " + "a" * 230 + f"{k}-{i:08d}.invalid:443 HTTP/1.0\r\n\r\n").encode()
         try:
             s = socket.create_connection(("sidecar", 3128), timeout=30)
             s.sendall(req)
@@ -44,56 +38,35 @@ def worker(k, n):
                 pass
             s.close()
         except OSError:
-            pass
-threads = [threading.Thread(target=worker, args=(k, LINES // 8)) for k in range(8)]
+            return  # the run was stopped
+threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
-print("flooded")
 '''
 
 PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, file=sys.stderr)")
 
 
-def test_recovery_memory_does_not_grow_with_the_trail(make_repo, state_dir, write_script) -> None:
-    # FAILS TODAY: see the module's docstring. Measured at b9c61e4 on a 355 MiB trail: gc peaked at 2.2 GiB of
-    # RSS (1.5 GiB when every host name is the same); the supervisor that made a 656 MB trail had 1.27 GB.
+def test_a_connection_flood_ends_the_run_with_bounded_trail_and_memory(make_repo, state_dir, write_script) -> None:
     script = yaml.safe_dump({"turns": [
-        {"write": {"path": "partial.txt", "content": "work before the kill\n"}},
-        {"write": {"path": "/tmp/flood.py", "content": FLOOD.replace("LINES", str(LINES))}},
+        {"write": {"path": "partial.txt", "content": "work before the flood\n"}},
+        {"write": {"path": "/tmp/flood.py", "content": FLOOD}},
         {"bash": "python3 /tmp/flood.py; sleep 600", "timeout_ms": 600000},
         {"text": "never reached"},
     ]})
     repo = make_repo()
-    # stderr to a file: a pipe nobody reads would block the supervisor on its progress lines (each denied
-    # line carries the 16 kB host name) and it would record nothing more.
-    with (state_dir.parent / "run.stderr").open("w") as errf:
-        proc = subprocess.Popen([*SANDBOX, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                                 str(write_script(script)), "--json"], stdout=subprocess.PIPE, stderr=errf,
-                                text=True, env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
-    wait_for(lambda: bash_started(state_dir), 120, "the Bash call")
-    run_id = only_run_id(state_dir)
-    audit = state_dir / "runs" / run_id / "audit.jsonl"
-    wait_for(lambda: audit.stat().st_size > LINES * 31_000, 400, "the supervisor to record the flood")
-    trail_mb = audit.stat().st_size // 2**20
-    os.kill(proc.pid, 9)
-    proc.wait(30)
-    try:
-        t0 = time.monotonic()
-        res = subprocess.run([sys.executable, "-c", PEAK, *SANDBOX, "gc", "--json"], capture_output=True,
-                             text=True, timeout=900, env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)},
-                             cwd=REPO_ROOT)
-        took = time.monotonic() - t0
-        peak_kb, rc = map(int, res.stderr.strip().splitlines()[-1].split())
-    finally:
-        if labelled(run_id):
-            gc(state_dir)
-    assert rc == 0, res.stderr[-3000:]
-    (mine,) = [r for r in json.loads(res.stdout) if r["run_id"] == run_id]
-    assert mine["action"] == "recovered", mine
-    assert git(repo, "show", f"sandbox/{run_id}:partial.txt") == "work before the kill"
-    assert peak_kb // 1024 < LIMIT_MB, (f"gc peaked at {peak_kb // 1024} MiB of RSS recovering a {trail_mb} MiB "
-                                        f"trail (took {took:.0f} s)")
-    no_leftovers(state_dir, run_id)
+    res = subprocess.run([sys.executable, "-c", PEAK, *SANDBOX, "run", "--repo", str(repo), "--task", "t",
+                          "--model-script", str(write_script(script)), "--json"], capture_output=True, text=True,
+                         timeout=900, env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
+    peak_kb, rc = map(int, res.stderr.strip().splitlines()[-1].split())
+    s = json.loads(res.stdout)
+    assert (rc, s["reason"]) == (10, "error") and "egress_flood" in s["message"], s["message"]
+    assert git(repo, "show", f"{s['branch']}:partial.txt") == "work before the flood"
+    trail = state_dir / "runs" / s["id"] / "audit.jsonl"
+    assert trail.stat().st_size < 100 * 2**20, f"the trail grew to {trail.stat().st_size // 2**20} MiB"
+    assert peak_kb // 1024 < LIMIT_MB, f"the supervisor peaked at {peak_kb // 1024} MiB of RSS"
+    assert len(s["egress_hosts_denied"]) <= 10_001
+    assert labelled(s["id"]) == []

@@ -248,7 +248,7 @@ turns:
 
 
 def test_a_stopped_timeout_does_not_keep_the_agent_past_its_deadline(make_repo, state_dir, write_script) -> None:
-    # FAILS TODAY: the entry point's deadline is a coreutils `timeout` running as the agent's own uid, so the
+    # Fixed bug: the entry point's deadline is a coreutils `timeout` running as the agent's own uid, so the
     # agent can `kill -STOP` it; a stopped timeout never fires (and a stopped process never exits, so the
     # container's init never ends either). Without its supervisor the container then runs until someone
     # runs `sandbox gc` or another `sandbox run`: the sidecar's deadline only cuts its network.
@@ -288,12 +288,11 @@ def test_a_stopped_timeout_does_not_keep_the_agent_past_its_deadline(make_repo, 
 STUCK = r'''
 import http.client, json, socket, time
 LOG = open("/workspace/probe.log", "a", buffering=1)
-# Three refusals whose decision lines carry a 16 kB host name, twice: the supervisor prints each one as a
-# progress line, 32 kB a piece, and its stderr is a pipe nobody drains.
-req = ("CONNECT " + "a" * 16000 + ":443 HTTP/1.0\r\n\r\n").encode()
-for _ in range(3):
+# Refusals enough to fill a pipe: the supervisor prints each as a progress line (cut to 300 characters),
+# and its stderr is a pipe nobody drains.
+for i in range(1500):
     s = socket.create_connection(("sidecar", 3128))
-    s.sendall(req)
+    s.sendall(f"CONNECT h{i}-{'a' * 200}.example.invalid:443 HTTP/1.0\r\n\r\n".encode())
     while s.recv(65536):
         pass
 BODY = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 16,
@@ -314,11 +313,10 @@ while time.time() < t0 + 100:
 
 def test_a_supervisor_stuck_on_its_progress_output_is_not_taken_for_a_live_one(make_repo, state_dir,
                                                                                   write_script) -> None:
-    # FAILS TODAY: the heartbeat is touched by a thread of its own (liveness.Heartbeat), so it says "the process
-    # lives", not "the process supervises". Here the supervisor's main thread blocks writing a progress line
-    # (its stderr is a pipe nobody drains, as under `2>&1 | less`; the agent chose the lines' size): it
-    # enforces no limit, yet the sidecar keeps serving, past the wall-clock limit and past the heartbeat
-    # timeout, until the container's own deadline (wall + 120 s; which the agent can also stop, see above).
+    # Found by the red team: the heartbeat was touched by a thread of its own, so it said "the process lives",
+    # not "the process supervises". Here the supervisor's main thread blocks writing progress lines (its stderr
+    # is a pipe nobody drains, as under `2>&1 | less`): it enforces no limit, so the sidecar must stop serving
+    # (the heartbeat beats only while the watch loop goes round).
     wall = 20
     script = yaml.safe_dump({"turns": [
         {"write": {"path": "/tmp/stuck.py", "content": STUCK}},
@@ -357,7 +355,7 @@ turns:
 
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM], ids=["SIGHUP", "SIGTERM"])
 def test_a_signal_with_the_terminal_gone_still_brings_the_work_home(sig, make_repo, state_dir, write_script) -> None:
-    # FAILS TODAY: when the terminal goes (an ssh session drops: SIGHUP, and stderr is gone) the supervisor's
+    # Fixed bug: when the terminal goes (an ssh session drops: SIGHUP, and stderr is gone) the supervisor's
     # next progress line meets a broken pipe, and rich's Console turns that into SystemExit(1) (on_broken_pipe).
     # SystemExit is no Exception: Supervisor._run skips the collection and the import, runs only its `finally`
     # (teardown), writes no summary, and exits 1; the run stays `running` and its work waits for a gc. The same

@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 
 def test_the_check_result_is_never_read_through_a_link(make_repo, sandbox, write_script, tmp_path) -> None:
-    # FAILS TODAY: _run_check reads (run_dir/"check"/"result.json").read_text() without refusing a link.
+    # Fixed bug: _run_check reads (run_dir/"check"/"result.json").read_text() without refusing a link.
     secret = tmp_path / "host-credentials.json"
     secret.write_text(json.dumps({"exit_code": 0, "output": "HOST-SECRET-7f3a", "head": "x",
                                   "token": "HOST-SECRET-TOKEN-91c2"}))

@@ -100,7 +100,7 @@ class Harness:
 
 
 def test_a_token_count_whose_body_ends_after_the_trip_is_not_forwarded(tmp_path: Path) -> None:
-    # FAILS TODAY: Gateway.handle checks the watchdog once, before `await request.read()`; only calls to
+    # Fixed bug: Gateway.handle checks the watchdog once, before `await request.read()`; only calls to
     # /v1/messages are checked again (in _admit). A count_tokens request whose headers came before the trip and
     # whose body trickles in after it is forwarded upstream, with the real key, after the supervisor is gone.
     h = Harness(tmp_path)
@@ -137,7 +137,7 @@ def test_a_model_call_whose_body_ends_after_the_trip_is_refused(tmp_path: Path) 
 
 
 def test_a_non_streamed_answer_is_not_handed_over_after_the_trip(tmp_path: Path) -> None:
-    # FAILS TODAY: only SSE streams are cut when the watchdog trips (_forward checks `is_sse`); a call with
+    # Fixed bug: only SSE streams are cut when the watchdog trips (_forward checks `is_sse`); a call with
     # "stream": false admitted just before the trip is answered in full however long after it the upstream
     # finishes (with the real API, a long generation: minutes of model work after the supervisor is gone).
     h = Harness(tmp_path)

@@ -19,16 +19,34 @@ from .gateway import Gateway
 from .proxy import EgressProxy
 from .watchdog import Watchdog
 
+EVENTS_EGRESS_LIMIT = 64 * 1024**2  # bytes of egress decision lines the events file keeps; model calls: all
 
-def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
-    # Every line is numbered: should the supervisor die, its recovery reads this container's log and records
-    # the lines past the last it had, by number, even if the log was rotated or flooded meanwhile.
+
+def make_emitter(run_id: str, events_path: str | None = None):  # type: ignore[no-untyped-def]
+    """Each event as one numbered JSON line on stdout (the supervisor reads it live) and, with events_path, in
+    a file only the sidecar writes: should the supervisor die, its recovery reads that file for the lines past
+    the last it recorded, by number. Docker's log of stdout rotates, and a flood of connections could push
+    the model calls out of it; the file keeps every model call, and egress lines up to EVENTS_EGRESS_LIMIT."""
     count = itertools.count(1)
+    sink = open(events_path, "a", encoding="utf-8") if events_path else None  # noqa: SIM115 - lives as long as the sidecar
+    egress_bytes = 0
 
     def emit(event: dict[str, Any]) -> None:
-        line = {"time": time.time(), "run_id": run_id, "n": next(count), **event}
-        sys.stdout.write(json.dumps(line, separators=(",", ":")) + "\n")
+        nonlocal egress_bytes
+        text = json.dumps({"time": time.time(), "run_id": run_id, "n": next(count), **event},
+                          separators=(",", ":")) + "\n"
+        sys.stdout.write(text)
         sys.stdout.flush()
+        if sink is not None:
+            if event.get("event") == "egress":
+                egress_bytes += len(text)
+                if egress_bytes > EVENTS_EGRESS_LIMIT:
+                    return  # its number is skipped: recovery counts the gap
+            try:
+                sink.write(text)
+                sink.flush()
+            except OSError:
+                pass  # a full disk: stdout still has it, and the supervisor, if alive, records it
 
     return emit
 
@@ -36,7 +54,7 @@ def make_emitter(run_id: str):  # type: ignore[no-untyped-def]
 async def main() -> None:
     config = SidecarConfig.model_validate_json(os.environ[CONFIG_ENV])
     api_key = os.environ.pop(KEY_ENV, None) or None
-    emit = make_emitter(config.run_id)
+    emit = make_emitter(config.run_id, config.events_path)
     upstream = config.upstream_url
     runners: list[web.AppRunner] = []
     watchdog = Watchdog(emit, config.heartbeat_path, config.heartbeat_timeout_s, config.deadline_s)

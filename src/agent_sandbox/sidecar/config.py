@@ -29,6 +29,9 @@ class SidecarConfig(BaseModel):
     """Price overrides by model-name substring, on top of the built-in table."""
     script_path: str | None = None
     """A model script mounted into the sidecar: the gateway then forwards to the scripted model."""
+    events_path: str | None = None
+    """A file (in the sidecar's own output directory) where every event line is kept too, numbered: what
+    recovery reads should the supervisor die (model calls always; egress lines up to 64 MiB)."""
     transcript_path: str | None = None
     """Where the scripted model writes its transcript."""
     gateway_port: int = GATEWAY_PORT

@@ -72,6 +72,9 @@ DROP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"ke
                 b"upgrade"}
 
 
+MAX_HOST_NAME = 253  # the longest a DNS name can be
+
+
 class Refused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -307,6 +310,11 @@ class EgressProxy:
                 return
             rec["method"] = request.method.decode("ascii", "replace")
             host, port, is_connect = self._target(request)
+            if len(host) > MAX_HOST_NAME:
+                # No DNS name is longer; a longer one is only a way to make every decision line huge.
+                rec.update(host=host[:MAX_HOST_NAME] + "…", port=port, decision="deny",
+                           reason=f"a host name longer than {MAX_HOST_NAME} characters")
+                raise Refused(403, rec["reason"])
             rec.update(host=host, port=port)
             if self.watchdog is not None and (why := self.watchdog.tripped):
                 rec.update(decision="deny", reason=f"{why}: {REASONS[why]}")
