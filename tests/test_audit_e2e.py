@@ -68,7 +68,7 @@ def test_trail_has_every_category_and_verifies(make_repo, sandbox, write_script)
     imported = by_type["imported"]
     assert {f["path"] for f in imported["files"]} == {"notes.md", "a.py"} and imported["commits"]
     usage = by_type["resource_usage"]
-    assert usage["samples"] >= 1 and usage["peak_memory_bytes"] > 10 * 2**20 and usage["peak_pids"] >= 1
+    assert usage["samples"] >= 1 and usage["peak_memory_bytes"] > 2**20 and usage["peak_pids"] >= 1
     # The raw stream is kept beside the trail.
     stream = Path(s["run_dir"], "agent-stream.jsonl").read_text().splitlines()
     assert json.loads(stream[0])["type"] == "system"

@@ -58,7 +58,7 @@ def test_agent_container_never_holds_the_real_key(make_repo, sandbox, write_scri
 turns:
   - bash: "env | sort"
   - bash: "cat /proc/self/environ | tr '\\\\0' '\\\\n'"
-  - bash: "cat /proc/1/environ | tr '\\\\0' '\\\\n'; ls -la /sandbox; cat /sandbox/in/task.md"
+  - bash: "cat /proc/$(pgrep -o -x claude)/environ | tr '\\\\0' '\\\\n'; ls -la /sandbox; cat /sandbox/in/task.md"
   - text: "looked"
 """)
     repo = make_repo()
@@ -73,6 +73,7 @@ turns:
     assert "ANTHROPIC_API_KEY=sk-sandbox-placeholder-not-a-key" in env_dump
     assert "ANTHROPIC_BASE_URL=http://sidecar:8080" in env_dump
     assert "ANTHROPIC_API_KEY=" in outputs[1]
+    assert "ANTHROPIC_API_KEY=sk-sandbox-placeholder-not-a-key" in outputs[2]  # Claude Code's own environment
     for out in outputs:
         assert fake not in out and fake[8:] not in out
     # The gateway did hold it: every model call reached the model with the real key, not the placeholder.

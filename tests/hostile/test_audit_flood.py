@@ -23,7 +23,7 @@ FLOOD_LINES = 200_000
 def test_a_flood_of_short_lines_loses_nothing(make_repo, sandbox, write_script) -> None:
     script = write_script(f"""
 turns:
-  - bash: "seq 1 {FLOOD_LINES} | sed 's/^/flood /' > /proc/1/fd/1; echo flooded"
+  - bash: "seq 1 {FLOOD_LINES} | sed 's/^/flood /' > /proc/$(pgrep -o -x claude)/fd/1; echo flooded"
   - bash: "echo the real call after the flood"
   - text: finished after the flood
 """)
@@ -50,7 +50,7 @@ def test_a_32_mb_line_is_cut_at_bounded_memory(make_repo, sandbox, write_script)
     size = 32 * 1024**2
     script = write_script(f"""
 turns:
-  - bash: "head -c {size} /dev/zero | tr '\\\\0' a > /proc/1/fd/1; echo > /proc/1/fd/1; echo written"
+  - bash: "head -c {size} /dev/zero | tr '\\\\0' a > /proc/$(pgrep -o -x claude)/fd/1; echo > /proc/$(pgrep -o -x claude)/fd/1; echo written"
   - text: done
 """)
     res = sandbox("run", "--repo", str(make_repo()), "--task", "long line", "--model-script", str(script), "--json")
@@ -73,7 +73,7 @@ def test_output_over_the_bound_ends_the_run_with_output_flood(make_repo, sandbox
     total = MAX_OUTPUT_BYTES + 16 * 1024**2
     script = write_script(f"""
 turns:
-  - bash: "head -c {total} /dev/zero | tr '\\\\0' b | fold -w 65535 > /proc/1/fd/1; echo done flooding"
+  - bash: "head -c {total} /dev/zero | tr '\\\\0' b | fold -w 65535 > /proc/$(pgrep -o -x claude)/fd/1; echo done flooding"
   - bash: "echo never reached"
   - text: never reached
 """)
