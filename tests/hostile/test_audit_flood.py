@@ -50,7 +50,7 @@ def test_a_32_mb_line_is_cut_at_bounded_memory(make_repo, sandbox, write_script)
     size = 32 * 1024**2
     script = write_script(f"""
 turns:
-  - bash: "head -c {size} /dev/zero | tr '\\\\0' a > /proc/$(pgrep -o -x claude)/fd/1; echo > /proc/$(pgrep -o -x claude)/fd/1; echo written"
+  - bash: "o=/proc/$(pgrep -ox claude)/fd/1; head -c {size} /dev/zero | tr '\\\\0' a > $o; echo > $o; echo written"
   - text: done
 """)
     res = sandbox("run", "--repo", str(make_repo()), "--task", "long line", "--model-script", str(script), "--json")
@@ -73,7 +73,7 @@ def test_output_over_the_bound_ends_the_run_with_output_flood(make_repo, sandbox
     total = MAX_OUTPUT_BYTES + 16 * 1024**2
     script = write_script(f"""
 turns:
-  - bash: "head -c {total} /dev/zero | tr '\\\\0' b | fold -w 65535 > /proc/$(pgrep -o -x claude)/fd/1; echo done flooding"
+  - bash: "o=/proc/$(pgrep -ox claude)/fd/1; head -c {total} /dev/zero | tr '\\\\0' b | fold -w 65535 >$o; echo done"
   - bash: "echo never reached"
   - text: never reached
 """)
