@@ -334,9 +334,14 @@ class DockerBackend(Backend):
         try:
             stream = self._get(container).stats(stream=True, decode=True)
             for raw in stream:
+                if str(raw.get("read", "")).startswith("0001-01-01"):
+                    # The zero time: the container has stopped (or, just started, has no figures yet).
+                    if not self.status(container).running:
+                        return
+                    continue
                 mem = raw.get("memory_stats") or {}
-                if not mem:  # the container has stopped
-                    return
+                if not mem:  # a frame from before its cgroup had figures (a fast start): the next one will
+                    continue
                 yield {
                     "memory": int(mem.get("usage") or 0),
                     # cgroup v1 reports the peak itself; v2 does not, so the caller keeps a running maximum.
