@@ -1393,8 +1393,11 @@ class Supervisor:
         if self.agent_started and not self.work_settled:
             # The work never reached the branch (the engine gone, a full disk, a finaliser that failed): it
             # stays, and the store marks the run for `sandbox gc` to import it.
-            self.kept = str(self.run_dir / "workspace")
-            quota.park(self.run_dir / "workspace")
+            workspace = self.run_dir / "workspace"
+            parked = quota.is_mounted(workspace)
+            quota.park(workspace)
+            # Unmounted, the work is in the filesystem image (gc mounts it again to import it).
+            self.kept = str(quota.image_path(workspace) if parked else workspace)
             quota.release(self.run_dir / "check")
             if self.store:
                 try:
