@@ -34,7 +34,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import signal
@@ -55,6 +54,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for tests.registries: how this machine reaches the real registries
 
+from bench.machine import machine, run  # noqa: E402
 from tests import registries  # noqa: E402
 
 from agent_sandbox.policy import load_policy  # noqa: E402
@@ -113,20 +113,6 @@ def parse(output: str, where: str) -> Sample:
         raise RuntimeError(f"{where}: the script printed no timings:\n{output[-3000:]}")
     a, b, c, d = (float(x) for x in times.groups())
     return Sample(pip=b - a, npm=d - c, versions=versions.group(1).strip())
-
-
-def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-
-
-def machine() -> dict[str, str]:
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    docker = run(["docker", "version", "--format", "{{.Server.Version}}"]).stdout.strip() or "unknown"
-    return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": f"{mem_kb / 1024**2:.1f} GiB",
-            "kernel": platform.release(), "docker": docker}
 
 
 def images() -> dict[str, str]:

@@ -44,7 +44,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -63,26 +62,16 @@ import psutil
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
+
+from bench.machine import machine, run  # noqa: E402
+
 SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
 RUN_LABEL = "sandbox.run-id"
 LEAK_KINDS = ("containers", "networks", "workspaces", "mounts", "loop devices", "iptables rules",
               "budget sockets", "processes")
 QUOTA_DIRS = ("workspace", "check", "workspace.img", "check.img")
 BUDGET_GLOB = "sbx-budget-*"
-
-
-def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, **kwargs)
-
-
-def machine() -> dict[str, str]:
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
-    docker = run(["docker", "version", "--format", "{{.Server.Version}}"]).stdout.strip() or "unknown"
-    return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": f"{mem_kb / 1024**2:.1f} GiB",
-            "kernel": platform.release(), "docker": docker}
 
 
 _images_lock = threading.Lock()

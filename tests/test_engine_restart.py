@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO_ROOT, git, labelled, start_run
-from .test_faults_e2e import SLEEPER, bash_started, finish, no_leftovers, only_run_id, wait_for
+from .test_faults_e2e import bash_started, finish, no_leftovers, only_run_id, wait_for
+from .test_limits_e2e import SLEEPER
 
 pytestmark = [pytest.mark.docker, pytest.mark.serial, pytest.mark.usefixtures("docker_ready")]
 

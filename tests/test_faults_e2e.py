@@ -19,16 +19,9 @@ import pytest
 from agent_sandbox.store import RunStore
 
 from .conftest import SANDBOX, audit_events, git, labelled, start_run
+from .test_limits_e2e import SLEEPER
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
-
-SLEEPER = """
-turns:
-  - write: {path: partial.txt, content: "work before the stop\\n"}
-  - bash: "python3 -c 'import time; time.sleep(600)'"
-    timeout_ms: 600000
-  - text: never reached
-"""
 
 WORKER = """
 turns:
