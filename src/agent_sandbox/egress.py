@@ -410,6 +410,29 @@ class EgressOverview(BaseModel):
     suggestion: EgressSuggestion = Field(default_factory=EgressSuggestion)
 
 
+class DecisionTally:
+    """Decision lines folded into one per kind (decision, host, port, rule, reason, detail) with its count, for
+    `overview`: a flood of connections costs memory by the kinds of decision, not by the connection. Past
+    MAX_KINDS distinct kinds, the rest are counted under one `(other hosts)` line per decision."""
+
+    KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
+    MAX_KINDS = 10_000
+
+    def __init__(self) -> None:
+        self._lines: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def add(self, event: dict[str, Any]) -> None:
+        line = {k: event.get(k) for k in self.KEYS}
+        key = tuple(str(v)[:300] for v in line.values())
+        if key not in self._lines and len(self._lines) >= self.MAX_KINDS:
+            line = {"decision": event.get("decision"), "host": "(other hosts)", "port": 0}
+            key = (str(event.get("decision")), "(other hosts)")
+        self._lines.setdefault(key, {**line, "count": 0})["count"] += 1
+
+    def lines(self) -> list[dict[str, Any]]:
+        return list(self._lines.values())
+
+
 def overview(lines: Iterable[dict[str, Any]]) -> EgressOverview:
     """Group decision lines by outcome (allow, deny, would_deny; lines that ended in an upstream error are
     left out of the groups) and host:port, most connections first."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,9 +141,7 @@ def _recover(backend: Backend, store: RunStore, images: ImageSet | None, run_id:
         if not isinstance(exc, EnvironmentNotReady):
             # Not for want of an engine or room: trying again will not help. The run ends, failed, and its
             # directory stays as it is for a person to look at.
-            store.db.execute("UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ?, "
-                             "recover = NULL WHERE id = ? AND (status = 'running' OR recover IS NOT NULL)",
-                             (f"{_why(row)}; recovery failed: {detail}; see {run_dir}", time.time(), run_id))
+            store.mark_unrecoverable(run_id, f"{_why(row)}; recovery failed: {detail}; see {run_dir}")
         return Collected(run_id=run_id, action="failed", objects=objs, detail=detail)
     finally:
         lock.release()

@@ -8,15 +8,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .egress import EgressHost, overview
+from .egress import DecisionTally, EgressHost, overview
 from .redact import visible
 from .spec import RunSummary
 
 MAX_COMMANDS = 60
 
 
-MAX_EGRESS_KINDS = 10_000
-EGRESS_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
 KEPT_TYPES = ("run_started", "limit_hit", "imported")
 
 
@@ -29,7 +27,7 @@ class _Trail:
         self.commands: list[str] = []
         self.command_count = 0
         self.tools: Counter[str] = Counter()
-        egress: dict[tuple[str, ...], dict[str, Any]] = {}
+        tally = DecisionTally()
         path = run_dir / "audit.jsonl"
         if not path.is_file():
             self.egress: list[dict[str, Any]] = []
@@ -50,13 +48,8 @@ class _Trail:
                         if len(self.commands) < MAX_COMMANDS:
                             self.commands.append(str((p.get("input") or {}).get("command", "")))
                 elif t == "egress":
-                    line = {k: p.get(k) for k in EGRESS_KEYS}
-                    key = tuple(str(v)[:300] for v in line.values())
-                    if key not in egress and len(egress) >= MAX_EGRESS_KINDS:
-                        line = {"decision": p.get("decision"), "host": "(other hosts)", "port": 0}
-                        key = (str(p.get("decision")), "(other hosts)")
-                    egress.setdefault(key, {**line, "count": 0})["count"] += 1
-        self.egress = list(egress.values())
+                    tally.add(p)
+        self.egress = tally.lines()
 
 
 def _md(text: str) -> str:

@@ -134,6 +134,14 @@ class RunStore:
             "WHERE id = ? AND status = 'running'", (message, time.time(), run_id))
         return cur.rowcount > 0
 
+    def mark_unrecoverable(self, run_id: str, message: str) -> bool:
+        """End a run that recovery cannot finish (not for want of an engine or room): failed/error, no longer
+        waiting to be imported. False if it had ended and waited for nothing."""
+        cur = self.db.execute(
+            "UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ?, recover = NULL "
+            "WHERE id = ? AND (status = 'running' OR recover IS NOT NULL)", (message, time.time(), run_id))
+        return cur.rowcount > 0
+
     def add_spend(self, run_id: str, usd: float, day: str | None = None) -> float:
         """Add to the run's spend for the day; returns the whole host's spend for that day."""
         d = day or today()

@@ -32,6 +32,7 @@ from .backend import Backend, ContainerSpec, Mount, NetworkSpec
 from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
 from .budget_broker import BrokerEndpoint, SharedBudget
 from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, branch_exists, import_bundle, prepare_checkout, remove_tree
+from .egress import DecisionTally
 from .egress import overview as egress_overview
 from .errors import ExitCode, SandboxError, disk_full
 from .gate import Violation
@@ -61,13 +62,11 @@ DISK_CHECK_INTERVAL = 5.0
 SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
 DEADLINE_MARGIN = 120  # seconds the containers' own deadline leaves the supervisor past the wall clock
 API_KEY_ENV = "ANTHROPIC_API_KEY"
-EGRESS_SUMMARY_KEYS = ("decision", "host", "port", "rule", "reason", "decision_detail")
 # The agent's output (stdout and stderr together) is bounded: a longer line is cut (and recorded as cut),
 # more output in all ends the run with limit output_flood. Below these bounds no line is lost.
 MAX_LINE_BYTES = 1024**2
 MAX_OUTPUT_BYTES = 64 * 1024**2
 MAX_OUTPUT_LINES = 1_000_000
-MAX_EGRESS_KINDS = 10_000  # distinct egress decision lines the summary keeps apart
 BACKLOG_BYTES = 8 * 1024**2  # agent output read but not yet recorded; beyond it the container's writes wait
 RESULT_SLACK = 0.5  # seconds: a model call that started this long after the agent's result is a later call
 END_STOP_REASONS = ("end_turn", "stop_sequence")
@@ -156,9 +155,7 @@ class _Watch:
     egress_allowed: int = 0
     egress_denied: int = 0
     egress_would_deny: int = 0
-    # The decision lines for the summary, one per distinct line with its count: a flood of connections costs
-    # memory by the kinds of decision, not by the connection.
-    egress_lines: dict[tuple[Any, ...], dict[str, Any]] = field(default_factory=dict)
+    egress_lines: DecisionTally = field(default_factory=DecisionTally)  # the decision lines, for the summary
     tokens: Tokens = field(default_factory=Tokens)
     # The agent's output, bounded (output_flood), and what the gateway saw, which decides `completed`.
     sidecar_bytes: int = 0  # the sidecar's lines, bounded like the agent's output (egress_flood)
@@ -563,11 +560,11 @@ class Supervisor:
         prior = RunSummary.model_validate_json(prior_path.read_text()) if prior_path.exists() else None
         self.cancel("interrupted", why)  # no check and no push for recovered work
         self.agent_started = True
-        watch = self._replay()
+        watch, recorded = self._replay()
         # Stopped first, so that their logs end and the workspace stops changing; removed once read.
         for role in ("agent", "check", "finalise", "sidecar"):
             self.backend.stop(f"{self.prefix}-{role}", 1)
-        gateway_lines, lost = self._unrecorded_sidecar(self._recorded_sidecar_lines())
+        gateway_lines, lost = self._unrecorded_sidecar(recorded)
         agent_lines = self._unrecorded(f"{self.prefix}-agent", False, self._stream_lines())
         self._record("recovery", {"by": by, "why": why, "dropped_bytes": dropped,
                                   "gateway_lines": len(gateway_lines), "gateway_lines_lost": lost,
@@ -589,11 +586,8 @@ class Supervisor:
                 (self.run_dir / "out" / "result.json").unlink(missing_ok=True)
                 imported, fin_error = self._collect("interrupted")
                 error = fin_error
-            elif branch_exists(self.repo, self.spec.branch):
+            elif (imported := self._on_branch()) is not None:
                 # The workspace is gone because the work was imported: the branch is what there is.
-                head = git.Git(self.repo.path).rev_parse("--verify", f"refs/heads/{self.spec.branch}")
-                imported = Imported(branch=self.spec.branch, head=head, commits=git.Git(self.repo.path).rev_list(
-                    "--reverse", f"{self.spec.base_commit}..{head}").split())
                 self.work_settled = True
             else:
                 self.work_settled = True  # nothing left to import, and nothing to keep
@@ -619,12 +613,6 @@ class Supervisor:
             reason, message = "interrupted", f"{why}; recovered by {by}: {landed}"
         log.info("recovered run_id=%s by=%s imported=%s", self.spec.run_id, by, bool(imported and imported.head))
         return self._finish(reason, message, watch, imported, False, None, error, started)
-
-    def _recorded_sidecar_lines(self) -> int:
-        """How many of the sidecar's (numbered) lines the trail has: one event each, in order."""
-        assert self.audit is not None
-        return sum(1 for e in self.audit.events()
-                   if e.get("source") in ("gateway", "proxy") and e.get("type") != "sidecar_output")
 
     def _unrecorded_sidecar(self, seen: int) -> tuple[list[_Line], int]:
         """The sidecar's lines past number `seen`, from its container's log, and how many of them the log no
@@ -685,15 +673,20 @@ class Supervisor:
             log.info("no_container_log container=%s error=%r", container, exc)
         return out
 
-    def _replay(self) -> _Watch:
+    def _replay(self) -> tuple[_Watch, int]:
         """What the run had learnt (spend, calls, tokens, egress, turns, the agent's result), rebuilt from its
-        trail and stream without recording anything again."""
+        trail and stream without recording anything again; and how many of the sidecar's (numbered) lines the
+        trail has: one event each, in order."""
         assert self.audit is not None
         w = _Watch()
+        sidecar_lines = 0
         self._replaying = True
         try:
             for e in self.audit.events():
-                if e.get("source") in ("gateway", "proxy") and isinstance(e.get("payload"), dict):
+                if e.get("source") not in ("gateway", "proxy"):
+                    continue
+                sidecar_lines += e.get("type") != "sidecar_output"
+                if isinstance(e.get("payload"), dict):
                     self._gateway_event(json.dumps({"event": e.get("type"), **e["payload"]}), w)
             path = self.run_dir / "agent-stream.jsonl"
             if path.exists():
@@ -703,7 +696,7 @@ class Supervisor:
         finally:
             self._replaying = False
         w.reason = None
-        return w
+        return w, sidecar_lines
 
     # --- steps ----------------------------------------------------------------------------------------------
 
@@ -1114,17 +1107,7 @@ class Supervisor:
             event.pop(k, None)
         if kind == "egress":
             self._record("egress", event, source="proxy")
-            summary_line = {k: event.get(k) for k in EGRESS_SUMMARY_KEYS}
-            key = tuple(str(v)[:300] for v in summary_line.values())
-            if key not in w.egress_lines and len(w.egress_lines) >= MAX_EGRESS_KINDS:
-                # Thousands of distinct hosts: the rest are counted under one line per decision.
-                summary_line = {"decision": event.get("decision"), "host": "(other hosts)", "port": 0}
-                key = (str(event.get("decision")), "(other hosts)")
-            seen = w.egress_lines.get(key)
-            if seen is None:
-                w.egress_lines[key] = {**summary_line, "count": 1}
-            else:
-                seen["count"] += 1
+            w.egress_lines.add(event)
             decision = event.get("decision")
             if decision == "deny":
                 w.egress_denied += 1
@@ -1312,6 +1295,15 @@ class Supervisor:
                               "the branch is kept for inspection")
         return imported, None
 
+    def _on_branch(self) -> Imported | None:
+        """What the run's branch holds in the host repository now, or None without the branch."""
+        if not branch_exists(self.repo, self.spec.branch):
+            return None
+        g = git.Git(self.repo.path)
+        head = g.rev_parse("--verify", f"refs/heads/{self.spec.branch}")
+        return Imported(branch=self.spec.branch, head=head,
+                        commits=g.rev_list("--reverse", f"{self.spec.base_commit}..{head}").split())
+
     def _import(self, bundle: Path, head: str | None) -> Imported:
         """Fetch the bundle onto the branch. A recovery may find the branch there already, at the packed head
         (the dead supervisor got that far): that is the work, imported."""
@@ -1319,11 +1311,9 @@ class Supervisor:
             return import_bundle(self.repo, bundle, self.spec.branch, self.spec.base_commit,
                                  replace=self.spec.replace_branch)
         except SandboxError as exc:
-            if head and branch_exists(self.repo, self.spec.branch):
-                g = git.Git(self.repo.path)
-                if g.rev_parse("--verify", f"refs/heads/{self.spec.branch}") == head:
-                    commits = g.rev_list("--reverse", f"{self.spec.base_commit}..{head}").split()
-                    return Imported(branch=self.spec.branch, head=head, commits=commits)
+            there = self._on_branch()
+            if head and there is not None and there.head == head:
+                return there
             if disk_full(exc):
                 self.environment_failure = f"the host repository's filesystem is full: {exc.message}"
             else:
@@ -1465,7 +1455,7 @@ class Supervisor:
     def _summary(self, reason: str, message: str, w: _Watch, imported: Imported | None, oom: bool,
                  duration: float) -> RunSummary:
         files = [r["path"] for r in self._files] if imported and imported.head else []
-        net = egress_overview(w.egress_lines.values())
+        net = egress_overview(w.egress_lines.lines())
         return RunSummary(
             id=self.spec.run_id, status=STATUS_BY_REASON[reason], reason=reason,  # type: ignore[arg-type]
             message=message, repo=self.spec.repo,
