@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent_sandbox.checkout import open_repo, prepare_checkout
+from agent_sandbox.git.checkout import open_repo, prepare_checkout
 
 
 def generate(root: Path, files: int, commits: int) -> Path:

@@ -57,9 +57,9 @@ sys.path.insert(0, str(REPO_ROOT))  # for tests.registries: how this machine rea
 from bench.machine import machine, run  # noqa: E402
 from tests import registries  # noqa: E402
 
-from agent_sandbox.policy import load_policy  # noqa: E402
+from agent_sandbox.config.policy import load_policy  # noqa: E402
 
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
 # Every package pinned, dependencies included, so each round downloads the very same files.
 PIP_PACKAGES = ("requests==2.32.3", "certifi==2024.12.14", "charset-normalizer==3.4.1", "idna==3.10",
                 "urllib3==2.3.0", "six==1.17.0", "packaging==24.2")

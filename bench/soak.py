@@ -66,7 +66,7 @@ sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
 
 from bench.machine import machine, run  # noqa: E402
 
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
 RUN_LABEL = "sandbox.run-id"
 LEAK_KINDS = ("containers", "networks", "workspaces", "mounts", "loop devices", "iptables rules",
               "budget sockets", "processes")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
 
 
 def git(repo: Path, *args: str) -> str:
@@ -89,7 +89,7 @@ def write_script(tmp_path: Path) -> Callable[[str], Path]:
 def docker_ready() -> Iterator[None]:
     """The engine answers and the images are built; a test that needs them fails loudly otherwise."""
     from agent_sandbox.backend.docker import connect_client
-    from agent_sandbox.images import require_images
+    from agent_sandbox.backend.images import require_images
 
     require_images(connect_client())
     yield

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from agent_sandbox.policy import presets_dir
+from agent_sandbox.config.policy import presets_dir
 
 PYPI_HOSTS = ("pypi.org", "files.pythonhosted.org")
 NPM_HOSTS = ("registry.npmjs.org",)

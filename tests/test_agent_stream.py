@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import time
 
-from agent_sandbox.agent_stream import events_from_line
-from agent_sandbox.redact import visible
-from agent_sandbox.supervisor import Supervisor, _lines, _Watch
+from agent_sandbox.audit.redact import visible
+from agent_sandbox.run.agent_stream import events_from_line
+from agent_sandbox.run.supervisor import Supervisor, _lines, _Watch
 
 
 def test_lines_are_split_across_chunks_and_cut_beyond_the_limit() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.audit import AuditEvent
-from agent_sandbox.events import EVENT_MODELS
-from agent_sandbox.spec import RunSummary
-from agent_sandbox.views import RunDetails, RunRow
+from agent_sandbox.audit.events import EVENT_MODELS
+from agent_sandbox.audit.log import AuditEvent
+from agent_sandbox.fleet.views import RunDetails, RunRow
+from agent_sandbox.run.spec import RunSummary
 
 from .conftest import REPO_ROOT, SANDBOX, audit_events, start_run
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from agent_sandbox.events import EVENT_MODELS
+from agent_sandbox.audit.events import EVENT_MODELS
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from agent_sandbox.egress import address_kind
-from agent_sandbox.supervisor import host_addresses
+from agent_sandbox.run.supervisor import host_addresses
+from agent_sandbox.sidecar.egress import address_kind
 
 from . import testhosts
 from .conftest import git, labelled, start_run, tool_results

@@ -11,7 +11,9 @@ from typing import Any
 import pytest
 import yaml
 
-from agent_sandbox.egress import (
+from agent_sandbox.config.policy import load_policy
+from agent_sandbox.errors import UsageError
+from agent_sandbox.sidecar.egress import (
     METADATA,
     Egress,
     EgressSuggestion,
@@ -25,8 +27,6 @@ from agent_sandbox.egress import (
     rule_text,
     suggest,
 )
-from agent_sandbox.errors import UsageError
-from agent_sandbox.policy import load_policy
 from agent_sandbox.sidecar.proxy import EgressProxy, Refused
 
 OWN = ["172.17.0.1", "192.168.7.20", "fe80::42%eth0"]
@@ -387,7 +387,7 @@ def test_overview_groups_hosts_with_reasons() -> None:
 
 
 def test_report_sections() -> None:
-    from agent_sandbox.report import network, suggestion
+    from agent_sandbox.run.report import network, suggestion
 
     text = "\n".join(network(LINES, report_mode=True) + suggestion(LINES, report_mode=True))
     assert "Hosts allowed:\n\n- `github.com:443` (1)\n- `pypi.org:443` (1): 203.0.113.80 (private address)" in text

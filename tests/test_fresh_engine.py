@@ -206,7 +206,7 @@ def _no_proxy_get(url: str) -> str:
 @pytest.fixture(scope="module")
 def base_image() -> str:
     """The project's base image on the main engine (the only image these tests use); missing is a failure."""
-    from agent_sandbox.images import BUILD_HINT, base_tag
+    from agent_sandbox.backend.images import BUILD_HINT, base_tag
 
     tag = base_tag()
     res = _run(*testhosts.docker_cli(), "image", "inspect", "--format", "{{.Id}}", tag, check=False)

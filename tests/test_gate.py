@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.checkout import open_repo
-from agent_sandbox.gate import check, resolve_link
-from agent_sandbox.policy import GitSettings
+from agent_sandbox.config.policy import GitSettings
+from agent_sandbox.git.checkout import open_repo
+from agent_sandbox.git.gate import check, resolve_link
 
 from .conftest import git
 

@@ -16,9 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent_sandbox.policy import AgentSettings
-from agent_sandbox.pricing import cost_usd, worst_case_usd
+from agent_sandbox.config.policy import AgentSettings
 from agent_sandbox.sidecar.gateway import Gateway, ModelSidePolicy, Refusal, estimate_input_tokens
+from agent_sandbox.sidecar.pricing import cost_usd, worst_case_usd
 
 KEY = "sk-ant-real-key-for-the-tests"
 
@@ -536,7 +536,7 @@ def test_a_budget_shared_by_several_runs_is_as_hard_as_one_runs(tmp_path) -> Non
     """A sweep's budget: two runs' gateways, each with a run budget far above it, 20 parallel calls each, all
     reserving against one ledger over its unix sockets (budget_broker.py). Total spend stays within the
     shared cap plus one call, and every reservation is settled."""
-    from agent_sandbox.budget_broker import SharedBudget
+    from agent_sandbox.run.budget import SharedBudget
 
     shared = SharedBudget(1.0, "sweep budget")
     endpoints = [shared.serve(f"run-{i}") for i in range(2)]
@@ -577,7 +577,7 @@ def test_a_budget_shared_by_several_runs_is_as_hard_as_one_runs(tmp_path) -> Non
 
 
 def test_a_run_whose_sidecar_dies_mid_call_has_its_reservation_booked(tmp_path) -> None:
-    from agent_sandbox.budget_broker import SharedBudget
+    from agent_sandbox.run.budget import SharedBudget
 
     shared = SharedBudget(1.0, "sweep budget")
     ep = shared.serve("run-x")

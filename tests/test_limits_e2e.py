@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox import quota
+from agent_sandbox.run import quota
 
 from .conftest import audit_events, git, labelled, start_run, tool_results, transcript, wait_for_event
 

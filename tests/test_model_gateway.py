@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent_sandbox.pricing import Price
-from agent_sandbox.script import parse_script
-from agent_sandbox.scripted_model import ScriptedModel, serve
 from agent_sandbox.sidecar.gateway import Gateway
+from agent_sandbox.sidecar.pricing import Price
+from agent_sandbox.sidecar.script import parse_script
+from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve
 
 SCRIPT = {
     "turns": [

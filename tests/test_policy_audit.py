@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.audit import AuditLog, verify
+from agent_sandbox.audit.log import AuditLog, verify
+from agent_sandbox.audit.redact import MASK, Redactor
+from agent_sandbox.config.policy import load_policy, parse_size, preset_names
 from agent_sandbox.errors import UsageError
-from agent_sandbox.policy import load_policy, parse_size, preset_names
-from agent_sandbox.redact import MASK, Redactor
 
 
 def test_default_preset_loads() -> None:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.checkout import open_repo
+from agent_sandbox.backend.images import _extension_dockerfile, extended_tag
+from agent_sandbox.config.policy import ImageExtension, ca_bundle, load_policy
 from agent_sandbox.errors import UsageError
-from agent_sandbox.images import _extension_dockerfile, extended_tag
-from agent_sandbox.policy import ImageExtension, ca_bundle, load_policy
-from agent_sandbox.runner import _dirty_warning
+from agent_sandbox.git.checkout import open_repo
+from agent_sandbox.run.runner import _dirty_warning
 
 from .conftest import git
 

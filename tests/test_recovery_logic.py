@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
-from agent_sandbox import audit, gc, liveness
-from agent_sandbox.audit import AuditLog
+from agent_sandbox.audit import log as audit
+from agent_sandbox.audit.log import AuditLog
+from agent_sandbox.audit.redact import Redactor
 from agent_sandbox.backend.base import Backend
 from agent_sandbox.errors import ExitCode
+from agent_sandbox.fleet import gc
 from agent_sandbox.interrupts import Interrupted, _Interrupts
-from agent_sandbox.redact import Redactor
+from agent_sandbox.run import liveness
 from agent_sandbox.store import RunStore
 
 # --- signals ------------------------------------------------------------------------------------------------
@@ -81,7 +83,7 @@ def test_a_run_lock_tells_a_live_supervisor_from_a_dead_one(tmp_path: Path) -> N
     holder = subprocess.Popen([sys.executable, "-c", f"""
 import sys, time
 from pathlib import Path
-from agent_sandbox.liveness import RunLock
+from agent_sandbox.run.liveness import RunLock
 RunLock(Path({str(tmp_path)!r})).acquire()
 print("held", flush=True)
 time.sleep(60)
@@ -236,6 +238,6 @@ def test_gc_leaves_a_supervised_run_alone_and_marks_a_dead_unstarted_one(store: 
 
 
 def liveness_identity() -> str:
-    from agent_sandbox.supervisor import supervisor_identity
+    from agent_sandbox.run.supervisor import supervisor_identity
 
     return supervisor_identity()

@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.script import ScriptError, load_script, parse_script
-from agent_sandbox.scripted_model import expand
+from agent_sandbox.sidecar.script import ScriptError, load_script, parse_script
+from agent_sandbox.sidecar.scripted_model import expand
 
 
 def test_issue_format_parses_and_expands() -> None:

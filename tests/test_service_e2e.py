@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from agent_sandbox.service import Task, hash_token
+from agent_sandbox.fleet.service import Task, hash_token
 
 from .conftest import REPO_ROOT, SANDBOX, labelled
 

@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent_sandbox.script import parse_script
-from agent_sandbox.scripted_model import ScriptedModel, serve
 from agent_sandbox.sidecar.config import SidecarConfig
 from agent_sandbox.sidecar.gateway import Gateway
 from agent_sandbox.sidecar.proxy import EgressProxy
+from agent_sandbox.sidecar.script import parse_script
+from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve
 from agent_sandbox.sidecar.watchdog import Watchdog
 
 from .test_model_gateway import SCRIPT, body, free_port

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .errors import ExitCode, SandboxError
+from agent_sandbox.errors import ExitCode, SandboxError
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .paths import state_dir
+from agent_sandbox.paths import state_dir
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

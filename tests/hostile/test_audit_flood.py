@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.supervisor import MAX_LINE_BYTES, MAX_OUTPUT_BYTES
+from agent_sandbox.run.supervisor import MAX_LINE_BYTES, MAX_OUTPUT_BYTES
 
 from ..conftest import audit_events
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.checkout import remove_tree
+from agent_sandbox.git.checkout import remove_tree
 
 NOBODY = 65534
 
@@ -123,7 +123,7 @@ def test_a_workspace_that_is_a_link_is_unlinked_not_followed(shared_tmp: Path) -
 
 
 def test_a_tree_deeper_than_a_recursive_walk_is_removed(tmp_path) -> None:
-    from agent_sandbox.checkout import remove_tree
+    from agent_sandbox.git.checkout import remove_tree
 
     top = tmp_path / "workspace"
     top.mkdir()

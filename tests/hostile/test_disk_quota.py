@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox import quota
-from agent_sandbox.supervisor import tree_size
+from agent_sandbox.run import quota
+from agent_sandbox.run.supervisor import tree_size
 
 from ..conftest import audit_events, labelled, tool_results
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.checkout import open_repo, prepare_checkout
+from agent_sandbox.git.checkout import open_repo, prepare_checkout
 
 from ..conftest import git
 
@@ -126,7 +126,7 @@ def _finalise(image: str, ws: Path, objects: Path, out: Path, base: str, limit: 
 
 def test_the_finaliser_writes_no_file_past_the_disk_limit(make_repo, tmp_path) -> None:
     from agent_sandbox.backend.docker import connect_client
-    from agent_sandbox.images import require_images
+    from agent_sandbox.backend.images import require_images
 
     image = require_images(connect_client()).agent
     repo = make_repo()

@@ -31,7 +31,7 @@ import pytest
 from agent_sandbox.backend import NetworkSpec
 from agent_sandbox.backend.base import RUN_LABEL
 from agent_sandbox.backend.docker import DockerBackend, HostFirewall
-from agent_sandbox.images import require_images
+from agent_sandbox.backend.images import require_images
 
 from .. import testhosts
 from ..conftest import audit_events, labelled, tool_results

@@ -5,11 +5,11 @@ Backends are imported lazily so that choosing one never imports another's SDK.
 
 from __future__ import annotations
 
-from .base import Backend, ContainerSpec, ExitInfo, Mount, NetworkSpec
+from agent_sandbox.backend.base import Backend, ContainerSpec, ExitInfo, Mount, NetworkSpec
 
 
 def docker_backend() -> Backend:
-    from .docker import DockerBackend
+    from agent_sandbox.backend.docker import DockerBackend
 
     return DockerBackend.connect()
 

@@ -20,8 +20,17 @@ import requests.exceptions
 from docker.models.containers import Container
 from docker.types import Mount as DockerMount
 
-from ..errors import EnvironmentNotReady
-from .base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, ContainerSpec, ExitInfo, NetworkSpec
+from agent_sandbox.backend.base import (
+    ROLE_LABEL,
+    RUN_LABEL,
+    STATE_LABEL,
+    SUPERVISOR_LABEL,
+    Backend,
+    ContainerSpec,
+    ExitInfo,
+    NetworkSpec,
+)
+from agent_sandbox.errors import EnvironmentNotReady
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from aiohttp import web
 
-from .config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
-from .gateway import Gateway
-from .proxy import EgressProxy
-from .watchdog import Watchdog
+from agent_sandbox.sidecar.config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
+from agent_sandbox.sidecar.gateway import Gateway
+from agent_sandbox.sidecar.proxy import EgressProxy
+from agent_sandbox.sidecar.watchdog import Watchdog
 
 EVENTS_EGRESS_LIMIT = 64 * 1024**2  # bytes of egress decision lines the events file keeps; model calls: all
 
@@ -60,8 +60,8 @@ async def main() -> None:
     watchdog = Watchdog(emit, config.heartbeat_path, config.heartbeat_timeout_s, config.deadline_s)
 
     if config.script_path:
-        from ..script import load_script
-        from ..scripted_model import ScriptedModel, serve
+        from agent_sandbox.sidecar.script import load_script
+        from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve
 
         model = ScriptedModel(load_script(config.script_path),
                               Path(config.transcript_path) if config.transcript_path else None)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..egress import Egress
-from ..pricing import Price
+from agent_sandbox.sidecar.egress import Egress
+from agent_sandbox.sidecar.pricing import Price
 
 CONFIG_ENV = "SANDBOX_SIDECAR_CONFIG"
 KEY_ENV = "SANDBOX_UPSTREAM_API_KEY"  # kept out of the config so that the config can be logged
@@ -43,7 +43,7 @@ class SidecarConfig(BaseModel):
     own_addresses: list[str] = Field(default_factory=list)
     """The host's own addresses, refused like private ones unless egress.allow_private."""
     broker_socket: str | None = None
-    """The unix socket of a budget shared with other runs (budget_broker.py), mounted into the sidecar alone."""
+    """The unix socket of a budget shared with other runs (run/budget.py), mounted into the sidecar alone."""
     extra_ca_pem: str = ""
     """The policy's extra certificate authorities (PEM), trusted by the gateway for its upstream."""
     server_tools: list[str] = Field(default_factory=list)

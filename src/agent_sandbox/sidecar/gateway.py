@@ -37,9 +37,9 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
-from ..egress import Rule, decide, is_ip, parse_rule
-from ..pricing import Price, cost_usd, worst_case_usd
-from .watchdog import REASONS, Watchdog
+from agent_sandbox.sidecar.egress import Rule, decide, is_ip, parse_rule
+from agent_sandbox.sidecar.pricing import Price, cost_usd, worst_case_usd
+from agent_sandbox.sidecar.watchdog import REASONS, Watchdog
 
 # Headers we pass upstream. Everything else from the agent (its placeholder key above all) stays behind.
 FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "content-type", "accept", "user-agent",
@@ -374,7 +374,7 @@ class _Call:
     stream: bool = False
     cut: str | None = None  # budget (the gateway cut the stream), client (the client went away), upstream
     booked_usd: float = 0.0  # what _settle booked
-    shared: bool = False  # reserved in the shared budget too (budget_broker.py)
+    shared: bool = False  # reserved in the shared budget too (run/budget.py)
 
 
 # --- the gateway ----------------------------------------------------------------------------------------------
@@ -404,7 +404,7 @@ class Gateway:
         self._ids = itertools.count(1)
         self._settled = asyncio.Event()  # set (and replaced) whenever a call settles
         self.admit_wait = ADMIT_WAIT
-        self.broker_socket = broker_socket  # a budget shared with other runs (budget_broker.py), when set
+        self.broker_socket = broker_socket  # a budget shared with other runs (run/budget.py), when set
         self._broker_tasks: set[asyncio.Task[Any]] = set()
         self.session: aiohttp.ClientSession | None = None
         self.watchdog = watchdog  # once it trips, nothing is forwarded (None: never)

@@ -37,7 +37,7 @@ from urllib.parse import urlsplit
 
 import h11
 
-from ..egress import (
+from agent_sandbox.sidecar.egress import (
     NEVER_IN_REPORT_MODE,
     REASON_SEP,
     AddressEntry,
@@ -51,8 +51,8 @@ from ..egress import (
     parse_address_entry,
     parse_rule,
 )
-from .resolver import CachingResolver
-from .watchdog import REASONS, Watchdog
+from agent_sandbox.sidecar.resolver import CachingResolver
+from agent_sandbox.sidecar.watchdog import REASONS, Watchdog
 
 Emit = Callable[[dict[str, Any]], None]
 Resolve = Callable[[str, int], Awaitable[list[str]]]

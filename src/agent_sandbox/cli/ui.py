@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from .redact import visible
+from agent_sandbox.audit.redact import visible
 
 
 def _safe(text: str) -> str:

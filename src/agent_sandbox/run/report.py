@@ -8,9 +8,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from .egress import DecisionTally, EgressHost, overview
-from .redact import visible
-from .spec import RunSummary
+from agent_sandbox.audit.redact import visible
+from agent_sandbox.run.spec import RunSummary
+from agent_sandbox.sidecar.egress import DecisionTally, EgressHost, overview
 
 MAX_COMMANDS = 60
 

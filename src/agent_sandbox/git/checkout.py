@@ -20,7 +20,7 @@ from pathlib import Path
 
 import git
 
-from .errors import SandboxError, UsageError
+from agent_sandbox.errors import SandboxError, UsageError
 
 log = logging.getLogger(__name__)
 

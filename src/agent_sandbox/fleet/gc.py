@@ -18,13 +18,13 @@ from typing import Any, Literal
 import psutil
 from pydantic import BaseModel, ConfigDict, Field
 
-from . import quota
-from .backend import Backend
-from .errors import EnvironmentNotReady
-from .images import ImageSet
-from .liveness import RunLock, state_id, supervised
-from .paths import runs_dir
-from .store import RunStore
+from agent_sandbox.backend import Backend
+from agent_sandbox.backend.images import ImageSet
+from agent_sandbox.errors import EnvironmentNotReady
+from agent_sandbox.paths import runs_dir
+from agent_sandbox.run import quota
+from agent_sandbox.run.liveness import RunLock, state_id, supervised
+from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def _recover(backend: Backend, store: RunStore, images: ImageSet | None, run_id:
             marked = store.mark_failed(run_id, f"{_why(row)}; it had not started; cleaned up by sandbox gc")
             return Collected(run_id=run_id, action="removed", objects=removed, status="failed" if marked else None,
                              detail=_why(row))
-        from .supervisor import Supervisor
+        from agent_sandbox.run.supervisor import Supervisor
 
         sup = Supervisor.for_recovery(run_dir, backend, images, store)
         summary = sup.recover(_why(row), f"sandbox gc (pid {os.getpid()})")

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import UsageError, validation_message
+from agent_sandbox.errors import UsageError, validation_message
 
 DAILY_ENV = "SANDBOX_DAILY_BUDGET_USD"
 CONFIG_ENV = "SANDBOX_CONFIG"

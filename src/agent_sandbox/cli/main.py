@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .interrupts import interrupts
+from agent_sandbox.interrupts import interrupts
 
 RUNNING_COMMANDS = ("run", "demo", "sweep", "gc")
 
@@ -28,11 +28,11 @@ import click  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from . import __version__  # noqa: E402
-from .errors import ExitCode, SandboxError  # noqa: E402
-from .redact import visible  # noqa: E402
-from .spec import RunSummary  # noqa: E402
-from .ui import reporter_for  # noqa: E402
+from agent_sandbox import __version__  # noqa: E402
+from agent_sandbox.audit.redact import visible  # noqa: E402
+from agent_sandbox.cli.ui import reporter_for  # noqa: E402
+from agent_sandbox.errors import ExitCode, SandboxError  # noqa: E402
+from agent_sandbox.run.spec import RunSummary  # noqa: E402
 
 # Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
 err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
@@ -156,7 +156,7 @@ def _run_options(f: Any) -> Any:
 @_run_options
 def run(task: str | None, ticket: str | None, as_json: bool, **kw: Any) -> None:
     """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
-    from .runner import RunRequest, run_task
+    from agent_sandbox.run.runner import RunRequest, run_task
 
     try:
         summary = run_task(RunRequest(task=task, ticket=ticket, **kw), reporter=reporter_for(err))
@@ -175,9 +175,9 @@ def demo(as_json: bool, keep: bool) -> None:
     """A full sandboxed run, no API key needed: the scripted agent fixes a failing test in a throwaway repo."""
     import git
 
-    from .demo import TASK, make_demo_repo
-    from .paths import state_dir
-    from .runner import RunRequest, run_task
+    from agent_sandbox.cli.demo import TASK, make_demo_repo
+    from agent_sandbox.paths import state_dir
+    from agent_sandbox.run.runner import RunRequest, run_task
 
     repo, script = make_demo_repo(state_dir() / "demo")
     err.print(f"demo repository: {repo}")
@@ -196,9 +196,9 @@ def demo(as_json: bool, keep: bool) -> None:
 
 def _load_run(run_id: str) -> tuple[Any, Any]:
     """The spec and summary of a finished run, or a clear error."""
-    from .errors import UsageError
-    from .spec import RunSpec
-    from .views import resolve_run
+    from agent_sandbox.errors import UsageError
+    from agent_sandbox.fleet.views import resolve_run
+    from agent_sandbox.run.spec import RunSpec
 
     try:
         d = resolve_run(run_id)
@@ -218,11 +218,11 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
     """Push a finished run's branch for review (e.g. after a failed push)."""
     from pathlib import Path
 
-    from . import report
-    from .checkout import branch_exists, open_repo
-    from .errors import UsageError
-    from .handoff import HandoffError, push_branch
-    from .store import RunStore
+    from agent_sandbox.errors import UsageError
+    from agent_sandbox.git.checkout import branch_exists, open_repo
+    from agent_sandbox.git.handoff import HandoffError, push_branch
+    from agent_sandbox.run import report
+    from agent_sandbox.store import RunStore
 
     spec, s = _load_run(run_id)
     if s.violations:
@@ -265,7 +265,7 @@ def report(run_id: str, as_json: bool) -> None:
     """Print a run's Markdown report."""
     from pathlib import Path
 
-    from .report import render
+    from agent_sandbox.run.report import render
 
     _spec, s = _load_run(run_id)
     text = render(Path(s.run_dir), s)
@@ -284,8 +284,8 @@ def ls_cmd(repo: str | None, status: str | None, since: str | None, limit: int, 
 
     from rich.table import Table
 
-    from .store import RunStore
-    from .views import list_runs
+    from agent_sandbox.fleet.views import list_runs
+    from agent_sandbox.store import RunStore
 
     store = RunStore()
     try:
@@ -314,8 +314,8 @@ def ls_cmd(repo: str | None, status: str | None, since: str | None, limit: int, 
 @click.option("--json", "as_json", is_flag=True)
 def show(run_id: str, as_json: bool) -> None:
     """Show one run: what was asked, its limits, the outcome, cost, changes, and hosts allowed and denied."""
-    from .store import RunStore
-    from .views import details, resolve_run
+    from agent_sandbox.fleet.views import details, resolve_run
+    from agent_sandbox.store import RunStore
 
     store = RunStore()
     try:
@@ -365,7 +365,7 @@ def show(run_id: str, as_json: bool) -> None:
 @click.option("--raw", is_flag=True, help="The audit trail's JSON lines as they are.")
 def logs(run_id: str, follow: bool, raw: bool) -> None:
     """Print a run's events as readable lines (or follow a live run)."""
-    from .views import brief, follow_events, resolve_run
+    from agent_sandbox.fleet.views import brief, follow_events, resolve_run
 
     try:
         run_dir = resolve_run(run_id)
@@ -421,8 +421,8 @@ def sweep() -> None:
 @click.option("--force", is_flag=True, help="Run again even where the sweep already succeeded today.")
 @click.option("--json", "as_json", is_flag=True, help="Print the sweep summary as JSON.")
 def sweep_run(manifest: str, force: bool, as_json: bool) -> None:
-    from .sweep import render, run_sweep
-    from .ui import ConsoleReporter
+    from agent_sandbox.cli.ui import ConsoleReporter
+    from agent_sandbox.fleet.sweep import render, run_sweep
 
     try:
         summary = run_sweep(manifest, force=force, reporter=ConsoleReporter(err))
@@ -438,8 +438,8 @@ def sweep_run(manifest: str, force: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def sweep_status(name: str, date: str | None, as_json: bool) -> None:
     """Show a sweep's latest summary."""
-    from .errors import UsageError
-    from .sweep import load_summary, render
+    from agent_sandbox.errors import UsageError
+    from agent_sandbox.fleet.sweep import load_summary, render
 
     s = load_summary(name, date)
     if s is None:
@@ -464,7 +464,7 @@ def serve() -> None:
 def serve_start(config_path: str, bind: str | None, port: int | None, concurrency: int | None) -> None:
     import asyncio
 
-    from .service import TaskService, load_config
+    from agent_sandbox.fleet.service import TaskService, load_config
 
     try:
         cfg = load_config(config_path)
@@ -491,7 +491,7 @@ def serve_start(config_path: str, bind: str | None, port: int | None, concurrenc
 @click.argument("token")
 def serve_hash_token(token: str) -> None:
     """Print the SHA-256 of a bearer token, for the config's tokens[].sha256."""
-    from .service import hash_token
+    from agent_sandbox.fleet.service import hash_token
 
     click.echo(hash_token(token))
 
@@ -508,7 +508,7 @@ def audit() -> None:
               type=click.Choice(["supervisor", "agent", "proxy", "gateway"]), help="Only from this source.")
 @click.option("--json", "as_json", is_flag=True, help="Matching events as JSON lines.")
 def audit_show(run_id: str, types: tuple[str, ...], sources: tuple[str, ...], as_json: bool) -> None:
-    from .views import brief, read_events, resolve_run
+    from agent_sandbox.fleet.views import brief, read_events, resolve_run
 
     try:
         events = read_events(resolve_run(run_id))
@@ -525,10 +525,10 @@ def audit_show(run_id: str, types: tuple[str, ...], sources: tuple[str, ...], as
 @click.option("--json", "as_json", is_flag=True)
 def audit_verify(run_id: str, as_json: bool) -> None:
     """Check the trail's hash chain; report the first broken line."""
-    from .audit import verify
-    from .spec import RunSummary
-    from .store import RunStore
-    from .views import resolve_run
+    from agent_sandbox.audit.log import verify
+    from agent_sandbox.fleet.views import resolve_run
+    from agent_sandbox.run.spec import RunSummary
+    from agent_sandbox.store import RunStore
 
     try:
         run_dir = resolve_run(run_id)
@@ -557,10 +557,10 @@ def audit_verify(run_id: str, as_json: bool) -> None:
 def gc(dry_run: bool, as_json: bool) -> None:
     """Recover runs nobody supervises any more: pack and import their work, remove what they left, write
     their summaries. Only this state directory's runs are touched."""
-    from .backend.docker import DockerBackend
-    from .gc import collect
-    from .images import require_images
-    from .store import RunStore
+    from agent_sandbox.backend.docker import DockerBackend
+    from agent_sandbox.backend.images import require_images
+    from agent_sandbox.fleet.gc import collect
+    from agent_sandbox.store import RunStore
 
     try:
         backend = DockerBackend.connect()
@@ -596,7 +596,7 @@ def policy() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the effective policy as JSON.")
 def policy_check(ref: str, as_json: bool) -> None:
     """Validate a policy file (or preset name) and print its effective rules."""
-    from .policy import load_policy
+    from agent_sandbox.config.policy import load_policy
 
     try:
         pol, source = load_policy(ref)
@@ -616,7 +616,7 @@ def policy_check(ref: str, as_json: bool) -> None:
 
 def _describe_egress(eg: Any) -> list[str]:
     """What a policy's egress section means, in the words `sandbox policy check` prints."""
-    from .egress import METADATA, parse_address_entry, parse_rule
+    from agent_sandbox.sidecar.egress import METADATA, parse_address_entry, parse_rule
 
     if eg.mode == "report":
         lines = ["egress   mode report: connections are allowed and logged; what enforce mode would refuse is "
@@ -672,9 +672,9 @@ def images() -> None:
               help="Also build this policy's extension of the agent image (its `image:` section).")
 def images_build(force: bool, policy_ref: str | None) -> None:
     """Build the base, agent and sidecar images (cached by a hash of their inputs)."""
-    from .backend.docker import connect_client
-    from .images import build_all, ensure_policy_image
-    from .policy import load_policy
+    from agent_sandbox.backend.docker import connect_client
+    from agent_sandbox.backend.images import build_all, ensure_policy_image
+    from agent_sandbox.config.policy import load_policy
 
     def progress(line: str) -> None:
         err.print(line, markup=False)
@@ -695,8 +695,8 @@ def images_build(force: bool, policy_ref: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def images_ls(as_json: bool) -> None:
     """Show the image tags the current inputs call for and whether they exist."""
-    from .backend.docker import connect_client
-    from .images import base_tag, expected_tags, image_exists
+    from agent_sandbox.backend.docker import connect_client
+    from agent_sandbox.backend.images import base_tag, expected_tags, image_exists
 
     try:
         client = connect_client()

@@ -23,11 +23,11 @@ import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import SandboxError, UsageError, validation_message
-from .interrupts import interrupts
-from .runner import RunRequest, run_task
-from .store import RunStore
-from .views import read_events, resolve_run
+from agent_sandbox.errors import SandboxError, UsageError, validation_message
+from agent_sandbox.fleet.views import read_events, resolve_run
+from agent_sandbox.interrupts import interrupts
+from agent_sandbox.run.runner import RunRequest, run_task
+from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
@@ -270,9 +270,9 @@ class TaskService:
         rows = self._exec("SELECT id, run_id FROM tasks WHERE status = 'running'")
         reaped = []
         if rows:
-            from .backend.docker import DockerBackend
-            from .gc import collect
-            from .images import require_images
+            from agent_sandbox.backend.docker import DockerBackend
+            from agent_sandbox.backend.images import require_images
+            from agent_sandbox.fleet.gc import collect
 
             try:
                 backend = DockerBackend.connect()

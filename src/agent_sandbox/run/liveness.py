@@ -23,8 +23,8 @@ import threading
 import time
 from pathlib import Path
 
-from .backend.base import STATE_LABEL
-from .paths import state_dir
+from agent_sandbox.backend.base import STATE_LABEL
+from agent_sandbox.paths import state_dir
 
 __all__ = ["STATE_LABEL", "Heartbeat", "RunLock", "state_id", "supervised"]
 LOCK_NAME = "supervisor.lock"

@@ -13,11 +13,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import UsageError
-from .liveness import supervised
-from .paths import runs_dir
-from .spec import RunSpec, RunSummary
-from .store import RunStore
+from agent_sandbox.errors import UsageError
+from agent_sandbox.paths import runs_dir
+from agent_sandbox.run.liveness import supervised
+from agent_sandbox.run.spec import RunSpec, RunSummary
+from agent_sandbox.store import RunStore
 
 
 class RunRow(BaseModel):

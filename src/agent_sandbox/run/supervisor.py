@@ -26,26 +26,42 @@ from typing import Any, Protocol
 import git
 import psutil
 
-from . import agent_stream, budget_broker, quota, report
-from .audit import AuditLog
-from .backend import Backend, ContainerSpec, Mount, NetworkSpec
-from .backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
-from .budget_broker import BrokerEndpoint, SharedBudget
-from .checkout import CONTAINER_OBJECTS, HostRepo, Imported, branch_exists, import_bundle, prepare_checkout, remove_tree
-from .egress import DecisionTally
-from .egress import overview as egress_overview
-from .errors import ExitCode, SandboxError, disk_full
-from .gate import Violation
-from .gate import check as gate_check
-from .handoff import HandoffError, open_pull_request, push_branch
-from .images import ImageSet
-from .interrupts import interrupts
-from .liveness import HEARTBEAT_DIR, HEARTBEAT_FILE, HEARTBEAT_TIMEOUT, STATE_LABEL, Heartbeat, RunLock, state_id
-from .policy import ca_bundle
-from .redact import Redactor
-from .sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
-from .spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
-from .store import RunStore
+from agent_sandbox.audit.log import AuditLog
+from agent_sandbox.audit.redact import Redactor
+from agent_sandbox.backend import Backend, ContainerSpec, Mount, NetworkSpec
+from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL, SUPERVISOR_LABEL
+from agent_sandbox.backend.images import ImageSet
+from agent_sandbox.config.policy import ca_bundle
+from agent_sandbox.errors import ExitCode, SandboxError, disk_full
+from agent_sandbox.git.checkout import (
+    CONTAINER_OBJECTS,
+    HostRepo,
+    Imported,
+    branch_exists,
+    import_bundle,
+    prepare_checkout,
+    remove_tree,
+)
+from agent_sandbox.git.gate import Violation
+from agent_sandbox.git.gate import check as gate_check
+from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch
+from agent_sandbox.interrupts import interrupts
+from agent_sandbox.run import agent_stream, quota, report
+from agent_sandbox.run.budget import BrokerEndpoint, SharedBudget, remove_leftovers
+from agent_sandbox.run.liveness import (
+    HEARTBEAT_DIR,
+    HEARTBEAT_FILE,
+    HEARTBEAT_TIMEOUT,
+    STATE_LABEL,
+    Heartbeat,
+    RunLock,
+    state_id,
+)
+from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary, Tokens
+from agent_sandbox.sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
+from agent_sandbox.sidecar.egress import DecisionTally
+from agent_sandbox.sidecar.egress import overview as egress_overview
+from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +88,7 @@ RESULT_SLACK = 0.5  # seconds: a model call that started this long after the age
 END_STOP_REASONS = ("end_turn", "stop_sequence")
 
 
-# A sweep's budget: the ledger its runs' gateways reserve and settle against (budget_broker.py).
+# A sweep's budget: the ledger its runs' gateways reserve and settle against (run/budget.py).
 BudgetGuard = SharedBudget
 
 
@@ -545,7 +561,7 @@ class Supervisor:
     def for_recovery(cls, run_dir: Path, backend: Backend, images: ImageSet, store: RunStore | None,
                      reporter: Reporter | None = None) -> Supervisor:
         """A supervisor for a run another process started and did not finish (recovery.py holds its lock)."""
-        from .checkout import open_repo
+        from agent_sandbox.git.checkout import open_repo
 
         spec = RunSpec.model_validate_json((run_dir / "spec.json").read_text())
         return cls(spec, open_repo(spec.repo), backend, images, reporter, store=store)
@@ -600,7 +616,7 @@ class Supervisor:
             error = f"{type(exc).__name__}: {exc}"
         finally:
             self._teardown()
-            budget_broker.remove_leftovers(self.spec.run_id)
+            remove_leftovers(self.spec.run_id)
         if imported is not None and imported.head:
             self._files = self._diffstat(imported)
         landed = f"its work is on {imported.branch}" if imported and imported.head else (
@@ -1134,7 +1150,7 @@ class Supervisor:
                               cache_read=w.tokens.cache_read + int(u.get("cache_read_input_tokens", 0)),
                               cache_write=w.tokens.cache_write + int(u.get("cache_creation_input_tokens", 0)))
             if self.budget_guard is not None:
-                # The gateway books the call in the shared ledger itself (budget_broker.py).
+                # The gateway books the call in the shared ledger itself (run/budget.py).
                 shared = self.budget_guard.spent_usd
                 if shared >= self.budget_guard.cap_usd and agent is not None and w.reason is None:
                     self._limit(agent, w, "budget", f"the {self.budget_guard.label} of "

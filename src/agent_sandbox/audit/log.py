@@ -18,8 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .events import EVENT_MODELS
-from .redact import Redactor
+from agent_sandbox.audit.events import EVENT_MODELS
+from agent_sandbox.audit.redact import Redactor
 
 Source = Literal["supervisor", "agent", "proxy", "gateway"]
 GENESIS = "0" * 64

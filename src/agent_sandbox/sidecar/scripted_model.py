@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .script import Script, Turn, Usage
+from agent_sandbox.sidecar.script import Script, Turn, Usage
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import urllib.request
 
 import git
 
-from .checkout import HostRepo
-from .errors import SandboxError
+from agent_sandbox.errors import SandboxError
+from agent_sandbox.git.checkout import HostRepo
 
 log = logging.getLogger(__name__)
 

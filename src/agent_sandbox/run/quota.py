@@ -20,7 +20,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import EnvironmentNotReady
+from agent_sandbox.errors import EnvironmentNotReady
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from .egress import Egress
-from .errors import UsageError, validation_message
-from .paths import resource
-from .pricing import Price
+from agent_sandbox.errors import UsageError, validation_message
+from agent_sandbox.paths import resource
+from agent_sandbox.sidecar.egress import Egress
+from agent_sandbox.sidecar.pricing import Price
 
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)([kmg]?)b?$", re.IGNORECASE)
 

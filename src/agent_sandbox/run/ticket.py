@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import UsageError
+from agent_sandbox.errors import UsageError
 
 MAX_TICKET_BYTES = 256 * 1024
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import docker
 import docker.errors
 
-from .errors import EnvironmentNotReady, SandboxError
-from .paths import cache_dir, package_dir, resource
-from .policy import ImageExtension, Policy, ca_bundle
-from .versions import BASE_IMAGE, BASE_SUITE, CLAUDE_AGENT_SDK_VERSION, CLAUDE_CODE_VERSION
+from agent_sandbox.config.policy import ImageExtension, Policy, ca_bundle
+from agent_sandbox.errors import EnvironmentNotReady, SandboxError
+from agent_sandbox.paths import cache_dir, package_dir, resource
+from agent_sandbox.versions import BASE_IMAGE, BASE_SUITE, CLAUDE_AGENT_SDK_VERSION, CLAUDE_CODE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ Progress = Callable[[str], None]
 NAMESPACE_ENV = "SANDBOX_IMAGE_NAMESPACE"
 LABEL_INPUTS = "sandbox.inputs-hash"
 LABEL_CLAUDE = "sandbox.claude-code.version"
-# Only what the sidecar runs goes into its image: less to rebuild when host-side code changes.
-SIDECAR_MODULES = ("__init__.py", "script.py", "scripted_model.py", "pricing.py", "egress.py", "sidecar/*.py")
+# The sidecar image copies one package (and the top-level __init__ it needs): less to rebuild when host-side
+# code changes, and nothing of the host side inside it.
+SIDECAR_MODULES = ("__init__.py", "sidecar/*.py")
 SIDECAR_PYTHON = "3.11"  # Debian bookworm's python3, which the sidecar image runs on
 BUILD_HINT = "build them with `sandbox images build` (or `make images`)"
 

@@ -18,15 +18,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .checkout import open_repo, resolve_commit
-from .errors import ExitCode, SandboxError, UsageError, validation_message
-from .interrupts import Interrupted, interrupts
-from .paths import state_dir
-from .policy import is_policy_file, load_policy
-from .runner import RunRequest, run_task
-from .script import ScriptError, load_script
-from .spec import RunSummary
-from .supervisor import BudgetGuard, Reporter, Supervisor
+from agent_sandbox.config.policy import is_policy_file, load_policy
+from agent_sandbox.errors import ExitCode, SandboxError, UsageError, validation_message
+from agent_sandbox.git.checkout import open_repo, resolve_commit
+from agent_sandbox.interrupts import Interrupted, interrupts
+from agent_sandbox.paths import state_dir
+from agent_sandbox.run.runner import RunRequest, run_task
+from agent_sandbox.run.spec import RunSummary
+from agent_sandbox.run.supervisor import BudgetGuard, Reporter, Supervisor
+from agent_sandbox.sidecar.script import ScriptError, load_script
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .egress import EgressHost, EgressSuggestion
-from .errors import ExitCode
-from .gate import Violation
-from .policy import Policy
+from agent_sandbox.config.policy import Policy
+from agent_sandbox.errors import ExitCode
+from agent_sandbox.git.gate import Violation
+from agent_sandbox.sidecar.egress import EgressHost, EgressSuggestion
 
 Status = Literal["succeeded", "failed", "killed"]
 Reason = Literal["completed", "timeout", "idle", "budget", "turns", "policy", "check", "error", "interrupted"]

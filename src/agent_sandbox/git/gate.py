@@ -11,8 +11,8 @@ import git
 import pathspec
 from pydantic import BaseModel, ConfigDict, Field
 
-from .checkout import HARDENED, HostRepo
-from .policy import GitSettings
+from agent_sandbox.config.policy import GitSettings
+from agent_sandbox.git.checkout import HARDENED, HostRepo
 
 
 class Violation(BaseModel):

@@ -13,20 +13,20 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
 
-from .backend.docker import DockerBackend
-from .checkout import HostRepo, branch_exists, open_repo, resolve_commit
-from .errors import EnvironmentNotReady, ExitCode, SandboxError, UsageError, disk_full
-from .handoff import GITHUB_REPO_ENV, github_slug, remote_url
-from .images import ImageSet, ensure_policy_image, require_images
-from .interrupts import interrupts
-from .paths import runs_dir, state_dir
-from .policy import Policy, load_policy
-from .script import ScriptError, load_script
-from .settings import load_settings
-from .spec import RunSpec, RunSummary
-from .store import RunStore
-from .supervisor import API_KEY_ENV, BudgetGuard, Guarded, Reporter, Supervisor
-from .ticket import load_ticket, parse_ticket
+from agent_sandbox.backend.docker import DockerBackend
+from agent_sandbox.backend.images import ImageSet, ensure_policy_image, require_images
+from agent_sandbox.config.policy import Policy, load_policy
+from agent_sandbox.config.settings import load_settings
+from agent_sandbox.errors import EnvironmentNotReady, ExitCode, SandboxError, UsageError, disk_full
+from agent_sandbox.git.checkout import HostRepo, branch_exists, open_repo, resolve_commit
+from agent_sandbox.git.handoff import GITHUB_REPO_ENV, github_slug, remote_url
+from agent_sandbox.interrupts import interrupts
+from agent_sandbox.paths import runs_dir, state_dir
+from agent_sandbox.run.spec import RunSpec, RunSummary
+from agent_sandbox.run.supervisor import API_KEY_ENV, BudgetGuard, Guarded, Reporter, Supervisor
+from agent_sandbox.run.ticket import load_ticket, parse_ticket
+from agent_sandbox.sidecar.script import ScriptError, load_script
+from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -301,7 +301,7 @@ def _check_room() -> None:
 
 def recover_first(backend: DockerBackend, store: RunStore, images: ImageSet, reporter: Reporter | None) -> None:
     """Recover this state directory's runs whose supervisor is gone (gc.py), saying so; never fatal."""
-    from .gc import collect
+    from agent_sandbox.fleet.gc import collect
 
     try:
         done = collect(backend, store, images, objects=False, progress=_progress(reporter, "recover"))

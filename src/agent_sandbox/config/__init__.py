@@ -1,0 +1,1 @@
+"""What an operator configures: the policy (egress, limits, git rules, image) and the host's settings."""
