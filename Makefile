@@ -5,7 +5,7 @@ PYTEST  := $(VENV)/bin/pytest
 # Docker-bound tests mostly wait on containers, so more workers than cores pays off.
 TEST_WORKERS ?= 4
 
-.PHONY: all demo test images docker venv lint unit clean-runs
+.PHONY: all demo test images docker venv lint format unit clean-runs
 
 all: test
 
@@ -21,11 +21,21 @@ images: venv docker
 demo: images
 	$(SANDBOX) demo
 
+# ruff for style and bugs, mypy for types ([tool.mypy]), lint-imports for the layer rules ([tool.importlinter]).
 lint: venv
 	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
+# Rewrites files in place ([tool.ruff.format]).
+format: venv
+	$(VENV)/bin/ruff format src tests bench
+	$(VENV)/bin/ruff check --fix src tests bench
+
+# Pure logic, no Docker: seconds, on two workers.
 unit: venv
-	$(PYTEST) -m "not docker" -q
+	$(PYTEST) -m "not docker" -q -n 2
 
 # The serial tests restart the Docker engine, which stops every container on it: they run alone, afterwards.
 test: lint images

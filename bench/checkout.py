@@ -73,20 +73,26 @@ def main() -> None:
         t0 = time.perf_counter()
         repo = generate(root, args.files, args.commits)
         size = sum(p.stat().st_size for p in (repo / ".git" / "objects").rglob("*") if p.is_file())
-        print(f"repository: {args.files} files, {args.commits} commits, {size / 1e6:.0f} MB of objects "
-              f"(generated in {time.perf_counter() - t0:.1f}s)")
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        print(
+            f"repository: {args.files} files, {args.commits} commits, {size / 1e6:.0f} MB of objects "
+            f"(generated in {time.perf_counter() - t0:.1f}s)"
+        )
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
         host = open_repo(repo)
         results: dict[str, list[float]] = {}
         for i in range(args.repeat):
             ways = {
                 "git clone (local, hardlinks)": lambda d: subprocess.run(
-                    ["git", "clone", "-q", str(repo), str(d)], check=True),
+                    ["git", "clone", "-q", str(repo), str(d)], check=True
+                ),
                 "git clone --no-local": lambda d: subprocess.run(
-                    ["git", "clone", "-q", "--no-local", str(repo), str(d)], check=True),
+                    ["git", "clone", "-q", "--no-local", str(repo), str(d)], check=True
+                ),
                 "git worktree add": lambda d: subprocess.run(
-                    ["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(d), head], check=True),
+                    ["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(d), head], check=True
+                ),
                 "sandbox checkout": lambda d, i=i: prepare_checkout(host, head, d, f"sandbox/bench-{i}", None),
             }
             for name, fn in ways.items():

@@ -59,10 +59,17 @@ from tests import registries  # noqa: E402
 
 from agent_sandbox.config.policy import load_policy  # noqa: E402
 
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
 # Every package pinned, dependencies included, so each round downloads the very same files.
-PIP_PACKAGES = ("requests==2.32.3", "certifi==2024.12.14", "charset-normalizer==3.4.1", "idna==3.10",
-                "urllib3==2.3.0", "six==1.17.0", "packaging==24.2")
+PIP_PACKAGES = (
+    "requests==2.32.3",
+    "certifi==2024.12.14",
+    "charset-normalizer==3.4.1",
+    "idna==3.10",
+    "urllib3==2.3.0",
+    "six==1.17.0",
+    "packaging==24.2",
+)
 NPM_PACKAGES = ("semver@7.6.3", "lodash@4.17.21")
 # --large: a 16 MB wheel, and two npm packages with dependencies (about 70 packages in all; the dependencies
 # are whatever the ranges of these versions resolve to today) and a 20 MB one.
@@ -154,28 +161,40 @@ class Bench:
             # The registries' addresses as this host resolves them now, as static entries of the sidecar's
             # resolver: the proxy then sends no DNS query per connection.
             data = yaml.safe_load(self.policy_path.read_text())
-            data["egress"]["hosts"] = {h: socket.getaddrinfo(h, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
-                                       for h in registries.PYPI_HOSTS + registries.NPM_HOSTS}
+            data["egress"]["hosts"] = {
+                h: socket.getaddrinfo(h, 443, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+                for h in registries.PYPI_HOSTS + registries.NPM_HOSTS
+            }
             self.policy_path.write_text(yaml.safe_dump(data))
         self.limits = load_policy(str(self.policy_path))[0].limits
         # The repository the sandboxed runs work on: it holds the script, and the agent runs it.
         self.repo = root / "repo"
         self.repo.mkdir()
         (self.repo / "bench-install.sh").write_text(self.script.read_text())
-        for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                     ["-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-qm", "bench"]):
+        for args in (
+            ["init", "-q", "-b", "main"],
+            ["add", "-A"],
+            ["-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-qm", "bench"],
+        ):
             run(["git", "-C", str(self.repo), *args], check=True)
         self.model_script = root / "model.yaml"
-        self.model_script.write_text("turns:\n  - bash: bash bench-install.sh\n    timeout_ms: 600000\n"
-                                     "  - text: The installs are timed.\n")
+        self.model_script.write_text(
+            "turns:\n  - bash: bash bench-install.sh\n    timeout_ms: 600000\n  - text: The installs are timed.\n"
+        )
         self.state = root / "state"
         self.containers: list[str] = []
 
     def host(self) -> Sample:
-        env = {k: v for k, v in os.environ.items()
-               if not k.upper().startswith(("PIP_", "NPM_CONFIG_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"))}
-        env.update(SSL_CERT_FILE=str(self.host_bundle), PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-                   TMPDIR=str(self.root))
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.upper().startswith(("PIP_", "NPM_CONFIG_", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"))
+        }
+        env.update(
+            SSL_CERT_FILE=str(self.host_bundle),
+            PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+            TMPDIR=str(self.root),
+        )
         res = run(["bash", str(self.script)], env=env, timeout=900)
         if res.returncode:
             raise RuntimeError(f"host: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}")
@@ -185,12 +204,36 @@ class Bench:
         name = f"bench-install-{uuid.uuid4().hex[:10]}"
         self.containers.append(name)
         lim = self.limits
-        cmd = ["docker", "run", "--rm", "--name", name, "--label", BENCH_LABEL, "--entrypoint", "bash",
-               "--read-only", "--tmpfs", f"/tmp:rw,nosuid,nodev,exec,size={min(lim.disk_bytes, 1024**3)}",
-               "--tmpfs", "/home/agent:rw,nosuid,nodev,exec,size=512m,uid=1000,gid=1000,mode=0700",
-               "--cpus", str(lim.cpus), "--memory", str(lim.memory_bytes), "--memory-swap", str(lim.memory_bytes),
-               "--pids-limit", str(lim.pids), "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-               "-v", f"{self.script}:/bench/install.sh:ro"]
+        cmd = [
+            "docker",
+            "run",
+            "--rm",
+            "--name",
+            name,
+            "--label",
+            BENCH_LABEL,
+            "--entrypoint",
+            "bash",
+            "--read-only",
+            "--tmpfs",
+            f"/tmp:rw,nosuid,nodev,exec,size={min(lim.disk_bytes, 1024**3)}",
+            "--tmpfs",
+            "/home/agent:rw,nosuid,nodev,exec,size=512m,uid=1000,gid=1000,mode=0700",
+            "--cpus",
+            str(lim.cpus),
+            "--memory",
+            str(lim.memory_bytes),
+            "--memory-swap",
+            str(lim.memory_bytes),
+            "--pids-limit",
+            str(lim.pids),
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "-v",
+            f"{self.script}:/bench/install.sh:ro",
+        ]
         if self.cas:
             cmd += ["-v", f"{self.ca_pem}:/sandbox/in/ca-certificates.pem:ro"]
         cmd += [image, "-c", ". /opt/sandbox/env.sh && exec bash /bench/install.sh"]
@@ -201,8 +244,19 @@ class Bench:
 
     def proxied(self) -> Sample:
         env = {**os.environ, "SANDBOX_STATE_DIR": str(self.state)}
-        cmd = [*SANDBOX, "run", "--repo", str(self.repo), "--task", "Time the package installs.",
-               "--policy", str(self.policy_path), "--model-script", str(self.model_script), "--json"]
+        cmd = [
+            *SANDBOX,
+            "run",
+            "--repo",
+            str(self.repo),
+            "--task",
+            "Time the package installs.",
+            "--policy",
+            str(self.policy_path),
+            "--model-script",
+            str(self.model_script),
+            "--json",
+        ]
         for _attempt in range(2):
             t0 = time.perf_counter()
             res = run_sandbox(cmd, env)
@@ -215,8 +269,11 @@ class Bench:
         summary = json.loads(res.stdout)
         run_dir = Path(summary["run_dir"])
         transcript = [json.loads(line) for line in (run_dir / "model" / "transcript.jsonl").read_text().splitlines()]
-        output = "\n".join(r["content"] if isinstance(r["content"], str) else json.dumps(r["content"])
-                           for entry in transcript for r in entry.get("tool_results", []))
+        output = "\n".join(
+            r["content"] if isinstance(r["content"], str) else json.dumps(r["content"])
+            for entry in transcript
+            for r in entry.get("tool_results", [])
+        )
         sample = parse(output, f"sandbox run {summary['id']}")
         events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
         egress = [e["payload"] for e in events if e["source"] == "proxy" and e["type"] == "egress"]
@@ -226,10 +283,14 @@ class Bench:
         wrong = [e for e in failed if e.get("decision_detail") not in ("unresolvable", "upstream unreachable")]
         if wrong:
             raise RuntimeError(f"sandbox run {summary['id']}: the proxy refused connections: {wrong}")
-        sample.extra = {"run_wall": wall, "connections": len(egress), "failed": len(failed),
-                        "failed_why": sorted({f"{e['reason']} ({e['duration_ms'] / 1000:.0f}s)" for e in failed}),
-                        "hosts": sorted({f"{e['host']}:{e['port']}" for e in egress}),
-                        "bytes_down": sum(e["bytes_down"] for e in egress)}
+        sample.extra = {
+            "run_wall": wall,
+            "connections": len(egress),
+            "failed": len(failed),
+            "failed_why": sorted({f"{e['reason']} ({e['duration_ms'] / 1000:.0f}s)" for e in failed}),
+            "hosts": sorted({f"{e['host']}:{e['port']}" for e in egress}),
+            "bytes_down": sum(e["bytes_down"] for e in egress),
+        }
         return sample
 
     def leftovers(self) -> tuple[list[str], list[str]]:
@@ -258,8 +319,9 @@ class Bench:
 
 def run_sandbox(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
     """`sandbox run`, given the time to tear down on Ctrl-C or a timeout (subprocess.run would SIGKILL it)."""
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          cwd=REPO_ROOT) as proc:
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT
+    ) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except BaseException:
@@ -282,26 +344,40 @@ def table(results: dict[str, list[Sample]], pip: tuple[str, ...], npm: tuple[str
     for tool, n in (("pip", len(pip)), ("npm", len(npm))):
         med = {s: median([getattr(x, tool) for x in results[s]]) for s in SETTINGS}
         cells = [f"{med[s]:.2f}" for s in SETTINGS]
-        lines.append(f"| `{tool} install` ({n} packages) | " + " | ".join(cells)
-                     + f" | {med['proxied'] / med['host']:.2f}x | {med['proxied'] / med['direct']:.2f}x |")
+        lines.append(
+            f"| `{tool} install` ({n} packages) | "
+            + " | ".join(cells)
+            + f" | {med['proxied'] / med['host']:.2f}x | {med['proxied'] / med['direct']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
 def rounds(n: int) -> Iterator[tuple[int, list[str]]]:
     order = list(SETTINGS)
     for i in range(n):
-        yield i, order[i % len(order):] + order[:i % len(order)]
+        yield i, order[i % len(order) :] + order[: i % len(order)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each runs every setting once (default 3)")
-    ap.add_argument("--warmup", type=int, default=1,
-                    help="uncounted rounds first: DNS, connections and upstream caches warm for every setting")
-    ap.add_argument("--static-hosts", action="store_true",
-                    help="give the sidecar the registries' addresses as egress.hosts, so the proxy resolves nothing")
-    ap.add_argument("--large", action="store_true", help=f"also install {LARGE_PIP[-1]} and "
-                    f"{', '.join(LARGE_NPM[len(NPM_PACKAGES):])} (many more connections, bigger files)")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="uncounted rounds first: DNS, connections and upstream caches warm for every setting",
+    )
+    ap.add_argument(
+        "--static-hosts",
+        action="store_true",
+        help="give the sidecar the registries' addresses as egress.hosts, so the proxy resolves nothing",
+    )
+    ap.add_argument(
+        "--large",
+        action="store_true",
+        help=f"also install {LARGE_PIP[-1]} and "
+        f"{', '.join(LARGE_NPM[len(NPM_PACKAGES) :])} (many more connections, bigger files)",
+    )
     ap.add_argument("--pip", nargs="+", metavar="REQ", help="what pip installs, instead of the built-in set")
     ap.add_argument("--npm", nargs="+", metavar="SPEC", help="what npm installs, instead of the built-in set")
     args = ap.parse_args()
@@ -333,13 +409,18 @@ def main() -> int:
                     extra = ""
                     if sample.extra:
                         e = sample.extra
-                        extra = (f"  (sandbox run {e['run_wall']:.1f}s in all; {e['connections']} proxied "
-                                 f"connections, {e['bytes_down'] / 1e6:.1f} MB down: {', '.join(e['hosts'])})")
+                        extra = (
+                            f"  (sandbox run {e['run_wall']:.1f}s in all; {e['connections']} proxied "
+                            f"connections, {e['bytes_down'] / 1e6:.1f} MB down: {', '.join(e['hosts'])})"
+                        )
                         if e["failed"]:
                             extra += f"; {e['failed']} FAILED: {', '.join(e['failed_why'])}"
                     where = "warm-up" if warm else f"round {i + 1 - args.warmup}/{args.rounds}"
-                    print(f"{where:<11} {setting:<8} pip {sample.pip:6.2f}s  "
-                          f"npm {sample.npm:6.2f}s{extra}", file=sys.stderr, flush=True)
+                    print(
+                        f"{where:<11} {setting:<8} pip {sample.pip:6.2f}s  npm {sample.npm:6.2f}s{extra}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
         finally:
             removed = bench.cleanup()
             left = [*bench.leftovers()]
@@ -347,30 +428,42 @@ def main() -> int:
                 print(f"LEFT BEHIND by a run, removed by this script: {removed}", file=sys.stderr)
             if left[0] or left[1]:
                 print(f"LEFT BEHIND on the engine (containers, networks): {left}", file=sys.stderr)
-    print(f"## Package installs: host, container (direct), sandbox (through the egress proxy)\n\n"
-          f"{table(results, pip, npm)}\n")
-    print(f"- pip: {' '.join(pip)}; npm: {' '.join(npm)}; empty caches, median of {args.rounds} interleaved "
-          f"rounds after {args.warmup} warm-up")
+    print(
+        f"## Package installs: host, container (direct), sandbox (through the egress proxy)\n\n"
+        f"{table(results, pip, npm)}\n"
+    )
+    print(
+        f"- pip: {' '.join(pip)}; npm: {' '.join(npm)}; empty caches, median of {args.rounds} interleaved "
+        f"rounds after {args.warmup} warm-up"
+    )
     print(f"- command: `{shlex.join(['.venv/bin/python', 'bench/install.py', *sys.argv[1:]])}`")
     if args.static_hosts:
-        print("- --static-hosts: the registries' addresses were given to the sidecar as `egress.hosts`: "
-              "the proxy made no DNS queries")
-    print(f"- machine: {info['cores']} cores ({info['cpu']}), {info['memory']} memory, kernel {info['kernel']}, "
-          f"Docker {info['docker']}")
+        print(
+            "- --static-hosts: the registries' addresses were given to the sidecar as `egress.hosts`: "
+            "the proxy made no DNS queries"
+        )
+    print(
+        f"- machine: {info['cores']} cores ({info['cpu']}), {info['memory']} memory, kernel {info['kernel']}, "
+        f"Docker {info['docker']}"
+    )
     print(f"- date: {started:%Y-%m-%d %H:%M} UTC; images: {', '.join(sorted(used['agent'] | used['sidecar']))}")
     for s, label in SETTINGS.items():
-        print(f"- {label}: {results[s][0].versions}; pip "
-              + ", ".join(f"{x.pip:.2f}" for x in results[s]) + "; npm "
-              + ", ".join(f"{x.npm:.2f}" for x in results[s]))
+        print(
+            f"- {label}: {results[s][0].versions}; pip "
+            + ", ".join(f"{x.pip:.2f}" for x in results[s])
+            + "; npm "
+            + ", ".join(f"{x.npm:.2f}" for x in results[s])
+        )
     if failed := sum(x.extra["failed"] for x in results["proxied"]):
         why = sorted({w for x in results["proxied"] for w in x.extra["failed_why"]})
         print(f"- **{failed} proxied connections failed** over the rounds (the clients retried): {'; '.join(why)}")
     conns = median([x.extra["connections"] for x in results["proxied"]])
-    print(f"- proxied connections per run: {conns:.0f} (median), to "
-          f"{', '.join(results['proxied'][0].extra['hosts'])}")
+    print(f"- proxied connections per run: {conns:.0f} (median), to {', '.join(results['proxied'][0].extra['hosts'])}")
     walls = [x.extra["run_wall"] for x in results["proxied"]]
-    print(f"- a whole `sandbox run` (containers, the scripted model, teardown) took {median(walls):.1f}s "
-          f"(median); the table counts only the installs, timed inside the container")
+    print(
+        f"- a whole `sandbox run` (containers, the scripted model, teardown) took {median(walls):.1f}s "
+        f"(median); the table counts only the installs, timed inside the container"
+    )
     return 1 if removed or left[0] or left[1] else 0
 
 

@@ -14,10 +14,22 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 def machine() -> dict[str, str]:
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal:"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine())
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal:")
+    )
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
     docker = run(["docker", "version", "--format", "{{.Server.Version}}"]).stdout.strip() or "unknown"
-    return {"cores": str(os.cpu_count()), "cpu": cpu, "memory": f"{mem_kb / 1024**2:.1f} GiB",
-            "kernel": platform.release(), "docker": docker}
+    return {
+        "cores": str(os.cpu_count()),
+        "cpu": cpu,
+        "memory": f"{mem_kb / 1024**2:.1f} GiB",
+        "kernel": platform.release(),
+        "docker": docker,
+    }

@@ -66,10 +66,18 @@ sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
 
 from bench.machine import machine, run  # noqa: E402
 
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
 RUN_LABEL = "sandbox.run-id"
-LEAK_KINDS = ("containers", "networks", "workspaces", "mounts", "loop devices", "iptables rules",
-              "budget sockets", "processes")
+LEAK_KINDS = (
+    "containers",
+    "networks",
+    "workspaces",
+    "mounts",
+    "loop devices",
+    "iptables rules",
+    "budget sockets",
+    "processes",
+)
 QUOTA_DIRS = ("workspace", "check", "workspace.img", "check.img")
 BUDGET_GLOB = "sbx-budget-*"
 
@@ -153,8 +161,11 @@ class Soak:
         self.repo = root / "repo"
         self.repo.mkdir()
         (self.repo / "README.md").write_text("# soak\n\nA throwaway repository for bench/soak.py.\n")
-        for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                     ["-c", "user.name=soak", "-c", "user.email=soak@example.invalid", "commit", "-qm", "soak"]):
+        for args in (
+            ["init", "-q", "-b", "main"],
+            ["add", "-A"],
+            ["-c", "user.name=soak", "-c", "user.email=soak@example.invalid", "commit", "-qm", "soak"],
+        ):
             run(["git", "-C", str(self.repo), *args], check=True)
         self.base = self.git("rev-parse", "HEAD").stdout.strip()
         self.scripts = root / "scripts"
@@ -173,8 +184,12 @@ class Soak:
         token = uuid.uuid4().hex
         r = Run(phase=phase, name=name, token=token, script=self.scripts / f"{name}.yaml")
         # The scripted model: one Bash call writes the file, then the final answer.
-        script = {"turns": [{"bash": f"mkdir -p soak && printf '%s\\n' {shlex.quote(r.content.rstrip())} > {r.path}"},
-                            {"text": f"Wrote {r.path}."}]}
+        script = {
+            "turns": [
+                {"bash": f"mkdir -p soak && printf '%s\\n' {shlex.quote(r.content.rstrip())} > {r.path}"},
+                {"text": f"Wrote {r.path}."},
+            ]
+        }
         r.script.write_text(yaml.safe_dump(script, sort_keys=False))
         return r
 
@@ -198,8 +213,9 @@ class Soak:
 
     def _attempt(self, r: Run) -> subprocess.CompletedProcess[str]:
         cmd = [*SANDBOX, "run", "--repo", str(self.repo), "--task", r.task, "--model-script", str(r.script), "--json"]
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env,
-                              cwd=REPO_ROOT) as proc:
+        with subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=self.env, cwd=REPO_ROOT
+        ) as proc:
             with self.live_lock:
                 self.live[proc.pid] = proc
             watcher = threading.Thread(target=self._watch, args=(proc, r), daemon=True)
@@ -342,8 +358,12 @@ class Soak:
         n = int(r.name.split("-")[1])
         ok = f"FAILED: {r.failure}" if r.failure else "ok"
         extra = f" (retried {r.retries}x after exit 3)" if r.retries else ""
-        print(f"{r.phase:<10} {n:>3}/{total:<3} {r.run_id or '-':<22} {r.wall:6.1f}s  "
-              f"rss {r.rss_peak / 1024**2:5.0f} MiB  {ok}{extra}", file=sys.stderr, flush=True)
+        print(
+            f"{r.phase:<10} {n:>3}/{total:<3} {r.run_id or '-':<22} {r.wall:6.1f}s  "
+            f"rss {r.rss_peak / 1024**2:5.0f} MiB  {ok}{extra}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # --- leaks ------------------------------------------------------------------------------------------
 
@@ -453,6 +473,7 @@ class Soak:
 
 # --- the report -------------------------------------------------------------------------------------------
 
+
 def p95(xs: list[float]) -> float:
     s = sorted(xs)
     return s[max(0, math.ceil(0.95 * len(s)) - 1)]
@@ -478,8 +499,12 @@ def main() -> int:
     ap.add_argument("--concurrent", type=int, default=10, help="runs started together afterwards (default 10)")
     ap.add_argument("--keep-going", action="store_true", help="go on after a failed run (default: start no more)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary repository and state directory")
-    ap.add_argument("--timeout", type=float, default=900,
-                    help="seconds one `sandbox run` may take before the soak interrupts it (default 900)")
+    ap.add_argument(
+        "--timeout",
+        type=float,
+        default=900,
+        help="seconds one `sandbox run` may take before the soak interrupts it (default 900)",
+    )
     args = ap.parse_args()
     info = machine()
     started = datetime.datetime.now(datetime.UTC)
@@ -526,8 +551,10 @@ def main() -> int:
     n_fail = len(failures) + (1 if repo_problem else 0)
     n_leaks = len(soak.seen)
     print(f"## Soak: {args.sequential} sequential and {args.concurrent} concurrent `sandbox run`s\n")
-    print("| phase | runs | failures | wall median s | p95 s | max s | phase total s | supervisor peak RSS "
-          "MiB (median / max) | retried (exit 3) |")
+    print(
+        "| phase | runs | failures | wall median s | p95 s | max s | phase total s | supervisor peak RSS "
+        "MiB (median / max) | retried (exit 3) |"
+    )
     print("|" + " --- |" * 9)
     print(phase_row("sequential", seq, totals["sequential"]))
     print(phase_row("concurrent", con, totals["concurrent"]))
@@ -552,17 +579,23 @@ def main() -> int:
             print(f"- {kind}: {what}")
         print()
     print(f"- command: `{shlex.join(['.venv/bin/python', 'bench/soak.py', *sys.argv[1:]])}`")
-    print(f"- machine: {info['cores']} cores ({info['cpu']}), {info['memory']} memory, kernel {info['kernel']}, "
-          f"Docker {info['docker']}")
+    print(
+        f"- machine: {info['cores']} cores ({info['cpu']}), {info['memory']} memory, kernel {info['kernel']}, "
+        f"Docker {info['docker']}"
+    )
     print(f"- date: {started:%Y-%m-%d %H:%M} UTC; images: {', '.join(sorted(USED_IMAGES))}")
-    print("- a run: `sandbox run --json` with the scripted model (one Bash call writes one file, then the answer), "
-          "default policy; wall time includes the CLI's start-up; peak RSS is the supervisor process's VmHWM")
+    print(
+        "- a run: `sandbox run --json` with the scripted model (one Bash call writes one file, then the answer), "
+        "default policy; wall time includes the CLI's start-up; peak RSS is the supervisor process's VmHWM"
+    )
     if interrupted:
         print("- **interrupted**: the runs under way were stopped (exit 130, counted as failures), the rest skipped")
     print(f"\nsoak: {len(done)} runs, {n_fail} failures, {n_leaks} leaks" + (" (interrupted)" if interrupted else ""))
     for r in failures[:5]:  # the first failures' stderr, for the issue
-        print(f"\n--- stderr of {r.name} ({r.run_id or 'no run id'}), last lines ---\n{r.stderr_tail[-1500:]}",
-              file=sys.stderr)
+        print(
+            f"\n--- stderr of {r.name} ({r.run_id or 'no run id'}), last lines ---\n{r.stderr_tail[-1500:]}",
+            file=sys.stderr,
+        )
     if interrupted:
         return 130
     return 0 if n_fail == 0 and n_leaks == 0 else 1

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SANDBOX = [sys.executable, "-m", "agent_sandbox.cli.main"]
+SANDBOX = [sys.executable, "-m", "agent_sandbox.cli"]
 
 
 def git(repo: Path, *args: str) -> str:
@@ -63,13 +63,13 @@ class CliResult:
 def sandbox(state_dir: Path) -> Callable[..., CliResult]:
     """Run the real `sandbox` CLI in a subprocess (no terminal, like CI)."""
 
-    def run(*args: str, env: dict[str, str] | None = None, timeout: float = 300,
-            drop: tuple[str, ...] = ()) -> CliResult:
+    def run(
+        *args: str, env: dict[str, str] | None = None, timeout: float = 300, drop: tuple[str, ...] = ()
+    ) -> CliResult:
         e = {**os.environ, "SANDBOX_STATE_DIR": str(state_dir), **(env or {})}
         for k in drop:
             e.pop(k, None)
-        p = subprocess.run([*SANDBOX, *args], capture_output=True, text=True, env=e, timeout=timeout,
-                           cwd=REPO_ROOT)
+        p = subprocess.run([*SANDBOX, *args], capture_output=True, text=True, env=e, timeout=timeout, cwd=REPO_ROOT)
         return CliResult(p.returncode, p.stdout, p.stderr)
 
     return run
@@ -99,8 +99,12 @@ def labelled(run_id: str) -> list[str]:
     """Containers and networks still labelled with this run id."""
     out = []
     for kind in ("ps -a", "network ls"):
-        res = subprocess.run(["docker", *kind.split(), "-q", "--filter", f"label=sandbox.run-id={run_id}"],
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            ["docker", *kind.split(), "-q", "--filter", f"label=sandbox.run-id={run_id}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         out += res.stdout.split()
     return out
 
@@ -118,11 +122,21 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """After the whole suite (on the xdist controller), nothing labelled may be left on the engine."""
     if hasattr(session.config, "workerinput"):
         return
+    if "not docker" in (session.config.getoption("markexpr") or ""):
+        return  # `make unit`: no test touched the engine, and other work on it is none of this run's business
     try:
-        res = subprocess.run(["docker", "ps", "-a", "--filter", "label=sandbox.run-id", "--format", "{{.Names}}"],
-                             capture_output=True, text=True, timeout=30)
-        nets = subprocess.run(["docker", "network", "ls", "--filter", "label=sandbox.run-id", "--format",
-                               "{{.Name}}"], capture_output=True, text=True, timeout=30)
+        res = subprocess.run(
+            ["docker", "ps", "-a", "--filter", "label=sandbox.run-id", "--format", "{{.Names}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        nets = subprocess.run(
+            ["docker", "network", "ls", "--filter", "label=sandbox.run-id", "--format", "{{.Name}}"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return
     left = res.stdout.split() + nets.stdout.split()
@@ -134,8 +148,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 def start_run(state_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     """Start `sandbox` in the background (for tests that signal or kill it mid-run)."""
     e = {**os.environ, "SANDBOX_STATE_DIR": str(state_dir), **(env or {})}
-    return subprocess.Popen([*SANDBOX, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e,
-                            cwd=REPO_ROOT)
+    return subprocess.Popen(
+        [*SANDBOX, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=REPO_ROOT
+    )
 
 
 def wait_for_event(state_dir: Path, type_: str, timeout: float = 90) -> tuple[str, dict[str, Any]]:

@@ -7,7 +7,9 @@ import time
 
 from agent_sandbox.audit.redact import visible
 from agent_sandbox.run.agent_stream import events_from_line
-from agent_sandbox.run.supervisor import Supervisor, _lines, _Watch
+from agent_sandbox.run.output import lines as _lines
+from agent_sandbox.run.state import RunState as _Watch
+from agent_sandbox.run.supervisor import Supervisor
 
 
 def test_lines_are_split_across_chunks_and_cut_beyond_the_limit() -> None:
@@ -26,13 +28,16 @@ def test_a_long_line_costs_linear_time() -> None:
 
 
 def test_malformed_lines_become_agent_output() -> None:
-    for line in ('{"type":"assistant","message":{"content":[1, "x", null]}}',
-                 '{"type":"assistant","message":"nope"}', '{"type":"user","message":{"content":[{"type":"tool_result",'
-                 '"content":[{"type":"text","text":5}]}]}}', "[" * 100000, '{"type":"assistant","message":{"content":'
-                 '[{"type":"tool_use","id":1,"name":null,"input":[1]}]}}'):
+    for line in (
+        '{"type":"assistant","message":{"content":[1, "x", null]}}',
+        '{"type":"assistant","message":"nope"}',
+        '{"type":"user","message":{"content":[{"type":"tool_result","content":[{"type":"text","text":5}]}]}}',
+        "[" * 100000,
+        '{"type":"assistant","message":{"content":[{"type":"tool_use","id":1,"name":null,"input":[1]}]}}',
+    ):
         events = events_from_line(line)
         assert all(t in ("agent_output", "tool_call", "tool_result") for t, _ in events), events
-    (t, p), = events_from_line('{"type":"assistant","message":{"content":[{"type":"tool_use","id":1,"input":[1]}]}}')
+    ((t, p),) = events_from_line('{"type":"assistant","message":{"content":[{"type":"tool_use","id":1,"input":[1]}]}}')
     assert t == "tool_call" and p["id"] == "1" and p["input"] == {}
 
 
@@ -54,8 +59,10 @@ def test_a_claimed_result_needs_the_gateways_record() -> None:
     assert "still running" in _verdict([_call(1, 50), _call(2, 99)], ok, open_tools=["Bash toolu_1"])[1]
     assert "began after" in _verdict([_call(1, 50), _call(2, 99), _call(3, 120)], ok)[1]
     # With the gateway's stop reasons: the last call that offered tools must have ended the conversation.
-    tools = [_call(1, 50, stop_reason="tool_use", tool_uses=[{"id": "t", "name": "Bash"}], tools_offered=9),
-             _call(2, 60, stop_reason="end_turn", tools_offered=0)]
+    tools = [
+        _call(1, 50, stop_reason="tool_use", tool_uses=[{"id": "t", "name": "Bash"}], tools_offered=9),
+        _call(2, 60, stop_reason="end_turn", tools_offered=0),
+    ]
     assert "ended with tool_use" in _verdict(tools, ok)[1]
     assert _verdict([*tools, _call(3, 99, stop_reason="end_turn", tools_offered=9)], ok)[0]
 

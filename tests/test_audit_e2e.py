@@ -34,8 +34,18 @@ turns:
 
 
 def test_trail_has_every_category_and_verifies(make_repo, sandbox, write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "do everything", "--max-turns", "4",
-                  "--model-script", str(write_script(EVERYTHING)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "do everything",
+        "--max-turns",
+        "4",
+        "--model-script",
+        str(write_script(EVERYTHING)),
+        "--json",
+    )
     assert res.code == 14, res.stderr
     s = res.json()
     events = audit_events(s["run_dir"])
@@ -43,13 +53,22 @@ def test_trail_has_every_category_and_verifies(make_repo, sandbox, write_script)
         AuditEvent.model_validate(e)
         EVENT_MODELS[e["type"]].model_validate(e["payload"])
     types = {(e["source"], e["type"]) for e in events}
-    for expected in [("supervisor", "run_started"), ("supervisor", "container_created"),
-                     ("supervisor", "limit_hit"), ("supervisor", "run_ended"), ("supervisor", "imported"),
-                     ("supervisor", "resource_usage"), ("agent", "agent_init"), ("agent", "tool_call"),
-                     ("agent", "tool_result"), ("agent", "result"), ("proxy", "egress"),
-                     ("gateway", "model_call")]:
+    for expected in [
+        ("supervisor", "run_started"),
+        ("supervisor", "container_created"),
+        ("supervisor", "limit_hit"),
+        ("supervisor", "run_ended"),
+        ("supervisor", "imported"),
+        ("supervisor", "resource_usage"),
+        ("agent", "agent_init"),
+        ("agent", "tool_call"),
+        ("agent", "tool_result"),
+        ("agent", "result"),
+        ("proxy", "egress"),
+        ("gateway", "model_call"),
+    ]:
         assert expected in types, expected
-    assert ("invalid_event" not in {t for _, t in types})
+    assert "invalid_event" not in {t for _, t in types}
     by_type = {e["type"]: e["payload"] for e in events}
     started = by_type["run_started"]
     assert len(started["policy_hash"]) == 64 and started["spec"]["policy"]["name"] == "default"
@@ -77,8 +96,16 @@ def test_trail_has_every_category_and_verifies(make_repo, sandbox, write_script)
 
 
 def test_editing_a_line_breaks_the_chain_at_that_line(make_repo, sandbox, write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--model-script",
-                  str(write_script("turns:\n  - bash: 'echo hello'\n  - text: done\n")), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script("turns:\n  - bash: 'echo hello'\n  - text: done\n")),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     path = Path(s["run_dir"], "audit.jsonl")
@@ -93,8 +120,9 @@ def test_editing_a_line_breaks_the_chain_at_that_line(make_repo, sandbox, write_
     assert f"line {k} was changed" in v.stderr
     # The last line alone: only the head recorded at the end can tell.
     lines = path.read_text().splitlines()
-    lines[k - 1] = json.dumps({**event, "payload": {k2: v2 for k2, v2 in event["payload"].items() if k2 != "edited"}},
-                              separators=(",", ":"))
+    lines[k - 1] = json.dumps(
+        {**event, "payload": {k2: v2 for k2, v2 in event["payload"].items() if k2 != "edited"}}, separators=(",", ":")
+    )
     original_last = lines[-1]
     lines[-1] = original_last.replace('"status":"succeeded"', '"status":"failed"')
     assert lines[-1] != original_last
@@ -112,8 +140,17 @@ turns:
   - write: {{path: leak.txt, content: "{token}\\n"}}
   - text: "I found {key}"
 """)
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "echo secrets", "--model-script", str(script),
-                  "--json", env={"ANTHROPIC_API_KEY": key})
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "echo secrets",
+        "--model-script",
+        str(script),
+        "--json",
+        env={"ANTHROPIC_API_KEY": key},
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     checked = 0
@@ -130,18 +167,26 @@ turns:
 
 def test_operator_commands_text_and_json(make_repo, sandbox, write_script, state_dir) -> None:
     repo = make_repo()
-    script = write_script("turns:\n  - bash: 'echo listing'\n  - write: {path: n.md, content: \"n\\n\"}\n"
-                          "  - text: done\n")
+    script = write_script(
+        "turns:\n  - bash: 'echo listing'\n  - write: {path: n.md, content: \"n\\n\"}\n  - text: done\n"
+    )
     # Follow a live run with `logs -f` while it goes.
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "first task\nmore", "--model-script",
-                     str(script), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "first task\nmore", "--model-script", str(script), "--json"
+    )
     deadline = time.monotonic() + 60
     while not list((state_dir / "runs").glob("*/audit.jsonl")) if (state_dir / "runs").exists() else True:
         assert time.monotonic() < deadline
         time.sleep(0.1)
     run_id = next((state_dir / "runs").iterdir()).name
-    follow = subprocess.run([*SANDBOX, "logs", "-f", run_id], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
+    follow = subprocess.run(
+        [*SANDBOX, "logs", "-f", run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)},
+        cwd=REPO_ROOT,
+    )
     _out, errs = proc.communicate(timeout=120)
     assert proc.returncode == 0, errs
     assert follow.returncode == 0
@@ -183,10 +228,23 @@ def test_operator_commands_text_and_json(make_repo, sandbox, write_script, state
 def test_two_concurrent_runs_are_both_recorded(make_repo, state_dir, write_script) -> None:
     procs = []
     for i, usage in enumerate((1000, 2000)):
-        script = write_script(f"turns:\n  - bash: 'echo run {i}'\n  - text: done\nusage: "
-                              f"{{input_tokens: {usage}, output_tokens: 0}}\n", name=f"s{i}.yaml")
-        procs.append(start_run(state_dir, "run", "--repo", str(make_repo(f"repo{i}")), "--task", f"task {i}",
-                               "--model-script", str(script), "--json"))
+        script = write_script(
+            f"turns:\n  - bash: 'echo run {i}'\n  - text: done\nusage: {{input_tokens: {usage}, output_tokens: 0}}\n",
+            name=f"s{i}.yaml",
+        )
+        procs.append(
+            start_run(
+                state_dir,
+                "run",
+                "--repo",
+                str(make_repo(f"repo{i}")),
+                "--task",
+                f"task {i}",
+                "--model-script",
+                str(script),
+                "--json",
+            )
+        )
     summaries = []
     for p in procs:
         out, err = p.communicate(timeout=180)
@@ -230,8 +288,21 @@ def test_live_view_in_a_pseudo_terminal_and_plain_lines_without_one(make_repo, w
     screen = b"".join(chunks).decode(errors="replace")
     plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen)
     assert "\x1b[" in screen, "a terminal gets colour and cursor control"
-    for part in ("╭", "sandbox run ", "phase", "elapsed", "of 1800s", "spend", "of $5.00", "turns", "of 50",
-                 "last tool", "Bash: echo live", "denied", "0 connection(s)"):
+    for part in (
+        "╭",
+        "sandbox run ",
+        "phase",
+        "elapsed",
+        "of 1800s",
+        "spend",
+        "of $5.00",
+        "turns",
+        "of 50",
+        "last tool",
+        "Bash: echo live",
+        "denied",
+        "0 connection(s)",
+    ):
         assert part in plain, part
     # Without a terminal the same run prints plain lines, one per phase and tool call, with no escapes.
     res = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=180)

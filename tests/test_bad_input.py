@@ -45,8 +45,9 @@ def test_missing_task(make_repo, state_dir, sandbox, write_script) -> None:
 
 def test_unknown_policy(make_repo, state_dir, sandbox, write_script) -> None:
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", "nonesuch",
-                  "--model-script", str(write_script(SCRIPT)))
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "t", "--policy", "nonesuch", "--model-script", str(write_script(SCRIPT))
+    )
     assert res.code == 2
     assert "unknown policy 'nonesuch'" in res.stderr and "presets: default" in res.stderr
     assert_nothing_created(state_dir, repo)
@@ -56,8 +57,9 @@ def test_policy_file_with_unknown_key(make_repo, state_dir, sandbox, write_scrip
     repo = make_repo()
     pol = tmp_path / "p.yaml"
     pol.write_text("limits:\n  wall_seconds: 60\n  budget: 3\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script(SCRIPT)))
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "t", "--policy", str(pol), "--model-script", str(write_script(SCRIPT))
+    )
     assert res.code == 2 and "limits.budget: unknown key" in res.stderr
     assert_nothing_created(state_dir, repo)
 
@@ -80,16 +82,33 @@ def test_malformed_script_names_the_entry(make_repo, state_dir, sandbox, write_s
 
 def test_unknown_base_ref(make_repo, state_dir, sandbox, write_script) -> None:
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--base", "no-such-branch",
-                  "--model-script", str(write_script(SCRIPT)))
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--base",
+        "no-such-branch",
+        "--model-script",
+        str(write_script(SCRIPT)),
+    )
     assert res.code == 2 and "'no-such-branch' does not name a commit" in res.stderr
     assert_nothing_created(state_dir, repo)
 
 
 def test_docker_not_reachable(make_repo, state_dir, sandbox, write_script, tmp_path) -> None:
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SCRIPT)),
-                  env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"})
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(SCRIPT)),
+        env={"DOCKER_HOST": f"unix://{tmp_path}/no-docker.sock"},
+    )
     assert res.code == 3
     assert "Docker is not reachable" in res.stderr and "ensure-docker" in res.stderr
     assert_nothing_created(state_dir, repo)
@@ -98,8 +117,16 @@ def test_docker_not_reachable(make_repo, state_dir, sandbox, write_script, tmp_p
 @pytest.mark.usefixtures("docker_ready")
 def test_images_not_built(make_repo, state_dir, sandbox, write_script) -> None:
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SCRIPT)),
-                  env={"SANDBOX_IMAGE_NAMESPACE": "agent-sandbox-test-never-built"})
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(SCRIPT)),
+        env={"SANDBOX_IMAGE_NAMESPACE": "agent-sandbox-test-never-built"},
+    )
     assert res.code == 3
     assert "agent-sandbox-test-never-built/base:bookworm is not built" in res.stderr
     assert "sandbox images build" in res.stderr

@@ -74,10 +74,24 @@ def test_allowlist_enforced_and_every_attempt_logged(hosts, make_repo, sandbox, 
         "getent hosts pypi.org; echo rc=$?; python3 -c \"import socket; socket.getaddrinfo('pypi.org', 443)\" 2>&1"
         " | tail -n 1; echo v6=$(cat /proc/sys/net/ipv6/conf/all/disable_ipv6); ip route",
     )
-    pol = policy(tmp_path, hosts, allow=[f"{NAME}:{h}", f"{NAME}:{s}", f"*.evil.sandbox.test:{h}"],
-                 deny=[f"*.evil.sandbox.test:{h}"])
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "probe the network", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)), "--json")
+    pol = policy(
+        tmp_path,
+        hosts,
+        allow=[f"{NAME}:{h}", f"{NAME}:{s}", f"*.evil.sandbox.test:{h}"],
+        deny=[f"*.evil.sandbox.test:{h}"],
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "probe the network",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     summary = res.json()
     out = tool_results(summary["run_dir"])
@@ -131,8 +145,18 @@ def test_allowlist_enforced_and_every_attempt_logged(hosts, make_repo, sandbox, 
 def test_allowlisted_name_on_a_private_address_is_refused(hosts, make_repo, sandbox, write_script, tmp_path) -> None:
     sc = script(f"curl -sS -i http://{NAME}:{hosts.http_port}/private")
     pol = policy(tmp_path, hosts, allow_private=False)
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     out = tool_results(res.json()["run_dir"])[0]
     assert out.startswith("HTTP/1.1 403") and f"{NAME} resolves to {hosts.address}" in out
@@ -142,18 +166,35 @@ def test_allowlisted_name_on_a_private_address_is_refused(hosts, make_repo, sand
     assert not any(r[2] == "/private" for r in hosts.requests), "the request must never reach the host"
 
 
-def test_allow_addresses_lifts_one_address_but_never_metadata(hosts, make_repo, sandbox, write_script,
-                                                              tmp_path) -> None:
+def test_allow_addresses_lifts_one_address_but_never_metadata(
+    hosts, make_repo, sandbox, write_script, tmp_path
+) -> None:
     h = hosts.http_port
     meta = "meta.sandbox.test"
     sc = script(f"curl -sS -i http://{NAME}:{h}/via-allow-addresses", f"curl -sS -i http://{meta}:{h}/latest/")
     names = {NAME: "host-gateway", meta: "169.254.169.254"}
     # 1. Without allow_private, an allow_addresses entry for the test host's (private, host-own) address lets
     #    the allowlisted name through; the metadata address stays refused although a range covers it.
-    pol = policy(tmp_path, hosts, allow=[f"{NAME}:{h}", f"{meta}:{h}"], allow_private=False, hosts=names,
-                 allow_addresses=[f"{hosts.address}/32", "169.254.0.0/16"])
-    res = sandbox("run", "--repo", str(make_repo("r1")), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)), "--json")
+    pol = policy(
+        tmp_path,
+        hosts,
+        allow=[f"{NAME}:{h}", f"{meta}:{h}"],
+        allow_private=False,
+        hosts=names,
+        allow_addresses=[f"{hosts.address}/32", "169.254.0.0/16"],
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo("r1")),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     summary = res.json()
     out = tool_results(summary["run_dir"])
@@ -163,17 +204,34 @@ def test_allow_addresses_lifts_one_address_but_never_metadata(hosts, make_repo, 
     ok, refused = proxy_events(summary["run_dir"])
     assert ok["decision"] == "allow" and ok["rule"] == f"{NAME}:{h}" and ok["resolved"] == hosts.address
     kind = address_kind(hosts.address, host_addresses())
-    assert ok["decision_detail"] == f"{hosts.address} ({kind}) let through by allow_addresses entry " \
-                                    f"'{hosts.address}/32'"
+    assert (
+        ok["decision_detail"] == f"{hosts.address} ({kind}) let through by allow_addresses entry '{hosts.address}/32'"
+    )
     assert refused["decision"] == "deny" and refused["rule"] == f"{meta}:{h}"
     assert refused["resolved"] == "169.254.169.254" and refused["bytes_down"] == 0
     assert refused["reason"] == f"{meta} resolves to 169.254.169.254, a cloud metadata address"
     assert summary["egress_suggestion"] == {"allow": [], "allow_addresses": []}  # metadata is never suggested
     # 2. allow_private does not lift it either.
-    pol = policy(tmp_path, hosts, allow=[f"{NAME}:{h}", f"{meta}:{h}"], allow_private=True, hosts=names,
-                 allow_addresses=["169.254.0.0/16"])
-    res = sandbox("run", "--repo", str(make_repo("r2")), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)), "--json")
+    pol = policy(
+        tmp_path,
+        hosts,
+        allow=[f"{NAME}:{h}", f"{meta}:{h}"],
+        allow_private=True,
+        hosts=names,
+        allow_addresses=["169.254.0.0/16"],
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo("r2")),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     out = tool_results(res.json()["run_dir"])
     assert "hello from the test host" in out[0] and out[1].startswith("HTTP/1.1 403")
@@ -188,8 +246,9 @@ def test_report_mode_allows_and_logs_would_deny(hosts, make_repo, sandbox, write
     h = hosts.http_port
     sc = script(f"curl -sS http://{NAME}:{h}/report")
     pol = policy(tmp_path, hosts, allow=[], mode="report", allow_private=False)
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)))
+    res = sandbox(
+        "run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script", str(write_script(sc))
+    )
     assert res.code == 0, res.stderr
     (run_dir,) = [line.split(None, 2)[2] for line in res.stdout.splitlines() if line.startswith("  run dir")]
     assert tool_results(run_dir)[0].strip() == "hello from the test host: GET /report"
@@ -215,15 +274,29 @@ def test_report_mode_allows_and_logs_would_deny(hosts, make_repo, sandbox, write
     assert "\n".join(f"    {line}" for line in yaml_lines) in res.stdout
 
 
-def test_killing_the_sidecar_cuts_the_network_and_fails_the_run(hosts, make_repo, state_dir, write_script,
-                                                                tmp_path) -> None:
-    loop = (f"ip route > net.log; trap '' TERM; for i in $(seq 1 200); do "
-            f"printf '%s\\n' $(curl -s -m 1 -o /dev/null -w '%{{http_code}}' http://{NAME}:{hosts.http_port}/ping)"
-            " >> net.log; sleep 0.1; done")
+def test_killing_the_sidecar_cuts_the_network_and_fails_the_run(
+    hosts, make_repo, state_dir, write_script, tmp_path
+) -> None:
+    loop = (
+        f"ip route > net.log; trap '' TERM; for i in $(seq 1 200); do "
+        f"printf '%s\\n' $(curl -s -m 1 -o /dev/null -w '%{{http_code}}' http://{NAME}:{hosts.http_port}/ping)"
+        " >> net.log; sleep 0.1; done"
+    )
     sc = f"turns:\n  - bash: {json.dumps(loop)}\n    timeout_ms: 120000\n  - text: done\n"
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--policy", str(policy(tmp_path, hosts)),
-                     "--model-script", str(write_script(sc)), "--json")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--policy",
+        str(policy(tmp_path, hosts)),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     try:
         deadline = time.monotonic() + 60
         while sum(1 for r in hosts.requests if r[2] == "/ping") < 3:
@@ -250,20 +323,33 @@ def test_killing_the_sidecar_cuts_the_network_and_fails_the_run(hosts, make_repo
     assert labelled(run_id) == []
 
 
-@pytest.mark.parametrize(("rule", "fragment"), [
-    ("*", "a bare '*' would allow every host"),
-    ("https://x.example.com", "no scheme in a rule"),
-    ("example.com/path", "no path in a rule"),
-])
-def test_bad_rules_are_rejected_by_check_and_run(rule, fragment, make_repo, sandbox, write_script, tmp_path,
-                                                 state_dir) -> None:
+@pytest.mark.parametrize(
+    ("rule", "fragment"),
+    [
+        ("*", "a bare '*' would allow every host"),
+        ("https://x.example.com", "no scheme in a rule"),
+        ("example.com/path", "no path in a rule"),
+    ],
+)
+def test_bad_rules_are_rejected_by_check_and_run(
+    rule, fragment, make_repo, sandbox, write_script, tmp_path, state_dir
+) -> None:
     pol = tmp_path / "bad.yaml"
     pol.write_text(json.dumps({"egress": {"allow": ["ok.example.com", rule]}}))
     res = sandbox("policy", "check", str(pol))
     assert res.code == 2 and fragment in res.stderr and repr(rule) in res.stderr
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script("turns: []\n")))
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script("turns: []\n")),
+    )
     assert res.code == 2 and fragment in res.stderr
     assert not (state_dir / "runs").exists()
 
@@ -273,8 +359,17 @@ def test_unknown_egress_key_is_rejected(sandbox, make_repo, write_script, tmp_pa
     pol.write_text("egress:\n  allow: [ok.example.com]\n  allowed_private: true\n")
     res = sandbox("policy", "check", str(pol))
     assert res.code == 2 and "egress.allowed_private: unknown key" in res.stderr
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol),
-                  "--model-script", str(write_script("turns: []\n")))
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script("turns: []\n")),
+    )
     assert res.code == 2 and "egress.allowed_private: unknown key" in res.stderr
     assert not (state_dir / "runs").exists()
 
@@ -292,12 +387,17 @@ def test_policy_check_prints_effective_rules(sandbox) -> None:
 
 def test_policy_check_describes_report_mode_and_allow_addresses(sandbox, tmp_path) -> None:
     pol = tmp_path / "report.yaml"
-    pol.write_text(json.dumps({"egress": {"mode": "report", "allow": ["pypi.org"],
-                                          "allow_addresses": ["203.0.113.80", "169.254.0.0/16"]}}))
+    pol.write_text(
+        json.dumps(
+            {"egress": {"mode": "report", "allow": ["pypi.org"], "allow_addresses": ["203.0.113.80", "169.254.0.0/16"]}}
+        )
+    )
     res = sandbox("policy", "check", str(pol))
     assert res.code == 0, res.stderr
-    assert "mode report: connections are allowed and logged; what enforce mode would refuse is logged as " \
-           "would_deny" in res.stdout
+    assert (
+        "mode report: connections are allowed and logged; what enforce mode would refuse is logged as "
+        "would_deny" in res.stdout
+    )
     assert "cloud metadata, loopback and unspecified addresses are refused all the same" in res.stdout
     assert "nothing but the model gateway" not in res.stdout
     assert "allow_addresses  203.0.113.80" in res.stdout and "the address 203.0.113.80" in res.stdout
@@ -308,5 +408,6 @@ def test_policy_check_describes_report_mode_and_allow_addresses(sandbox, tmp_pat
     pol.write_text(json.dumps({"egress": {"allow_addresses": ["0.0.0.0/0"]}}))
     res = sandbox("policy", "check", str(pol))
     assert res.code == 2
-    assert "egress.allow_addresses: '0.0.0.0/0' would lift the block on every address; name narrower ranges" \
-        in res.stderr
+    assert (
+        "egress.allow_addresses: '0.0.0.0/0' would lift the block on every address; name narrower ranges" in res.stderr
+    )

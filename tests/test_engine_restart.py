@@ -45,8 +45,18 @@ def wait_gone(pid: int) -> None:
 def start_dockerd(cmdline: list[bytes]) -> None:
     """Start the engine again with the same command line, detached (not this process's child: a child that
     exits later would stay a zombie of the test run), and wait until it answers."""
-    subprocess.run(["setsid", "sh", "-c", 'exec "$@" >>/var/log/dockerd.log 2>&1 </dev/null &', "sh",
-                    *[a.decode() for a in cmdline]], check=True, timeout=30)
+    subprocess.run(
+        [
+            "setsid",
+            "sh",
+            "-c",
+            'exec "$@" >>/var/log/dockerd.log 2>&1 </dev/null &',
+            "sh",
+            *[a.decode() for a in cmdline],
+        ],
+        check=True,
+        timeout=30,
+    )
     subprocess.run([str(REPO_ROOT / "scripts" / "ensure-docker")], check=True, timeout=120)
 
 
@@ -60,8 +70,9 @@ def test_dockerd_restart_mid_run_keeps_the_work(make_repo, state_dir, write_scri
     if os.geteuid() != 0 or not PIDFILE.exists():
         pytest.skip("restarting the engine needs root and a dockerd with /var/run/docker.pid")
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     run_id = only_run_id(state_dir)
     restart_dockerd()
@@ -81,8 +92,18 @@ def test_engine_gone_for_good_keeps_the_work_for_gc(make_repo, state_dir, sandbo
     if os.geteuid() != 0 or not PIDFILE.exists():
         pytest.skip("stopping the engine needs root and a dockerd with /var/run/docker.pid")
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json", env={"SANDBOX_ENGINE_WAIT_SECONDS": "10"})
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(SLEEPER)),
+        "--json",
+        env={"SANDBOX_ENGINE_WAIT_SECONDS": "10"},
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     run_id = only_run_id(state_dir)
     pid, cmdline = stop_dockerd()

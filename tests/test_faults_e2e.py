@@ -104,8 +104,9 @@ PHASES = {
 @pytest.mark.parametrize("phase", list(PHASES))
 def test_signal_while_starting_ends_cleanly(phase, sig, make_repo, state_dir, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     wait_for(lambda: PHASES[phase](state_dir), 90, phase)
     proc.send_signal(sig)
     code, out, err = finish(proc)
@@ -121,12 +122,14 @@ def test_signal_while_starting_ends_cleanly(phase, sig, make_repo, state_dir, wr
     no_leftovers(state_dir, run_id)
 
 
-@pytest.mark.parametrize("first,second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM),
-                                          (signal.SIGTERM, signal.SIGHUP)])
+@pytest.mark.parametrize(
+    "first,second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM), (signal.SIGTERM, signal.SIGHUP)]
+)
 def test_double_signal_mid_run_keeps_the_work(first, second, make_repo, state_dir, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     proc.send_signal(first)
     time.sleep(0.2)
@@ -146,12 +149,14 @@ def test_double_signal_mid_run_keeps_the_work(first, second, make_repo, state_di
 def test_signals_during_collect_keep_the_work(signals, make_repo, state_dir, write_script) -> None:
     """The agent finishes; the signals land while the finaliser packs, the host imports and teardown runs."""
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(WORKER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(WORKER)), "--json"
+    )
 
     def finaliser_started() -> bool:
-        return has_event(state_dir, lambda e: e["type"] == "container_created"
-                         and e["payload"].get("role") == "finaliser")
+        return has_event(
+            state_dir, lambda e: e["type"] == "container_created" and e["payload"].get("role") == "finaliser"
+        )
 
     wait_for(finaliser_started, 120, "the finaliser")
     for _ in range(signals):
@@ -169,10 +174,26 @@ def test_signals_during_collect_keep_the_work(signals, make_repo, state_dir, wri
 
 def test_signal_during_check_imports_unchecked_work(make_repo, state_dir, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(WORKER)), "--check", "sleep 300", "--json")
-    wait_for(lambda: has_event(state_dir, lambda e: e["type"] == "container_created"
-                               and e["payload"].get("role") == "check"), 120, "the check")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(WORKER)),
+        "--check",
+        "sleep 300",
+        "--json",
+    )
+    wait_for(
+        lambda: has_event(
+            state_dir, lambda e: e["type"] == "container_created" and e["payload"].get("role") == "check"
+        ),
+        120,
+        "the check",
+    )
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
@@ -204,11 +225,13 @@ def container_running(name: str) -> bool:
     return res.stdout.strip() == "true"
 
 
-def test_sigkilled_supervisor_is_stopped_by_the_sidecar_and_recovered(make_repo, state_dir, sandbox, tmp_path,
-                                                                      write_script) -> None:
+def test_sigkilled_supervisor_is_stopped_by_the_sidecar_and_recovered(
+    make_repo, state_dir, sandbox, tmp_path, write_script
+) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(ORPHAN)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(ORPHAN)), "--json"
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     run_id = only_run_id(state_dir)
     os.kill(proc.pid, signal.SIGKILL)
@@ -244,7 +267,7 @@ def test_sigkilled_supervisor_is_stopped_by_the_sidecar_and_recovered(make_repo,
     events = audit_events(state_dir / "runs" / run_id)
     types = [e["type"] for e in events]
     assert "recovery" in types and types[-1] == "run_ended"
-    after = events[types.index("recovery"):]
+    after = events[types.index("recovery") :]
     assert any(e["type"] == "model_call_refused" and e["payload"].get("reason") == "supervisor_lost" for e in after)
     # So the agent never got to write after.txt.
     assert "after.txt" not in git(repo, "ls-tree", "--name-only", f"sandbox/{run_id}")
@@ -261,8 +284,9 @@ def test_sigkilled_supervisor_is_stopped_by_the_sidecar_and_recovered(make_repo,
 
 def test_next_run_recovers_a_dead_one_first(make_repo, state_dir, sandbox, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     dead = only_run_id(state_dir)
     os.kill(proc.pid, signal.SIGKILL)
@@ -278,11 +302,13 @@ def test_next_run_recovers_a_dead_one_first(make_repo, state_dir, sandbox, write
 
 # --- the run's own containers die ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("role,message", [("sidecar", "the sidecar stopped"), ("agent", "without a result")])
 def test_killed_container_ends_the_run_with_the_work(role, message, make_repo, state_dir, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     wait_for(lambda: bash_started(state_dir), 90, "the Bash call")
     run_id = only_run_id(state_dir)
     subprocess.run(["docker", "kill", f"sbx-{run_id}-{role}"], check=True, capture_output=True)
@@ -323,8 +349,9 @@ def test_full_state_disk_keeps_the_work_for_gc(make_repo, small_state_dir, write
     state = small_state_dir
     repo = make_repo()
     env = {"SANDBOX_DISK_QUOTA": "sampled"}
-    proc = start_run(state, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(FILLED)), "--json", env=env)
+    proc = start_run(
+        state, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(FILLED)), "--json", env=env
+    )
     wait_for(lambda: bash_started(state), 90, "the Bash call")
     run_id = only_run_id(state)
     filler = state / "filler"
@@ -339,8 +366,13 @@ def test_full_state_disk_keeps_the_work_for_gc(make_repo, small_state_dir, write
     assert labelled(run_id) == []
 
     filler.unlink()
-    gc = subprocess.run([*SANDBOX, "gc", "--json"], capture_output=True, text=True, timeout=300,
-                        env={**os.environ, "SANDBOX_STATE_DIR": str(state), **env})
+    gc = subprocess.run(
+        [*SANDBOX, "gc", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SANDBOX_STATE_DIR": str(state), **env},
+    )
     assert gc.returncode == 0, gc.stderr
     (mine,) = [r for r in json.loads(gc.stdout) if r["run_id"] == run_id]
     assert mine["action"] == "recovered", mine
@@ -353,8 +385,18 @@ def test_full_state_disk_keeps_the_work_for_gc(make_repo, small_state_dir, write
 def test_full_state_disk_before_a_run_refuses_it_cleanly(make_repo, small_state_dir, write_script) -> None:
     state = small_state_dir
     subprocess.run(["dd", "if=/dev/zero", f"of={state / 'filler'}", "bs=1M"], capture_output=True)  # to ENOSPC
-    proc = start_run(state, "run", "--repo", str(make_repo()), "--task", "t", "--model-script",
-                     str(write_script(WORKER)), "--json", env={"SANDBOX_DISK_QUOTA": "sampled"})
+    proc = start_run(
+        state,
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(WORKER)),
+        "--json",
+        env={"SANDBOX_DISK_QUOTA": "sampled"},
+    )
     code, out, err = finish(proc)
     assert out == ""
     assert code == 3 and "Traceback" not in err, err

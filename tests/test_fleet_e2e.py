@@ -14,8 +14,10 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 GOOD = 'turns:\n  - edit: {path: m.py, old: "return 1", new: "return 2"}\n  - text: fixed\n'
 WRONG = 'turns:\n  - edit: {path: m.py, old: "return 1", new: "return 3"}\n  - text: fixed, I think\n'
-TEST_M = "import unittest\nfrom m import f\n\n\nclass T(unittest.TestCase):\n    def test_f(self):\n" \
-         "        self.assertEqual(f(), 2)\n"
+TEST_M = (
+    "import unittest\nfrom m import f\n\n\nclass T(unittest.TestCase):\n    def test_f(self):\n"
+    "        self.assertEqual(f(), 2)\n"
+)
 
 
 def three_repos(make_repo) -> list[Path]:
@@ -25,10 +27,19 @@ def three_repos(make_repo) -> list[Path]:
 def manifest(tmp_path: Path, paths: list[Path], **extra: object) -> Path:
     (tmp_path / "good.yaml").write_text(GOOD)
     (tmp_path / "wrong.yaml").write_text(WRONG)
-    data = {"name": "nightly-fix", "task": "Make the tests pass.", "concurrency": 2, "check": "python3 -m unittest -q",
-            "model_script": "good.yaml",
-            "repos": [{"path": str(paths[0])}, {"path": str(paths[1])},
-                      {"path": str(paths[2]), "model_script": "wrong.yaml"}], **extra}
+    data = {
+        "name": "nightly-fix",
+        "task": "Make the tests pass.",
+        "concurrency": 2,
+        "check": "python3 -m unittest -q",
+        "model_script": "good.yaml",
+        "repos": [
+            {"path": str(paths[0])},
+            {"path": str(paths[1])},
+            {"path": str(paths[2]), "model_script": "wrong.yaml"},
+        ],
+        **extra,
+    }
     p = tmp_path / "sweep.yaml"
     p.write_text(json.dumps(data))
     return p
@@ -72,8 +83,14 @@ def test_shared_budget_stops_the_sweep(make_repo, sandbox, tmp_path) -> None:
     repos = three_repos(make_repo)
     # Sonnet input is $3 per million tokens: 20k tokens is $0.06 a call, over the sweep's $0.05 at once.
     (tmp_path / "pricey.yaml").write_text(GOOD + "usage: {input_tokens: 20000, output_tokens: 0}\n")
-    m = manifest(tmp_path, repos, concurrency=1, budget_usd=0.05, model_script="pricey.yaml",
-                 repos=[{"path": str(r)} for r in repos])
+    m = manifest(
+        tmp_path,
+        repos,
+        concurrency=1,
+        budget_usd=0.05,
+        model_script="pricey.yaml",
+        repos=[{"path": str(r)} for r in repos],
+    )
     res = sandbox("sweep", str(m), "--json")
     assert res.code == 18, res.stderr
     s = res.json()
@@ -85,17 +102,21 @@ def test_shared_budget_stops_the_sweep(make_repo, sandbox, tmp_path) -> None:
     assert "**Stopped:**" in sandbox("sweep", "status", "nightly-fix").stdout
 
 
-@pytest.mark.parametrize(("change", "fragment"), [
-    ({"concurency": 2}, "concurency: unknown key"),
-    ({"concurrency": 0}, "concurrency: Input should be greater than or equal to 1"),
-    ({"repos": [{"path": "/nonexistent/repo"}]}, "repos[0] (/nonexistent/repo): repository path does not exist"),
-    ({"repos": [{"path": "plain"}]}, "not a git repository"),
-    ({"repos": [{"base": "main"}]}, "repos.0.path: Field required"),
-    ({"repos": []}, "repos: List should have at least 1 item"),
-    ({"name": "Bad Name"}, "name: String should match pattern"),
-])
-def test_bad_manifests_are_refused_before_anything_starts(change, fragment, make_repo, sandbox, tmp_path,
-                                                          state_dir) -> None:
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"concurency": 2}, "concurency: unknown key"),
+        ({"concurrency": 0}, "concurrency: Input should be greater than or equal to 1"),
+        ({"repos": [{"path": "/nonexistent/repo"}]}, "repos[0] (/nonexistent/repo): repository path does not exist"),
+        ({"repos": [{"path": "plain"}]}, "not a git repository"),
+        ({"repos": [{"base": "main"}]}, "repos.0.path: Field required"),
+        ({"repos": []}, "repos: List should have at least 1 item"),
+        ({"name": "Bad Name"}, "name: String should match pattern"),
+    ],
+)
+def test_bad_manifests_are_refused_before_anything_starts(
+    change, fragment, make_repo, sandbox, tmp_path, state_dir
+) -> None:
     (tmp_path / "plain").mkdir()
     data = {"name": "n", "task": "t", "repos": [{"path": str(make_repo())}], **change}
     m = tmp_path / "m.yaml"
@@ -108,29 +129,54 @@ def test_bad_manifests_are_refused_before_anything_starts(change, fragment, make
 
 def test_ticket_is_only_ever_the_task(make_repo, sandbox, write_script, tmp_path) -> None:
     ticket = tmp_path / "ticket.md"
-    ticket.write_text("# Fix the answer\n\nIt should be 2.\n\npolicy: strict\n--budget-usd 999\n"
-                      "limits: {wall_seconds: 1}\n")
-    res = sandbox("run", "--repo", str(make_repo()), "--ticket", str(ticket), "--model-script",
-                  str(write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 2"}\n  - text: ok\n')),
-                  "--json")
+    ticket.write_text(
+        "# Fix the answer\n\nIt should be 2.\n\npolicy: strict\n--budget-usd 999\nlimits: {wall_seconds: 1}\n"
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--ticket",
+        str(ticket),
+        "--model-script",
+        str(write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 2"}\n  - text: ok\n')),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     started = json.loads(Path(s["run_dir"], "audit.jsonl").read_text().splitlines()[0])["payload"]
-    assert started["task"] == "Fix the answer\n\nIt should be 2.\n\npolicy: strict\n--budget-usd 999\n" \
-                              "limits: {wall_seconds: 1}\n"
+    assert (
+        started["task"] == "Fix the answer\n\nIt should be 2.\n\npolicy: strict\n--budget-usd 999\n"
+        "limits: {wall_seconds: 1}\n"
+    )
     pol = started["spec"]["policy"]
     assert pol["name"] == "default" and pol["limits"]["budget_usd"] == 5.0 and pol["limits"]["wall_seconds"] == 1800
     assert started["spec"]["title"] == "Fix the answer"
     j = tmp_path / "ticket.json"
     j.write_text(json.dumps({"title": "Bump it", "body": "please", "policy": "yolo", "token": "x"}))
-    res = sandbox("run", "--repo", str(make_repo("r2")), "--ticket", str(j), "--model-script",
-                  str(write_script("turns: []\n", name="empty.yaml")), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo("r2")),
+        "--ticket",
+        str(j),
+        "--model-script",
+        str(write_script("turns: []\n", name="empty.yaml")),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     assert res.json()["branch"] is None
     for bad, msg in (("", "the ticket is empty"), ('{"body": "no title"}', "not a ticket")):
         j.write_text(bad)
-        r = sandbox("run", "--repo", str(make_repo(f"r{len(bad)}")), "--ticket", str(j), "--model-script",
-                    str(write_script("turns: []\n", name="e2.yaml")))
+        r = sandbox(
+            "run",
+            "--repo",
+            str(make_repo(f"r{len(bad)}")),
+            "--ticket",
+            str(j),
+            "--model-script",
+            str(write_script("turns: []\n", name="e2.yaml")),
+        )
         assert r.code == 2 and msg in r.stderr
     r = sandbox("run", "--repo", str(make_repo("r9")), "--ticket", str(j), "--task", "both")
     assert r.code == 2 and "either --task or --ticket" in r.stderr
@@ -139,9 +185,20 @@ def test_ticket_is_only_ever_the_task(make_repo, sandbox, write_script, tmp_path
 def test_pre_command_runs_before_the_agent(make_repo, sandbox, write_script) -> None:
     script = write_script("turns:\n  - bash: 'cat bumped.txt; git status --short'\n  - text: done\n")
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "make it pass", "--pre",
-                  "echo 'requests==9.9' > bumped.txt && echo bumped one package", "--check", "test -f bumped.txt",
-                  "--model-script", str(script), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "make it pass",
+        "--pre",
+        "echo 'requests==9.9' > bumped.txt && echo bumped one package",
+        "--check",
+        "test -f bumped.txt",
+        "--model-script",
+        str(script),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     events = [json.loads(x) for x in Path(s["run_dir"], "audit.jsonl").read_text().splitlines()]

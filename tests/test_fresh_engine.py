@@ -84,12 +84,28 @@ class FreshEngine:
 
     def start(self, timeout: float = 60) -> None:
         data = self.root / "data"
-        cmd = ["dockerd", "--config-file", str(self.root / "daemon.json"), "--data-root", str(data),
-               "--exec-root", str(self.root / "exec"), "--pidfile", str(self.root / "dockerd.pid"),
-               "--host", self.host, "--bridge", self.bridge,
-               # Leave the host's firewall and sysctls, which the main engine owns, alone.
-               "--iptables=false", "--ip6tables=false", "--ip-forward=false", "--ip-masq=false",
-               "--storage-driver", "vfs"]
+        cmd = [
+            "dockerd",
+            "--config-file",
+            str(self.root / "daemon.json"),
+            "--data-root",
+            str(data),
+            "--exec-root",
+            str(self.root / "exec"),
+            "--pidfile",
+            str(self.root / "dockerd.pid"),
+            "--host",
+            self.host,
+            "--bridge",
+            self.bridge,
+            # Leave the host's firewall and sysctls, which the main engine owns, alone.
+            "--iptables=false",
+            "--ip6tables=false",
+            "--ip-forward=false",
+            "--ip-masq=false",
+            "--storage-driver",
+            "vfs",
+        ]
         if not data.exists():
             # First start: the bridge has no address yet, so dockerd picks its subnet from this pool, as it
             # does for a docker0 it creates, and leaves the IPAM Gateway out, as on a fresh machine.
@@ -98,8 +114,7 @@ class FreshEngine:
             # Started again without pools, it reads the subnet and gateway from the bridge's address.
             cmd += ["--default-address-pool", f"base={self.subnet},size={self.subnet.prefixlen}"]
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + timeout
         while self.docker("version", timeout=10, check=False).returncode != 0:
             if self.proc.poll() is not None:
@@ -216,8 +231,20 @@ def base_image() -> str:
 
 def _host_gateway_in_a_container(docker_cli: list[str], image: str) -> str:
     """What a container of this engine gets for `--add-host probe:host-gateway` (with no network at all)."""
-    res = _run(*docker_cli, "run", "--rm", "--network", "none", "--add-host", "probe:host-gateway", image,
-               "getent", "hosts", "probe", timeout=180)
+    res = _run(
+        *docker_cli,
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--add-host",
+        "probe:host-gateway",
+        image,
+        "getent",
+        "hosts",
+        "probe",
+        timeout=180,
+    )
     return res.stdout.split()[0]
 
 
@@ -248,15 +275,21 @@ def test_fresh_engine_reports_no_gateway_and_the_helper_finds_it(fresh_engine: F
     assert testhosts.bridge_gateway(e.host) == expected
 
 
-def test_helper_matches_host_gateway_in_a_container_on_a_fresh_engine(fresh_engine: FreshEngine,
-                                                                       base_image: str) -> None:
+def test_helper_matches_host_gateway_in_a_container_on_a_fresh_engine(
+    fresh_engine: FreshEngine, base_image: str
+) -> None:
     image = base_image
     assert fresh_engine.bridge_network()["IPAM"]["Config"] == [{"Subnet": str(fresh_engine.subnet)}]
     # The fresh engine has no images: give it the base image from the main engine (no registry involved).
     save = subprocess.Popen([*testhosts.docker_cli(), "save", image], stdout=subprocess.PIPE)
     try:
-        load = subprocess.run([*testhosts.docker_cli(fresh_engine.host), "load"], stdin=save.stdout,
-                              capture_output=True, text=True, timeout=300)
+        load = subprocess.run(
+            [*testhosts.docker_cli(fresh_engine.host), "load"],
+            stdin=save.stdout,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         assert save.stdout is not None
         save.stdout.close()

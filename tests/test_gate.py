@@ -35,7 +35,12 @@ def test_clean_change_passes(make_repo) -> None:
 
 
 def test_each_rule(make_repo) -> None:
-    repo = make_repo(files={"a.py": "x = 1\n", ".gitmodules": '[submodule "lib"]\n\tpath = lib\n\turl = https://example.invalid/lib.git\n'})
+    repo = make_repo(
+        files={
+            "a.py": "x = 1\n",
+            ".gitmodules": '[submodule "lib"]\n\tpath = lib\n\turl = https://example.invalid/lib.git\n',
+        }
+    )
 
     def build(r: Path) -> None:
         (r / ".github" / "workflows").mkdir(parents=True)
@@ -49,14 +54,22 @@ def test_each_rule(make_repo) -> None:
     base, head = change(repo, build)
     res = check(open_repo(repo), base, head, GitSettings(max_changed_files=5, max_changed_lines=30))
     got = rules([(v.rule, v.path) for v in res.violations])
-    assert got == rules([
-        ("forbidden_paths", ".github/workflows/ci.yml"), ("allow_binary", "blob.bin"), ("symlink", "escape"),
-        ("submodule_url", ".gitmodules"), ("max_changed_files", None), ("max_changed_lines", None)])
+    assert got == rules(
+        [
+            ("forbidden_paths", ".github/workflows/ci.yml"),
+            ("allow_binary", "blob.bin"),
+            ("symlink", "escape"),
+            ("submodule_url", ".gitmodules"),
+            ("max_changed_files", None),
+            ("max_changed_lines", None),
+        ]
+    )
     sub = next(v for v in res.violations if v.rule == "submodule_url")
     assert "evil.git" in sub.detail
     loose = GitSettings(forbidden_paths=[], allow_binary=True, max_changed_files=100, max_changed_lines=1000)
     assert rules([(v.rule, v.path) for v in check(open_repo(repo), base, head, loose).violations]) == rules(
-        [("symlink", "escape"), ("submodule_url", ".gitmodules")])
+        [("symlink", "escape"), ("submodule_url", ".gitmodules")]
+    )
 
 
 def test_deleting_a_forbidden_path_counts(make_repo) -> None:
@@ -68,6 +81,7 @@ def test_deleting_a_forbidden_path_counts(make_repo) -> None:
 
 # --- symbolic links, resolved through the tree -------------------------------------------------------------
 
+
 def commit_tree(repo: Path, entries: dict[str, tuple[str, str]], parent: str | None = None) -> str:
     """A commit built with plumbing alone (no working tree): path -> (mode, content); 120000 is a link."""
     index = repo / ".git" / "plumbing-index"
@@ -75,13 +89,23 @@ def commit_tree(repo: Path, entries: dict[str, tuple[str, str]], parent: str | N
     env = {**os.environ, "GIT_INDEX_FILE": str(index)}
     lines = []
     for path, (mode, content) in entries.items():
-        sha = subprocess.run(["git", "-C", str(repo), "hash-object", "-w", "--stdin"], input=content.encode(),
-                             capture_output=True, check=True).stdout.decode().strip()
+        sha = (
+            subprocess.run(
+                ["git", "-C", str(repo), "hash-object", "-w", "--stdin"],
+                input=content.encode(),
+                capture_output=True,
+                check=True,
+            )
+            .stdout.decode()
+            .strip()
+        )
         lines.append(f"{mode} {sha}\t{path}\n")
-    subprocess.run(["git", "-C", str(repo), "update-index", "--index-info"], input="".join(lines).encode(),
-                   env=env, check=True)
-    tree = subprocess.run(["git", "-C", str(repo), "write-tree"], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip()
+    subprocess.run(
+        ["git", "-C", str(repo), "update-index", "--index-info"], input="".join(lines).encode(), env=env, check=True
+    )
+    tree = subprocess.run(
+        ["git", "-C", str(repo), "write-tree"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     return git(repo, "commit-tree", tree, "-m", "plumbing", *(["-p", parent] if parent else []))
 
 
@@ -100,19 +124,15 @@ LINK_CASES = [
     ("above the top", {"sub/up2": link("../.."), "sub/f": FILE}, ["sub/up2"]),
     ("link to a link that climbs", {"x/y": link(".."), "x/f": FILE, "z": link("x/y/..")}, ["z"]),
     ("link to a link to a link", {"l1": link("l2"), "l2": link("l3"), "l3": link("sub/.."), "sub/f": FILE}, []),
-    ("last link of a chain escapes", {"l1": link("l2"), "l2": link("sub/../.."), "sub/f": FILE},
-     ["l1", "l2"]),
+    ("last link of a chain escapes", {"l1": link("l2"), "l2": link("sub/../.."), "sub/f": FILE}, ["l1", "l2"]),
     ("loop", {"p": link("q"), "q": link("p")}, ["p", "q"]),
     ("absolute in the middle", {"abs": link("/tmp"), "c": link("abs/x")}, ["abs", "c"]),
     ("missing directory judged by its text", {"m": link("nothere/../.."), "f": FILE}, ["m"]),
     ("deep and inside", {"deep/a/b": link("../../f"), "f": FILE}, []),
     ("through a link to a subdirectory", {"d/e/f": FILE, "s": link("d/e"), "t": link("s/../../..")}, ["t"]),
-    ("link named like its directory's parent", {"d/e": link("../d"), "d/f": FILE, "g": link("d/e/e/e/..")},
-     []),
-    ("climbs through a link to the top", {"d/top": link(".."), "d/f": FILE, "w": link("d/top/d/top/../..")},
-     ["w"]),
-    ("too many hops", {**{f"h{i}": link(f"h{i + 1}") for i in range(45)}, "h45": FILE},
-     [f"h{i}" for i in range(5)]),
+    ("link named like its directory's parent", {"d/e": link("../d"), "d/f": FILE, "g": link("d/e/e/e/..")}, []),
+    ("climbs through a link to the top", {"d/top": link(".."), "d/f": FILE, "w": link("d/top/d/top/../..")}, ["w"]),
+    ("too many hops", {**{f"h{i}": link(f"h{i + 1}") for i in range(45)}, "h45": FILE}, [f"h{i}" for i in range(5)]),
 ]
 
 
@@ -151,7 +171,8 @@ def test_a_link_the_host_already_had_is_not_the_change(make_repo) -> None:
     assert check(open_repo(repo), base, head, GitSettings()).ok
     moved = commit_tree(repo, {"old": link("../../elsewhere"), "f": FILE}, base)
     assert [(v.rule, v.path) for v in check(open_repo(repo), base, moved, GitSettings()).violations] == [
-        ("symlink", "old")]
+        ("symlink", "old")
+    ]
 
 
 def test_forbidden_paths_through_a_linked_directory_or_another_case(make_repo) -> None:
@@ -178,7 +199,8 @@ def test_forbidden_paths_through_a_linked_directory_or_another_case(make_repo) -
     repo2 = make_repo("repo2")
     base, head = change(repo2, lambda r: (os.mkdir(r / "ci2"), os.symlink("ci2", r / ".github")))
     assert [(v.rule, v.path) for v in check(open_repo(repo2), base, head, GitSettings()).violations] == [
-        ("forbidden_paths", ".github")]
+        ("forbidden_paths", ".github")
+    ]
 
 
 def test_binary_after_8000_bytes_of_text_is_binary(make_repo) -> None:

@@ -79,37 +79,63 @@ def test_hostile_agent_cannot_reach_back_into_the_host(make_repo, sandbox, write
     markers.mkdir()
     m = str(markers)
     before, refs_before = snapshot(repo), refs(repo)
-    hooks = ("post-checkout", "pre-push", "pre-commit", "post-merge", "reference-transaction", "post-rewrite",
-             "fsmonitor-watchman", "pre-auto-gc")
-    plant_hooks = "; ".join(f"printf '#!/bin/sh\\ntouch {m}/{h} 2>/dev/null; exit 0\\n' > .git/hooks/{h}"
-                            for h in hooks) + "; chmod +x .git/hooks/*"
-    config = "; ".join([
-        f"git config {scope} core.fsmonitor 'touch {m}/fsmonitor-{name}; false'" for scope, name in
-        (("", "repo"), ("--global", "global"))] + [
-        "git config core.hooksPath .git/hooks",
-        "git config --global core.hooksPath /workspace/.git/hooks",
-        f"git config filter.pwn.smudge 'touch {m}/smudge 2>/dev/null; cat'",
-        f"git config filter.pwn.clean 'touch {m}/clean 2>/dev/null; cat'",
-        f"git config diff.pwn.textconv 'touch {m}/textconv 2>/dev/null; cat'",
-        f"git config uploadpack.packObjectsHook 'touch {m}/uploadpack'",
-        f"git config core.sshCommand 'touch {m}/ssh'",
-        f"git config --system core.fsmonitor 'touch {m}/system' 2>&1; echo system-rc=$?",
-    ])
-    reach = ("touch /sandbox/host-objects/pwned 2>&1; echo rc=$?; "
-             "echo /tmp > /sandbox/host-objects/info/alternates 2>&1; echo rc=$?; "
-             "mkdir /sandbox/host-objects/../hooks 2>&1; echo rc=$?; "
-             "ls /sandbox/host-objects/../config 2>&1; echo rc=$?")
-    moves = ("git update-ref refs/heads/main HEAD && git branch evil && git tag v666 && "
-             "git update-ref refs/remotes/origin/main HEAD && git update-ref refs/heads/sandbox/other HEAD && "
-             "git for-each-ref --format='%(refname)'")
-    script = write_script("turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in (
-        config, plant_hooks,
-        "printf '* filter=pwn diff=pwn\\n' > .gitattributes && echo payload > payload.txt && git add -A && "
-        "git commit -q -m hostile && echo committed",
-        reach, moves,
-    )) + "  - text: done\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "be hostile", "--model-script", str(script), "--push",
-                  "--json")
+    hooks = (
+        "post-checkout",
+        "pre-push",
+        "pre-commit",
+        "post-merge",
+        "reference-transaction",
+        "post-rewrite",
+        "fsmonitor-watchman",
+        "pre-auto-gc",
+    )
+    plant_hooks = (
+        "; ".join(f"printf '#!/bin/sh\\ntouch {m}/{h} 2>/dev/null; exit 0\\n' > .git/hooks/{h}" for h in hooks)
+        + "; chmod +x .git/hooks/*"
+    )
+    config = "; ".join(
+        [
+            f"git config {scope} core.fsmonitor 'touch {m}/fsmonitor-{name}; false'"
+            for scope, name in (("", "repo"), ("--global", "global"))
+        ]
+        + [
+            "git config core.hooksPath .git/hooks",
+            "git config --global core.hooksPath /workspace/.git/hooks",
+            f"git config filter.pwn.smudge 'touch {m}/smudge 2>/dev/null; cat'",
+            f"git config filter.pwn.clean 'touch {m}/clean 2>/dev/null; cat'",
+            f"git config diff.pwn.textconv 'touch {m}/textconv 2>/dev/null; cat'",
+            f"git config uploadpack.packObjectsHook 'touch {m}/uploadpack'",
+            f"git config core.sshCommand 'touch {m}/ssh'",
+            f"git config --system core.fsmonitor 'touch {m}/system' 2>&1; echo system-rc=$?",
+        ]
+    )
+    reach = (
+        "touch /sandbox/host-objects/pwned 2>&1; echo rc=$?; "
+        "echo /tmp > /sandbox/host-objects/info/alternates 2>&1; echo rc=$?; "
+        "mkdir /sandbox/host-objects/../hooks 2>&1; echo rc=$?; "
+        "ls /sandbox/host-objects/../config 2>&1; echo rc=$?"
+    )
+    moves = (
+        "git update-ref refs/heads/main HEAD && git branch evil && git tag v666 && "
+        "git update-ref refs/remotes/origin/main HEAD && git update-ref refs/heads/sandbox/other HEAD && "
+        "git for-each-ref --format='%(refname)'"
+    )
+    script = write_script(
+        "turns:\n"
+        + "".join(
+            f"  - bash: {json.dumps(c)}\n"
+            for c in (
+                config,
+                plant_hooks,
+                "printf '* filter=pwn diff=pwn\\n' > .gitattributes && echo payload > payload.txt && git add -A && "
+                "git commit -q -m hostile && echo committed",
+                reach,
+                moves,
+            )
+        )
+        + "  - text: done\n"
+    )
+    res = sandbox("run", "--repo", str(repo), "--task", "be hostile", "--model-script", str(script), "--push", "--json")
     assert res.code == 0, res.stderr
     s = res.json()
     out = tool_results(s["run_dir"])
@@ -122,9 +148,17 @@ def test_hostile_agent_cannot_reach_back_into_the_host(make_repo, sandbox, write
 
     # Now the host does ordinary things with the branch.
     branch = s["branch"]
-    for args in (["status"], ["log", "--all", "--oneline"], ["diff", "main", branch], ["show", branch],
-                 ["checkout", "-q", branch], ["checkout", "-q", "main"], ["fetch", "-q", "origin"],
-                 ["merge", "--no-edit", "-q", branch], ["gc", "-q"]):
+    for args in (
+        ["status"],
+        ["log", "--all", "--oneline"],
+        ["diff", "main", branch],
+        ["show", branch],
+        ["checkout", "-q", branch],
+        ["checkout", "-q", "main"],
+        ["fetch", "-q", "origin"],
+        ["merge", "--no-edit", "-q", branch],
+        ["gc", "-q"],
+    ):
         git(repo, *args)
     assert sorted(p.name for p in markers.iterdir()) == [], "something the agent planted ran on the host"
     # Byte-identical config and hooks; refs: main moved only by our own merge, one new branch, nothing else.
@@ -198,8 +232,14 @@ def test_open_pr_sends_the_right_request(make_repo, sandbox, write_script, tmp_p
     class FakeGitHub(http.server.BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            seen.append({"path": self.path, "auth": self.headers["authorization"],
-                         "accept": self.headers["accept"], "body": body})
+            seen.append(
+                {
+                    "path": self.path,
+                    "auth": self.headers["authorization"],
+                    "accept": self.headers["accept"],
+                    "body": body,
+                }
+            )
             data = json.dumps({"html_url": "https://github.example/acme/widgets/pull/7"}).encode()
             self.send_response(201)
             self.send_header("content-length", str(len(data)))
@@ -214,10 +254,22 @@ def test_open_pr_sends_the_right_request(make_repo, sandbox, write_script, tmp_p
     token = "ghp_" + "T" * 36
     try:
         script = write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 4"}\n  - text: done\n')
-        res = sandbox("run", "--repo", str(repo), "--task", "Fix the answer\n\nlonger text", "--model-script",
-                      str(script), "--open-pr", "--json",
-                      env={"GITHUB_TOKEN": token, "SANDBOX_GITHUB_API_URL": f"http://127.0.0.1:{server.server_port}",
-                           "SANDBOX_GITHUB_REPO": "acme/widgets"})
+        res = sandbox(
+            "run",
+            "--repo",
+            str(repo),
+            "--task",
+            "Fix the answer\n\nlonger text",
+            "--model-script",
+            str(script),
+            "--open-pr",
+            "--json",
+            env={
+                "GITHUB_TOKEN": token,
+                "SANDBOX_GITHUB_API_URL": f"http://127.0.0.1:{server.server_port}",
+                "SANDBOX_GITHUB_REPO": "acme/widgets",
+            },
+        )
     finally:
         server.shutdown()
     assert res.code == 0, res.stderr
@@ -236,11 +288,30 @@ def test_open_pr_sends_the_right_request(make_repo, sandbox, write_script, tmp_p
 
 def test_open_pr_without_token_is_refused_up_front(make_repo, sandbox, write_script, tmp_path, state_dir) -> None:
     repo, _ = with_origin(make_repo, tmp_path)
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script("turns: []\n")),
-                  "--open-pr", drop=("GITHUB_TOKEN",))
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script("turns: []\n")),
+        "--open-pr",
+        drop=("GITHUB_TOKEN",),
+    )
     assert res.code == 2 and "GITHUB_TOKEN" in res.stderr
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script("turns: []\n")),
-                  "--push", "--remote", "upstream")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script("turns: []\n")),
+        "--push",
+        "--remote",
+        "upstream",
+    )
     assert res.code == 2 and "no remote 'upstream'" in res.stderr
     assert not (state_dir / "runs").exists()
 
@@ -258,15 +329,23 @@ turns:
   - edit: {path: a.py, old: "x = 10", new: "x = 11"}
   - text: done
 """)
-    res = sandbox("run", "--repo", str(repo), "--task", "bump", "--base", "release", "--model-script", str(script),
-                  "--json")
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "bump", "--base", "release", "--model-script", str(script), "--json"
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     assert s["base_commit"] == release and tool_results(s["run_dir"])[0] == "x = 10"
     assert git(repo, "rev-parse", f"{s['branch']}~1") == release
     rep = sandbox("report", s["id"])
     assert rep.code == 0
-    for part in ("# Sandbox run", "> bump", "**succeeded** (completed)", "| `a.py` | 1 | 1 |", "cat a.py",
-                 "Hosts denied: none", "| policy | default"):
+    for part in (
+        "# Sandbox run",
+        "> bump",
+        "**succeeded** (completed)",
+        "| `a.py` | 1 | 1 |",
+        "cat a.py",
+        "Hosts denied: none",
+        "| policy | default",
+    ):
         assert part in rep.stdout, part
     assert sandbox("report", "no-such-run").code == 2

@@ -27,8 +27,18 @@ turns:
 
 def test_wall_clock_limit_kills_and_keeps_partial_work(make_repo, sandbox, write_script) -> None:
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--timeout", "10", "--model-script",
-                  str(write_script(SLEEPER)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--timeout",
+        "10",
+        "--model-script",
+        str(write_script(SLEEPER)),
+        "--json",
+    )
     assert res.code == 11, res.stderr
     s = res.json()
     assert (s["status"], s["reason"]) == ("killed", "timeout")
@@ -42,8 +52,18 @@ def test_wall_clock_limit_kills_and_keeps_partial_work(make_repo, sandbox, write
 
 
 def test_silent_agent_ends_idle(make_repo, sandbox, write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--idle-timeout", "5", "--model-script",
-                  str(write_script(SLEEPER)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--idle-timeout",
+        "5",
+        "--model-script",
+        str(write_script(SLEEPER)),
+        "--json",
+    )
     assert res.code == 12, res.stderr
     s = res.json()
     assert (s["status"], s["reason"]) == ("killed", "idle") and s["duration_s"] < 20
@@ -62,8 +82,9 @@ turns:
 usage: {input_tokens: 120000, output_tokens: 0}
 """)
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--budget-usd", "1", "--model-script", str(script),
-                  "--json")
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "t", "--budget-usd", "1", "--model-script", str(script), "--json"
+    )
     assert res.code == 13, res.stderr
     s = res.json()
     assert (s["status"], s["reason"]) == ("killed", "budget")
@@ -82,8 +103,9 @@ usage: {input_tokens: 120000, output_tokens: 0}
 
 def test_turn_limit(make_repo, sandbox, write_script) -> None:
     script = write_script("turns:\n" + "".join(f"  - bash: 'echo {i}'\n" for i in range(6)) + "  - text: done\n")
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--max-turns", "2", "--model-script",
-                  str(script), "--json")
+    res = sandbox(
+        "run", "--repo", str(make_repo()), "--task", "t", "--max-turns", "2", "--model-script", str(script), "--json"
+    )
     assert res.code == 14, res.stderr
     s = res.json()
     assert (s["status"], s["reason"]) == ("killed", "turns")
@@ -94,16 +116,19 @@ def test_turn_limit(make_repo, sandbox, write_script) -> None:
 def test_fork_bomb_stops_at_the_pids_limit(make_repo, sandbox, write_script, tmp_path) -> None:
     # The bomb forks until the pids limit stops it, writes how far it got into the workspace (the finaliser
     # commits it even if the bomb took Claude Code down with it), then reaps its children.
-    fork = ("python3 -c \"import os,signal\nkids=[]\ntry:\n    while True:\n        pid=os.fork()\n"
-            "        if pid==0:\n            signal.pause()\n        kids.append(pid)\nexcept OSError as e:\n"
-            "    open('bomb.txt','w').write('fork failed after %d %s' % (len(kids), e.strerror))\n"
-            "for k in kids:\n    os.kill(k, 9)\nfor k in kids:\n    os.waitpid(k, 0)\"; cat bomb.txt")
+    fork = (
+        'python3 -c "import os,signal\nkids=[]\ntry:\n    while True:\n        pid=os.fork()\n'
+        "        if pid==0:\n            signal.pause()\n        kids.append(pid)\nexcept OSError as e:\n"
+        "    open('bomb.txt','w').write('fork failed after %d %s' % (len(kids), e.strerror))\n"
+        'for k in kids:\n    os.kill(k, 9)\nfor k in kids:\n    os.waitpid(k, 0)"; cat bomb.txt'
+    )
     script = write_script(f"turns:\n  - bash: {json.dumps(fork)}\n  - bash: 'echo still here'\n  - text: done\n")
     pol = tmp_path / "tight.yaml"
     pol.write_text("limits: {pids: 256}\n")
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(pol), "--model-script", str(script),
-                  "--json")
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "t", "--policy", str(pol), "--model-script", str(script), "--json"
+    )
     s = res.json()
     bomb = git(repo, "show", f"{s['branch']}:bomb.txt")
     assert bomb.startswith("fork failed after") and bomb.endswith("Resource temporarily unavailable")
@@ -114,12 +139,13 @@ def test_fork_bomb_stops_at_the_pids_limit(make_repo, sandbox, write_script, tmp
 
 
 def test_memory_bomb_is_oom_killed_and_reported(make_repo, sandbox, write_script, tmp_path) -> None:
-    memory = "python3 -c \"a=[]\nwhile True: a.append(bytearray(32*1024*1024))\"; echo exit=$?"
+    memory = 'python3 -c "a=[]\nwhile True: a.append(bytearray(32*1024*1024))"; echo exit=$?'
     script = write_script(f"turns:\n  - bash: {json.dumps(memory)}\n  - bash: 'echo still here'\n  - text: done\n")
     pol = tmp_path / "tight.yaml"
     pol.write_text("limits: {memory: 1g}\n")
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script",
-                  str(script), "--json")
+    res = sandbox(
+        "run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script", str(script), "--json"
+    )
     s = res.json()
     out = tool_results(s["run_dir"])
     assert "exit=137" in out[0]
@@ -161,8 +187,9 @@ turns:
 
 def test_sigint_tears_down_with_a_distinct_code(make_repo, state_dir, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     try:
         run_id, _ = wait_for_event(state_dir, "tool_call")
         wait_until_bash(state_dir, run_id)
@@ -195,8 +222,9 @@ def wait_until_bash(state_dir, run_id: str) -> None:
 @pytest.mark.xdist_group("reaper")
 def test_killed_supervisor_is_cleaned_up_by_gc(make_repo, state_dir, sandbox, write_script) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(SLEEPER)), "--json")
+    proc = start_run(
+        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(SLEEPER)), "--json"
+    )
     try:
         run_id, _ = wait_for_event(state_dir, "tool_call")
         wait_until_bash(state_dir, run_id)
@@ -224,8 +252,11 @@ def test_killed_supervisor_is_cleaned_up_by_gc(make_repo, state_dir, sandbox, wr
     row = RunStore(state_dir / "runs.sqlite").get(run_id)
     assert row is not None and (row["status"], row["reason"]) == ("killed", "interrupted")
     # gc never recovers another state directory's runs (other tests' runs, live or not): it skips them.
-    assert all(r["action"] == "skipped" for r in res.json() if r["run_id"] != run_id and r["objects"]
-               and not all(o.startswith("firewall:") for o in r["objects"]))
+    assert all(
+        r["action"] == "skipped"
+        for r in res.json()
+        if r["run_id"] != run_id and r["objects"] and not all(o.startswith("firewall:") for o in r["objects"])
+    )
 
 
 def test_daily_budget_stops_a_run_then_refuses_the_next(make_repo, state_dir, sandbox, write_script) -> None:
@@ -263,8 +294,19 @@ turns:
 """)
     pol = tmp_path / "disk.yaml"
     pol.write_text("limits: {disk: 64m}\n")
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--policy", str(pol), "--model-script",
-                  str(script), "--json", env={"SANDBOX_DISK_QUOTA": "sampled"})
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(script),
+        "--json",
+        env={"SANDBOX_DISK_QUOTA": "sampled"},
+    )
     assert res.code == 10, res.stderr
     s = res.json()
     assert s["reason"] == "error" and "over the disk limit of 64m" in s["message"]

@@ -40,8 +40,12 @@ def body(assistant_turns: int, stream: bool = False, tools: bool = True, result:
     for i in range(assistant_turns):
         call = {"type": "tool_use", "id": f"t{i}", "name": "Bash", "input": {}}
         msgs.append({"role": "assistant", "content": [call]})
-        msgs.append({"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"t{i}",
-                                                  "content": result or f"out {i}"}]})
+        msgs.append(
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": f"t{i}", "content": result or f"out {i}"}],
+            }
+        )
     b: dict[str, Any] = {"model": "claude-sonnet-4-5", "max_tokens": 100, "messages": msgs, "stream": stream}
     if tools:
         b["tools"] = TOOLS
@@ -82,8 +86,14 @@ def test_scripted_model_answers_from_the_conversation(tmp_path: Path) -> None:
                 assert resp.headers["content-type"].startswith("text/event-stream")
                 events = await read_sse(resp)
                 kinds = [e["type"] for e in events]
-                assert kinds == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
-                                 "message_delta", "message_stop"]
+                assert kinds == [
+                    "message_start",
+                    "content_block_start",
+                    "content_block_delta",
+                    "content_block_stop",
+                    "message_delta",
+                    "message_stop",
+                ]
                 assert events[2]["delta"]["text"] == "Done."
                 assert events[4]["delta"]["stop_reason"] == "end_turn"
                 assert events[0]["message"]["usage"]["input_tokens"] == 1000
@@ -116,8 +126,11 @@ def test_gateway_injects_key_meters_and_refuses_over_budget(tmp_path: Path) -> N
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", gport).start()
         url = f"http://127.0.0.1:{gport}/v1/messages"
-        headers = {"x-api-key": "placeholder-from-agent", "anthropic-version": "2023-06-01",
-                   "anthropic-beta": "some-beta"}
+        headers = {
+            "x-api-key": "placeholder-from-agent",
+            "anthropic-version": "2023-06-01",
+            "anthropic-beta": "some-beta",
+        }
         try:
             async with aiohttp.ClientSession() as s:
                 resp = await s.post(url, json=body(0, stream=True), headers=headers)
@@ -158,8 +171,13 @@ def test_gateway_streams_without_buffering_and_applies_price_overrides() -> None
     async def upstream_handler(request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         await resp.prepare(request)
-        start = {"type": "message_start", "message": {"model": "claude-sonnet-x", "usage": {
-            "input_tokens": 1_000_000, "cache_read_input_tokens": 1_000_000}}}
+        start = {
+            "type": "message_start",
+            "message": {
+                "model": "claude-sonnet-x",
+                "usage": {"input_tokens": 1_000_000, "cache_read_input_tokens": 1_000_000},
+            },
+        }
         await resp.write(f"event: message_start\ndata: {json.dumps(start)}\n\n".encode())
         await asyncio.wait_for(client_got_first.wait(), 10)
         delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1_000_000}}
@@ -194,8 +212,12 @@ def test_gateway_streams_without_buffering_and_applies_price_overrides() -> None
 
     asyncio.run(main())
     (call,) = [e for e in events if e["event"] == "model_call"]
-    assert call["usage"] == {"input_tokens": 1_000_000, "output_tokens": 1_000_000,
-                             "cache_read_input_tokens": 1_000_000, "cache_creation_input_tokens": 0}
+    assert call["usage"] == {
+        "input_tokens": 1_000_000,
+        "output_tokens": 1_000_000,
+        "cache_read_input_tokens": 1_000_000,
+        "cache_creation_input_tokens": 0,
+    }
     assert call["cost_usd"] == 3.5  # 1 + 2 + 0.5 at the overridden rates, not the table's $3/$15
 
 
@@ -206,13 +228,60 @@ def _company_ca_and_server_cert(tmp: Path) -> tuple[str, ssl.SSLContext]:
     def run(*args: str) -> None:
         subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=tmp)
 
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
-        "-subj", "/CN=company inspecting proxy CA", "-addext", "basicConstraints=critical,CA:TRUE",
-        "-addext", "keyUsage=critical,keyCertSign")
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    # EC keys: generated in milliseconds, where RSA takes a good part of a second on a small machine.
+    run(
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=company inspecting proxy CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    )
+    run(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    )
     (tmp / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    run("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", "srv.pem",
-        "-days", "1", "-extfile", "ext.cnf")
+    run(
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+    )
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ctx.load_cert_chain(tmp / "srv.pem", tmp / "srv.key")
     return (tmp / "ca.pem").read_text(), ctx
@@ -229,15 +298,17 @@ def test_gateway_trusts_the_policys_extra_certificate_authorities(tmp_path: Path
         model = web.AppRunner(ScriptedModel(parse_script(SCRIPT), tmp_path / "t.jsonl").app())
         await model.setup()
         await web.TCPSite(model, "127.0.0.1", mport, ssl_context=server_ctx).start()
-        gw = Gateway("run-ca", f"https://127.0.0.1:{mport}", "sk-ant-real", 10.0, {}, events.append,
-                     extra_ca_pem=extra_ca_pem)
+        gw = Gateway(
+            "run-ca", f"https://127.0.0.1:{mport}", "sk-ant-real", 10.0, {}, events.append, extra_ca_pem=extra_ca_pem
+        )
         runner = web.AppRunner(gw.app())
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", gport).start()
         try:
             async with aiohttp.ClientSession() as s:
-                resp = await s.post(f"http://127.0.0.1:{gport}/v1/messages", json=body(0),
-                                    headers={"anthropic-version": "2023-06-01"})
+                resp = await s.post(
+                    f"http://127.0.0.1:{gport}/v1/messages", json=body(0), headers={"anthropic-version": "2023-06-01"}
+                )
                 return resp.status, events
         finally:
             await runner.cleanup()
@@ -248,4 +319,3 @@ def test_gateway_trusts_the_policys_extra_certificate_authorities(tmp_path: Path
     assert "certificate verify failed" in events[0]["error"], events
     status, events = asyncio.run(call(ca_pem))
     assert status == 200 and [e["event"] for e in events] == ["model_call"], events
-

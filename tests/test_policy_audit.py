@@ -40,7 +40,7 @@ def test_audit_chain_verifies_and_detects_an_edit(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, "r1", Redactor(["sk-ant-secret-value-1"]))
     for i in range(5):
-        log.write("supervisor", "step", {"i": i, "note": "key sk-ant-secret-value-1 and ghp_" + "a" * 36})
+        log.write_untrusted("supervisor", "step", {"i": i, "note": "key sk-ant-secret-value-1 and ghp_" + "a" * 36})
     log.close()
     ok, n, _ = verify(path)
     assert ok and n == 5
@@ -96,8 +96,9 @@ def test_a_fresh_store_opened_by_several_runs_at_once(tmp_path: Path) -> None:
         barrier = threading.Barrier(3)
         errors: list[str] = []
 
-        def open_and_write(i: int, db: Path = db, barrier: threading.Barrier = barrier,
-                           errors: list[str] = errors) -> None:
+        def open_and_write(
+            i: int, db: Path = db, barrier: threading.Barrier = barrier, errors: list[str] = errors
+        ) -> None:
             barrier.wait()
             try:
                 store = RunStore(db)

@@ -20,8 +20,26 @@ from .conftest import git
 
 def make_ca(tmp_path: Path, name: str = "company-ca") -> Path:
     key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return cert
 
 
@@ -42,12 +60,17 @@ def test_ca_certificates_resolve_relative_to_the_policy_file(tmp_path) -> None:
     assert bundle == cert.read_text().rstrip("\n") + "\n" and bundle.count("BEGIN CERTIFICATE") == 1
 
 
-@pytest.mark.parametrize(("content", "fragment"), [
-    (None, "cannot read 'ca.pem'"),
-    ("not a certificate\n", "'ca.pem' holds no PEM certificate"),
-    ("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
-     "'ca.pem' is not a valid certificate"),
-])
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (None, "cannot read 'ca.pem'"),
+        ("not a certificate\n", "'ca.pem' holds no PEM certificate"),
+        (
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+            "'ca.pem' is not a valid certificate",
+        ),
+    ],
+)
 def test_bad_ca_certificates_are_refused_when_the_policy_loads(tmp_path, content, fragment) -> None:
     if content is not None:
         (tmp_path / "ca.pem").write_text(content)
@@ -62,12 +85,15 @@ def test_no_ca_certificates_means_no_bundle() -> None:
     assert ca_bundle(policy) == ""
 
 
-@pytest.mark.parametrize(("image", "fragment"), [
-    ({"packages": ["libpq-dev; rm -rf /"]}, "is not a Debian package name"),
-    ({"packages": ["Bad_Name"]}, "is not a Debian package name"),
-    ({"setup": ["  "]}, "a setup command is empty"),
-    ({"package": ["jq"]}, "image.package: unknown key"),
-])
+@pytest.mark.parametrize(
+    ("image", "fragment"),
+    [
+        ({"packages": ["libpq-dev; rm -rf /"]}, "is not a Debian package name"),
+        ({"packages": ["Bad_Name"]}, "is not a Debian package name"),
+        ({"setup": ["  "]}, "a setup command is empty"),
+        ({"package": ["jq"]}, "image.package: unknown key"),
+    ],
+)
 def test_bad_image_extensions_are_refused(tmp_path, image, fragment) -> None:
     p = write_policy(tmp_path / "p.yaml", {"image": image})
     with pytest.raises(UsageError) as err:
@@ -89,8 +115,17 @@ def test_extension_dockerfile_and_its_tag() -> None:
     # The tag follows every input: the image below, the extension, the CA's contents.
     t = extended_tag("ns/agent:1", ext, "")
     assert t == extended_tag("ns/agent:1", ext, "") and t.split(":")[0].endswith("/agent-custom")
-    assert len({t, extended_tag("ns/agent:2", ext, ""), extended_tag("ns/agent:1", ext, "CA"),
-                extended_tag("ns/agent:1", ImageExtension(packages=["jq"]), "")}) == 4
+    assert (
+        len(
+            {
+                t,
+                extended_tag("ns/agent:2", ext, ""),
+                extended_tag("ns/agent:1", ext, "CA"),
+                extended_tag("ns/agent:1", ImageExtension(packages=["jq"]), ""),
+            }
+        )
+        == 4
+    )
     assert ImageExtension().empty and not ext.empty
 
 

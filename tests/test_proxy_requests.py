@@ -5,9 +5,11 @@ module, hand-broken ones, and a proxy on loopback in front of a recording upstre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import struct
+from collections.abc import Sequence
 from typing import Any
 
 import h11
@@ -46,7 +48,7 @@ def records(message: bytes, sizes: list[int]) -> bytes:
     """A handshake message framed in several TLS records of the given sizes (the rest in the last one)."""
     out, pos = b"", 0
     for n in [*sizes, len(message)]:
-        chunk = message[pos:pos + n]
+        chunk = message[pos : pos + n]
         if chunk:
             out += b"\x16\x03\x01" + struct.pack(">H", len(chunk)) + chunk
         pos += len(chunk)
@@ -69,11 +71,18 @@ def sni(*names: bytes, name_type: int = 0) -> tuple[int, bytes]:
 
 # --- the ClientHello parser ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("pypi.org", "pypi.org"), ("Files.PythonHosted.org.", "files.pythonhosted.org"),
-    ("registry.npmjs.org", "registry.npmjs.org"), ("a" * 63 + ".example", "a" * 63 + ".example"),
-    (None, None), ("203.0.113.5", None),  # OpenSSL sends no SNI for an IP address, nor without a name
-])
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("pypi.org", "pypi.org"),
+        ("Files.PythonHosted.org.", "files.pythonhosted.org"),
+        ("registry.npmjs.org", "registry.npmjs.org"),
+        ("a" * 63 + ".example", "a" * 63 + ".example"),
+        (None, None),
+        ("203.0.113.5", None),  # OpenSSL sends no SNI for an IP address, nor without a name
+    ],
+)
 def test_real_client_hellos_parse(name: str | None, expected: str | None) -> None:
     hello = client_hello(name)
     parsed = parse_client_hello(hello)
@@ -97,29 +106,33 @@ def test_a_client_hello_split_over_records_is_reassembled() -> None:
 
 
 def test_hand_built_hellos() -> None:
-    assert parse_client_hello(build_hello([sni(b"pypi.org")])).server_name == "pypi.org"
-    assert parse_client_hello(build_hello([])).server_name is None
-    assert parse_client_hello(build_hello([(0xFE0D, b"\x00" * 8), sni(b"public.example")])).ech is True
+    for data, name in ((build_hello([sni(b"pypi.org")]), "pypi.org"), (build_hello([]), None)):
+        assert parse_client_hello(data) == ClientHello(name, False, len(data))
+    ech = parse_client_hello(build_hello([(0xFE0D, b"\x00" * 8), sni(b"public.example")]))
+    assert ech is not None and ech.ech is True
 
 
-@pytest.mark.parametrize(("data", "message"), [
-    (b"GET / HTTP/1.1\r\n", "not a TLS handshake record"),
-    (b"\x17\x03\x03\x00\x05hello", "not a TLS handshake record"),
-    (b"\x16\x02\x00\x00\x05hello", "malformed TLS record header"),
-    (b"\x16\x03\x01\x00\x00", "malformed TLS record header"),
-    (b"\x16\x03\x01\x40\x01" + b"\x01" * 16385, "malformed TLS record header"),
-    (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "is not a ClientHello"),
-    (b"\x16\x03\x01\x00\x04\x01\xff\xff\xff", "too large"),
-    (build_hello([sni(b"pypi.org"), sni(b"pypi.org")]), "duplicate extension 0"),
-    (build_hello([sni(b"pypi.org", b"evil.example")]), "2 host names"),
-    (build_hello([sni(b"pypi.org", name_type=1)]), "other than host_name"),
-    (build_hello([(0, b"\x00\x00")]), "bad vector length"),
-    (build_hello([sni(b"pypi.org\x00.evil.example")]), "is not a host name"),
-    (build_hello([sni(b"pyp\xc3\xaf.org")]), "not ASCII"),
-    (build_hello([sni(b"pypi.org")], tail=b"\x00"), "bytes after the extensions"),
-    (build_hello([(0, sni(b"pypi.org")[1] + b"\x00")]), "bytes after the server name list"),
-    (build_hello([(0, b"\x00\x0c\x00\x00\x08pypi.org")]), "truncated"),
-])
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"GET / HTTP/1.1\r\n", "not a TLS handshake record"),
+        (b"\x17\x03\x03\x00\x05hello", "not a TLS handshake record"),
+        (b"\x16\x02\x00\x00\x05hello", "malformed TLS record header"),
+        (b"\x16\x03\x01\x00\x00", "malformed TLS record header"),
+        (b"\x16\x03\x01\x40\x01" + b"\x01" * 16385, "malformed TLS record header"),
+        (b"\x16\x03\x01\x00\x04\x02\x00\x00\x00", "is not a ClientHello"),
+        (b"\x16\x03\x01\x00\x04\x01\xff\xff\xff", "too large"),
+        (build_hello([sni(b"pypi.org"), sni(b"pypi.org")]), "duplicate extension 0"),
+        (build_hello([sni(b"pypi.org", b"evil.example")]), "2 host names"),
+        (build_hello([sni(b"pypi.org", name_type=1)]), "other than host_name"),
+        (build_hello([(0, b"\x00\x00")]), "bad vector length"),
+        (build_hello([sni(b"pypi.org\x00.evil.example")]), "is not a host name"),
+        (build_hello([sni(b"pyp\xc3\xaf.org")]), "not ASCII"),
+        (build_hello([sni(b"pypi.org")], tail=b"\x00"), "bytes after the extensions"),
+        (build_hello([(0, sni(b"pypi.org")[1] + b"\x00")]), "bytes after the server name list"),
+        (build_hello([(0, b"\x00\x0c\x00\x00\x08pypi.org")]), "truncated"),
+    ],
+)
 def test_malformed_hellos_are_refused(data: bytes, message: str) -> None:
     with pytest.raises(NotClientHello, match=message):
         parse_client_hello(data)
@@ -140,7 +153,7 @@ def test_the_parser_never_fails_otherwise_on_mangled_input() -> None:
         data = bytearray(hello)
         for _ in range(rng.randint(1, 6)):
             data[rng.randrange(len(data))] = rng.randrange(256)
-        data = data[:rng.randint(0, len(data))] if rng.random() < 0.3 else data
+        data = data[: rng.randint(0, len(data))] if rng.random() < 0.3 else data
         try:
             parsed = parse_client_hello(bytes(data))
         except NotClientHello:
@@ -150,18 +163,26 @@ def test_the_parser_never_fails_otherwise_on_mangled_input() -> None:
 
 # --- the server name against the CONNECT host -------------------------------------------------------------------
 
-@pytest.mark.parametrize(("host", "name", "ech", "refused"), [
-    ("pypi.org", "pypi.org", False, None),
-    ("PyPI.org.", "pypi.org", False, None),
-    ("pypi.org", "evil.example", False, "TLS server name 'evil.example' does not match the CONNECT host "
-                                         "'pypi.org' (domain fronting)"),
-    ("pypi.org", "sub.pypi.org", False, "does not match"),
-    ("pypi.org", None, False, "names no server (SNI), but CONNECT named pypi.org"),
-    ("203.0.113.5", None, False, None),
-    ("2001:db8::1", None, False, None),
-    ("203.0.113.5", "pypi.org", False, "does not match"),
-    ("pypi.org", "pypi.org", True, "encrypted (ECH)"),
-])
+
+@pytest.mark.parametrize(
+    ("host", "name", "ech", "refused"),
+    [
+        ("pypi.org", "pypi.org", False, None),
+        ("PyPI.org.", "pypi.org", False, None),
+        (
+            "pypi.org",
+            "evil.example",
+            False,
+            "TLS server name 'evil.example' does not match the CONNECT host 'pypi.org' (domain fronting)",
+        ),
+        ("pypi.org", "sub.pypi.org", False, "does not match"),
+        ("pypi.org", None, False, "names no server (SNI), but CONNECT named pypi.org"),
+        ("203.0.113.5", None, False, None),
+        ("2001:db8::1", None, False, None),
+        ("203.0.113.5", "pypi.org", False, "does not match"),
+        ("pypi.org", "pypi.org", True, "encrypted (ECH)"),
+    ],
+)
 def test_server_name_must_match_the_connect_host(host: str, name: str | None, ech: bool, refused: str | None) -> None:
     reason = server_name_reason(host, ClientHello(name, ech, 100))
     assert (reason is None) if refused is None else (refused in (reason or "")), reason
@@ -169,29 +190,38 @@ def test_server_name_must_match_the_connect_host(host: str, name: str | None, ec
 
 # --- the Host header of plain-HTTP requests ---------------------------------------------------------------------
 
-@pytest.mark.parametrize(("host", "port", "headers", "refused"), [
-    ("pypi.org", 80, [b"pypi.org"], None),
-    ("pypi.org", 80, [b"PyPI.org.:80"], None),
-    ("pypi.org", 80, [b"pypi.org:"], None),
-    ("pypi.org", 8080, [b"pypi.org:8080"], None),
-    ("2001:db8::1", 80, [b"[2001:db8::1]"], None),
-    ("pypi.org", 80, [], None),
-    ("pypi.org", 80, [b"evil.example"], "Host header 'evil.example' does not match the requested host pypi.org:80"),
-    ("pypi.org", 8080, [b"pypi.org"], "does not match the requested host pypi.org:8080"),
-    ("pypi.org", 80, [b"pypi.org:8080"], "does not match"),
-    ("pypi.org", 80, [b"pypi.org:80:80"], "malformed Host header"),
-    ("pypi.org", 80, [b"pypi.org:http"], "malformed Host header"),
-    ("pypi.org", 80, [b"[2001:db8::1"], "malformed Host header"),
-    ("pypi.org", 80, [b"user@pypi.org"], "does not match"),
-])
+
+@pytest.mark.parametrize(
+    ("host", "port", "headers", "refused"),
+    [
+        ("pypi.org", 80, [b"pypi.org"], None),
+        ("pypi.org", 80, [b"PyPI.org.:80"], None),
+        ("pypi.org", 80, [b"pypi.org:"], None),
+        ("pypi.org", 8080, [b"pypi.org:8080"], None),
+        ("2001:db8::1", 80, [b"[2001:db8::1]"], None),
+        ("pypi.org", 80, [], None),
+        ("pypi.org", 80, [b"evil.example"], "Host header 'evil.example' does not match the requested host pypi.org:80"),
+        ("pypi.org", 8080, [b"pypi.org"], "does not match the requested host pypi.org:8080"),
+        ("pypi.org", 80, [b"pypi.org:8080"], "does not match"),
+        ("pypi.org", 80, [b"pypi.org:80:80"], "malformed Host header"),
+        ("pypi.org", 80, [b"pypi.org:http"], "malformed Host header"),
+        ("pypi.org", 80, [b"[2001:db8::1"], "malformed Host header"),
+        ("pypi.org", 80, [b"user@pypi.org"], "does not match"),
+    ],
+)
 def test_host_header_must_match_the_request(host: str, port: int, headers: list[bytes], refused: str | None) -> None:
-    request = h11.Request(method="GET", target=f"http://{host}/", headers=[("host", h) for h in headers],
-                          http_version="1.0" if not headers else "1.1")
+    request = h11.Request(
+        method="GET",
+        target=f"http://{host}/",
+        headers=[(b"host", h) for h in headers],
+        http_version="1.0" if not headers else "1.1",
+    )
     reason = host_header_reason(request, host, port)
     assert (reason is None) if refused is None else (refused in (reason or "")), reason
 
 
 # --- the proxy on loopback, in front of a recording upstream -----------------------------------------------------
+
 
 class Upstream:
     """A TCP server that records what it receives, answers HTTP requests, or speaks first."""
@@ -215,9 +245,14 @@ class Upstream:
         writer.close()
 
 
-async def through_proxy(request: bytes, then: list[bytes] = (), *, upstream: Upstream | None = None,
-                        allow: tuple[str, ...] = ("good.example", "good.example:8443", "203.0.113.5"),
-                        mode: str = "enforce") -> tuple[bytes, Upstream, list[dict[str, Any]]]:
+async def through_proxy(
+    request: bytes,
+    then: Sequence[bytes] = (),
+    *,
+    upstream: Upstream | None = None,
+    allow: tuple[str, ...] = ("good.example", "good.example:8443", "203.0.113.5"),
+    mode: str = "enforce",
+) -> tuple[bytes, Upstream, list[dict[str, Any]]]:
     """Send `request` (then each of `then`) to a proxy whose names all resolve to a local upstream; returns
     what the client read, the upstream, and the decision lines."""
     upstream = upstream or Upstream()
@@ -228,14 +263,36 @@ async def through_proxy(request: bytes, then: list[bytes] = (), *, upstream: Ups
     async def resolve(host: str, port: int) -> list[str]:
         return ["127.0.0.1"]
 
-    proxy = EgressProxy("r1", list(allow), [], mode, False, [], ("sidecar", 8080), lines.append,
-                        allow_addresses=["127.0.0.1"], resolve=resolve)
-    proxy.connect = lambda ip, port: asyncio.open_connection("127.0.0.1", up_port)  # type: ignore[method-assign]
-    server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
+    proxy = EgressProxy(
+        "r1",
+        list(allow),
+        [],
+        mode,
+        False,
+        [],
+        ("sidecar", 8080),
+        lines.append,
+        allow_addresses=["127.0.0.1"],
+        resolve=resolve,
+    )
+
+    async def to_upstream(ip: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", up_port)  # whatever address was checked
+
+    proxy.connect = to_upstream
+    handled = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await proxy.handle(reader, writer)
+        finally:
+            handled.set()  # the decision line, if any, is emitted by then
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
     reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
     writer.write(request)
     for chunk in then:
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.002)  # long enough for the proxy to read each piece on its own
         writer.write(chunk)
     got = b""
     try:
@@ -247,10 +304,8 @@ async def through_proxy(request: bytes, then: list[bytes] = (), *, upstream: Ups
     except TimeoutError:
         pass
     writer.close()
-    for _ in range(100):
-        if lines:
-            break
-        await asyncio.sleep(0.01)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(handled.wait(), 5)
     server.close()
     up_server.close()
     return got, upstream, lines
@@ -294,7 +349,7 @@ def test_connect_with_the_right_server_name_goes_through_byte_for_byte() -> None
 def test_connect_with_a_hello_sent_in_pieces_or_with_the_request() -> None:
     hello = client_hello("GOOD.example.")
     connect = CONNECT("good.example:443")
-    _, up, _ = run(connect, [hello[i:i + 7] for i in range(0, len(hello), 7)])
+    _, up, _ = run(connect, [hello[i : i + 7] for i in range(0, len(hello), 7)])
     assert bytes(up.received) == hello
     _, up, _ = run(connect + hello)
     assert bytes(up.received) == hello
@@ -306,8 +361,9 @@ def test_connect_with_another_server_name_is_refused(mode: str) -> None:
     assert got == b"HTTP/1.1 200 Connection established\r\n\r\n" + TLS_ALERT_ACCESS_DENIED
     assert up.received == b"", "nothing of the ClientHello may reach the upstream"
     assert line["decision"] == "deny" and line["bytes_up"] == 0
-    assert line["reason"] == ("TLS server name 'evil.example' does not match the CONNECT host 'good.example' "
-                              "(domain fronting)")
+    assert line["reason"] == (
+        "TLS server name 'evil.example' does not match the CONNECT host 'good.example' (domain fronting)"
+    )
 
 
 def test_connect_to_port_443_that_is_not_tls_is_refused() -> None:
@@ -334,8 +390,9 @@ def test_connect_to_an_ip_address_needs_no_server_name() -> None:
 
 
 def test_a_port_named_by_a_rule_may_carry_anything_and_the_server_may_speak_first() -> None:
-    got, up, (line,) = run(CONNECT("good.example:8443"), [b"SSH-2.0-client\r\n"],
-                           upstream=Upstream(banner=b"SSH-2.0-server\r\n"))
+    got, up, (line,) = run(
+        CONNECT("good.example:8443"), [b"SSH-2.0-client\r\n"], upstream=Upstream(banner=b"SSH-2.0-server\r\n")
+    )
     assert b"SSH-2.0-server" in got and bytes(up.received) == b"SSH-2.0-client\r\n"
     assert line["decision"] == "allow"
     # ...but TLS there is still checked.

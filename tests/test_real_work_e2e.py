@@ -17,24 +17,40 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 PINNED_PY = ("six", "1.16.0")
 PINNED_NPM = ("semver", "7.5.0")
-TEST_PY = ("import six\n\n\ndef test_installed_version_is_the_pinned_one():\n"
-           "    assert f'six=={six.__version__}' in open('requirements.txt').read().split()\n")
-TEST_JS = ("const pinned = require('./package.json').dependencies.semver;\n"
-           "const installed = require('semver/package.json').version;\n"
-           "if (installed !== pinned) { console.error(`installed ${installed}, pinned ${pinned}`); process.exit(1); }\n"
-           "console.log(`semver ${installed} ok`);\n")
-PACKAGE_JSON = json.dumps({"name": "web", "version": "1.0.0", "private": True, "scripts": {"test": "node test.js"},
-                           "dependencies": {PINNED_NPM[0]: PINNED_NPM[1]}}, indent=2) + "\n"
+TEST_PY = (
+    "import six\n\n\ndef test_installed_version_is_the_pinned_one():\n"
+    "    assert f'six=={six.__version__}' in open('requirements.txt').read().split()\n"
+)
+TEST_JS = (
+    "const pinned = require('./package.json').dependencies.semver;\n"
+    "const installed = require('semver/package.json').version;\n"
+    "if (installed !== pinned) { console.error(`installed ${installed}, pinned ${pinned}`); process.exit(1); }\n"
+    "console.log(`semver ${installed} ok`);\n"
+)
+PACKAGE_JSON = (
+    json.dumps(
+        {
+            "name": "web",
+            "version": "1.0.0",
+            "private": True,
+            "scripts": {"test": "node test.js"},
+            "dependencies": {PINNED_NPM[0]: PINNED_NPM[1]},
+        },
+        indent=2,
+    )
+    + "\n"
+)
 # The operator's check: a fresh environment from what the branch pins, then the repository's own tests.
-CHECK = ("set -e\n"
-         "if [ -f requirements.txt ]; then python3 -m venv --system-site-packages /tmp/v; "
-         "/tmp/v/bin/pip install -q -r requirements.txt; /tmp/v/bin/python -m pytest -q; fi\n"
-         "if [ -f package.json ]; then npm ci --no-progress; npm test; fi\n")
+CHECK = (
+    "set -e\n"
+    "if [ -f requirements.txt ]; then python3 -m venv --system-site-packages /tmp/v; "
+    "/tmp/v/bin/pip install -q -r requirements.txt; /tmp/v/bin/python -m pytest -q; fi\n"
+    "if [ -f package.json ]; then npm ci --no-progress; npm test; fi\n"
+)
 
 
 def python_files() -> dict[str, str]:
-    return {"requirements.in": "six\n", "requirements.txt": f"{PINNED_PY[0]}=={PINNED_PY[1]}\n",
-            "test_six.py": TEST_PY}
+    return {"requirements.in": "six\n", "requirements.txt": f"{PINNED_PY[0]}=={PINNED_PY[1]}\n", "test_six.py": TEST_PY}
 
 
 def node_files() -> dict[str, str]:
@@ -48,17 +64,23 @@ def generated_paths(repo: Path, branch: str) -> list[str]:
 
 
 def test_pytest_in_a_repo_without_gitignore_leaves_no_generated_files(make_repo, sandbox, write_script) -> None:
-    repo = make_repo(files={"calc.py": "def add(a, b):\n    return a - b\n",
-                            "test_calc.py": "from calc import add\n\n\ndef test_add():\n    assert add(2, 2) == 4\n"})
+    repo = make_repo(
+        files={
+            "calc.py": "def add(a, b):\n    return a - b\n",
+            "test_calc.py": "from calc import add\n\n\ndef test_add():\n    assert add(2, 2) == 4\n",
+        }
+    )
     script = write_script(
         "turns:\n"
         "  - bash: python3 -m pytest -q; echo rc=$?\n"
         '  - edit: {path: calc.py, old: "a - b", new: "a + b"}\n'
         "  - bash: python3 -m pytest -q && python3 -m py_compile calc.py && mkdir -p node_modules/x .venv/bin"
         " && echo 'module.exports = 1' > node_modules/x/index.js && touch .venv/bin/python && git status --short\n"
-        "  - text: Fixed add().\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "Fix add() so the tests pass.", "--model-script", str(script),
-                  "--json")
+        "  - text: Fixed add().\n"
+    )
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "Fix add() so the tests pass.", "--model-script", str(script), "--json"
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     out = tool_results(s["run_dir"])
@@ -80,22 +102,35 @@ def test_a_violated_git_rule_says_what_to_do(make_repo, sandbox, write_script) -
     assert ".gitignore" in res.stdout and "git.allow_binary: true" in res.stdout
 
 
-def test_dependency_update_bumps_python_and_npm_through_the_proxy(make_repo, sandbox, write_script,
-                                                                   tmp_path) -> None:
+def test_dependency_update_bumps_python_and_npm_through_the_proxy(make_repo, sandbox, write_script, tmp_path) -> None:
     repo = make_repo("service", files={**python_files(), **node_files()})
     policy = registries.dependency_update_policy(tmp_path / "policy.yaml")
     script = write_script(
         "turns:\n"
         "  - bash: python3 -m venv --system-site-packages /tmp/venv && /tmp/venv/bin/pip install -q --upgrade six"
         " && v=$(/tmp/venv/bin/python -c 'import six; print(six.__version__)')"
-        " && sed -i \"s/^six==.*/six==$v/\" requirements.txt && cat requirements.txt\n"
+        ' && sed -i "s/^six==.*/six==$v/" requirements.txt && cat requirements.txt\n'
         "    timeout_ms: 300000\n"
         "  - bash: npm install --save-exact --no-progress semver@latest && node test.js\n"
         "    timeout_ms: 300000\n"
         "  - bash: git add -A && git commit -qm 'Bump six and semver' && git show --stat --format=%s HEAD\n"
-        "  - text: Both dependencies are at their latest versions and the tests pass.\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "Update the dependencies.", "--policy", str(policy),
-                  "--model-script", str(script), "--check", CHECK, "--json", timeout=900)
+        "  - text: Both dependencies are at their latest versions and the tests pass.\n"
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Update the dependencies.",
+        "--policy",
+        str(policy),
+        "--model-script",
+        str(script),
+        "--check",
+        CHECK,
+        "--json",
+        timeout=900,
+    )
     assert res.code == 0, res.stderr + res.stdout
     s = res.json()
     out = tool_results(s["run_dir"])
@@ -106,8 +141,10 @@ def test_dependency_update_bumps_python_and_npm_through_the_proxy(make_repo, san
     branch = s["branch"]
     assert git(repo, "show", f"{branch}:requirements.txt").strip() == f"six=={six}"
     assert json.loads(git(repo, "show", f"{branch}:package.json"))["dependencies"]["semver"] == semver
-    assert json.loads(git(repo, "show", f"{branch}:package-lock.json"))["packages"]["node_modules/semver"][
-        "version"] == semver
+    assert (
+        json.loads(git(repo, "show", f"{branch}:package-lock.json"))["packages"]["node_modules/semver"]["version"]
+        == semver
+    )
     assert generated_paths(repo, branch) == []
     # Every download went through the proxy, to the registries the preset allows, and was on record.
     proxy = [e["payload"] for e in audit_events(s["run_dir"]) if e["source"] == "proxy"]
@@ -128,13 +165,15 @@ def test_check_runs_on_a_clean_checkout_of_the_committed_head(make_repo, sandbox
         "turns:\n"
         "  - bash: printf 'leftover\\n' > .env.local && printf '.env.local\\n' >> .git/info/exclude"
         " && mkdir -p node_modules && touch node_modules/stale && echo 'x = 2' > a.py && git commit -qam bump\n"
-        "  - text: done\n")
+        "  - text: done\n"
+    )
     # The check runs code from the branch: it cannot reach the packed bundle it is checking.
-    check = ("test ! -e .env.local && test ! -e node_modules && grep -q 'x = 2' a.py && git rev-parse HEAD"
-             " && git status --porcelain | wc -l && { touch /sandbox/out/work.bundle 2>/dev/null && echo WROTE"
-             " || echo refused; }")
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(script), "--check", check,
-                  "--json")
+    check = (
+        "test ! -e .env.local && test ! -e node_modules && grep -q 'x = 2' a.py && git rev-parse HEAD"
+        " && git status --porcelain | wc -l && { touch /sandbox/out/work.bundle 2>/dev/null && echo WROTE"
+        " || echo refused; }"
+    )
+    res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(script), "--check", check, "--json")
     assert res.code == 0, res.stderr + res.stdout
     s = res.json()
     (ev,) = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "check"]
@@ -142,32 +181,49 @@ def test_check_runs_on_a_clean_checkout_of_the_committed_head(make_repo, sandbox
 
 
 def test_sweep_of_three_repositories_lands_real_bumps(make_repo, sandbox, tmp_path) -> None:
-    repos = [make_repo("py-lib", files=python_files()), make_repo("web-app", files=node_files()),
-             make_repo("full-stack", files={**python_files(), **node_files()})]
+    repos = [
+        make_repo("py-lib", files=python_files()),
+        make_repo("web-app", files=node_files()),
+        make_repo("full-stack", files={**python_files(), **node_files()}),
+    ]
     # The deterministic updaters a team would use: pip-compile --upgrade, and npm's own latest.
-    pre = ("set -e\n"
-           "if [ -f requirements.in ]; then python3 -m venv /tmp/pre; /tmp/pre/bin/pip install -q pip-tools; "
-           "/tmp/pre/bin/pip-compile -q --upgrade --no-header --strip-extras -o requirements.txt requirements.in; fi\n"
-           "if [ -f package.json ]; then for p in $(jq -r '.dependencies | keys[]' package.json); do "
-           "npm install --save-exact --no-progress \"$p@latest\"; done; fi\n")
+    pre = (
+        "set -e\n"
+        "if [ -f requirements.in ]; then python3 -m venv /tmp/pre; /tmp/pre/bin/pip install -q pip-tools; "
+        "/tmp/pre/bin/pip-compile -q --upgrade --no-header --strip-extras -o requirements.txt requirements.in; fi\n"
+        "if [ -f package.json ]; then for p in $(jq -r '.dependencies | keys[]' package.json); do "
+        'npm install --save-exact --no-progress "$p@latest"; done; fi\n'
+    )
     (tmp_path / "agent.yaml").write_text("turns:\n  - text: The update passes the tests.\n")
     manifest = tmp_path / "sweep.yaml"
-    manifest.write_text(json.dumps({
-        "name": "nightly-deps", "task": "Update the dependencies; make the tests pass.", "concurrency": 2,
-        "policy": str(registries.dependency_update_policy(tmp_path / "policy.yaml")), "pre": pre, "check": CHECK,
-        "model_script": "agent.yaml", "repos": [{"path": str(r)} for r in repos]}))
+    manifest.write_text(
+        json.dumps(
+            {
+                "name": "nightly-deps",
+                "task": "Update the dependencies; make the tests pass.",
+                "concurrency": 2,
+                "policy": str(registries.dependency_update_policy(tmp_path / "policy.yaml")),
+                "pre": pre,
+                "check": CHECK,
+                "model_script": "agent.yaml",
+                "repos": [{"path": str(r)} for r in repos],
+            }
+        )
+    )
     res = sandbox("sweep", str(manifest), "--json", timeout=1500)
     assert res.code == 0, res.stderr + res.stdout
     rows = {Path(r["repo"]).name: r for r in res.json()["rows"]}
-    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(("py-lib", "web-app", "full-stack"),
-                                                                     "succeeded")
+    assert {n: r["status"] for n, r in rows.items()} == dict.fromkeys(("py-lib", "web-app", "full-stack"), "succeeded")
     six, semver = registries.latest_pypi("six"), registries.latest_npm("semver")
     for repo in repos:
         branch = rows[repo.name]["branch"]
         files = git(repo, "ls-tree", "-r", "--name-only", branch).splitlines()
         if "requirements.txt" in files:
-            pins = [line for line in git(repo, "show", f"{branch}:requirements.txt").splitlines()
-                    if not line.startswith("#") and "==" in line]
+            pins = [
+                line
+                for line in git(repo, "show", f"{branch}:requirements.txt").splitlines()
+                if not line.startswith("#") and "==" in line
+            ]
             assert pins == [f"six=={six}"], pins
         if "package.json" in files:
             assert json.loads(git(repo, "show", f"{branch}:package.json"))["dependencies"] == {"semver": semver}
@@ -179,14 +235,31 @@ def test_a_policy_extends_the_agent_image_once(make_repo, sandbox, write_script,
     # A Debian package, and a tool from PyPI installed at build time through this network (its CA trusted).
     # The token makes this test's image its own: built here, then removed.
     token = secrets.token_hex(4)
-    policy = registries.dependency_update_policy(tmp_path / "policy.yaml", image={
-        "packages": ["tree"],
-        "setup": ["pip install --break-system-packages -q pip-tools==7.4.1", f"echo built-{token} > /opt/marker"]})
-    script = write_script("turns:\n  - bash: tree --version | head -c 9; echo; pip-compile --version;"
-                          " cat /opt/marker; id -un\n  - text: done\n")
+    policy = registries.dependency_update_policy(
+        tmp_path / "policy.yaml",
+        image={
+            "packages": ["tree"],
+            "setup": ["pip install --break-system-packages -q pip-tools==7.4.1", f"echo built-{token} > /opt/marker"],
+        },
+    )
+    script = write_script(
+        "turns:\n  - bash: tree --version | head -c 9; echo; pip-compile --version;"
+        " cat /opt/marker; id -un\n  - text: done\n"
+    )
     repo = make_repo()
-    first = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(policy), "--model-script",
-                    str(script), "--json", timeout=900)
+    first = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--policy",
+        str(policy),
+        "--model-script",
+        str(script),
+        "--json",
+        timeout=900,
+    )
     tag = None
     try:
         assert first.code == 0, first.stderr
@@ -198,8 +271,9 @@ def test_a_policy_extends_the_agent_image_once(make_repo, sandbox, write_script,
         tag = started["images"]["agent"]["ref"]
         assert tag.startswith("agent-sandbox/agent-custom:"), tag
         # The second run finds it built: no build, the same image.
-        second = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(policy), "--model-script",
-                         str(script), "--json")
+        second = sandbox(
+            "run", "--repo", str(repo), "--task", "t", "--policy", str(policy), "--model-script", str(script), "--json"
+        )
         assert second.code == 0 and "policy's image" not in second.stderr, second.stderr
         started = next(e for e in audit_events(second.json()["run_dir"]) if e["type"] == "run_started")["payload"]
         assert started["images"]["agent"]["ref"] == tag
@@ -208,13 +282,23 @@ def test_a_policy_extends_the_agent_image_once(make_repo, sandbox, write_script,
             subprocess.run(["docker", "rmi", tag], capture_output=True, check=False)
 
 
-def test_a_policy_image_that_cannot_build_stops_before_anything_is_created(make_repo, sandbox, write_script,
-                                                                           tmp_path, state_dir) -> None:
+def test_a_policy_image_that_cannot_build_stops_before_anything_is_created(
+    make_repo, sandbox, write_script, tmp_path, state_dir
+) -> None:
     policy = tmp_path / "p.yaml"
     policy.write_text(json.dumps({"image": {"setup": ["echo about to fail; exit 3"]}}))
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "t", "--policy", str(policy), "--model-script",
-                  str(write_script("turns: []\n")))
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--policy",
+        str(policy),
+        "--model-script",
+        str(write_script("turns: []\n")),
+    )
     assert res.code == 3, res.stderr
     assert "building agent-sandbox/agent-custom:" in res.stderr and "returned a non-zero code: 3" in res.stderr
     assert "image:` section" in res.stderr
@@ -244,12 +328,26 @@ def test_an_interrupt_during_the_check_still_brings_the_work_home(make_repo, sta
 
     repo = make_repo()
     script = write_script("turns:\n  - bash: echo 'x = 2' > a.py && git commit -qam bump\n  - text: done\n")
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(script),
-                     "--check", "sleep 120", "--json")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(script),
+        "--check",
+        "sleep 120",
+        "--json",
+    )
     try:
         deadline = time.monotonic() + 90
-        while not any(e["type"] == "container_created" and e["payload"]["role"] == "check"
-                      for a in (state_dir / "runs").glob("*/audit.jsonl") for e in audit_events(a.parent)):
+        while not any(
+            e["type"] == "container_created" and e["payload"]["role"] == "check"
+            for a in (state_dir / "runs").glob("*/audit.jsonl")
+            for e in audit_events(a.parent)
+        ):
             assert time.monotonic() < deadline and proc.poll() is None, "the check never started"
             time.sleep(0.2)
         time.sleep(1)

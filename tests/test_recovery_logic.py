@@ -18,12 +18,12 @@ import pytest
 from agent_sandbox.audit import log as audit
 from agent_sandbox.audit.log import AuditLog
 from agent_sandbox.audit.redact import Redactor
-from agent_sandbox.backend.base import Backend
 from agent_sandbox.errors import ExitCode
-from agent_sandbox.fleet import gc
 from agent_sandbox.interrupts import Interrupted, _Interrupts
 from agent_sandbox.run import liveness
+from agent_sandbox.run import orphans as gc
 from agent_sandbox.store import RunStore
+from tests.memory_backend import MemoryBackend
 
 # --- signals ------------------------------------------------------------------------------------------------
 
@@ -80,14 +80,22 @@ print(got)
 
 def test_a_run_lock_tells_a_live_supervisor_from_a_dead_one(tmp_path: Path) -> None:
     assert not liveness.supervised(tmp_path)  # no lock file: nobody supervises it
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 from pathlib import Path
 from agent_sandbox.run.liveness import RunLock
 RunLock(Path({str(tmp_path)!r})).acquire()
 print("held", flush=True)
 time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         assert liveness.supervised(tmp_path)
@@ -122,14 +130,14 @@ def test_the_state_identity_is_created_once_even_by_concurrent_first_runs(tmp_pa
 def test_a_resumed_trail_drops_a_half_line_and_keeps_the_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, "r1", Redactor([]))
-    log.write("supervisor", "teardown", {"removed": []})
-    log.write("supervisor", "teardown", {"removed": ["container:x"]})
+    log.write_untrusted("supervisor", "teardown", {"removed": []})
+    log.write_untrusted("supervisor", "teardown", {"removed": ["container:x"]})
     log.close()
     with path.open("ab") as fh:
         fh.write(b'{"seq":3,"time":1,"run_id":"r1","sou')  # the supervisor died mid-write
     resumed, dropped = AuditLog.resume(path, "r1", Redactor([]))
     assert dropped == len(b'{"seq":3,"time":1,"run_id":"r1","sou')
-    resumed.write("supervisor", "recovery", {"by": "test", "why": "dead", "dropped_bytes": dropped})
+    resumed.write_untrusted("supervisor", "recovery", {"by": "test", "why": "dead", "dropped_bytes": dropped})
     resumed.close()
     ok, n, msg = audit.verify(path, resumed.head)
     assert ok and n == 3, msg
@@ -139,50 +147,20 @@ def test_a_resumed_trail_drops_a_half_line_and_keeps_the_chain(tmp_path: Path) -
 def test_a_write_that_fails_stops_the_trail_without_breaking_its_chain(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, "r1", Redactor([]))
-    log.write("supervisor", "teardown", {"removed": []})
+    log.write_untrusted("supervisor", "teardown", {"removed": []})
     head = log.head
     os.close(log._fd)
     log._fd = os.open("/dev/full", os.O_WRONLY)  # every write: ENOSPC
     with pytest.raises(OSError):
-        log.write("supervisor", "teardown", {"removed": []})
+        log.write_untrusted("supervisor", "teardown", {"removed": []})
     with pytest.raises(OSError):
-        log.write("supervisor", "teardown", {"removed": []})  # stopped: nothing half-written follows
+        log.write_untrusted("supervisor", "teardown", {"removed": []})  # stopped: nothing half-written follows
     log.close()
     assert log.head == head and log.broken
     assert audit.verify(path, head)[0]
 
 
 # --- gc's decisions -----------------------------------------------------------------------------------------
-
-
-class FakeBackend(Backend):
-    """The objects on an engine, in memory: gc's decisions without Docker."""
-
-    name = "fake"
-
-    def __init__(self, runs: dict[str, dict[str, Any]]) -> None:
-        self.runs = runs
-        self.removed: list[str] = []
-
-    def list_runs(self) -> dict[str, dict[str, Any]]:
-        return {k: dict(v) for k, v in self.runs.items()}
-
-    def remove_run(self, run_id: str) -> list[str]:
-        self.removed.append(run_id)
-        return self.runs.pop(run_id, {}).get("objects", [])
-
-    def stop(self, container: str, grace: float) -> None:
-        pass
-
-    def create_network(self, spec: Any) -> None: raise NotImplementedError
-    def start(self, spec: Any) -> str: raise NotImplementedError
-    def isolate(self, container: str, run_id: str, peer: str) -> list[str]: raise NotImplementedError
-    def address(self, container: str, network: str) -> str: raise NotImplementedError
-    def output(self, container: str, stderr: bool = False) -> Any: raise NotImplementedError
-    def stats(self, container: str) -> Any: raise NotImplementedError
-    def wait(self, container: str, timeout: float) -> Any: raise NotImplementedError
-    def status(self, container: str) -> Any: raise NotImplementedError
-    def image_info(self, image: str) -> dict[str, Any]: raise NotImplementedError
 
 
 @pytest.fixture
@@ -194,19 +172,33 @@ def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def _row(store: RunStore, run_id: str, run_dir: Path, status: str = "running") -> None:
-    store.run_started({"id": run_id, "repo": "/r", "base_commit": "0" * 40, "branch": f"sandbox/{run_id}",
-                       "task": "t", "policy": "default", "policy_sha256": "x", "status": status, "started_at": 1.0,
-                       "run_dir": str(run_dir), "supervisor_pid": 1})
+    store.run_started(
+        {
+            "id": run_id,
+            "repo": "/r",
+            "base_commit": "0" * 40,
+            "branch": f"sandbox/{run_id}",
+            "task": "t",
+            "policy": "default",
+            "policy_sha256": "x",
+            "status": status,
+            "started_at": 1.0,
+            "run_dir": str(run_dir),
+            "supervisor_pid": 1,
+        }
+    )
 
 
 def test_gc_touches_only_its_own_state_directorys_runs(store: RunStore, tmp_path: Path) -> None:
     mine = liveness.state_id()
-    backend = FakeBackend({
-        "foreign": {"objects": ["container:a"], "supervisor": "1:1", "state": "someone-else"},
-        "legacy-dead": {"objects": ["network:b"], "supervisor": "999999:1", "state": None},
-        "legacy-alive": {"objects": ["network:c"], "supervisor": liveness_identity(), "state": None},
-        "mine-orphan": {"objects": ["container:d"], "supervisor": "1:1", "state": mine},
-    })
+    backend = MemoryBackend(
+        runs={
+            "foreign": {"objects": ["container:a"], "supervisor": "1:1", "state": "someone-else"},
+            "legacy-dead": {"objects": ["network:b"], "supervisor": "999999:1", "state": None},
+            "legacy-alive": {"objects": ["network:c"], "supervisor": liveness_identity(), "state": None},
+            "mine-orphan": {"objects": ["container:d"], "supervisor": "1:1", "state": mine},
+        }
+    )
     dry = {r.run_id: r for r in gc.collect(backend, store, None, dry_run=True)}
     assert backend.removed == []
     assert dry["foreign"].action == "skipped" and "another state directory" in dry["foreign"].detail
@@ -228,7 +220,7 @@ def test_gc_leaves_a_supervised_run_alone_and_marks_a_dead_unstarted_one(store: 
     lock = liveness.RunLock(live_dir)
     lock.acquire()
     try:
-        done = {r.run_id: r for r in gc.collect(FakeBackend({}), store, None)}
+        done = {r.run_id: r for r in gc.collect(MemoryBackend(runs={}), store, None)}
     finally:
         lock.release()
     assert done["live"].action == "skipped" and store.get("live")["status"] == "running"
@@ -238,6 +230,6 @@ def test_gc_leaves_a_supervised_run_alone_and_marks_a_dead_unstarted_one(store: 
 
 
 def liveness_identity() -> str:
-    from agent_sandbox.run.supervisor import supervisor_identity
+    from agent_sandbox.run.liveness import supervisor_identity
 
     return supervisor_identity()

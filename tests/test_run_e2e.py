@@ -27,8 +27,16 @@ usage: {input_tokens: 100, output_tokens: 50}
 def test_scripted_run_lands_exactly_the_scripted_change(make_repo, sandbox, write_script) -> None:
     repo = make_repo()
     base = git(repo, "rev-parse", "HEAD")
-    res = sandbox("run", "--repo", str(repo), "--task", "edit, write and run", "--model-script",
-                  str(write_script(EDIT_WRITE_BASH)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "edit, write and run",
+        "--model-script",
+        str(write_script(EDIT_WRITE_BASH)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     assert (s["status"], s["reason"]) == ("succeeded", "completed")
@@ -62,8 +70,17 @@ turns:
   - text: "looked"
 """)
     repo = make_repo()
-    res = sandbox("run", "--repo", str(repo), "--task", "look around", "--model-script", str(script), "--json",
-                  env={"ANTHROPIC_API_KEY": fake})
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "look around",
+        "--model-script",
+        str(script),
+        "--json",
+        env={"ANTHROPIC_API_KEY": fake},
+    )
     assert res.code == 0, res.stderr
     s = res.json()
     outputs = tool_results(s["run_dir"])

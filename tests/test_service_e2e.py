@@ -26,12 +26,20 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 TOKEN, OTHER = "tok-ci-" + "a" * 20, "tok-other-" + "b" * 20
 SECRET = "webhook-secret-for-tests"
 EDIT = 'turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 2"}\n  - text: ok\n'
-SLOW = ("turns:\n  - bash: \"python3 -c 'import time; time.sleep(4)'\"\n"
-        '  - edit: {path: a.py, old: "x = 1", new: "x = 2"}\n  - text: ok\n')
+SLOW = (
+    "turns:\n  - bash: \"python3 -c 'import time; time.sleep(4)'\"\n"
+    '  - edit: {path: a.py, old: "x = 1", new: "x = 2"}\n  - text: ok\n'
+)
 
 
-def call(url: str, method: str = "GET", body: Any = None, token: str | None = None,
-         headers: dict[str, str] | None = None, raw: bytes | None = None) -> tuple[int, Any]:
+def call(
+    url: str,
+    method: str = "GET",
+    body: Any = None,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
+    raw: bytes | None = None,
+) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
     h = {"content-type": "application/json", **(headers or {})}
     if token:
@@ -58,8 +66,14 @@ class Service:
 
     def start(self) -> None:
         env = {**os.environ, "SANDBOX_STATE_DIR": str(self.state), "SANDBOX_WEBHOOK_SECRET": SECRET}
-        self.proc = subprocess.Popen([*SANDBOX, "serve", "--config", str(self.config)], stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env, cwd=REPO_ROOT)
+        self.proc = subprocess.Popen(
+            [*SANDBOX, "serve", "--config", str(self.config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            cwd=REPO_ROOT,
+        )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
@@ -84,13 +98,24 @@ class Service:
 def make_config(tmp_path: Path, make_repo, script: str = EDIT, concurrency: int = 1) -> Path:
     (tmp_path / "script.yaml").write_text(script)
     widgets, gadgets = make_repo("widgets"), make_repo("gadgets")
-    cfg = {"port": 0, "concurrency": concurrency,
-           "tokens": [{"name": "ci", "sha256": hash_token(TOKEN), "repos": ["widgets"]},
-                      {"name": "other", "sha256": hash_token(OTHER), "repos": ["gadgets"]}],
-           "repos": {"widgets": {"path": str(widgets), "model_script": "script.yaml", "github": "acme/widgets",
-                                 "policies": ["strict"]},
-                     "gadgets": {"path": str(gadgets), "model_script": "script.yaml"}},
-           "webhook": {"label": "sandbox"}}
+    cfg = {
+        "port": 0,
+        "concurrency": concurrency,
+        "tokens": [
+            {"name": "ci", "sha256": hash_token(TOKEN), "repos": ["widgets"]},
+            {"name": "other", "sha256": hash_token(OTHER), "repos": ["gadgets"]},
+        ],
+        "repos": {
+            "widgets": {
+                "path": str(widgets),
+                "model_script": "script.yaml",
+                "github": "acme/widgets",
+                "policies": ["strict"],
+            },
+            "gadgets": {"path": str(gadgets), "model_script": "script.yaml"},
+        },
+        "webhook": {"label": "sandbox"},
+    }
     p = tmp_path / "service.yaml"
     p.write_text(json.dumps(cfg))
     return p
@@ -119,8 +144,9 @@ def test_openapi_tasks_and_auth(service: Service) -> None:
     assert call(f"{service.url}/tasks", token="wrong")[0] == 401
     status, body = call(f"{service.url}/tasks", "POST", {"repo": "gadgets", "task": "t"}, token=TOKEN)
     assert status == 403 and "may not use repository 'gadgets'" in body["error"]
-    status, body = call(f"{service.url}/tasks", "POST", {"repo": "widgets", "task": "t", "policy": "default-ish"},
-                        token=TOKEN)
+    status, body = call(
+        f"{service.url}/tasks", "POST", {"repo": "widgets", "task": "t", "policy": "default-ish"}, token=TOKEN
+    )
     assert status == 403 and "not allowed" in body["error"]
     assert call(f"{service.url}/tasks", "POST", {"repo": "widgets"}, token=TOKEN)[0] == 400
     assert call(f"{service.url}/tasks", token=TOKEN)[1] == [], "nothing was queued by refused requests"
@@ -130,8 +156,10 @@ def test_openapi_tasks_and_auth(service: Service) -> None:
     task = Task.model_validate(t)
     assert task.status == "queued" and task.principal == "ci" and task.source == "api"
     # Stream the events while it runs: the stream ends when the run does.
-    with urllib.request.urlopen(urllib.request.Request(f"{service.url}/tasks/{task.id}/events",
-                                headers={"authorization": f"Bearer {TOKEN}"}), timeout=120) as resp:
+    with urllib.request.urlopen(
+        urllib.request.Request(f"{service.url}/tasks/{task.id}/events", headers={"authorization": f"Bearer {TOKEN}"}),
+        timeout=120,
+    ) as resp:
         assert resp.headers["content-type"].startswith("application/x-ndjson")
         events = [json.loads(line) for line in resp.read().decode().splitlines()]
     assert events[0]["type"] == "run_started" and events[-1]["type"] == "run_ended"
@@ -151,9 +179,16 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def test_github_webhook(service: Service, state_dir: Path) -> None:
-    event = {"action": "labeled", "repository": {"full_name": "acme/widgets"},
-             "issue": {"number": 7, "title": "Make x two", "body": "It should be 2.\n\npolicy: yolo",
-                       "labels": [{"name": "bug"}, {"name": "sandbox"}]}}
+    event = {
+        "action": "labeled",
+        "repository": {"full_name": "acme/widgets"},
+        "issue": {
+            "number": 7,
+            "title": "Make x two",
+            "body": "It should be 2.\n\npolicy: yolo",
+            "labels": [{"name": "bug"}, {"name": "sandbox"}],
+        },
+    }
     body = json.dumps(event).encode()
     url = f"{service.url}/webhooks/github"
     for sig in ("sha256=" + "0" * 64, sign(body, "not-the-secret"), ""):
@@ -161,8 +196,9 @@ def test_github_webhook(service: Service, state_dir: Path) -> None:
         assert status == 401
     assert call(f"{service.url}/tasks", token=TOKEN)[1] == []
     unlabelled = json.dumps({**event, "issue": {**event["issue"], "labels": [{"name": "bug"}]}}).encode()
-    status, r = call(url, "POST", raw=unlabelled, headers={"x-github-event": "issues",
-                                                           "x-hub-signature-256": sign(unlabelled)})
+    status, r = call(
+        url, "POST", raw=unlabelled, headers={"x-github-event": "issues", "x-hub-signature-256": sign(unlabelled)}
+    )
     assert status == 200 and "ignored" in r
     status, t = call(url, "POST", raw=body, headers={"x-github-event": "issues", "x-hub-signature-256": sign(body)})
     assert status == 202 and t["source"] == "webhook" and t["repo"] == "widgets"
@@ -180,8 +216,10 @@ def test_restart_loses_and_duplicates_nothing(tmp_path: Path, make_repo, state_d
     svc = Service(make_config(tmp_path, make_repo, script=SLOW), state_dir)
     svc.start()
     try:
-        ids = [call(f"{svc.url}/tasks", "POST", {"repo": "widgets", "task": f"task {i}"}, token=TOKEN)[1]["id"]
-               for i in range(3)]
+        ids = [
+            call(f"{svc.url}/tasks", "POST", {"repo": "widgets", "task": f"task {i}"}, token=TOKEN)[1]["id"]
+            for i in range(3)
+        ]
         deadline = time.monotonic() + 60
         while True:
             first = call(f"{svc.url}/tasks/{ids[0]}", token=TOKEN)[1]

@@ -45,6 +45,7 @@ def states(events: list[dict[str, Any]]) -> list[str]:
 
 # --- the watchdog --------------------------------------------------------------------------------------------
 
+
 def test_a_stale_heartbeat_trips_and_a_fresh_one_restores(tmp_path: Path) -> None:
     hb, events, cuts = tmp_path / "beat", [], []
     wd = watchdog(hb, events)
@@ -116,7 +117,10 @@ def test_without_heartbeat_or_deadline_it_never_trips() -> None:
 def test_the_config_fields() -> None:
     config = SidecarConfig(run_id="r", budget_usd=1, heartbeat_path="/sandbox/heartbeat/beat", deadline_s=3660)
     assert (config.heartbeat_path, config.heartbeat_timeout_s, config.deadline_s) == (
-        "/sandbox/heartbeat/beat", 30.0, 3660)
+        "/sandbox/heartbeat/beat",
+        30.0,
+        3660,
+    )
     assert SidecarConfig(run_id="r", budget_usd=1).deadline_s is None
     for bad in ({"heartbeat_timeout_s": 0}, {"deadline_s": -1}):
         with pytest.raises(ValueError):
@@ -142,6 +146,7 @@ def test_run_checks_about_once_a_second(tmp_path: Path) -> None:
 
 # --- the gateway ---------------------------------------------------------------------------------------------
 
+
 def test_the_gateway_refuses_every_call_once_tripped(tmp_path: Path) -> None:
     hb = tmp_path / "beat"
     events: list[dict[str, Any]] = []
@@ -157,6 +162,7 @@ def test_the_gateway_refuses_every_call_once_tripped(tmp_path: Path) -> None:
         base = f"http://127.0.0.1:{gport}"
         try:
             async with aiohttp.ClientSession() as s:
+
                 async def call(path: str = "/v1/messages") -> aiohttp.ClientResponse:
                     resp = await s.post(base + path, json=body(0))
                     await resp.read()
@@ -193,7 +199,12 @@ def test_the_gateway_refuses_every_call_once_tripped(tmp_path: Path) -> None:
     assert [e["reason"] for e in refused] == ["supervisor_lost"] * 3 + ["deadline"]
     assert refused[0]["path"] == "/v1/messages" and refused[0]["method"] == "POST"
     assert [e["event"] for e in events if e["event"] in ("model_call", "watchdog")] == [
-        "model_call", "watchdog", "watchdog", "model_call", "watchdog"]
+        "model_call",
+        "watchdog",
+        "watchdog",
+        "model_call",
+        "watchdog",
+    ]
     assert states(events) == ["supervisor_lost", "restored", "deadline"]
 
 
@@ -252,6 +263,7 @@ def test_the_gateway_cuts_a_stream_in_flight_when_tripped(tmp_path: Path) -> Non
 
 # --- the proxy -----------------------------------------------------------------------------------------------
 
+
 def test_the_proxy_refuses_new_connections_and_cuts_open_ones(tmp_path: Path) -> None:
     hb = tmp_path / "beat"
     events: list[dict[str, Any]] = []
@@ -267,8 +279,19 @@ def test_the_proxy_refuses_new_connections_and_cuts_open_ones(tmp_path: Path) ->
         async def resolve(host: str, port: int) -> list[str]:
             return ["127.0.0.1"]
 
-        proxy = EgressProxy("r1", ["good.example"], [], "enforce", False, [], ("sidecar", 8080), events.append,
-                            allow_addresses=["127.0.0.1"], resolve=resolve, watchdog=wd)
+        proxy = EgressProxy(
+            "r1",
+            ["good.example"],
+            [],
+            "enforce",
+            False,
+            [],
+            ("sidecar", 8080),
+            events.append,
+            allow_addresses=["127.0.0.1"],
+            resolve=resolve,
+            watchdog=wd,
+        )
         proxy.connect = lambda ip, port: asyncio.open_connection("127.0.0.1", up_port)  # type: ignore[method-assign]
         server = await asyncio.start_server(proxy.handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]

@@ -28,11 +28,14 @@ def docker_cli(docker_host: str | None = None) -> list[str]:
 
 def inspect_bridge(docker_host: str | None = None) -> dict[str, Any]:
     """`docker network inspect bridge`: the engine's default bridge network."""
-    res = subprocess.run([*docker_cli(docker_host), "network", "inspect", "bridge"], capture_output=True,
-                         text=True, timeout=60)
+    res = subprocess.run(
+        [*docker_cli(docker_host), "network", "inspect", "bridge"], capture_output=True, text=True, timeout=60
+    )
     if res.returncode != 0:
-        raise RuntimeError(f"cannot inspect the default bridge network of the Docker engine "
-                           f"{docker_host or '(DOCKER_HOST or the default socket)'}: {res.stderr.strip()}")
+        raise RuntimeError(
+            f"cannot inspect the default bridge network of the Docker engine "
+            f"{docker_host or '(DOCKER_HOST or the default socket)'}: {res.stderr.strip()}"
+        )
     (net,) = json.loads(res.stdout)
     return net
 
@@ -47,8 +50,11 @@ def _ipv4(text: str) -> ipaddress.IPv4Address | None:
 
 def interface_ipv4(name: str) -> list[ipaddress.IPv4Address]:
     """The IPv4 addresses of a network interface of this machine (none if there is no such interface)."""
-    return [a for a in (_ipv4(s.address) for s in psutil.net_if_addrs().get(name, [])
-                        if s.family == socket.AF_INET) if a is not None]
+    return [
+        a
+        for a in (_ipv4(s.address) for s in psutil.net_if_addrs().get(name, []) if s.family == socket.AF_INET)
+        if a is not None
+    ]
 
 
 def bridge_gateway(docker_host: str | None = None) -> str:
@@ -86,7 +92,8 @@ def bridge_gateway(docker_host: str | None = None) -> str:
     raise RuntimeError(
         f"cannot tell which address `host-gateway` maps to on the Docker engine "
         f"{docker_host or '(DOCKER_HOST or the default socket)'}: its bridge network reports no IPv4 gateway "
-        f"and no subnet (IPAM config {configs!r}), and the bridge interface {iface!r} has no IPv4 address here")
+        f"and no subnet (IPAM config {configs!r}), and the bridge interface {iface!r} has no IPv4 address here"
+    )
 
 
 def local_ipv4() -> set[str]:
@@ -142,12 +149,33 @@ def start(tmp: Path, docker_host: str | None = None) -> Iterator[TestHosts]:
     addr = bridge_gateway(docker_host)
     # Bind to that one address, never to all interfaces ('' or 0.0.0.0), and only to one this machine has.
     if addr not in local_ipv4():
-        raise RuntimeError(f"`host-gateway` maps to {addr!r} on the Docker engine, which is not an address of "
-                           f"this machine ({sorted(local_ipv4())}): the test hosts will not bind to it")
+        raise RuntimeError(
+            f"`host-gateway` maps to {addr!r} on the Docker engine, which is not an address of "
+            f"this machine ({sorted(local_ipv4())}): the test hosts will not bind to it"
+        )
     cert, key = tmp / "cert.pem", tmp / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=testhost.sandbox.test",
-                    "-addext", "subjectAltName=DNS:testhost.sandbox.test"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=testhost.sandbox.test",
+            "-addext",
+            "subjectAltName=DNS:testhost.sandbox.test",
+        ],
+        check=True,
+        capture_output=True,
+    )
     hosts = TestHosts(addr, 0, 0)
     plain = http.server.ThreadingHTTPServer((addr, 0), _handler(hosts))
     tls = http.server.ThreadingHTTPServer((addr, 0), _handler(hosts))

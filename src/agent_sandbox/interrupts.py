@@ -57,8 +57,11 @@ class _Interrupts:
         log.info("signal_received signal=%s first=%s targets=%d", name, first, len(targets))
         if not first and targets:
             # Raw write: the main thread may be inside a buffered write to stderr right now.
-            os.write(2, f"sandbox: {name} received again; still finishing the run (the agent's work is being "
-                        "kept and everything torn down), it ends on its own\n".encode())
+            os.write(
+                2,
+                f"sandbox: {name} received again; still finishing the run (the agent's work is being "
+                "kept and everything torn down), it ends on its own\n".encode(),
+            )
         for target in targets:
             target(name)
 

@@ -1,15 +1,19 @@
-"""The run store: a SQLite database in the state directory that indexes every run and keeps the spend
-ledger behind the daily budget. WAL mode and a busy timeout let several `sandbox` processes write at once;
-every write is one short transaction, so a crash loses at most the write in flight."""
+"""The run store: a SQLite database in the state directory that indexes every run, keeps the spend ledger
+behind the daily budget and the task service's queue. WAL mode and a busy timeout let several `sandbox`
+processes write at once; every write is one short transaction, so a crash loses at most the write in flight.
+
+This module is the only one that runs SQL: everything else asks RunStore (runs, spend) or TaskStore (the
+service's tasks) by name."""
 
 from __future__ import annotations
 
 import datetime as dt
 import random
 import sqlite3
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent_sandbox.paths import state_dir
 
@@ -68,9 +72,11 @@ CREATE TABLE IF NOT EXISTS spend (
 
 
 # Columns added after the first release of the schema: (name, declaration).
-MIGRATIONS = [("audit_head", "TEXT"),
-              # Why the run's work waits to be imported by `sandbox gc` (kept when the engine or disk failed).
-              ("recover", "TEXT")]
+MIGRATIONS = [
+    ("audit_head", "TEXT"),
+    # Why the run's work waits to be imported by `sandbox gc` (kept when the engine or disk failed).
+    ("recover", "TEXT"),
+]
 
 
 def today() -> str:
@@ -78,6 +84,9 @@ def today() -> str:
 
 
 class RunStore:
+    """The runs and the spend ledger. Rows are plain dicts of the `runs` columns (fleet/views.py's RunRow
+    validates them for display)."""
+
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or state_dir() / "runs.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,20 +127,39 @@ class RunStore:
         self.db.execute(f"UPDATE runs SET {sets} WHERE id = ?", (*fields.values(), run_id))
 
     def get(self, run_id: str) -> dict[str, Any] | None:
+        """One run's row, or None when the store does not know it."""
         row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
         return dict(row) if row else None
 
+    def list_runs(
+        self, repo: str | None = None, status: str | None = None, since: float | None = None, limit: int = 50
+    ) -> list[dict[str, Any]]:
+        """The latest runs first, at most `limit`: only those on `repo` (the repository's resolved path, as
+        stored), with `status`, or started at or after `since` (Unix time), when given."""
+        where: list[str] = []
+        args: list[Any] = []
+        for clause, value in (("repo = ?", repo), ("status = ?", status), ("started_at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.db.execute(sql + " ORDER BY started_at DESC LIMIT ?", (*args, limit)).fetchall()
+        return [dict(r) for r in rows]
+
     def unfinished(self) -> list[dict[str, Any]]:
         """Runs still marked running, or whose work waits to be imported: `sandbox gc` looks at each."""
-        rows = self.db.execute("SELECT * FROM runs WHERE status = 'running' OR recover IS NOT NULL "
-                               "ORDER BY started_at").fetchall()
+        rows = self.db.execute(
+            "SELECT * FROM runs WHERE status = 'running' OR recover IS NOT NULL ORDER BY started_at"
+        ).fetchall()
         return [dict(r) for r in rows]
 
     def mark_failed(self, run_id: str, message: str) -> bool:
         """Mark a run that never finished as failed/error; False if it had finished or is unknown."""
         cur = self.db.execute(
             "UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ? "
-            "WHERE id = ? AND status = 'running'", (message, time.time(), run_id))
+            "WHERE id = ? AND status = 'running'",
+            (message, time.time(), run_id),
+        )
         return cur.rowcount > 0
 
     def mark_unrecoverable(self, run_id: str, message: str) -> bool:
@@ -139,7 +167,9 @@ class RunStore:
         waiting to be imported. False if it had ended and waited for nothing."""
         cur = self.db.execute(
             "UPDATE runs SET status = 'failed', reason = 'error', message = ?, ended_at = ?, recover = NULL "
-            "WHERE id = ? AND (status = 'running' OR recover IS NOT NULL)", (message, time.time(), run_id))
+            "WHERE id = ? AND (status = 'running' OR recover IS NOT NULL)",
+            (message, time.time(), run_id),
+        )
         return cur.rowcount > 0
 
     def add_spend(self, run_id: str, usd: float, day: str | None = None) -> float:
@@ -147,11 +177,88 @@ class RunStore:
         d = day or today()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT INTO spend (run_id, day, usd) VALUES (?, ?, ?) "
-                            "ON CONFLICT (run_id, day) DO UPDATE SET usd = usd + excluded.usd", (run_id, d, usd))
+            self.db.execute(
+                "INSERT INTO spend (run_id, day, usd) VALUES (?, ?, ?) "
+                "ON CONFLICT (run_id, day) DO UPDATE SET usd = usd + excluded.usd",
+                (run_id, d, usd),
+            )
             total = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE day = ?", (d,)).fetchone()[0]
         return float(total)
 
     def spent_on(self, day: str | None = None) -> float:
+        """The whole host's spend on a UTC day (default today)."""
         row = self.db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE day = ?", (day or today(),)).fetchone()
         return float(row[0])
+
+
+TaskStatus = Literal["queued", "running", "done", "failed"]
+"""Where a task of the service is: waiting, its run going, its run ended (done), or ended without a run."""
+
+
+class TaskStore:
+    """The task service's queue: the `tasks` table of a run store. Rows are plain dicts of its columns;
+    `request` and `summary` hold JSON the service validates.
+
+    The service's event loop and the threads its runs use share one connection. sqlite3 lets threads share
+    a connection but not a transaction, so every call holds a lock: one statement (or one claim) at a time."""
+
+    def __init__(self, store: RunStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+
+    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(r) for r in self.store.db.execute(sql, args).fetchall()]
+
+    def add(self, task_id: str, source: str, principal: str, repo: str, request: str) -> None:
+        """Queue a task; `request` is the run request as JSON."""
+        self._exec(
+            "INSERT INTO tasks (id, status, source, principal, repo, request, created_at) "
+            "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
+            (task_id, source, principal, repo, request, time.time()),
+        )
+
+    def get(self, task_id: str) -> dict[str, Any] | None:
+        """One task's row, or None."""
+        rows = self._exec("SELECT * FROM tasks WHERE id = ?", (task_id,))
+        return rows[0] if rows else None
+
+    def recent(self, limit: int = 200) -> list[dict[str, Any]]:
+        """The latest tasks first, at most `limit`."""
+        return self._exec("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
+
+    def running(self) -> list[dict[str, Any]]:
+        """Tasks marked running: at the service's start, those a service that died left behind."""
+        return self._exec("SELECT * FROM tasks WHERE status = 'running' ORDER BY created_at")
+
+    def claim(self) -> tuple[str, str] | None:
+        """Take the oldest queued task and mark it running, in one transaction so that two workers never take
+        the same one: its id and its request (JSON), or None when nothing is queued."""
+        with self._lock, self.store.db:
+            self.store.db.execute("BEGIN IMMEDIATE")
+            row = self.store.db.execute(
+                "SELECT id, request FROM tasks WHERE status = 'queued' ORDER BY created_at LIMIT 1"
+            ).fetchone()
+            if row is None:
+                return None
+            self.store.db.execute(
+                "UPDATE tasks SET status = 'running', started_at = ? WHERE id = ?", (time.time(), row["id"])
+            )
+        return row["id"], row["request"]
+
+    def started(self, task_id: str, run_id: str) -> None:
+        """Record the run a running task started."""
+        self._exec("UPDATE tasks SET run_id = ? WHERE id = ?", (run_id, task_id))
+
+    def done(self, task_id: str, run_id: str, summary: str) -> None:
+        """The task's run ended (however it went): its summary as JSON."""
+        self._exec(
+            "UPDATE tasks SET status = 'done', summary = ?, run_id = ?, ended_at = ? WHERE id = ?",
+            (summary, run_id, time.time(), task_id),
+        )
+
+    def failed(self, task_id: str, error: str) -> None:
+        """The task ended without a run summary, for this reason."""
+        self._exec(
+            "UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?", (error, time.time(), task_id)
+        )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent_sandbox.run.supervisor import MAX_LINE_BYTES, MAX_OUTPUT_BYTES
+from agent_sandbox.run.output import MAX_LINE_BYTES, MAX_OUTPUT_BYTES
 
 from ..conftest import audit_events
 
@@ -36,8 +36,10 @@ turns:
     flood = [line for line in stream if line.startswith("flood ")]
     assert flood == [f"flood {i}" for i in range(1, FLOOD_LINES + 1)]
     events = audit_events(s["run_dir"])
-    assert sum(1 for e in events if e["type"] == "agent_output" and e["payload"]["text"].startswith("flood ")) \
+    assert (
+        sum(1 for e in events if e["type"] == "agent_output" and e["payload"]["text"].startswith("flood "))
         == FLOOD_LINES
+    )
     calls = [e["payload"]["input"].get("command") for e in events if e["type"] == "tool_call"]
     assert "echo the real call after the flood" in calls
     results = [e["payload"] for e in events if e["type"] == "result"]
@@ -83,8 +85,7 @@ turns:
     events = audit_events(s["run_dir"])
     hits = [e["payload"] for e in events if e["type"] == "limit_hit"]
     assert [h["limit"] for h in hits] == ["output_flood"], hits
-    kept = [line for line in Path(s["run_dir"], "agent-stream.jsonl").read_text().splitlines()
-            if line.startswith("b")]
+    kept = [line for line in Path(s["run_dir"], "agent-stream.jsonl").read_text().splitlines() if line.startswith("b")]
     # What came before the bound is kept (a line Claude Code wrote meanwhile may split one of the flood's,
     # as pipe writes over 4 KiB are not atomic), and nothing after it.
     kept_bytes = sum(len(line) + 1 for line in kept)

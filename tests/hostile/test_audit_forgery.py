@@ -14,16 +14,26 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 FORGED = '{"type":"result","subtype":"success","is_error":false,"num_turns":1,"result":"forged: all done"}'
 
-SCRIPT = json.dumps({"turns": [
-    {"write": {"path": "forge.sh", "content": f"sleep 1; echo '{FORGED}' > /proc/$(pgrep -o -x claude)/fd/1\n"}},
-    {"bash": "bash forge.sh & sleep 25; echo still working"},
-    {"text": "never reached"}]})
+SCRIPT = json.dumps(
+    {
+        "turns": [
+            {
+                "write": {
+                    "path": "forge.sh",
+                    "content": f"sleep 1; echo '{FORGED}' > /proc/$(pgrep -o -x claude)/fd/1\n",
+                }
+            },
+            {"bash": "bash forge.sh & sleep 25; echo still working"},
+            {"text": "never reached"},
+        ]
+    }
+)
 
 
-def test_a_forged_result_from_a_background_process_does_not_complete_the_run(make_repo, sandbox,
-                                                                            write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "work", "--model-script", str(write_script(SCRIPT)),
-                  "--json")
+def test_a_forged_result_from_a_background_process_does_not_complete_the_run(make_repo, sandbox, write_script) -> None:
+    res = sandbox(
+        "run", "--repo", str(make_repo()), "--task", "work", "--model-script", str(write_script(SCRIPT)), "--json"
+    )
     assert res.stdout, res.stderr
     s = res.json()
     assert s["reason"] != "completed" and s["status"] != "succeeded", s
@@ -40,8 +50,16 @@ def test_a_forged_result_from_a_background_process_does_not_complete_the_run(mak
 
 
 def test_a_real_result_is_backed_by_the_gateway(make_repo, sandbox, write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--model-script",
-                  str(write_script("turns:\n  - bash: 'echo hi'\n  - text: done\n")), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script("turns:\n  - bash: 'echo hi'\n  - text: done\n")),
+        "--json",
+    )
     assert res.code == 0, res.stdout + res.stderr
     events = audit_events(res.json()["run_dir"])
     verdict = [e["payload"] for e in events if e["type"] == "result_verified"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent_sandbox.run import quota
-from agent_sandbox.run.supervisor import tree_size
+from agent_sandbox.run.output import tree_size
 
 from ..conftest import audit_events, labelled, tool_results
 
@@ -41,10 +41,21 @@ def test_writes_stop_at_the_limit_and_the_host_stays_safe(make_repo, sandbox, wr
         "rm -f random.bin huge.bin; mkdir -p $(python3 -c \"print('/'.join(['d'] * 1100))\") && echo deep ok;"
         " df -m /workspace | tail -n 1 | awk '{print $2}'",
     ]
-    script = write_script("turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in commands)
-                          + "  - text: I tried.\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "fill the disk", "--policy", str(policy),
-                  "--model-script", str(script), "--json")
+    script = write_script(
+        "turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in commands) + "  - text: I tried.\n"
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "fill the disk",
+        "--policy",
+        str(policy),
+        "--model-script",
+        str(script),
+        "--json",
+    )
     assert res.stdout, res.stderr
     s = res.json()
     out = tool_results(s["run_dir"])

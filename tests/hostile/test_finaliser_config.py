@@ -27,17 +27,45 @@ MARK = """#!/bin/sh
 ctx=agent; [ -w /sandbox/out ] && ctx=finaliser
 touch "/workspace/MARK-$(basename "$0" .sh)-$ctx" "/sandbox/out/MARK-$(basename "$0" .sh)" 2>/dev/null
 """
-CLEAN = MARK + """if [ "$ctx" = finaliser ]; then
+CLEAN = (
+    MARK
+    + """if [ "$ctx" = finaliser ]; then
   head -c 200000000 /dev/zero >/sandbox/out/big 2>/dev/null
   head -c 200000000 /dev/zero >/workspace/big 2>/dev/null
 fi
 cat >/dev/null; echo FILTERED
 """
-HOOKS = ("pre-commit", "post-commit", "commit-msg", "prepare-commit-msg", "post-index-change",
-         "reference-transaction", "fsmonitor-watchman", "pre-auto-gc", "post-rewrite")
-PROGRAMS = ("smudge", "process", "textconv", "diffcmd", "mergedrv", "fsmonitor", "pager", "ssh", "editor",
-            "gpg", "askpass", "include-fsmonitor", "includeif-pager", "worktree-fsmonitor", "alternate-refs",
-            *(f"hookspath-{h}" for h in HOOKS), *(f"hook-{h}" for h in HOOKS))
+)
+HOOKS = (
+    "pre-commit",
+    "post-commit",
+    "commit-msg",
+    "prepare-commit-msg",
+    "post-index-change",
+    "reference-transaction",
+    "fsmonitor-watchman",
+    "pre-auto-gc",
+    "post-rewrite",
+)
+PROGRAMS = (
+    "smudge",
+    "process",
+    "textconv",
+    "diffcmd",
+    "mergedrv",
+    "fsmonitor",
+    "pager",
+    "ssh",
+    "editor",
+    "gpg",
+    "askpass",
+    "include-fsmonitor",
+    "includeif-pager",
+    "worktree-fsmonitor",
+    "alternate-refs",
+    *(f"hookspath-{h}" for h in HOOKS),
+    *(f"hook-{h}" for h in HOOKS),
+)
 ATTRS = "* filter=pwn diff=pwn merge=pwn\na.py filter=pwnp\n"
 
 
@@ -47,24 +75,41 @@ def plant() -> str:
     files = {f"{p}/{name}.sh": MARK for name in PROGRAMS} | {f"{p}/clean.sh": CLEAN}
     files |= {f"{p}/hooks/{h}": f"#!/bin/sh\nexec {p}/hookspath-{h}.sh\n" for h in HOOKS}
     files |= {f".git/hooks/{h}": f"#!/bin/sh\nexec {p}/hook-{h}.sh\n" for h in HOOKS}
-    files |= {f"{p}/inc.cfg": f"[core]\n\tfsmonitor = {p}/include-fsmonitor.sh\n",
-              f"{p}/incif.cfg": f"[core]\n\tpager = {p}/includeif-pager.sh\n",
-              ".git/config.worktree": f"[core]\n\tfsmonitor = {p}/worktree-fsmonitor.sh\n",
-              f"{p}/attributes": ATTRS, ".git/info/attributes": ATTRS, ".gitattributes": ATTRS}
+    files |= {
+        f"{p}/inc.cfg": f"[core]\n\tfsmonitor = {p}/include-fsmonitor.sh\n",
+        f"{p}/incif.cfg": f"[core]\n\tpager = {p}/includeif-pager.sh\n",
+        ".git/config.worktree": f"[core]\n\tfsmonitor = {p}/worktree-fsmonitor.sh\n",
+        f"{p}/attributes": ATTRS,
+        ".git/info/attributes": ATTRS,
+        ".gitattributes": ATTRS,
+    }
     cmds = [f"mkdir -p {p}/hooks .git/hooks .git/info"]
     cmds += [f"echo {base64.b64encode(body.encode()).decode()} | base64 -d > {path}" for path, body in files.items()]
     cmds += [f"chmod +x {p}/*.sh {p}/hooks/* .git/hooks/*"]
     config = {
-        "core.repositoryformatversion": "1", "extensions.worktreeConfig": "true",
-        "filter.pwn.clean": f"{p}/clean.sh", "filter.pwn.smudge": f"{p}/smudge.sh", "filter.pwn.required": "true",
-        "filter.pwnp.process": f"{p}/process.sh", "filter.pwnp.required": "true",
-        "diff.pwn.textconv": f"{p}/textconv.sh", "diff.pwn.command": f"{p}/diffcmd.sh",
-        "merge.pwn.driver": f"{p}/mergedrv.sh", "core.fsmonitor": f"{p}/fsmonitor.sh",
-        "core.hooksPath": f"{p}/hooks", "core.pager": f"{p}/pager.sh", "core.sshCommand": f"{p}/ssh.sh",
-        "core.editor": f"{p}/editor.sh", "core.askPass": f"{p}/askpass.sh", "gpg.program": f"{p}/gpg.sh",
-        "commit.gpgSign": "true", "core.alternateRefsCommand": f"{p}/alternate-refs.sh",
-        "core.attributesFile": f"{p}/attributes", "include.path": f"{p}/inc.cfg",
-        "includeIf.gitdir:/.path": f"{p}/incif.cfg", "core.untrackedCache": "true",
+        "core.repositoryformatversion": "1",
+        "extensions.worktreeConfig": "true",
+        "filter.pwn.clean": f"{p}/clean.sh",
+        "filter.pwn.smudge": f"{p}/smudge.sh",
+        "filter.pwn.required": "true",
+        "filter.pwnp.process": f"{p}/process.sh",
+        "filter.pwnp.required": "true",
+        "diff.pwn.textconv": f"{p}/textconv.sh",
+        "diff.pwn.command": f"{p}/diffcmd.sh",
+        "merge.pwn.driver": f"{p}/mergedrv.sh",
+        "core.fsmonitor": f"{p}/fsmonitor.sh",
+        "core.hooksPath": f"{p}/hooks",
+        "core.pager": f"{p}/pager.sh",
+        "core.sshCommand": f"{p}/ssh.sh",
+        "core.editor": f"{p}/editor.sh",
+        "core.askPass": f"{p}/askpass.sh",
+        "gpg.program": f"{p}/gpg.sh",
+        "commit.gpgSign": "true",
+        "core.alternateRefsCommand": f"{p}/alternate-refs.sh",
+        "core.attributesFile": f"{p}/attributes",
+        "include.path": f"{p}/inc.cfg",
+        "includeIf.gitdir:/.path": f"{p}/incif.cfg",
+        "core.untrackedCache": "true",
     }
     cmds += [f"git config {k} {json.dumps(v)}" for k, v in config.items()]
     cmds += ["echo planted"]
@@ -80,19 +125,41 @@ def test_nothing_the_agent_configured_runs_in_the_finaliser(make_repo, sandbox, 
     base = git(repo, "rev-parse", "HEAD")
     pol = tmp_path / "disk.yaml"
     pol.write_text("limits: {disk: 64m}\n")
-    script = write_script("turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in (
-        plant(), "sed -i 's/x = 1/x = 2/' a.py && cat a.py",
-    )) + "  - text: done\n")
-    res = sandbox("run", "--repo", str(repo), "--task", "plant git config", "--model-script", str(script),
-                  "--policy", str(pol), "--keep", "--json")
+    script = write_script(
+        "turns:\n"
+        + "".join(
+            f"  - bash: {json.dumps(c)}\n"
+            for c in (
+                plant(),
+                "sed -i 's/x = 1/x = 2/' a.py && cat a.py",
+            )
+        )
+        + "  - text: done\n"
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "plant git config",
+        "--model-script",
+        str(script),
+        "--policy",
+        str(pol),
+        "--keep",
+        "--json",
+    )
     assert res.code == 0, res.stderr + res.stdout
     s = res.json()
     run_dir = Path(s["run_dir"])
     ws = run_dir / "workspace"
     # Nothing ran in the finaliser: no marker from it in the workspace, none in the run directory at all.
     ran = sorted(p.name for p in ws.glob("MARK-*-finaliser"))
-    outside = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*")
-                     if (p.name.startswith("MARK-") or p.name == "big") and ws not in p.parents)
+    outside = sorted(
+        str(p.relative_to(run_dir))
+        for p in run_dir.rglob("*")
+        if (p.name.startswith("MARK-") or p.name == "big") and ws not in p.parents
+    )
     assert ran == [] and outside == [], (ran, outside)
     assert not (ws / "big").exists()
     assert tree_bytes(run_dir) < 16 * 1024**2, "the run directory stays small"
@@ -112,15 +179,55 @@ def test_nothing_the_agent_configured_runs_in_the_finaliser(make_repo, sandbox, 
 def _finalise(image: str, ws: Path, objects: Path, out: Path, base: str, limit: int) -> dict:
     uid = "1000:1000" if os.geteuid() == 0 else f"{os.getuid()}:{os.getgid()}"
     subprocess.run(
-        ["docker", "run", "--rm", "--network", "none", "--read-only", "--tmpfs", "/tmp:rw,nosuid,nodev,size=256m",
-         "--user", uid, "--cap-drop", "ALL", "--security-opt", "no-new-privileges:true",
-         "-v", f"{ws}:/workspace", "-v", f"{objects}:/sandbox/host-objects:ro", "-v", f"{out}:/sandbox/out",
-         "-e", "SANDBOX_RUN_ID=cap", "-e", f"SANDBOX_BASE_COMMIT={base}", "-e", "SANDBOX_BRANCH=sandbox/cap",
-         "-e", f"SANDBOX_DISK_LIMIT={limit}", "-e", "HOME=/tmp", "-e", "GIT_AUTHOR_NAME=a",
-         "-e", "GIT_AUTHOR_EMAIL=a@example.invalid", "-e", "GIT_COMMITTER_NAME=a",
-         "-e", "GIT_COMMITTER_EMAIL=a@example.invalid", "-w", "/workspace",
-         "--entrypoint", "/opt/sandbox/finalize.sh", image],
-        check=True, capture_output=True, timeout=120)
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--read-only",
+            "--tmpfs",
+            "/tmp:rw,nosuid,nodev,size=256m",
+            "--user",
+            uid,
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges:true",
+            "-v",
+            f"{ws}:/workspace",
+            "-v",
+            f"{objects}:/sandbox/host-objects:ro",
+            "-v",
+            f"{out}:/sandbox/out",
+            "-e",
+            "SANDBOX_RUN_ID=cap",
+            "-e",
+            f"SANDBOX_BASE_COMMIT={base}",
+            "-e",
+            "SANDBOX_BRANCH=sandbox/cap",
+            "-e",
+            f"SANDBOX_DISK_LIMIT={limit}",
+            "-e",
+            "HOME=/tmp",
+            "-e",
+            "GIT_AUTHOR_NAME=a",
+            "-e",
+            "GIT_AUTHOR_EMAIL=a@example.invalid",
+            "-e",
+            "GIT_COMMITTER_NAME=a",
+            "-e",
+            "GIT_COMMITTER_EMAIL=a@example.invalid",
+            "-w",
+            "/workspace",
+            "--entrypoint",
+            "/opt/sandbox/finalize.sh",
+            image,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     return json.loads((out / "result.json").read_text())
 
 

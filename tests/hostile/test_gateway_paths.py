@@ -39,13 +39,23 @@ def test_unmetered_endpoints_and_abnormal_paths_are_refused(make_repo, sandbox, 
     lines = [f"echo {json.dumps(json.dumps(BODY))} > /tmp/body.json"]
     for via in ("--noproxy '*'", ""):  # straight to the sidecar, and through the egress proxy
         for method, path, _status in PROBES:
-            lines.append(f"printf '%s ' {method} '{path}'; curl -sS {via} --path-as-is -X {method} "
-                         f"-H 'content-type: application/json' -H 'x-api-key: placeholder' "
-                         f"{'-d @/tmp/body.json ' if method == 'POST' else ''}-o /tmp/out -w '%{{http_code}} ' "
-                         f"'http://sidecar:8080{path}'; head -c 400 /tmp/out; echo")
+            lines.append(
+                f"printf '%s ' {method} '{path}'; curl -sS {via} --path-as-is -X {method} "
+                f"-H 'content-type: application/json' -H 'x-api-key: placeholder' "
+                f"{'-d @/tmp/body.json ' if method == 'POST' else ''}-o /tmp/out -w '%{{http_code}} ' "
+                f"'http://sidecar:8080{path}'; head -c 400 /tmp/out; echo"
+            )
     script = "turns:\n  - bash: " + json.dumps("\n".join(lines)) + "\n  - text: done\n"
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "probe the gateway", "--model-script",
-                  str(write_script(script)), "--json")
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "probe the gateway",
+        "--model-script",
+        str(write_script(script)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     run_dir = res.json()["run_dir"]
     (out,) = tool_results(run_dir)

@@ -28,9 +28,8 @@ from typing import Any
 import psutil
 import pytest
 
-from agent_sandbox.backend import NetworkSpec
 from agent_sandbox.backend.base import RUN_LABEL
-from agent_sandbox.backend.docker import DockerBackend, HostFirewall
+from agent_sandbox.backend.docker import DockerBackend, HostFirewall, NetworkSpec
 from agent_sandbox.backend.images import require_images
 
 from .. import testhosts
@@ -115,7 +114,7 @@ def host_targets() -> dict[str, str]:
     return targets
 
 
-PROBE = r'''
+PROBE = r"""
 import ipaddress, json, socket, subprocess, sys
 port, udp_port, targets = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3])
 own = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capture_output=True, text=True).stdout
@@ -148,26 +147,28 @@ try:  # unprivileged since Linux 5.7: a broadcast bound to the interface needs n
 except OSError as exc:
     out["udp"]["bound broadcast"] = f"{type(exc).__name__}: {exc}"
 print(json.dumps(out))
-'''
+"""
 
 
 def script(*commands: str) -> str:
     return "turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in commands) + "  - text: done\n"
 
 
-def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, sandbox, write_script,
-                                             tmp_path) -> None:
+def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, sandbox, write_script, tmp_path) -> None:
     port, targets = host_service.tcp_port, host_targets()
     repo = make_repo(files={"probe.py": PROBE, "README.md": "# probe\n"})
     addrs = list(targets.values())
-    gw = "$(python3 -c \"import ipaddress,subprocess; o=subprocess.run(['ip','-o','-4','addr','show','scope'," \
-         "'global'],capture_output=True,text=True).stdout; print(ipaddress.ip_interface(o.split()[3]).network[1])\")"
+    gw = (
+        "$(python3 -c \"import ipaddress,subprocess; o=subprocess.run(['ip','-o','-4','addr','show','scope',"
+        "'global'],capture_output=True,text=True).stdout; print(ipaddress.ip_interface(o.split()[3]).network[1])\")"
+    )
     per_address = []
     for addr in [gw, *addrs]:
         per_address.append(
             f"a={addr}; echo \"== $a\"; curl -sS -m 5 -i http://$a:{port}/ 2>&1 | grep -iE '^HTTP/|^x-sandbox-egress'; "
             f"{NO_PROXY} curl -sS -m 5 http://$a:{port}/ 2>&1; echo rc=$?; "
-            f"timeout 5 bash -c 'exec 3<>/dev/tcp/'$a'/{port} && head -c 40 <&3' 2>&1; echo rc=$?")
+            f"timeout 5 bash -c 'exec 3<>/dev/tcp/'$a'/{port} && head -c 40 <&3' 2>&1; echo rc=$?"
+        )
     sc = script(
         "ip route; echo ---; ip -4 route show table local; echo ---; getent hosts sidecar; "
         "cat /proc/sys/net/ipv6/conf/all/disable_ipv6",
@@ -178,11 +179,30 @@ def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, san
         f"curl -sS -m 10 http://{NAME}:{hosts.http_port}/reach; curl -sSk -m 10 https://{NAME}:{hosts.https_port}/tls",
     )
     pol = tmp_path / "policy.yaml"
-    pol.write_text(json.dumps({"name": "reach", "egress": {
-        "allow": [f"{NAME}:{hosts.http_port}", f"{NAME}:{hosts.https_port}"], "allow_private": True,
-        "hosts": {NAME: "host-gateway"}}}))
-    res = sandbox("run", "--repo", str(repo), "--task", "reach the host", "--policy", str(pol),
-                  "--model-script", str(write_script(sc)), "--json")
+    pol.write_text(
+        json.dumps(
+            {
+                "name": "reach",
+                "egress": {
+                    "allow": [f"{NAME}:{hosts.http_port}", f"{NAME}:{hosts.https_port}"],
+                    "allow_private": True,
+                    "hosts": {NAME: "host-gateway"},
+                },
+            }
+        )
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "reach the host",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(sc)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     summary = res.json()
     out = tool_results(summary["run_dir"])
@@ -208,7 +228,7 @@ def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, san
             assert "Network is unreachable" in result, (label, result)
 
     # curl with the proxy (403: the host's addresses are refused), without it, and bash's /dev/tcp.
-    *remote, loopback = out[2:2 + len(per_address)]
+    *remote, loopback = out[2 : 2 + len(per_address)]
     for text in remote:
         assert "HOST-SERVICE-REACHED" not in text, text
         assert "HTTP/1.1 403" in text and "x-sandbox-egress: denied" in text, text  # the proxy refuses it
@@ -229,24 +249,45 @@ def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, san
 
 # --- the host firewall, behind the routes --------------------------------------------------------------------
 
+
 def _attempt(network: str, image: str, port: int, udp_port: int) -> dict[str, Any]:
     """From a container on `network` with Docker's own routes: TCP and UDP to the network's .1."""
-    code = ("import ipaddress,json,socket,subprocess;"
-            "o=subprocess.run(['ip','-o','-4','addr','show','scope','global'],capture_output=True,text=True).stdout;"
-            "gw=str(ipaddress.ip_interface(o.split()[3]).network[1]);"
-            "s=socket.socket();s.settimeout(3);r={'gw':gw}\n"
-            f"try:\n s.connect((gw,{port}));r['tcp']=s.recv(100).decode()\n"
-            "except OSError as e:\n r['tcp']=type(e).__name__\n"
-            f"socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(gw,{udp_port}))\n"
-            "print(json.dumps(r))")
-    res = subprocess.run(["docker", "run", "--rm", "--network", network, "--cap-drop", "ALL", "--entrypoint",
-                          "python3", image, "-c", code], capture_output=True, text=True, timeout=120)
+    code = (
+        "import ipaddress,json,socket,subprocess;"
+        "o=subprocess.run(['ip','-o','-4','addr','show','scope','global'],capture_output=True,text=True).stdout;"
+        "gw=str(ipaddress.ip_interface(o.split()[3]).network[1]);"
+        "s=socket.socket();s.settimeout(3);r={'gw':gw}\n"
+        f"try:\n s.connect((gw,{port}));r['tcp']=s.recv(100).decode()\n"
+        "except OSError as e:\n r['tcp']=type(e).__name__\n"
+        f"socket.socket(socket.AF_INET,socket.SOCK_DGRAM).sendto(b'x',(gw,{udp_port}))\n"
+        "print(json.dumps(r))"
+    )
+    res = subprocess.run(
+        [
+            "docker",
+            "run",
+            "--rm",
+            "--network",
+            network,
+            "--cap-drop",
+            "ALL",
+            "--entrypoint",
+            "python3",
+            image,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)
 
 
-@pytest.mark.skipif(HostFirewall().unavailable() is not None,
-                    reason=f"no host firewall here: {HostFirewall().unavailable()}")
+@pytest.mark.skipif(
+    HostFirewall().unavailable() is not None, reason=f"no host firewall here: {HostFirewall().unavailable()}"
+)
 def test_the_host_firewall_drops_what_the_internal_network_sends(host_service) -> None:
     backend = DockerBackend.connect()
     image = require_images(backend.client).agent
@@ -255,8 +296,11 @@ def test_the_host_firewall_drops_what_the_internal_network_sends(host_service) -
     try:
         # The control: an internal network without the rules lets a container with Docker's routes reach
         # the host service on the bridge's .1. This is the leak.
-        subprocess.run(["docker", "network", "create", "--internal", "--label", f"{RUN_LABEL}={run_id}",
-                        control], check=True, capture_output=True)
+        subprocess.run(
+            ["docker", "network", "create", "--internal", "--label", f"{RUN_LABEL}={run_id}", control],
+            check=True,
+            capture_output=True,
+        )
         leak = _attempt(control, image, host_service.tcp_port, host_service.udp_port)
         assert leak["tcp"] == "HOST-SERVICE-REACHED\n", leak
         # A run's internal network: the same attempt meets the host firewall (dropped: a timeout).
@@ -277,8 +321,9 @@ def test_the_host_firewall_drops_what_the_internal_network_sends(host_service) -
     assert labelled(run_id) == []
 
 
-@pytest.mark.skipif(HostFirewall().unavailable() is not None,
-                    reason=f"no host firewall here: {HostFirewall().unavailable()}")
+@pytest.mark.skipif(
+    HostFirewall().unavailable() is not None, reason=f"no host firewall here: {HostFirewall().unavailable()}"
+)
 def test_gc_reaps_firewall_rules_whose_run_is_gone() -> None:
     backend = DockerBackend.connect()
     run_id = f"test-fw-{uuid.uuid4().hex[:8]}"

@@ -32,8 +32,10 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[testhosts.TestHo
 
 def s_client(servername: str, port: int) -> str:
     flag = "-noservername" if servername == "-" else f"-servername {servername}"
-    return (f"echo | timeout 20 openssl s_client -proxy sidecar:3128 -connect {NAME}:{port} {flag} 2>&1 "
-            "| grep -iE 'alert|^CONNECTED|subject=|errno|Verification|Cipher is' ; true")
+    return (
+        f"echo | timeout 20 openssl s_client -proxy sidecar:3128 -connect {NAME}:{port} {flag} 2>&1 "
+        "| grep -iE 'alert|^CONNECTED|subject=|errno|Verification|Cipher is' ; true"
+    )
 
 
 def test_smuggled_hosts_are_refused(hosts, make_repo, sandbox, write_script, tmp_path) -> None:
@@ -51,11 +53,30 @@ def test_smuggled_hosts_are_refused(hosts, make_repo, sandbox, write_script, tmp
     ]
     script = "turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in commands) + "  - text: done\n"
     pol = tmp_path / "policy.yaml"
-    pol.write_text(json.dumps({"name": "smuggling", "egress": {
-        "allow": [f"{NAME}:{h}", f"{NAME}:{s}"], "allow_private": True,
-        "hosts": {NAME: "host-gateway", EVIL: "host-gateway"}}}))
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "smuggle", "--policy", str(pol),
-                  "--model-script", str(write_script(script)), "--json")
+    pol.write_text(
+        json.dumps(
+            {
+                "name": "smuggling",
+                "egress": {
+                    "allow": [f"{NAME}:{h}", f"{NAME}:{s}"],
+                    "allow_private": True,
+                    "hosts": {NAME: "host-gateway", EVIL: "host-gateway"},
+                },
+            }
+        )
+    )
+    res = sandbox(
+        "run",
+        "--repo",
+        str(make_repo()),
+        "--task",
+        "smuggle",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(write_script(script)),
+        "--json",
+    )
     assert res.code == 0, res.stderr
     summary = res.json()
     out = tool_results(summary["run_dir"])
@@ -64,8 +85,7 @@ def test_smuggled_hosts_are_refused(hosts, make_repo, sandbox, write_script, tmp
 
     assert honest_plain.startswith("HTTP/1.0 200") and "GET /honest-plain" in honest_plain
     assert host.startswith("HTTP/1.1 403"), host
-    assert (f"x-sandbox-egress-reason: Host header '{EVIL}' does not match the requested host {NAME}:{h}"
-            in host), host
+    assert f"x-sandbox-egress-reason: Host header '{EVIL}' does not match the requested host {NAME}:{h}" in host, host
     assert port.startswith("HTTP/1.1 403") and f"Host header '{NAME}:1' does not match" in port, port
     assert honest_tls.strip() == "hello from the test host: GET /honest-tls"
     # curl --connect-to: CONNECT names the allowed host, the ClientHello the other one. Refused inside the

@@ -85,8 +85,9 @@ log(done=True)
 
 
 @pytest.mark.parametrize("order", list(ORDERS))
-def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(order, make_repo, state_dir,
-                                                                             write_script) -> None:
+def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(
+    order, make_repo, state_dir, write_script
+) -> None:
     # Fixed bug: Supervisor._unrecorded skips the first `seen` lines of the container's log (seen = the
     # trail's gateway and proxy events), assuming the log still starts with the sidecar's first line. Docker
     # rotates it at 2 x 64 MiB (backend/docker.py log_config), so after a flood the calls are gone before gc
@@ -94,17 +95,31 @@ def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(orde
     # hides the calls that follow it.
     steps, lines = ORDERS[order]
     text = ATTACK.replace("CALLS", str(CALLS)).replace("FLOOD", str(lines)).replace("ORDER", repr(steps))
-    script = yaml.safe_dump({
-        "usage": {"input_tokens": 100000, "output_tokens": 10000},  # each call costs about $0.45
-        "turns": [
-            {"write": {"path": "partial.txt", "content": "work before the kill\n"}},
-            {"write": {"path": "/tmp/attack.py", "content": text}},
-            {"bash": "python3 /tmp/attack.py; echo attack-done", "timeout_ms": 300000},
-            {"text": "never reached"},
-        ]})
+    script = yaml.safe_dump(
+        {
+            "usage": {"input_tokens": 100000, "output_tokens": 10000},  # each call costs about $0.45
+            "turns": [
+                {"write": {"path": "partial.txt", "content": "work before the kill\n"}},
+                {"write": {"path": "/tmp/attack.py", "content": text}},
+                {"bash": "python3 /tmp/attack.py; echo attack-done", "timeout_ms": 300000},
+                {"text": "never reached"},
+            ],
+        }
+    )
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--budget-usd", "20",
-                     "--model-script", str(write_script(script)), "--json")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--budget-usd",
+        "20",
+        "--model-script",
+        str(write_script(script)),
+        "--json",
+    )
     run_id, _ = kill_supervisor(proc, state_dir)
     run_dir = state_dir / "runs" / run_id
     try:
@@ -120,8 +135,11 @@ def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(orde
     assert [e["status"] for e in log if "call" in e] == [200] * CALLS, log
     assert any(e.get("done") for e in log), log
 
-    answered = [e for e in (json.loads(x) for x in (run_dir / "model" / "transcript.jsonl").read_text().splitlines())
-                if e.get("path") == "/v1/messages"]
+    answered = [
+        e
+        for e in (json.loads(x) for x in (run_dir / "model" / "transcript.jsonl").read_text().splitlines())
+        if e.get("path") == "/v1/messages"
+    ]
     events = audit_events(run_dir)
     calls = [e["payload"] for e in events if e["type"] == "model_call" and e["source"] == "gateway"]
     per_call = calls[0]["cost_usd"]
@@ -129,9 +147,11 @@ def test_model_calls_made_after_the_kill_survive_a_flood_of_the_sidecar_log(orde
     db = sqlite3.connect(state_dir / "runs.sqlite")
     booked = db.execute("SELECT COALESCE(SUM(usd), 0) FROM spend WHERE run_id = ?", (run_id,)).fetchone()[0]
     missing = sorted(set(range(1, len(answered) + 1)) - {c["call"] for c in calls})
-    why = (f"the gateway answered {len(answered)} model calls; the trail has {len(calls)}, missing calls "
-           f"{missing}; summary cost ${summary['cost_usd']}, booked ${booked:.4f}, actual "
-           f"${len(answered) * per_call:.4f}")
+    why = (
+        f"the gateway answered {len(answered)} model calls; the trail has {len(calls)}, missing calls "
+        f"{missing}; summary cost ${summary['cost_usd']}, booked ${booked:.4f}, actual "
+        f"${len(answered) * per_call:.4f}"
+    )
     # The spend first (the summary, the host's daily ledger), then the record of each call.
     assert summary["cost_usd"] == pytest.approx(len(answered) * per_call, rel=1e-3), why
     assert booked == pytest.approx(len(answered) * per_call, rel=1e-3), why

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 LIMIT_MB = 400
 
-FLOOD = r'''
+FLOOD = r"""
 import socket, threading
 def worker(k):
     for i in range(1_000_000):
@@ -44,23 +44,47 @@ for t in threads:
     t.start()
 for t in threads:
     t.join()
-'''
+"""
 
-PEAK = ("import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, file=sys.stderr)")
+PEAK = (
+    "import resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc, file=sys.stderr)"
+)
 
 
 def test_a_connection_flood_ends_the_run_with_bounded_trail_and_memory(make_repo, state_dir, write_script) -> None:
-    script = yaml.safe_dump({"turns": [
-        {"write": {"path": "partial.txt", "content": "work before the flood\n"}},
-        {"write": {"path": "/tmp/flood.py", "content": FLOOD}},
-        {"bash": "python3 /tmp/flood.py; sleep 600", "timeout_ms": 600000},
-        {"text": "never reached"},
-    ]})
+    script = yaml.safe_dump(
+        {
+            "turns": [
+                {"write": {"path": "partial.txt", "content": "work before the flood\n"}},
+                {"write": {"path": "/tmp/flood.py", "content": FLOOD}},
+                {"bash": "python3 /tmp/flood.py; sleep 600", "timeout_ms": 600000},
+                {"text": "never reached"},
+            ]
+        }
+    )
     repo = make_repo()
-    res = subprocess.run([sys.executable, "-c", PEAK, *SANDBOX, "run", "--repo", str(repo), "--task", "t",
-                          "--model-script", str(write_script(script)), "--json"], capture_output=True, text=True,
-                         timeout=900, env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            PEAK,
+            *SANDBOX,
+            "run",
+            "--repo",
+            str(repo),
+            "--task",
+            "t",
+            "--model-script",
+            str(write_script(script)),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)},
+        cwd=REPO_ROOT,
+    )
     peak_kb, rc = map(int, res.stderr.strip().splitlines()[-1].split())
     s = json.loads(res.stdout)
     assert (rc, s["reason"]) == (10, "error") and "egress_flood" in s["message"], s["message"]

@@ -143,12 +143,21 @@ log(done=True)
 
 
 def script(text: str) -> str:
-    return yaml.safe_dump({"turns": [
-        {"write": {"path": "partial.txt", "content": "work before the kill\n"}},
-        {"write": {"path": "/tmp/probe.py", "content": text.replace("HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT))}},
-        {"bash": "python3 /tmp/probe.py; echo probe-done", "timeout_ms": 300000},
-        {"text": "never reached"},
-    ]})
+    return yaml.safe_dump(
+        {
+            "turns": [
+                {"write": {"path": "partial.txt", "content": "work before the kill\n"}},
+                {
+                    "write": {
+                        "path": "/tmp/probe.py",
+                        "content": text.replace("HEARTBEAT_TIMEOUT", str(HEARTBEAT_TIMEOUT)),
+                    }
+                },
+                {"bash": "python3 /tmp/probe.py; echo probe-done", "timeout_ms": 300000},
+                {"text": "never reached"},
+            ]
+        }
+    )
 
 
 def kill_supervisor(proc: subprocess.Popen[str], state_dir: Path) -> tuple[str, float]:
@@ -166,8 +175,14 @@ def gc(state_dir: Path, timeout: float = 300) -> tuple[list[dict[str, Any]], flo
     from ..conftest import REPO_ROOT, SANDBOX
 
     t0 = time.monotonic()
-    res = subprocess.run([*SANDBOX, "gc", "--json"], capture_output=True, text=True, timeout=timeout,
-                         env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
+    res = subprocess.run(
+        [*SANDBOX, "gc", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)},
+        cwd=REPO_ROOT,
+    )
     took = time.monotonic() - t0
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout), took, res.stderr
@@ -179,10 +194,20 @@ def probes(path_or_text: Path | str) -> list[dict[str, Any]]:
 
 
 def test_connections_held_across_the_kill_are_cut_and_hostile_output_is_recovered_as_claims(
-        make_repo, state_dir, sandbox, write_script) -> None:
+    make_repo, state_dir, sandbox, write_script
+) -> None:
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                     str(write_script(script(PROBE))), "--json")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(script(PROBE))),
+        "--json",
+    )
     run_id, killed = kill_supervisor(proc, state_dir)
     run_dir = state_dir / "runs" / run_id
     agent = f"sbx-{run_id}-agent"
@@ -210,8 +235,11 @@ def test_connections_held_across_the_kill_are_cut_and_hostile_output_is_recovere
         cut = [e for e in log if e.get("probe") == name and "error" in e]
         assert refused or cut, (name, log)
     events = audit_events(run_dir)
-    tunnel_lines = [e["payload"] for e in events if e["type"] == "egress" and e["payload"].get("port") == 8080
-                    and e["payload"].get("decision") == "allow"]
+    tunnel_lines = [
+        e["payload"]
+        for e in events
+        if e["type"] == "egress" and e["payload"].get("port") == 8080 and e["payload"].get("decision") == "allow"
+    ]
     assert any("cut off: supervisor_lost" in (p.get("decision_detail") or "") for p in tunnel_lines), tunnel_lines
 
     # 2. The hostile output: on record as the agent's claims; nothing of it counts as the gateway's.
@@ -255,12 +283,24 @@ def test_a_stopped_timeout_does_not_keep_the_agent_past_its_deadline(make_repo, 
     wall = 20
     deadline = wall + 120 + 10  # the supervisor's margin, then timeout's --kill-after
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--timeout", str(wall),
-                     "--model-script", str(write_script(STOPPER)), "--json")
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--timeout",
+        str(wall),
+        "--model-script",
+        str(write_script(STOPPER)),
+        "--json",
+    )
     run_id, _ = kill_supervisor(proc, state_dir)
     agent = f"sbx-{run_id}-agent"
-    started = subprocess.run(["docker", "inspect", "-f", "{{.State.StartedAt}}", agent], capture_output=True,
-                             text=True, check=True).stdout.strip()
+    started = subprocess.run(
+        ["docker", "inspect", "-f", "{{.State.StartedAt}}", agent], capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
         from datetime import datetime
 
@@ -269,14 +309,19 @@ def test_a_stopped_timeout_does_not_keep_the_agent_past_its_deadline(make_repo, 
         while time.time() < end and container_running(agent):
             time.sleep(2)
         running = container_running(agent)
-        ps = subprocess.run(["docker", "exec", agent, "ps", "-eo", "pid,user,stat,etimes,args"],
-                            capture_output=True, text=True).stdout if running else ""
-        sidecar = subprocess.run(["docker", "logs", f"sbx-{run_id}-sidecar"], capture_output=True,
-                                 text=True).stdout
-        tripped = [json.loads(line)["state"] for line in sidecar.splitlines()
-                   if '"event":"watchdog"' in line]
-        assert not running, (f"the agent's container still runs {time.time() - t0:.0f} s after it started "
-                             f"(deadline {deadline} s); sidecar watchdog: {tripped}; processes:\n{ps}")
+        ps = (
+            subprocess.run(
+                ["docker", "exec", agent, "ps", "-eo", "pid,user,stat,etimes,args"], capture_output=True, text=True
+            ).stdout
+            if running
+            else ""
+        )
+        sidecar = subprocess.run(["docker", "logs", f"sbx-{run_id}-sidecar"], capture_output=True, text=True).stdout
+        tripped = [json.loads(line)["state"] for line in sidecar.splitlines() if '"event":"watchdog"' in line]
+        assert not running, (
+            f"the agent's container still runs {time.time() - t0:.0f} s after it started "
+            f"(deadline {deadline} s); sidecar watchdog: {tripped}; processes:\n{ps}"
+        )
     finally:
         results, _, _ = gc(state_dir)
     assert [r["action"] for r in results if r["run_id"] == run_id] == ["recovered"]
@@ -285,7 +330,7 @@ def test_a_stopped_timeout_does_not_keep_the_agent_past_its_deadline(make_repo, 
     assert labelled(run_id) == []
 
 
-STUCK = r'''
+STUCK = r"""
 import http.client, json, socket, time
 LOG = open("/workspace/probe.log", "a", buffering=1)
 # Refusals enough to fill a pipe: the supervisor prints each as a progress line (cut to 300 characters),
@@ -308,30 +353,47 @@ while time.time() < t0 + 100:
     except Exception as exc:
         LOG.write(json.dumps({"t": time.time(), "error": repr(exc)[:200]}) + "\n")
     time.sleep(2)
-'''
+"""
 
 
-def test_a_supervisor_stuck_on_its_progress_output_is_not_taken_for_a_live_one(make_repo, state_dir,
-                                                                                  write_script) -> None:
+def test_a_supervisor_stuck_on_its_progress_output_is_not_taken_for_a_live_one(
+    make_repo, state_dir, write_script
+) -> None:
     # Found by the red team: the heartbeat was touched by a thread of its own, so it said "the process lives",
     # not "the process supervises". Here the supervisor's main thread blocks writing progress lines (its stderr
     # is a pipe nobody drains, as under `2>&1 | less`): it enforces no limit, so the sidecar must stop serving
     # (the heartbeat beats only while the watch loop goes round).
     wall = 20
-    script = yaml.safe_dump({"turns": [
-        {"write": {"path": "/tmp/stuck.py", "content": STUCK}},
-        {"bash": "python3 /tmp/stuck.py", "timeout_ms": 300000},
-        {"text": "done"},
-    ]})
+    script = yaml.safe_dump(
+        {
+            "turns": [
+                {"write": {"path": "/tmp/stuck.py", "content": STUCK}},
+                {"bash": "python3 /tmp/stuck.py", "timeout_ms": 300000},
+                {"text": "done"},
+            ]
+        }
+    )
     repo = make_repo()
-    proc = start_run(state_dir, "run", "--repo", str(repo), "--task", "t", "--timeout", str(wall),
-                     "--model-script", str(write_script(script)), "--json")  # stdout and stderr: undrained pipes
+    proc = start_run(
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--timeout",
+        str(wall),
+        "--model-script",
+        str(write_script(script)),
+        "--json",
+    )  # stdout and stderr: undrained pipes
     try:
         wait_for(lambda: bash_started(state_dir), 120, "the Bash call")
         run_id = only_run_id(state_dir)
         run_dir = state_dir / "runs" / run_id
-        started = json.loads(next(line for line in (run_dir / "audit.jsonl").read_text().splitlines()
-                                  if '"network_isolated"' in line))["time"]
+        started = json.loads(
+            next(line for line in (run_dir / "audit.jsonl").read_text().splitlines() if '"network_isolated"' in line)
+        )["time"]
         bound = wall + HEARTBEAT_TIMEOUT + 10
         time.sleep(max(0.0, started + bound + 20 - time.time()))
         beat_age = time.time() - (run_dir / "heartbeat" / "beat").stat().st_mtime
@@ -339,8 +401,10 @@ def test_a_supervisor_stuck_on_its_progress_output_is_not_taken_for_a_live_one(m
     finally:
         code, _out, _err = finish(proc, 300)  # drained: the supervisor goes on, and ends the run
     late = [round(e["t"] - started) for e in log if e.get("status") == 200 and e["t"] > started + bound]
-    assert late == [], (f"model calls served {late} s after the agent started (wall-clock limit {wall} s); "
-                        f"the heartbeat was {beat_age:.0f} s old")
+    assert late == [], (
+        f"model calls served {late} s after the agent started (wall-clock limit {wall} s); "
+        f"the heartbeat was {beat_age:.0f} s old"
+    )
     assert code != 0 and labelled(run_id) == []
 
 
@@ -364,9 +428,14 @@ def test_a_signal_with_the_terminal_gone_still_brings_the_work_home(sig, make_re
 
     repo = make_repo()
     r, w = os.pipe()
-    proc = subprocess.Popen([*SANDBOX, "run", "--repo", str(repo), "--task", "t", "--model-script",
-                             str(write_script(HANGUP)), "--json"], stdout=subprocess.PIPE, stderr=w, text=True,
-                            env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)}, cwd=REPO_ROOT)
+    proc = subprocess.Popen(
+        [*SANDBOX, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(HANGUP)), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=w,
+        text=True,
+        env={**os.environ, "SANDBOX_STATE_DIR": str(state_dir)},
+        cwd=REPO_ROOT,
+    )
     os.close(w)
     try:
         wait_for(lambda: bash_started(state_dir), 120, "the Bash call")
@@ -380,6 +449,9 @@ def test_a_signal_with_the_terminal_gone_still_brings_the_work_home(sig, make_re
             proc.kill()
         gc(state_dir)  # whatever the run left, finished
     assert (proc.returncode, status["status"], status["reason"]) == (130, "killed", "interrupted"), (
-        proc.returncode, status, out[-500:])
+        proc.returncode,
+        status,
+        out[-500:],
+    )
     assert git(repo, "show", f"sandbox/{run_id}:partial.txt") == "work before the hangup"
     no_leftovers(state_dir, run_id)

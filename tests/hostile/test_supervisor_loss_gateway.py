@@ -49,10 +49,18 @@ class Harness:
         async def messages(request: web.Request) -> web.Response:
             request.app[SEEN].append(("messages", await request.read()))
             await request.app[ANSWER].wait()
-            return web.json_response({
-                "id": "msg_late", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
-                "content": [{"type": "text", "text": "THE LATE ANSWER"}], "stop_reason": "end_turn",
-                "stop_sequence": None, "usage": {"input_tokens": 10, "output_tokens": 5}})
+            return web.json_response(
+                {
+                    "id": "msg_late",
+                    "type": "message",
+                    "role": "assistant",
+                    "model": "claude-sonnet-4-5",
+                    "content": [{"type": "text", "text": "THE LATE ANSWER"}],
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": {"input_tokens": 10, "output_tokens": 5},
+                }
+            )
 
         async def count_tokens(request: web.Request) -> web.Response:
             request.app[SEEN].append(("count_tokens", await request.read()))
@@ -85,9 +93,12 @@ class Harness:
         the status and the response body."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.gport)
         half = len(payload) // 2
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: sidecar:8080\r\nContent-Type: application/json\r\n"
-                     f"anthropic-version: 2023-06-01\r\nContent-Length: {len(payload)}\r\n"
-                     "Connection: close\r\n\r\n".encode() + payload[:half])
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: sidecar:8080\r\nContent-Type: application/json\r\n"
+            f"anthropic-version: 2023-06-01\r\nContent-Length: {len(payload)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+            + payload[:half]
+        )
         await writer.drain()
         await asyncio.sleep(0.3)  # the handler has started and waits in request.read()
         before_rest()
@@ -147,8 +158,11 @@ def test_a_non_streamed_answer_is_not_handed_over_after_the_trip(tmp_path: Path)
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", h.gport)
             payload = json.dumps(body(0, stream=False)).encode()
-            writer.write(f"POST /v1/messages HTTP/1.1\r\nHost: sidecar:8080\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode() + payload)
+            writer.write(
+                f"POST /v1/messages HTTP/1.1\r\nHost: sidecar:8080\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n".encode()
+                + payload
+            )
             await writer.drain()
             for _ in range(100):  # the upstream is working on it
                 if h.seen:

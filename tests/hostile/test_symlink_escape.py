@@ -21,11 +21,21 @@ def test_a_chain_of_links_out_of_the_repository_is_refused(make_repo, sandbox, w
     subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
     git(repo, "remote", "add", "origin", str(origin))
     git(repo, "push", "-q", "origin", "main")
-    chain = ("ln -s . a && ln -s a/.. b && mkdir -p d/e && ln -s ../.. d/e/top && ln -s d/e/top/a/.. c "
-             "&& git add a b c d && git commit -q -m 'links that each look harmless' && ls b/ >/dev/null && echo ok")
-    script = write_script("turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in (
-        chain, "sed -i 's/x = 1/x = 2/' a.py",
-    )) + "  - text: done\n")
+    chain = (
+        "ln -s . a && ln -s a/.. b && mkdir -p d/e && ln -s ../.. d/e/top && ln -s d/e/top/a/.. c "
+        "&& git add a b c d && git commit -q -m 'links that each look harmless' && ls b/ >/dev/null && echo ok"
+    )
+    script = write_script(
+        "turns:\n"
+        + "".join(
+            f"  - bash: {json.dumps(c)}\n"
+            for c in (
+                chain,
+                "sed -i 's/x = 1/x = 2/' a.py",
+            )
+        )
+        + "  - text: done\n"
+    )
     res = sandbox("run", "--repo", str(repo), "--task", "t", "--model-script", str(script), "--push", "--json")
     assert res.code == 15, res.stderr + res.stdout
     s = res.json()

@@ -16,16 +16,24 @@ pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
 RAW = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069\u2028\u2029]")
 
-SCRIPT = json.dumps({"turns": [
-    {"bash": "printf 'hi\\033]52;c;ZXZpbA==\\007 \\033[2J\\r\\b\\302\\233 \\342\\200\\256gnp.exe\\n'; "
-             "echo '\x1b[31mred\x07'"},
-    {"write": {"path": "notes\x1b[2J\u202e.md", "content": "x\x1b]52;c;aGk=\x07\n"}},
-    {"text": "done \x1b]52;c;aGk=\x07 \x1b[1A\r\b\u202eevil \x9b"}]})
+SCRIPT = json.dumps(
+    {
+        "turns": [
+            {
+                "bash": "printf 'hi\\033]52;c;ZXZpbA==\\007 \\033[2J\\r\\b\\302\\233 \\342\\200\\256gnp.exe\\n'; "
+                "echo '\x1b[31mred\x07'"
+            },
+            {"write": {"path": "notes\x1b[2J\u202e.md", "content": "x\x1b]52;c;aGk=\x07\n"}},
+            {"text": "done \x1b]52;c;aGk=\x07 \x1b[1A\r\b\u202eevil \x9b"},
+        ]
+    }
+)
 
 
 def test_escape_sequences_reach_no_terminal_and_no_report(make_repo, sandbox, write_script) -> None:
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "escape \x1b[2J task", "--model-script",
-                  str(write_script(SCRIPT)))
+    res = sandbox(
+        "run", "--repo", str(make_repo()), "--task", "escape \x1b[2J task", "--model-script", str(write_script(SCRIPT))
+    )
     assert res.code == 0, res.stdout + res.stderr
     run_id = re.search(r"run dir\s+\S+/runs/(\S+)", res.stdout).group(1)  # type: ignore[union-attr]
     run_dir = Path(res.stdout.split("run dir")[1].split()[0])

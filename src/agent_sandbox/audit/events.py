@@ -6,20 +6,27 @@ shape is a contract: docs/audit.md documents each type, and readers (`sandbox sh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
-
-
-class _P(BaseModel):
-    # Attribute docstrings become field descriptions: docs/audit.md is generated from them.
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
-
+from agent_sandbox.sidecar.events import (
+    Egress,
+    Event,
+    ModelCall,
+    ModelCallFailed,
+    ModelCallRefused,
+    SidecarOutput,
+    SidecarReady,
+    SidecarStopped,
+    Watchdog,
+)
 
 # --- supervisor ------------------------------------------------------------------------------------------
 
-class RunStarted(_P):
+
+class RunStarted(Event):
     """The run began: what was asked, under which policy, with which images."""
+
+    TYPE: ClassVar[str] = "run_started"
 
     spec: dict[str, Any]
     """The resolved RunSpec without the task (policy included)."""
@@ -35,8 +42,10 @@ class RunStarted(_P):
     """The container backend."""
 
 
-class DiskQuota(_P):
+class DiskQuota(Event):
     """How the run's writable directories (the workspace, the check's checkout) are limited in size."""
+
+    TYPE: ClassVar[str] = "disk_quota"
 
     mode: str
     """`filesystem`: each is an ext4 filesystem of `bytes`, so writing past it fails with ENOSPC; `sampled`:
@@ -47,8 +56,10 @@ class DiskQuota(_P):
     """Why the quota is sampled, or that it was capped."""
 
 
-class CheckoutPrepared(_P):
+class CheckoutPrepared(Event):
     """The task's checkout exists."""
+
+    TYPE: ClassVar[str] = "checkout_prepared"
 
     base_commit: str
     """The commit it starts from."""
@@ -58,8 +69,10 @@ class CheckoutPrepared(_P):
     """The host object directory it borrows from (mounted read-only)."""
 
 
-class NetworkCreated(_P):
+class NetworkCreated(Event):
     """A network for this run."""
+
+    TYPE: ClassVar[str] = "network_created"
 
     name: str
     """Its name."""
@@ -67,8 +80,10 @@ class NetworkCreated(_P):
     """True for the agent's network, which has no route out."""
 
 
-class ContainerCreated(_P):
+class ContainerCreated(Event):
     """A container for this run, with its security settings."""
+
+    TYPE: ClassVar[str] = "container_created"
 
     role: str
     """sidecar, agent or finaliser."""
@@ -78,9 +93,11 @@ class ContainerCreated(_P):
     """The agent's command line."""
 
 
-class NetworkIsolated(_P):
+class NetworkIsolated(Event):
     """A container that runs the agent's code (the agent, the check) was left one route, to the sidecar,
     before any of that code ran."""
+
+    TYPE: ClassVar[str] = "network_isolated"
 
     container: str
     """The container."""
@@ -88,8 +105,10 @@ class NetworkIsolated(_P):
     """What was done: the routes removed, and the one left (`<sidecar address> dev eth0 scope link`)."""
 
 
-class LimitHit(_P):
+class LimitHit(Event):
     """A limit ended the run."""
+
+    TYPE: ClassVar[str] = "limit_hit"
 
     limit: str
     """timeout, idle, budget, daily_budget, shared_budget, turns, disk, output_flood, egress_flood,
@@ -100,9 +119,11 @@ class LimitHit(_P):
     """For people."""
 
 
-class AgentLineTruncated(_P):
+class AgentLineTruncated(Event):
     """A line of the agent's output was longer than 1 MiB: its first MiB is kept (in `agent-stream.jsonl`
     and the event it makes), the rest was counted and dropped, never held in memory whole."""
+
+    TYPE: ClassVar[str] = "agent_line_truncated"
 
     stream: str
     """stdout or stderr."""
@@ -114,10 +135,12 @@ class AgentLineTruncated(_P):
     """Bytes kept."""
 
 
-class ResultVerified(_P):
+class ResultVerified(Event):
     """The agent claimed success (a `result` line on its own stream, which any process in its container can
     write): whether the gateway's record of model calls, which nothing in the container can touch, backs the
     claim. Only a backed claim makes the run `completed`; otherwise it ends with reason `error`."""
+
+    TYPE: ClassVar[str] = "result_verified"
 
     backed: bool
     """Whether the claim stands."""
@@ -132,15 +155,19 @@ class ResultVerified(_P):
     """How the gateway's last model call ended (when the gateway reports it)."""
 
 
-class AgentLingered(_P):
+class AgentLingered(Event):
     """Claude Code printed its result but did not exit; the supervisor stopped it."""
+
+    TYPE: ClassVar[str] = "agent_lingered"
 
     seconds: float
     """How long it was given."""
 
 
-class ResourceUsage(_P):
+class ResourceUsage(Event):
     """Resources the agent container and the supervisor used, sampled during the run."""
+
+    TYPE: ClassVar[str] = "resource_usage"
 
     samples: int
     """Number of samples of the agent container."""
@@ -156,8 +183,10 @@ class ResourceUsage(_P):
     """The supervisor's CPU time (user + system)."""
 
 
-class Finalised(_P):
+class Finalised(Event):
     """What the finaliser packed."""
+
+    TYPE: ClassVar[str] = "finalised"
 
     status: str
     """packed, unchanged or error."""
@@ -171,9 +200,11 @@ class Finalised(_P):
     """What went wrong, if anything."""
 
 
-class CheckRan(_P):
+class CheckRan(Event):
     """The operator's check command ran on a clean checkout of the agent's committed work, in a container of
     its own under the run's policy (the network only through the egress proxy)."""
+
+    TYPE: ClassVar[str] = "check"
 
     exit_code: int
     """Its exit code, as the engine reports the check container's (the result file lies where the checked
@@ -187,8 +218,10 @@ class CheckRan(_P):
     """A signal stopped the run during the check, or before it began: the work is on the branch, unchecked."""
 
 
-class PreRan(_P):
+class PreRan(Event):
     """The pre command ran inside the sandbox before the agent (under the same policy)."""
+
+    TYPE: ClassVar[str] = "pre_command"
 
     exit_code: int
     """Its exit code (the agent starts anyway, with the task of making the result pass)."""
@@ -196,7 +229,7 @@ class PreRan(_P):
     """The end of its output."""
 
 
-class FileStat(_P):
+class FileStat(Event):
     """One changed path."""
 
     path: str
@@ -207,8 +240,10 @@ class FileStat(_P):
     """Lines deleted; None for a binary file."""
 
 
-class Imported(_P):
+class Imported(Event):
     """The agent's work is on the host's branch."""
+
+    TYPE: ClassVar[str] = "imported"
 
     branch: str | None
     """The host branch."""
@@ -220,8 +255,10 @@ class Imported(_P):
     """The diffstat against the base."""
 
 
-class GateChecked(_P):
+class GateChecked(Event):
     """The diff policy gate's verdict."""
+
+    TYPE: ClassVar[str] = "gate"
 
     files: int
     """Paths changed."""
@@ -231,8 +268,10 @@ class GateChecked(_P):
     """Rule, path and detail of each violation."""
 
 
-class Pushed(_P):
+class Pushed(Event):
     """The push, when one was asked for."""
+
+    TYPE: ClassVar[str] = "push"
 
     remote: str | None
     """The remote."""
@@ -244,8 +283,10 @@ class Pushed(_P):
     """Why not."""
 
 
-class PullRequest(_P):
+class PullRequest(Event):
     """The pull request, when one was asked for."""
+
+    TYPE: ClassVar[str] = "pull_request"
 
     url: str | None
     """Its URL."""
@@ -253,8 +294,10 @@ class PullRequest(_P):
     """Why it could not be opened."""
 
 
-class Teardown(_P):
+class Teardown(Event):
     """Everything labelled with the run id was removed."""
+
+    TYPE: ClassVar[str] = "teardown"
 
     removed: list[str]
     """kind:name of each object removed."""
@@ -265,9 +308,11 @@ class Teardown(_P):
     """The agent's work that could not be imported and is kept for recovery (a path in the run directory)."""
 
 
-class Recovery(_P):
+class Recovery(Event):
     """A run whose supervisor died (or whose work could not be imported) is being finished by another
     process: `sandbox gc`, or a later `sandbox run`."""
+
+    TYPE: ClassVar[str] = "recovery"
 
     by: str
     """Which command recovers it, and its process id."""
@@ -286,8 +331,10 @@ class Recovery(_P):
     """Lines of the agent's output the supervisor never read, recorded now from its container log."""
 
 
-class RunEnded(_P):
+class RunEnded(Event):
     """The run is over."""
+
+    TYPE: ClassVar[str] = "run_ended"
 
     status: str
     """succeeded, failed or killed."""
@@ -317,9 +364,12 @@ class RunEnded(_P):
 
 # --- agent (from Claude Code's stream-json) ---------------------------------------------------------------
 
-class AgentInit(_P):
+
+class AgentInit(Event):
     """Claude Code started its session (as reported on the agent's own stream, like every event of source
     `agent`: claims, not verified; see `result_verified`)."""
+
+    TYPE: ClassVar[str] = "agent_init"
 
     session_id: str | None
     """Its session id."""
@@ -335,9 +385,11 @@ class AgentInit(_P):
     """Its own version, as it reports it."""
 
 
-class ToolCall(_P):
+class ToolCall(Event):
     """The model asked for a tool, as the agent reports it (a claim: any process in the agent's container can
     write such a line)."""
+
+    TYPE: ClassVar[str] = "tool_call"
 
     id: str | None
     """The tool use id."""
@@ -349,8 +401,10 @@ class ToolCall(_P):
     """The model response it came in."""
 
 
-class ToolResult(_P):
+class ToolResult(Event):
     """What the tool returned to the model."""
+
+    TYPE: ClassVar[str] = "tool_result"
 
     tool_use_id: str | None
     """The tool use it answers."""
@@ -362,8 +416,10 @@ class ToolResult(_P):
     """Its beginning (bounded)."""
 
 
-class AssistantText(_P):
+class AssistantText(Event):
     """Text the model wrote."""
+
+    TYPE: ClassVar[str] = "assistant_text"
 
     text: str
     """The text (bounded)."""
@@ -371,9 +427,11 @@ class AssistantText(_P):
     """The model response it came in."""
 
 
-class AgentResult(_P):
+class AgentResult(Event):
     """Claude Code's final result event, as the agent reports it: a claim. It makes the run `completed` only
     when the gateway's record backs it (`result_verified`)."""
+
+    TYPE: ClassVar[str] = "result"
 
     subtype: str | None
     """success, error_max_turns, error_during_execution, ..."""
@@ -391,8 +449,10 @@ class AgentResult(_P):
     """The final text (bounded)."""
 
 
-class AgentEvent(_P):
+class AgentEvent(Event):
     """Any other stream-json event."""
+
+    TYPE: ClassVar[str] = "agent_event"
 
     kind: str | None
     """Its type."""
@@ -400,174 +460,19 @@ class AgentEvent(_P):
     """Its subtype."""
 
 
-class AgentOutput(_P):
+class AgentOutput(Event):
     """A line of the agent's stdout that was not stream-json."""
 
-    text: str
-    """The line (bounded)."""
-
-
-# --- sidecar ---------------------------------------------------------------------------------------------
-
-class SidecarReady(_P):
-    """The sidecar is serving."""
-
-    gateway_port: int
-    """Port of the model gateway."""
-    proxy_port: int
-    """Port of the egress proxy."""
-    egress_mode: str
-    """enforce or report."""
-    allow: list[str]
-    """Allow rules."""
-    deny: list[str]
-    """Deny rules."""
-    allow_private: bool
-    """Whether private addresses are allowed (never loopback or metadata)."""
-    allow_addresses: list[str] = Field(default_factory=list)
-    """Addresses and ranges let through although not public (cloud metadata only when named exactly)."""
-    upstream: str
-    """Where model calls go (`scripted` for the scripted model)."""
-    key_present: bool
-    """Whether the sidecar holds a real key."""
-
-
-class Watchdog(_P):
-    """The sidecar's backstop changed state: with the supervisor's heartbeat stale (`supervisor_lost`) or the
-    run's deadline passed (`deadline`) it refuses every model call and connection and cuts those open;
-    `restored` when a paused supervisor's heartbeat came back."""
-
-    state: str
-    """supervisor_lost, deadline or restored."""
-    detail: str
-    """For people: how old the heartbeat is, or how long the sidecar has run."""
-    heartbeat_age_s: float | None = None
-    """Seconds since the supervisor last touched its heartbeat file."""
-
-
-class SidecarStopped(_P):
-    """The sidecar shut down cleanly."""
-
-    spent_usd: float
-    """Its spend total."""
-    calls: int
-    """Model calls it served."""
-
-
-class ModelCall(_P):
-    """One model call through the gateway, metered from the response."""
-
-    call: int
-    """Its number in the run."""
-    path: str
-    """The API path."""
-    status: int
-    """The upstream's HTTP status."""
-    stream: bool
-    """Whether the response streamed."""
-    model: str
-    """The model the response names."""
-    usage: dict[str, int]
-    """input_tokens, output_tokens, cache_read_input_tokens, cache_creation_input_tokens."""
-    cost_usd: float
-    """This call's cost."""
-    spent_usd: float
-    """The run's spend so far."""
-    budget_usd: float
-    """The cap the gateway enforces."""
-    duration_ms: int
-    """How long the call took."""
-    stop_reason: str | None = None
-    """How the response ended (end_turn, tool_use, max_tokens, ...), when the gateway reports it."""
-    tool_uses: list[dict[str, Any]] = Field(default_factory=list)
-    """The tool calls the model asked for in it (id, name), when the gateway reports them."""
-    tools_offered: int | None = None
-    """How many tools the request offered (0 for Claude Code's housekeeping calls), when reported."""
-    reserved_usd: float | None = None
-    """The worst case the gateway reserved for it before forwarding (input bound and max_tokens)."""
-    complete: bool = True
-    """False when the response did not end normally: its output is then metered from what was streamed
-    (one token per byte, at most max_tokens)."""
-    cut: str | None = None
-    """Why it did not end normally: `budget` (the gateway cut the stream off when spend crossed the cap),
-    `client` (the client went away), `upstream` (the upstream broke off), `cancelled`, `supervisor_lost` or
-    `deadline` (the sidecar's watchdog tripped mid-stream)."""
-
-
-class ModelCallRefused(_P):
-    """The gateway refused a request: it was never forwarded."""
-
-    reason: str
-    """Why: `budget` (the budget is spent; the run ends), `reservation` (its worst case does not fit beside
-    the calls in flight), `endpoint` (not a forwarded method and path: 404), `path` (raw path not in normal
-    form), `query`, `request` (not a JSON object), `server_tool` (a server-side tool or MCP server the policy
-    does not allow), `url_source` (an image or document the model API would fetch from a host the egress
-    allowlist does not allow), `supervisor_lost` (the supervisor's heartbeat stopped: nobody watches the run),
-    `deadline` (the run's own deadline passed, supervisor or not)."""
-    spent_usd: float
-    """Spend so far."""
-    budget_usd: float
-    """The cap."""
-    method: str | None = None
-    """The request's method."""
-    path: str | None = None
-    """The request's raw path and query, as sent (bounded)."""
-    detail: str | None = None
-    """What was refused: the tool type, the URL."""
-    reserve_usd: float | None = None
-    """reservation: the call's worst case."""
-    outstanding_usd: float | None = None
-    """reservation: what the calls in flight had reserved."""
-
-
-class ModelCallFailed(_P):
-    """The gateway could not reach the upstream."""
-
-    path: str
-    """The API path."""
-    error: str
-    """What went wrong."""
-
-
-class SidecarOutput(_P):
-    """A line from the sidecar that was not an event."""
+    TYPE: ClassVar[str] = "agent_output"
 
     text: str
     """The line (bounded)."""
 
 
-class Egress(_P):
-    """One connection through the egress proxy: the decision line."""
-
-    client: str | None
-    """The agent container's address."""
-    method: str | None
-    """CONNECT, GET, HEAD, ..."""
-    host: str | None
-    """The requested host."""
-    port: int | None
-    """The requested port."""
-    resolved: str | None
-    """The address the proxy resolved and connected to (or refused)."""
-    decision: str
-    """allow, deny, would_deny (report mode) or error."""
-    rule: str | None
-    """The rule that decided; None when no rule matched."""
-    reason: str | None
-    """Why it was denied."""
-    bytes_up: int
-    """Bytes from the agent."""
-    bytes_down: int
-    """Bytes to the agent."""
-    duration_ms: int | None = None
-    """How long the connection lasted."""
-    decision_detail: str | None = None
-    """More on the decision: which exception let a non-public address through (an allow_addresses entry or
-    allow_private), or what failed (unresolvable, upstream unreachable)."""
-
-
-class InvalidEvent(_P):
+class InvalidEvent(Event):
     """An event whose payload did not match its type's model: kept, not dropped."""
+
+    TYPE: ClassVar[str] = "invalid_event"
 
     original_type: str
     """The type it claimed."""
@@ -577,19 +482,47 @@ class InvalidEvent(_P):
     """The payload as it came."""
 
 
-EVENT_MODELS: dict[str, type[BaseModel]] = {
-    "run_started": RunStarted, "disk_quota": DiskQuota, "checkout_prepared": CheckoutPrepared,
-    "network_created": NetworkCreated,
-    "container_created": ContainerCreated, "network_isolated": NetworkIsolated, "limit_hit": LimitHit,
-    "agent_lingered": AgentLingered, "agent_line_truncated": AgentLineTruncated,
-    "result_verified": ResultVerified, "resource_usage": ResourceUsage, "finalised": Finalised,
-    "imported": Imported, "gate": GateChecked, "check": CheckRan, "pre_command": PreRan, "push": Pushed,
-    "pull_request": PullRequest,
-    "teardown": Teardown, "run_ended": RunEnded, "recovery": Recovery,
-    "agent_init": AgentInit, "tool_call": ToolCall, "tool_result": ToolResult, "assistant_text": AssistantText,
-    "result": AgentResult, "agent_event": AgentEvent, "agent_output": AgentOutput,
-    "ready": SidecarReady, "stopped": SidecarStopped, "watchdog": Watchdog, "model_call": ModelCall,
-    "model_call_refused": ModelCallRefused, "model_call_failed": ModelCallFailed, "sidecar_output": SidecarOutput,
-    "egress": Egress, "invalid_event": InvalidEvent,
+# Every event type, by the name the trail gives it.
+EVENT_MODELS: dict[str, type[Event]] = {
+    m.TYPE: m
+    for m in (
+        RunStarted,
+        DiskQuota,
+        CheckoutPrepared,
+        NetworkCreated,
+        ContainerCreated,
+        NetworkIsolated,
+        LimitHit,
+        AgentLingered,
+        AgentLineTruncated,
+        ResultVerified,
+        ResourceUsage,
+        Finalised,
+        Imported,
+        GateChecked,
+        CheckRan,
+        PreRan,
+        Pushed,
+        PullRequest,
+        Teardown,
+        RunEnded,
+        Recovery,
+        AgentInit,
+        ToolCall,
+        ToolResult,
+        AssistantText,
+        AgentResult,
+        AgentEvent,
+        AgentOutput,
+        SidecarReady,
+        SidecarStopped,
+        Watchdog,
+        ModelCall,
+        ModelCallRefused,
+        ModelCallFailed,
+        SidecarOutput,
+        Egress,
+        InvalidEvent,
+    )
 }
 SOURCES = ("supervisor", "agent", "proxy", "gateway")

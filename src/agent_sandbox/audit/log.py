@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from agent_sandbox.audit.events import EVENT_MODELS
+from agent_sandbox.audit.events import EVENT_MODELS, Event
 from agent_sandbox.audit.redact import Redactor
 
 Source = Literal["supervisor", "agent", "proxy", "gateway"]
@@ -93,7 +93,13 @@ class AuditLog:
                 except ValueError:
                     continue
 
-    def write(self, source: Source, type_: str, payload: dict[str, Any]) -> None:
+    def write(self, event: Event, source: Source = "supervisor") -> None:
+        """Append a typed event (the supervisor's own: its shape is checked where it is made)."""
+        self._append(source, event.TYPE, event.model_dump(mode="json"))
+
+    def write_untrusted(self, source: Source, type_: str, payload: dict[str, Any]) -> None:
+        """Append an event parsed from a line a workload printed (the agent's stream, the sidecar's lines):
+        validated against its type's model here, and kept as `invalid_event` when it does not match."""
         model = EVENT_MODELS.get(type_)
         try:
             if model is None:
@@ -102,10 +108,20 @@ class AuditLog:
         except (ValidationError, ValueError) as exc:
             payload = {"original_type": type_, "errors": str(exc)[:2000], "payload": payload}
             type_ = "invalid_event"
+        self._append(source, type_, payload)
+
+    def _append(self, source: Source, type_: str, payload: dict[str, Any]) -> None:
         with self._lock:
             self._seq += 1
-            event = AuditEvent(seq=self._seq, time=time.time(), run_id=self.run_id, source=source, type=type_,
-                               payload=payload, prev_hash=self._prev)
+            event = AuditEvent(
+                seq=self._seq,
+                time=time.time(),
+                run_id=self.run_id,
+                source=source,
+                type=type_,
+                payload=payload,
+                prev_hash=self._prev,
+            )
             line = self.redact(json.dumps(event.model_dump(), separators=(",", ":"), default=str))
             if self.broken:
                 self._seq -= 1
@@ -154,12 +170,24 @@ def verify(path: Path, expected_head: str | None = None) -> tuple[bool, int, str
             if event.get("prev_hash") != prev:
                 if n == 1:
                     return False, 1, "line 1 does not start the chain (its prev_hash is not the genesis value)"
-                return False, n - 1, (f"line {n - 1} was changed: it no longer matches the hash recorded in "
-                                      f"line {n} (or a line was removed or inserted there)")
+                return (
+                    False,
+                    n - 1,
+                    (
+                        f"line {n - 1} was changed: it no longer matches the hash recorded in "
+                        f"line {n} (or a line was removed or inserted there)"
+                    ),
+                )
             if event.get("seq") != n:
                 return False, n, f"line {n} has seq {event.get('seq')}, expected {n}"
             prev = hashlib.sha256(line).hexdigest()
     if expected_head is not None and prev != expected_head:
-        return False, n, (f"line {n}, the last, does not match the chain head recorded when the run ended "
-                          "(it was changed, or lines were removed or added at the end)")
+        return (
+            False,
+            n,
+            (
+                f"line {n}, the last, does not match the chain head recorded when the run ended "
+                "(it was changed, or lines were removed or added at the end)"
+            ),
+        )
     return True, n, f"{n} lines, chain intact" + (", head matches the run's record" if expected_head else "")

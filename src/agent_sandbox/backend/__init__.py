@@ -1,17 +1,23 @@
-"""Container backends behind one small interface. Docker today; a Kubernetes backend can join later.
+"""Platforms that run the tasks, behind one run-level interface (base.py, plan.py). Docker today.
 
 Backends are imported lazily so that choosing one never imports another's SDK.
 """
 
 from __future__ import annotations
 
-from agent_sandbox.backend.base import Backend, ContainerSpec, ExitInfo, Mount, NetworkSpec
+from agent_sandbox.backend.base import Backend, RunHandle
+from agent_sandbox.backend.plan import ExitInfo, Mount, Reach, RunPlan, Workload
+from agent_sandbox.config.backends import BackendConfig, DockerConfig
 
 
-def docker_backend() -> Backend:
-    from agent_sandbox.backend.docker import DockerBackend
+def connect(config: BackendConfig | None = None) -> Backend:
+    """The backend the configuration names, connected (EnvironmentNotReady when its platform does not answer)."""
+    config = config or DockerConfig()
+    if isinstance(config, DockerConfig):
+        from agent_sandbox.backend.docker import DockerBackend
 
-    return DockerBackend.connect()
+        return DockerBackend.connect(config)
+    raise ValueError(f"unknown backend {config!r}")
 
 
-__all__ = ["Backend", "ContainerSpec", "ExitInfo", "Mount", "NetworkSpec", "docker_backend"]
+__all__ = ["Backend", "ExitInfo", "Mount", "Reach", "RunHandle", "RunPlan", "Workload", "connect"]

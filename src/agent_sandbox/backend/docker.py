@@ -19,25 +19,17 @@ import docker.errors
 import requests.exceptions
 from docker.models.containers import Container
 from docker.types import Mount as DockerMount
+from pydantic import BaseModel, ConfigDict, Field
 
-from agent_sandbox.backend.base import (
-    ROLE_LABEL,
-    RUN_LABEL,
-    STATE_LABEL,
-    SUPERVISOR_LABEL,
-    Backend,
-    ContainerSpec,
-    ExitInfo,
-    NetworkSpec,
-)
+from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, RunHandle
+from agent_sandbox.backend.images import ImageSet, Progress, ensure_policy_image, require_images
+from agent_sandbox.backend.plan import SIDECAR_NAME, ExitInfo, Mount, Reach, Role, RunPlan, Scratch, Started, Workload
+from agent_sandbox.config.backends import DockerConfig
+from agent_sandbox.config.policy import Policy
 from agent_sandbox.errors import EnvironmentNotReady
 
 log = logging.getLogger(__name__)
 
-# Roles whose output the supervisor follows line by line: it is attached to before the container starts, so
-# no line is missed, and it is read from the container's own stream, so a slow reader holds the writer back
-# (a flood waits in the container) instead of the log file rotating lines away unread.
-ATTACHED_ROLES = ("agent",)
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 # How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
@@ -46,7 +38,9 @@ ENGINE_WAIT = 120.0
 ENGINE_WAIT_ENV = "SANDBOX_ENGINE_WAIT_SECONDS"
 
 
-def engine_wait() -> float:
+def engine_wait(configured: float | None = None) -> float:
+    if configured is not None:
+        return configured
     try:
         return max(0.0, float(os.environ.get(ENGINE_WAIT_ENV) or ENGINE_WAIT))
     except ValueError:
@@ -55,6 +49,100 @@ def engine_wait() -> float:
 
 class EngineUnavailable(EnvironmentNotReady):
     """The Docker engine stopped answering mid-run and did not come back in time."""
+
+
+class NetworkSpec(BaseModel):
+    """A Docker network created for one run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Unique name of the network."""
+    internal: bool
+    """An internal network has no route out of the host."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels; always including sandbox.run-id."""
+
+
+class ContainerSpec(BaseModel):
+    """Everything needed to start one container, including its security settings: a workload of the plan as
+    Docker runs it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    """Unique container name."""
+    image: str
+    """Image reference."""
+    command: list[str] = Field(default_factory=list)
+    """Arguments to the image's entrypoint."""
+    entrypoint: list[str] | None = None
+    """Replaces the image's entrypoint when set."""
+    user: str
+    """uid:gid to run as; never root for agent code."""
+    env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables."""
+    secret_env: dict[str, str] = Field(default_factory=dict)
+    """Environment variables whose values never appear in logs, audit events or summaries."""
+    mounts: list[Mount] = Field(default_factory=list)
+    """Bind mounts."""
+    networks: list[str] = Field(default_factory=list)
+    """Networks to join, first one at start; empty with no_network means no network at all."""
+    aliases: list[str] = Field(default_factory=list)
+    """Names other containers on the same networks reach this one by."""
+    no_network: bool = False
+    """No network interfaces but loopback."""
+    read_only_root: bool = True
+    """Read-only root filesystem."""
+    tmpfs: dict[str, str] = Field(default_factory=dict)
+    """tmpfs mounts: path -> mount options."""
+    cap_drop: list[str] = Field(default_factory=lambda: ["ALL"])
+    """Capabilities dropped."""
+    no_new_privileges: bool = True
+    """Forbid privilege gain through setuid binaries."""
+    memory_bytes: int | None = None
+    """Memory limit (swap included: no extra swap is granted)."""
+    nano_cpus: int | None = None
+    """CPU limit in billionths of a CPU."""
+    pids_limit: int | None = None
+    """Process and thread limit."""
+    labels: dict[str, str] = Field(default_factory=dict)
+    """Labels; always including sandbox.run-id."""
+    working_dir: str | None = None
+    """Working directory inside the container."""
+    extra_hosts: dict[str, str] = Field(default_factory=dict)
+    """Static /etc/hosts entries: name -> IP address or `host-gateway`."""
+    init: bool = True
+    """Docker's init as PID 1 (reaps orphans, passes signals on). False when the entry point is its own init:
+    the agent's, whose PID 1 holds the run's deadline (sandbox/init.py)."""
+    dns_options: list[str] = Field(default_factory=list)
+    """resolv.conf options, e.g. `timeout:1` so that lookups with no answer fail fast."""
+    attach: bool = False
+    """Attach to its output before it starts, so that no line is missed, and read it from the container's
+    own stream, so that a slow reader holds the writer back (a flood waits in the container) instead of the
+    log file rotating lines away unread."""
+
+    def security_summary(self) -> dict[str, Any]:
+        """The settings an auditor wants to see; secret values left out."""
+        return {
+            "name": self.name,
+            "image": self.image,
+            "user": self.user,
+            "cap_drop": self.cap_drop,
+            "no_new_privileges": self.no_new_privileges,
+            "read_only_root": self.read_only_root,
+            "tmpfs": sorted(self.tmpfs),
+            "memory_bytes": self.memory_bytes,
+            "nano_cpus": self.nano_cpus,
+            "pids_limit": self.pids_limit,
+            "networks": self.networks,
+            "no_network": self.no_network,
+            "mounts": [m.model_dump() for m in self.mounts],
+            "env_names": sorted(self.env),
+            "secret_env_names": sorted(self.secret_env),
+            "extra_hosts": self.extra_hosts,
+        }
+
 
 # Run by a helper in the container's network namespace, as root with NET_ADMIN alone, before any of the
 # container's own code runs. It leaves one route, to the peer (the sidecar), on-link: no default route, no
@@ -157,8 +245,9 @@ class HostFirewall:
             if res.returncode == 0:
                 removed.append(f"firewall:{tool} {args[1]}")
             elif "does a matching rule exist" not in res.stderr and "Bad rule" not in res.stderr:
-                log.warning("host_firewall_remove_failed run_id=%s rule=%r error=%s", run_id, line,
-                            res.stderr.strip()[:200])
+                log.warning(
+                    "host_firewall_remove_failed run_id=%s rule=%r error=%s", run_id, line, res.stderr.strip()[:200]
+                )
         return removed
 
 
@@ -168,16 +257,28 @@ def connect_client() -> docker.DockerClient:
         client = docker.from_env(timeout=120)
         client.ping()
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise EnvironmentNotReady(f"Docker is not reachable: {str(exc).splitlines()[0][:200]}",
-                                  hint=DOCKER_HINT) from None
+        raise EnvironmentNotReady(
+            f"Docker is not reachable: {str(exc).splitlines()[0][:200]}", hint=DOCKER_HINT
+        ) from None
     return client
 
 
+def _id(value: str | None) -> str:
+    """An id the engine just gave: the SDK types it optional, an object it returned always has one."""
+    if not value:
+        raise RuntimeError("the Docker engine returned an object without an id")
+    return value
+
+
 class DockerBackend(Backend):
+    """Each run: an internal network for the agent's workloads (left a single route, to the sidecar, and closed
+    to the host by firewall rules), an egress network for the sidecar, and one container per workload."""
+
     name = "docker"
 
-    def __init__(self, client: docker.DockerClient) -> None:
+    def __init__(self, client: docker.DockerClient, config: DockerConfig | None = None) -> None:
         self.client = client
+        self.engine_wait = engine_wait((config or DockerConfig()).engine_wait_seconds)
         self.firewall = HostFirewall()
         self._firewall_warned = False
         # Container id -> its attached output streams (stdout: False, stderr: True) not yet handed out.
@@ -185,8 +286,14 @@ class DockerBackend(Backend):
         self._engine_gone = False
 
     @classmethod
-    def connect(cls) -> DockerBackend:
-        return cls(connect_client())
+    def connect(cls, config: DockerConfig | None = None) -> DockerBackend:
+        return cls(connect_client(), config)
+
+    def images(self, policy: Policy | None = None, progress: Progress | None = None) -> ImageSet:
+        images = require_images(self.client)
+        if policy is None:
+            return images
+        return ensure_policy_image(self.client, images, policy, progress or (lambda _line: None))
 
     def _get(self, container: str) -> Container:
         return self._engine(self.client.containers.get, container)
@@ -201,17 +308,36 @@ class DockerBackend(Backend):
                 now = time.monotonic()
                 if deadline is None:
                     self.engine_lost = True
-                    deadline = now + (0 if self._engine_gone else engine_wait())
+                    deadline = now + (0 if self._engine_gone else self.engine_wait)
                     log.warning("engine_unreachable waiting_s=%.0f error=%s", deadline - now, str(exc)[:200])
                 if now >= deadline:
                     self._engine_gone = True
-                    raise EngineUnavailable(f"the Docker engine stopped answering and did not come back within "
-                                            f"{engine_wait():.0f}s: {str(exc)[:200]}", hint=DOCKER_HINT) from None
+                    raise EngineUnavailable(
+                        f"the Docker engine stopped answering and did not come back within "
+                        f"{self.engine_wait:.0f}s: {str(exc)[:200]}",
+                        hint=DOCKER_HINT,
+                    ) from None
                 time.sleep(1.0)
 
+    def open_run(self, plan: RunPlan) -> DockerRun:
+        return DockerRun(
+            self,
+            plan.run_id,
+            {RUN_LABEL: plan.run_id, SUPERVISOR_LABEL: plan.owner.supervisor, STATE_LABEL: plan.owner.state},
+        )
+
+    def attach_run(self, run_id: str) -> DockerRun:
+        return DockerRun(self, run_id, None)
+
     def create_network(self, spec: NetworkSpec) -> None:
-        network = self._engine(self.client.networks.create, spec.name, driver="bridge", internal=spec.internal,
-                               labels=spec.labels, check_duplicate=True)
+        network = self._engine(
+            self.client.networks.create,
+            spec.name,
+            driver="bridge",
+            internal=spec.internal,
+            labels=spec.labels,
+            check_duplicate=True,
+        )
         log.info("network_created name=%s internal=%s", spec.name, spec.internal)
         if spec.internal:
             self._close_host_firewall(network, spec.labels.get(RUN_LABEL, ""))
@@ -231,18 +357,31 @@ class DockerBackend(Backend):
                 why = f"iptables failed: {exc}"
         if not self._firewall_warned:  # once per process: a sweep of fifty runs needs one line, not fifty
             self._firewall_warned = True
-            log.warning("no host firewall for the run's internal network (%s); the agent's route isolation "
-                        "still holds", why)
+            log.warning(
+                "no host firewall for the run's internal network (%s); the agent's route isolation still holds", why
+            )
 
-    def start(self, spec: ContainerSpec) -> str:
-        mounts = [DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only)
-                  for m in spec.mounts]
+    def start_container(self, spec: ContainerSpec) -> str:
+        mounts = [
+            DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts
+        ]
         kwargs: dict[str, Any] = dict(
-            image=spec.image, name=spec.name, command=spec.command or None, entrypoint=spec.entrypoint,
-            user=spec.user, environment={**spec.env, **spec.secret_env}, mounts=mounts, labels=spec.labels,
-            read_only=spec.read_only_root, tmpfs=spec.tmpfs or None, cap_drop=spec.cap_drop,
+            image=spec.image,
+            name=spec.name,
+            command=spec.command or None,
+            entrypoint=spec.entrypoint,
+            user=spec.user,
+            environment={**spec.env, **spec.secret_env},
+            mounts=mounts,
+            labels=spec.labels,
+            read_only=spec.read_only_root,
+            tmpfs=spec.tmpfs or None,
+            cap_drop=spec.cap_drop,
             security_opt=["no-new-privileges:true"] if spec.no_new_privileges else None,
-            working_dir=spec.working_dir, detach=True, privileged=False, init=spec.init,
+            working_dir=spec.working_dir,
+            detach=True,
+            privileged=False,
+            init=spec.init,
             log_config={"type": "json-file", "config": {"max-size": "64m", "max-file": "2"}},
         )
         if spec.extra_hosts:
@@ -261,24 +400,27 @@ class DockerBackend(Backend):
         elif spec.networks:
             kwargs["network"] = spec.networks[0]
             kwargs["networking_config"] = {
-                spec.networks[0]: self.client.api.create_endpoint_config(aliases=spec.aliases or None)}
+                spec.networks[0]: self.client.api.create_endpoint_config(aliases=spec.aliases or None)
+            }
         container = self._create(spec.name, kwargs)
+        cid = _id(container.id)
         try:
             for extra in spec.networks[1:]:
                 network = self._engine(self.client.networks.get, extra)
                 self._engine(network.connect, container, aliases=spec.aliases or None)
-            if spec.labels.get(ROLE_LABEL) in ATTACHED_ROLES:
-                self._attached[container.id] = {
-                    err: self.client.api.attach(container.id, stdout=not err, stderr=err, stream=True, logs=False)
-                    for err in (False, True)}
+            if spec.attach:
+                self._attached[cid] = {
+                    err: self.client.api.attach(cid, stdout=not err, stderr=err, stream=True, logs=False)
+                    for err in (False, True)
+                }
             container.start()
         except Exception:
-            for stream in self._attached.pop(container.id, {}).values():
+            for stream in self._attached.pop(cid, {}).values():
                 stream.close()
             container.remove(force=True)
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
-        return container.id
+        return cid
 
     def _create(self, name: str, kwargs: dict[str, Any]) -> Container:
         """Create a container, waiting for a restarting engine. A create cut off by the engine going away may
@@ -305,12 +447,23 @@ class DockerBackend(Backend):
         # A helper joins the container's network namespace with NET_ADMIN and nothing else and leaves it a
         # single route, to the peer (ISOLATE_SCRIPT). It runs before any agent code: the agent's entrypoint
         # waits for the supervisor's go-ahead.
+        if target.image is None:
+            raise RuntimeError(f"container {container[:12]} has no image to isolate it with")
         helper = self.client.containers.run(
-            target.image.id, entrypoint=["sh", "-c", ISOLATE_SCRIPT, "isolate", peer], user="0:0",
+            _id(target.image.id),
+            entrypoint=["sh", "-c", ISOLATE_SCRIPT, "isolate", peer],
+            user="0:0",
             network_mode=f"container:{target.id}",
-            cap_drop=["ALL"], cap_add=["NET_ADMIN"], security_opt=["no-new-privileges:true"], read_only=True,
-            labels={**{k: v for k, v in target.labels.items() if k in (RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL)},
-                    RUN_LABEL: run_id, ROLE_LABEL: "isolate"}, detach=True,
+            cap_drop=["ALL"],
+            cap_add=["NET_ADMIN"],
+            security_opt=["no-new-privileges:true"],
+            read_only=True,
+            labels={
+                **{k: v for k, v in target.labels.items() if k in (RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL)},
+                RUN_LABEL: run_id,
+                ROLE_LABEL: "isolate",
+            },
+            detach=True,
         )
         try:
             result = helper.wait(timeout=60)
@@ -324,8 +477,8 @@ class DockerBackend(Backend):
         return routes
 
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
-        """The container's output as it comes: the stream attached at start, once, for the roles in
-        ATTACHED_ROLES; otherwise (and for later calls) its log, followed."""
+        """The container's output as it comes: the stream attached at start, once, for a container started
+        with `attach`; otherwise (and for later calls) its log, followed."""
         streams = self._attached.get(container)
         attached = streams.pop(stderr, None) if streams is not None else None
         if streams == {}:
@@ -342,7 +495,10 @@ class DockerBackend(Backend):
     def stats(self, container: str) -> Iterator[dict[str, int]]:
         try:
             stream = self._get(container).stats(stream=True, decode=True)
-            for raw in stream:
+            for frame in stream:
+                if not isinstance(frame, dict):
+                    continue
+                raw: dict[str, Any] = frame
                 if str(raw.get("read", "")).startswith("0001-01-01"):
                     # The zero time: the container has stopped (or, just started, has no figures yet).
                     if not self.status(container).running:
@@ -368,8 +524,11 @@ class DockerBackend(Backend):
             return ExitInfo(exit_code=None)
         state = c.attrs.get("State", {})
         running = bool(state.get("Running"))
-        return ExitInfo(exit_code=None if running else state.get("ExitCode"), oom_killed=bool(state.get("OOMKilled")),
-                        running=running)
+        return ExitInfo(
+            exit_code=None if running else state.get("ExitCode"),
+            oom_killed=bool(state.get("OOMKilled")),
+            running=running,
+        )
 
     def wait(self, container: str, timeout: float) -> ExitInfo:
         with contextlib.suppress(requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
@@ -434,3 +593,113 @@ class DockerBackend(Backend):
     def image_info(self, image: str) -> dict[str, Any]:
         img = self.client.images.get(image)
         return {"ref": image, "id": img.id, "digests": img.attrs.get("RepoDigests", []), "labels": img.labels}
+
+
+# Container names by role (the finaliser's predates the role's name).
+_SUFFIX: dict[str, str] = {"finaliser": "finalise"}
+
+
+def _tmpfs(scratch: Scratch) -> str:
+    opts = f"rw,nosuid,nodev,{'exec' if scratch.exec else 'noexec'},size={scratch.size_bytes}"
+    if scratch.owner is not None:
+        opts += f",uid={scratch.owner[0]},gid={scratch.owner[1]},mode=0700"
+    return opts
+
+
+class DockerRun(RunHandle):
+    """One run on Docker. Containers are named `sbx-<run id>-<role>`, so a handle attached later (recovery)
+    finds them without any state of the process that made them."""
+
+    def __init__(self, backend: DockerBackend, run_id: str, labels: dict[str, str] | None) -> None:
+        self.backend = backend
+        self.run_id = run_id
+        self.labels = labels  # None: attached to a run another process made; it starts nothing
+        self.prefix = f"sbx-{run_id}"
+        self.internal, self.egress = f"{self.prefix}-int", f"{self.prefix}-egress"
+        self._ids: dict[str, str] = {}
+
+    def _name(self, role: Role) -> str:
+        return f"{self.prefix}-{_SUFFIX.get(role, role)}"
+
+    def _ref(self, role: Role) -> str:
+        return self._ids.get(role) or self._name(role)
+
+    def prepare(self) -> list[dict[str, Any]]:
+        assert self.labels is not None, "an attached run makes nothing"
+        made = []
+        for name, internal in ((self.internal, True), (self.egress, False)):
+            self.backend.create_network(NetworkSpec(name=name, internal=internal, labels=self.labels))
+            made.append({"name": name, "internal": internal})
+        return made
+
+    def container_spec(self, w: Workload, sidecar_ip: str | None = None) -> ContainerSpec:
+        """The workload as a Docker container."""
+        assert self.labels is not None, "an attached run starts nothing"
+        networks: list[str] = []
+        aliases: list[str] = []
+        hosts = dict(w.hosts)
+        if w.reach is Reach.OUTSIDE:
+            networks, aliases = [self.internal, self.egress], [SIDECAR_NAME]
+        elif w.reach is Reach.SIDECAR:
+            networks = [self.internal]
+            if sidecar_ip:
+                # The one address it can reach, pinned: no name resolution is needed for it.
+                hosts[SIDECAR_NAME] = sidecar_ip
+        r = w.resources
+        return ContainerSpec(
+            name=self._name(w.role),
+            image=w.image,
+            command=w.command,
+            entrypoint=w.entrypoint,
+            user=w.user,
+            env=w.env,
+            secret_env=w.secret_env,
+            mounts=w.mounts,
+            networks=networks,
+            aliases=aliases,
+            no_network=w.reach is Reach.NOTHING,
+            tmpfs={s.path: _tmpfs(s) for s in w.scratch},
+            memory_bytes=r.memory_bytes,
+            nano_cpus=int(r.cpus * 1e9) if r.cpus else None,
+            pids_limit=r.pids,
+            labels={**self.labels, ROLE_LABEL: w.role},
+            working_dir=w.working_dir,
+            extra_hosts=hosts,
+            init=not w.own_init,
+            dns_options=w.dns_options,
+            attach=w.follow,
+        )
+
+    def start(self, workload: Workload) -> Started:
+        sidecar_ip = None
+        if workload.reach is Reach.SIDECAR:
+            sidecar_ip = self.backend.address(self._ref("sidecar"), self.internal)
+        spec = self.container_spec(workload, sidecar_ip)
+        self._ids[workload.role] = cid = self.backend.start_container(spec)
+        if workload.reach is not Reach.SIDECAR:
+            return Started(security=spec.security_summary())
+        assert sidecar_ip is not None
+        routes = self.backend.isolate(cid, self.run_id, sidecar_ip)
+        if workload.go_ahead:
+            # Its entry point waits for this file (in a mount it can only read) before running anything.
+            with open(workload.go_ahead, "a"):
+                pass
+        return Started(security=spec.security_summary(), confinement=routes)
+
+    def output(self, role: Role, stderr: bool = False) -> Iterator[bytes]:
+        return self.backend.output(self._ref(role), stderr)
+
+    def stats(self, role: Role) -> Iterator[dict[str, int]]:
+        return self.backend.stats(self._ref(role))
+
+    def wait(self, role: Role, timeout: float) -> ExitInfo:
+        return self.backend.wait(self._ref(role), timeout)
+
+    def status(self, role: Role) -> ExitInfo:
+        return self.backend.status(self._ref(role))
+
+    def stop(self, role: Role, grace: float) -> None:
+        self.backend.stop(self._ref(role), grace)
+
+    def teardown(self) -> list[str]:
+        return self.backend.remove_run(self.run_id)

@@ -18,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
 
 import docker
 import docker.errors
 
+from agent_sandbox.backend.plan import ImageSet, Progress
 from agent_sandbox.config.policy import ImageExtension, Policy, ca_bundle
 from agent_sandbox.errors import EnvironmentNotReady, SandboxError
 from agent_sandbox.paths import cache_dir, package_dir, resource
@@ -32,7 +32,6 @@ from agent_sandbox.versions import BASE_IMAGE, BASE_SUITE, CLAUDE_AGENT_SDK_VERS
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[str], None]
 
 NAMESPACE_ENV = "SANDBOX_IMAGE_NAMESPACE"
 LABEL_INPUTS = "sandbox.inputs-hash"
@@ -42,15 +41,6 @@ LABEL_CLAUDE = "sandbox.claude-code.version"
 SIDECAR_MODULES = ("__init__.py", "sidecar/*.py")
 SIDECAR_PYTHON = "3.11"  # Debian bookworm's python3, which the sidecar image runs on
 BUILD_HINT = "build them with `sandbox images build` (or `make images`)"
-
-
-@dataclass(frozen=True)
-class ImageSet:
-    """The images one run uses."""
-
-    agent: str
-    sidecar: str
-    claude_code_version: str = CLAUDE_CODE_VERSION
 
 
 def namespace() -> str:
@@ -90,22 +80,33 @@ def _agent_inputs() -> list[tuple[str, Path]]:
 def _sidecar_inputs() -> list[tuple[str, Path]]:
     images, pkg = resource("images"), package_dir()
     # The wheels are not hashed: they follow from requirements.txt, which is.
-    files = [("Dockerfile", images / "sidecar" / "Dockerfile"),
-             ("requirements.txt", images / "sidecar" / "requirements.txt")]
+    files = [
+        ("Dockerfile", images / "sidecar" / "Dockerfile"),
+        ("requirements.txt", images / "sidecar" / "requirements.txt"),
+    ]
     files += [(f"agent_sandbox/{p.relative_to(pkg)}", p) for p in _files(pkg, SIDECAR_MODULES)]
     return files
 
 
 def _tag(repo: str, base_id: str, inputs: list[tuple[str, Path]], extra: str = "") -> str:
-    digest = _hash([("base", base_id.encode()), ("extra", extra.encode())]
-                   + [(name, p.read_bytes()) for name, p in inputs])
+    digest = _hash(
+        [("base", base_id.encode()), ("extra", extra.encode())] + [(name, p.read_bytes()) for name, p in inputs]
+    )
     return f"{repo}:{digest[:16]}"
+
+
+def _base_id(client: docker.DockerClient) -> str:
+    """The id of the local base image; raises ImageNotFound when it is not there."""
+    image_id = client.images.get(base_tag()).id
+    if image_id is None:  # the engine gives every image an Id; the SDK's model just does not promise one
+        raise docker.errors.ImageNotFound(f"{base_tag()} has no id")
+    return image_id
 
 
 def expected_tags(client: docker.DockerClient) -> ImageSet:
     """The tags that match the current inputs; raises EnvironmentNotReady if the base is missing."""
     try:
-        base_id = client.images.get(base_tag()).id
+        base_id = _base_id(client)
     except docker.errors.ImageNotFound:
         raise EnvironmentNotReady(f"the base image {base_tag()} is not built", hint=BUILD_HINT) from None
     return ImageSet(
@@ -124,6 +125,7 @@ def require_images(client: docker.DockerClient) -> ImageSet:
 
 
 # --- base image -------------------------------------------------------------------------------------------
+
 
 def debian_mirror() -> str:
     """`SANDBOX_DEBIAN_MIRROR`, else the first Debian archive this host's apt is configured with."""
@@ -146,7 +148,7 @@ def debian_mirror() -> str:
 def ensure_base(client: docker.DockerClient, progress: Progress = _nothing) -> str:
     """The base image's id: already there, pulled, or bootstrapped with debootstrap when no registry answers."""
     try:
-        return client.images.get(base_tag()).id
+        return _base_id(client)
     except docker.errors.ImageNotFound:
         pass
     repo, _, tag = BASE_IMAGE.partition(":")
@@ -155,7 +157,7 @@ def ensure_base(client: docker.DockerClient, progress: Progress = _nothing) -> s
         image = client.images.pull(repo, tag=tag)
         image.tag(base_tag())
         log.info("base_image source=pull image=%s", BASE_IMAGE)
-        return client.images.get(base_tag()).id
+        return _base_id(client)
     except docker.errors.APIError as exc:
         log.info("base_image source=debootstrap reason=%r", str(exc).splitlines()[0][:200])
         progress(f"no registry answered ({_short(exc)}); building the base with debootstrap")
@@ -163,11 +165,12 @@ def ensure_base(client: docker.DockerClient, progress: Progress = _nothing) -> s
     script = resource("images") / "base" / "bootstrap.sh"
     proc = subprocess.run(
         ["bash", str(script), base_tag(), BASE_SUITE, mirror, "sandbox.base.source=debootstrap"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     if proc.returncode != 0:
         raise EnvironmentNotReady("debootstrap of the base image failed:\n" + proc.stderr[-2000:])
-    return client.images.get(base_tag()).id
+    return _base_id(client)
 
 
 def _short(exc: Exception) -> str:
@@ -175,6 +178,7 @@ def _short(exc: Exception) -> str:
 
 
 # --- Claude Code binary -----------------------------------------------------------------------------------
+
 
 def _wheel_platform(arch: str) -> str:
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
@@ -192,8 +196,20 @@ def claude_binary(arch: str | None = None, progress: Progress = _nothing) -> Pat
     progress(f"fetching Claude Code {CLAUDE_CODE_VERSION} (claude-agent-sdk {CLAUDE_AGENT_SDK_VERSION})")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "--platform", plat, f"claude-agent-sdk=={CLAUDE_AGENT_SDK_VERSION}", "-d", tmp]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--platform",
+            plat,
+            f"claude-agent-sdk=={CLAUDE_AGENT_SDK_VERSION}",
+            "-d",
+            tmp,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("claude_agent_sdk-*.whl"))
         if proc.returncode != 0 or not wheels:
@@ -201,8 +217,10 @@ def claude_binary(arch: str | None = None, progress: Progress = _nothing) -> Pat
         with zipfile.ZipFile(wheels[0]) as zf:
             bundled = zf.read("claude_agent_sdk/_cli_version.py").decode()
             if f'"{CLAUDE_CODE_VERSION}"' not in bundled:
-                raise SandboxError(f"claude-agent-sdk {CLAUDE_AGENT_SDK_VERSION} does not bundle Claude Code "
-                                   f"{CLAUDE_CODE_VERSION}: {bundled.strip()}")
+                raise SandboxError(
+                    f"claude-agent-sdk {CLAUDE_AGENT_SDK_VERSION} does not bundle Claude Code "
+                    f"{CLAUDE_CODE_VERSION}: {bundled.strip()}"
+                )
             part = Path(tmp) / "claude.part"
             with zf.open("claude_agent_sdk/_bundled/claude") as src, part.open("wb") as dst:
                 shutil.copyfileobj(src, dst, 1024 * 1024)
@@ -222,8 +240,24 @@ def sidecar_wheels(arch: str | None = None, progress: Progress = _nothing) -> Pa
     progress("fetching the sidecar's Python wheels")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f"{key}."))
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--only-binary=:all:", "--platform", plat,
-           "--python-version", SIDECAR_PYTHON, "--implementation", "cp", "-r", str(req), "-d", str(tmp)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--only-binary=:all:",
+        "--platform",
+        plat,
+        "--python-version",
+        SIDECAR_PYTHON,
+        "--implementation",
+        "cp",
+        "-r",
+        str(req),
+        "-d",
+        str(tmp),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -238,17 +272,28 @@ def sidecar_wheels(arch: str | None = None, progress: Progress = _nothing) -> Pa
 
 # --- building ---------------------------------------------------------------------------------------------
 
-def _build(client: docker.DockerClient, ctx: Path, tag: str, base: str, labels: dict[str, str],
-           progress: Progress, buildargs: dict[str, str] | None = None) -> None:
+
+def _build(
+    client: docker.DockerClient,
+    ctx: Path,
+    tag: str,
+    base: str,
+    labels: dict[str, str],
+    progress: Progress,
+    buildargs: dict[str, str] | None = None,
+) -> None:
     args = {"BASE": base, **(buildargs or {})}
-    stream = client.api.build(path=str(ctx), tag=tag, buildargs=args, labels=labels, rm=True, forcerm=True,
-                              decode=True, pull=False)
+    stream = client.api.build(
+        path=str(ctx), tag=tag, buildargs=args, labels=labels, rm=True, forcerm=True, decode=True, pull=False
+    )
     tail: list[str] = []
     for chunk in stream:
         if "error" in chunk:
-            raise EnvironmentNotReady(f"building {tag} failed: {chunk['error'].strip()}\n" + "".join(tail[-15:]),
-                                      hint="the build's output is above; for a policy's image, check its `image:` "
-                                           "section (package names, setup commands)")
+            raise EnvironmentNotReady(
+                f"building {tag} failed: {chunk['error'].strip()}\n" + "".join(tail[-15:]),
+                hint="the build's output is above; for a policy's image, check its `image:` "
+                "section (package names, setup commands)",
+            )
         line = chunk.get("stream", "")
         if line.strip():
             tail.append(line)
@@ -282,8 +327,11 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
                 os.link(binary, ctx / "claude")
             except OSError:
                 shutil.copy2(binary, ctx / "claude")
-            labels = {LABEL_INPUTS: tags.agent.split(":")[1], LABEL_CLAUDE: CLAUDE_CODE_VERSION,
-                      "sandbox.base-image": base_id}
+            labels = {
+                LABEL_INPUTS: tags.agent.split(":")[1],
+                LABEL_CLAUDE: CLAUDE_CODE_VERSION,
+                "sandbox.base-image": base_id,
+            }
             _build(client, ctx, tags.agent, base_tag(), labels, progress)
         log.info("image_built role=agent tag=%s", tags.agent)
     else:
@@ -307,15 +355,17 @@ def build_all(client: docker.DockerClient, progress: Progress = _nothing, force:
 
 # --- a policy's extension of the agent image --------------------------------------------------------------
 
+
 def _extension_dockerfile(ext: ImageExtension, with_ca: bool) -> str:
     lines = ["ARG BASE", "FROM ${BASE}", "USER root", "ENV HOME=/root"]
     if with_ca:
         # Trusted system-wide, so that setup commands (pip, curl, npm) get through a TLS-inspecting proxy.
-        lines += ["COPY ca/ /usr/local/share/ca-certificates/sandbox-policy/",
-                  "RUN update-ca-certificates >/dev/null"]
+        lines += ["COPY ca/ /usr/local/share/ca-certificates/sandbox-policy/", "RUN update-ca-certificates >/dev/null"]
     if ext.packages:
-        lines.append("RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
-                     "--no-install-recommends " + " ".join(ext.packages) + " && rm -rf /var/lib/apt/lists/*")
+        lines.append(
+            "RUN apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y "
+            "--no-install-recommends " + " ".join(ext.packages) + " && rm -rf /var/lib/apt/lists/*"
+        )
     # One RUN per command: a failing build names the command, and each is its own cached layer.
     lines += [f"RUN {json.dumps(['/bin/bash', '-euo', 'pipefail', '-c', cmd])}" for cmd in ext.setup]
     lines += ["ENV HOME=/home/agent", "USER agent", ""]
@@ -323,13 +373,19 @@ def _extension_dockerfile(ext: ImageExtension, with_ca: bool) -> str:
 
 
 def extended_tag(agent_tag: str, ext: ImageExtension, ca_pem: str) -> str:
-    digest = _hash([("agent", agent_tag.encode()), ("dockerfile", _extension_dockerfile(ext, bool(ca_pem)).encode()),
-                    ("ca", ca_pem.encode())])
+    digest = _hash(
+        [
+            ("agent", agent_tag.encode()),
+            ("dockerfile", _extension_dockerfile(ext, bool(ca_pem)).encode()),
+            ("ca", ca_pem.encode()),
+        ]
+    )
     return f"{namespace()}/agent-custom:{digest[:16]}"
 
 
-def ensure_policy_image(client: docker.DockerClient, images: ImageSet, policy: Policy,
-                        progress: Progress = _nothing) -> ImageSet:
+def ensure_policy_image(
+    client: docker.DockerClient, images: ImageSet, policy: Policy, progress: Progress = _nothing
+) -> ImageSet:
     """The image set for a policy: the agent image itself, or the policy's extension of it, built on first
     use and cached by a hash of its inputs. Concurrent runs of one policy build it once (a file lock)."""
     ext = policy.image
@@ -342,8 +398,10 @@ def ensure_policy_image(client: docker.DockerClient, images: ImageSet, policy: P
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not image_exists(client, tag):
-            progress(f"building {tag}: the policy's image ({len(ext.packages)} package(s), "
-                     f"{len(ext.setup)} setup command(s))")
+            progress(
+                f"building {tag}: the policy's image ({len(ext.packages)} package(s), "
+                f"{len(ext.setup)} setup command(s))"
+            )
             with tempfile.TemporaryDirectory(prefix="sandbox-custom-ctx-") as tmp:
                 ctx = Path(tmp)
                 (ctx / "Dockerfile").write_text(_extension_dockerfile(ext, bool(ca_pem)))

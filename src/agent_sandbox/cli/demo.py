@@ -18,7 +18,7 @@ def mul(a: int, b: int) -> int:
     return a * b
 '''
 
-TEST = '''import unittest
+TEST = """import unittest
 
 from calc import add, mul
 
@@ -33,11 +33,11 @@ class CalcTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
-'''
+"""
 
 TASK = "The test suite fails. Find the bug in calc.py, fix it, and make sure `python3 -m unittest` passes."
 
-SCRIPT = '''# The scripted model's answers for the demo: run the tests, fix the bug, run them again, commit, report.
+SCRIPT = """# The scripted model's answers for the demo: run the tests, fix the bug, run them again, commit, report.
 turns:
   - bash: "python3 -m unittest -v 2>&1 | tail -n 15"
   - edit: {path: calc.py, old: "return a - b", new: "return a + b"}
@@ -47,7 +47,7 @@ turns:
   - text: "Fixed `add()` in calc.py (it subtracted). `python3 -m unittest` passes now."
     usage: {input_tokens: 2400, output_tokens: 120}
 usage: {input_tokens: 1800, output_tokens: 90}
-'''
+"""
 
 
 def make_demo_repo(parent: Path) -> tuple[Path, Path]:

@@ -22,6 +22,7 @@ if _command(sys.argv) in RUNNING_COMMANDS:
 import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import typing  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
 
 import click  # noqa: E402
@@ -31,7 +32,8 @@ from rich.markup import escape  # noqa: E402
 from agent_sandbox import __version__  # noqa: E402
 from agent_sandbox.audit.redact import visible  # noqa: E402
 from agent_sandbox.cli.ui import reporter_for  # noqa: E402
-from agent_sandbox.errors import ExitCode, SandboxError  # noqa: E402
+from agent_sandbox.errors import ExitCode, SandboxError, UsageError  # noqa: E402
+from agent_sandbox.run.request import RunRequest  # noqa: E402
 from agent_sandbox.run.spec import RunSummary  # noqa: E402
 
 # Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
@@ -54,8 +56,11 @@ def main(ctx: click.Context, verbose: bool) -> None:
     """Run coding agents unattended inside locked-down containers."""
     if ctx.invoked_subcommand in RUNNING_COMMANDS:
         interrupts.install()  # done at import already when the command line said so; this covers main([...])
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
 
 
 def _v(text: Any) -> str:
@@ -117,27 +122,45 @@ def _print_egress(s: RunSummary) -> None:
             out.print(_plain(f"    {line}"), markup=False)
 
 
+def _request_option(name: str, **kw: Any) -> Any:
+    """The `sandbox run` option for the RunRequest field `name`: `--name-with-dashes`, with the field's type,
+    default and docstring (as its help), so that an option and its field cannot drift apart."""
+    field = RunRequest.model_fields[name]
+    kw.setdefault("help", field.description)
+    if field.is_required():
+        kw["required"] = True
+    else:
+        kw["default"] = field.default
+        kw["show_default"] = field.default not in (None, False)
+    if field.annotation is bool:
+        kw["is_flag"] = True
+    scalars = [t for t in typing.get_args(field.annotation) or (field.annotation,) if t in (int, float)]
+    if scalars and "type" not in kw:
+        kw["type"] = scalars[0]
+    return click.option("--" + name.replace("_", "-"), name, **kw)
+
+
+# `sandbox run`'s options: one per RunRequest field (not every field is an option: a sweep sets the branch,
+# a webhook the ticket's text).
 _RUN_OPTIONS = [
-    click.option("--repo", "repo", required=True, type=click.Path(file_okay=False), help="The git repository."),
-    click.option("--policy", default="default", show_default=True, help="A preset name or a policy YAML file."),
-    click.option("--model", default=None, help="Claude model (default: the policy's)."),
-    click.option("--model-script", type=click.Path(dir_okay=False), default=None,
-                 help="Play this YAML script with the scripted model instead of calling the real API."),
-    click.option("--base", default="HEAD", show_default=True, help="The ref the sandbox starts from."),
-    click.option("--timeout", type=int, default=None, help="Wall-clock limit, seconds (policy: limits.wall_seconds)."),
-    click.option("--idle-timeout", type=int, default=None, help="Idle limit in seconds (policy: limits.idle_seconds)."),
-    click.option("--budget-usd", type=float, default=None, help="Model spend limit (policy: limits.budget_usd)."),
-    click.option("--max-turns", type=int, default=None, help="Turn limit (policy: limits.max_turns)."),
-    click.option("--keep", is_flag=True, help="Keep the workspace checkout in the run directory."),
-    click.option("--pre", default=None, help="A command run in the sandbox before the agent, under the same "
-                 "policy (e.g. a deterministic dependency updater)."),
-    click.option("--check", default=None, help="A command run on the agent's work (e.g. the tests); if it fails, "
-                 "the run fails with reason check."),
-    click.option("--push", is_flag=True, help="Push sandbox/<id> to the remote when the run completes and the "
-                 "change passes the policy's git rules (policy: git.push)."),
-    click.option("--remote", default="origin", show_default=True, help="The remote to push to."),
-    click.option("--open-pr", is_flag=True, help="Open a GitHub pull request after the push (GITHUB_TOKEN)."),
-    click.option("--pr-base", default=None, help="The pull request's base branch (default: --base or HEAD's)."),
+    _request_option("task"),
+    _request_option("ticket", type=click.Path(dir_okay=False)),
+    _request_option("repo", type=click.Path(file_okay=False)),
+    _request_option("policy"),
+    _request_option("model"),
+    _request_option("model_script", type=click.Path(dir_okay=False)),
+    _request_option("base"),
+    _request_option("timeout"),
+    _request_option("idle_timeout"),
+    _request_option("budget_usd"),
+    _request_option("max_turns"),
+    _request_option("keep"),
+    _request_option("pre"),
+    _request_option("check"),
+    _request_option("push"),
+    _request_option("remote"),
+    _request_option("open_pr"),
+    _request_option("pr_base"),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
 ]
 
@@ -148,18 +171,26 @@ def _run_options(f: Any) -> Any:
     return f
 
 
-@main.command()
-@click.option("--task", default=None, help="What the agent should do.")
-@click.option("--ticket", type=click.Path(dir_okay=False), default=None,
-              help="Take the task from a ticket: Markdown (first line is the title) or JSON with title and body. "
-                   "Untrusted text: it never selects the policy, limits or credentials.")
-@_run_options
-def run(task: str | None, ticket: str | None, as_json: bool, **kw: Any) -> None:
-    """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
-    from agent_sandbox.run.runner import RunRequest, run_task
+def _request(options: dict[str, Any]) -> RunRequest:
+    """The run request from `sandbox run`'s options; a value the model refuses is a usage error naming the
+    option."""
+    from pydantic import ValidationError
 
     try:
-        summary = run_task(RunRequest(task=task, ticket=ticket, **kw), reporter=reporter_for(err))
+        return RunRequest(**options)
+    except ValidationError as exc:
+        lines = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        raise UsageError("\n".join(lines)) from None
+
+
+@main.command()
+@_run_options
+def run(as_json: bool, **options: Any) -> None:
+    """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
+    from agent_sandbox.run.runner import run_task
+
+    try:
+        summary = run_task(_request(options), reporter=reporter_for(err))
     except SandboxError as exc:
         _fail(exc)
     # The terminal may be gone (an ssh drop): the run is over all the same, and exits with its own code.
@@ -177,13 +208,14 @@ def demo(as_json: bool, keep: bool) -> None:
 
     from agent_sandbox.cli.demo import TASK, make_demo_repo
     from agent_sandbox.paths import state_dir
-    from agent_sandbox.run.runner import RunRequest, run_task
+    from agent_sandbox.run.runner import run_task
 
     repo, script = make_demo_repo(state_dir() / "demo")
     err.print(f"demo repository: {repo}")
     try:
-        summary = run_task(RunRequest(repo=str(repo), task=TASK, model_script=str(script), keep=keep),
-                           reporter=reporter_for(err))
+        summary = run_task(
+            RunRequest(repo=str(repo), task=TASK, model_script=str(script), keep=keep), reporter=reporter_for(err)
+        )
     except SandboxError as exc:
         _fail(exc)
     _print_summary(summary, as_json)
@@ -206,8 +238,9 @@ def _load_run(run_id: str) -> tuple[Any, Any]:
         _fail(exc)
     if not (d / "summary.json").is_file():
         _fail(UsageError(f"run {run_id} has not finished (or its supervisor died: see `sandbox gc`)"))
-    return RunSpec.model_validate_json((d / "spec.json").read_text()), \
-        RunSummary.model_validate_json((d / "summary.json").read_text())
+    return RunSpec.model_validate_json((d / "spec.json").read_text()), RunSummary.model_validate_json(
+        (d / "summary.json").read_text()
+    )
 
 
 @main.command()
@@ -226,8 +259,10 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
 
     spec, s = _load_run(run_id)
     if s.violations:
-        refused = SandboxError(f"run {run_id} broke the policy's git rules; its branch is not pushed",
-                               hint="; ".join(v.detail for v in s.violations))
+        refused = SandboxError(
+            f"run {run_id} broke the policy's git rules; its branch is not pushed",
+            hint="; ".join(v.detail for v in s.violations),
+        )
         refused.exit_code = ExitCode.POLICY
         _fail(refused)
     if not s.branch:
@@ -303,9 +338,18 @@ def ls_cmd(repo: str | None, status: str | None, since: str | None, limit: int, 
     colour = {"succeeded": "green", "killed": "yellow", "failed": "red", "running": "cyan"}
     for r in rows:
         started = dt.datetime.fromtimestamp(r.started_at, dt.UTC).strftime("%m-%d %H:%M")
-        table.add_row(r.id, f"[{colour[r.status]}]{r.status}[/]", r.reason or "", started,
-                      f"{r.duration_s:.0f}s" if r.duration_s is not None else "", f"${r.cost_usd:.3f}",
-                      str(r.turns), str(r.files_changed), str(r.egress_denied), _v(r.task))
+        table.add_row(
+            r.id,
+            f"[{colour[r.status]}]{r.status}[/]",
+            r.reason or "",
+            started,
+            f"{r.duration_s:.0f}s" if r.duration_s is not None else "",
+            f"${r.cost_usd:.3f}",
+            str(r.turns),
+            str(r.files_changed),
+            str(r.egress_denied),
+            _v(r.task),
+        )
     out.print(table if rows else "no runs")
 
 
@@ -332,10 +376,14 @@ def show(run_id: str, as_json: bool) -> None:
     out.print(f"  repo      {r.repo} @ {r.base_commit[:12]}  ->  {r.branch or 'no branch'}")
     out.print(f"  task      {_v(r.task)}")
     out.print(f"  policy    {sp.policy.name} ({sp.policy_source}, sha256 {r.policy_sha256[:16]}), model {sp.model}")
-    out.print(f"  limits    wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
-              f"{lim.max_turns} turns, {lim.cpus:g} cpus, {lim.memory} memory, {lim.pids} pids, {lim.disk} disk")
-    out.print(f"  cost      ${r.cost_usd:.4f}; tokens {r.input_tokens} in, {r.output_tokens} out, "
-              f"{r.cache_read_tokens} cache read, {r.cache_write_tokens} cache write; {r.turns} turns")
+    out.print(
+        f"  limits    wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
+        f"{lim.max_turns} turns, {lim.cpus:g} cpus, {lim.memory} memory, {lim.pids} pids, {lim.disk} disk"
+    )
+    out.print(
+        f"  cost      ${r.cost_usd:.4f}; tokens {r.input_tokens} in, {r.output_tokens} out, "
+        f"{r.cache_read_tokens} cache read, {r.cache_write_tokens} cache write; {r.turns} turns"
+    )
     if r.duration_s is not None:
         out.print(f"  duration  {r.duration_s:.1f}s")
     if d.limits_hit:
@@ -343,19 +391,29 @@ def show(run_id: str, as_json: bool) -> None:
     if d.tool_calls:
         out.print("  tools     " + ", ".join(f"{_v(k)} {v}" for k, v in sorted(d.tool_calls.items())))
     if d.summary:
-        out.print(f"  changes   {len(d.summary.commits)} commit(s), {len(d.summary.files_changed)} file(s): "
-                  + _plain(", ".join(d.summary.files_changed[:10])), markup=False)
+        out.print(
+            f"  changes   {len(d.summary.commits)} commit(s), {len(d.summary.files_changed)} file(s): "
+            + _plain(", ".join(d.summary.files_changed[:10])),
+            markup=False,
+        )
         for v in d.summary.violations:
             out.print(f"  [red]violation[/red] {_v(v.rule)}: {_v(v.detail)}")
-        out.print(f"  pushed    {'yes, to ' + str(d.summary.remote) if d.summary.pushed else 'no'}"
-                  + (f" ({_plain(d.summary.push_error)})" if d.summary.push_error else ""), markup=False)
-    out.print("  allowed   " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"),
-              markup=False)
-    out.print("  denied    " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"),
-              markup=False)
+        out.print(
+            f"  pushed    {'yes, to ' + str(d.summary.remote) if d.summary.pushed else 'no'}"
+            + (f" ({_plain(d.summary.push_error)})" if d.summary.push_error else ""),
+            markup=False,
+        )
+    out.print(
+        "  allowed   " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_allowed.items()) or "none"), markup=False
+    )
+    out.print(
+        "  denied    " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_denied.items()) or "none"), markup=False
+    )
     if d.hosts_would_deny:
-        out.print("  would deny " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_would_deny.items()))
-                  + " (report mode)", markup=False)
+        out.print(
+            "  would deny " + _plain(", ".join(f"{h} ({n})" for h, n in d.hosts_would_deny.items())) + " (report mode)",
+            markup=False,
+        )
     out.print(f"  run dir   {r.run_dir}")
 
 
@@ -384,8 +442,10 @@ def logs(run_id: str, follow: bool, raw: bool) -> None:
     if follow:
         # Like `gh run watch --exit-status`: the run's own exit code.
         if ended is None:
-            err.print("the run's supervisor is gone and the run never ended; `sandbox gc` recovers it "
-                      "(its work onto its branch)")
+            err.print(
+                "the run's supervisor is gone and the run never ended; `sandbox gc` recovers it "
+                "(its work onto its branch)"
+            )
             sys.exit(int(ExitCode.INTERRUPTED))
         sys.exit(ended)
 
@@ -456,30 +516,40 @@ def serve() -> None:
     """The task service: `sandbox serve --config FILE` (see docs/service.md)."""
 
 
+# --bind, --port and --concurrency override the ServiceConfig fields of their names, validated as the file's
+# values are. (Their help is written here: taking it from the model would import the service, and aiohttp
+# with it, for every command.)
 @serve.command("start", hidden=True)
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Service config YAML.")
 @click.option("--bind", default=None, help="Address to listen on (config: bind; default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (config: port; 0 picks a free one).")
 @click.option("--concurrency", type=int, default=None, help="Tasks at once (config: concurrency).")
-def serve_start(config_path: str, bind: str | None, port: int | None, concurrency: int | None) -> None:
+def serve_start(config_path: str, **overrides: Any) -> None:
     import asyncio
 
-    from agent_sandbox.fleet.service import TaskService, load_config
+    from pydantic import ValidationError
+
+    from agent_sandbox.errors import validation_message
+    from agent_sandbox.fleet.service import ServiceConfig, TaskService, load_config
 
     try:
         cfg = load_config(config_path)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if given:  # validated as the file's values are
+            cfg = ServiceConfig.model_validate({**cfg.model_dump(), **given})
+    except ValidationError as exc:
+        _fail(UsageError(validation_message(exc, "options")))
     except SandboxError as exc:
         _fail(exc)
-    for key, value in (("bind", bind), ("port", port), ("concurrency", concurrency)):
-        if value is not None:
-            setattr(cfg, key, value)
 
     def ready(actual_port: int, reaped: list[str]) -> None:
         for t in reaped:
             err.print(f"reaped task {t}: it was running when the service stopped")
         # One line a supervisor process (or a test) can wait for.
-        click.echo(json.dumps({"listening": f"http://{cfg.bind}:{actual_port}", "port": actual_port,
-                               "reaped": reaped}), err=False)
+        click.echo(
+            json.dumps({"listening": f"http://{cfg.bind}:{actual_port}", "port": actual_port, "reaped": reaped}),
+            err=False,
+        )
         sys.stdout.flush()
 
     interrupts.install()
@@ -504,8 +574,13 @@ def audit() -> None:
 @audit.command("show", hidden=True)
 @click.argument("run_id")
 @click.option("--type", "types", multiple=True, help="Only events of this type (repeatable).")
-@click.option("--source", "sources", multiple=True,
-              type=click.Choice(["supervisor", "agent", "proxy", "gateway"]), help="Only from this source.")
+@click.option(
+    "--source",
+    "sources",
+    multiple=True,
+    type=click.Choice(["supervisor", "agent", "proxy", "gateway"]),
+    help="Only from this source.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Matching events as JSON lines.")
 def audit_show(run_id: str, types: tuple[str, ...], sources: tuple[str, ...], as_json: bool) -> None:
     from agent_sandbox.fleet.views import brief, read_events, resolve_run
@@ -544,8 +619,11 @@ def audit_verify(run_id: str, as_json: bool) -> None:
         head = RunSummary.model_validate_json((run_dir / "summary.json").read_text()).audit_head
     ok, line, message = verify(path, head)
     if as_json:
-        click.echo(json.dumps({"ok": ok, "line": line, "message": message, "path": str(path),
-                               "head_checked": head is not None}))
+        click.echo(
+            json.dumps(
+                {"ok": ok, "line": line, "message": message, "path": str(path), "head_checked": head is not None}
+            )
+        )
     else:
         (out if ok else err).print(("ok: " if ok else "BROKEN: ") + message, markup=False)
     sys.exit(0 if ok else int(ExitCode.AUDIT_BROKEN))
@@ -557,20 +635,25 @@ def audit_verify(run_id: str, as_json: bool) -> None:
 def gc(dry_run: bool, as_json: bool) -> None:
     """Recover runs nobody supervises any more: pack and import their work, remove what they left, write
     their summaries. Only this state directory's runs are touched."""
-    from agent_sandbox.backend.docker import DockerBackend
-    from agent_sandbox.backend.images import require_images
-    from agent_sandbox.fleet.gc import collect
+    from agent_sandbox.backend import connect
+    from agent_sandbox.config.settings import load_settings
+    from agent_sandbox.run.orphans import collect
     from agent_sandbox.store import RunStore
 
     try:
-        backend = DockerBackend.connect()
-        images = None if dry_run else require_images(backend.client)
+        backend = connect(load_settings().backend)
+        images = None if dry_run else backend.images()
         store = RunStore()
     except SandboxError as exc:
         _fail(exc)
     try:
-        results = collect(backend, store, images, dry_run=dry_run,
-                          progress=None if as_json else lambda line: err.print(line, markup=False))
+        results = collect(
+            backend,
+            store,
+            images,
+            dry_run=dry_run,
+            progress=None if as_json else lambda line: err.print(line, markup=False),
+        )
     finally:
         store.close()
     if as_json:
@@ -608,8 +691,10 @@ def policy_check(ref: str, as_json: bool) -> None:
     eg, lim = pol.egress, pol.limits
     out.print(f"policy   {pol.name} ({source})  sha256 {pol.digest()[:16]}")
     out.print(f"model    {pol.agent.model}")
-    out.print(f"limits   wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
-              f"{lim.max_turns} turns, {lim.cpus:g} cpus, memory {lim.memory}, {lim.pids} pids")
+    out.print(
+        f"limits   wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
+        f"{lim.max_turns} turns, {lim.cpus:g} cpus, memory {lim.memory}, {lim.pids} pids"
+    )
     for line in _describe_egress(eg):
         out.print(line, markup=False)
 
@@ -619,10 +704,12 @@ def _describe_egress(eg: Any) -> list[str]:
     from agent_sandbox.sidecar.egress import METADATA, parse_address_entry, parse_rule
 
     if eg.mode == "report":
-        lines = ["egress   mode report: connections are allowed and logged; what enforce mode would refuse is "
-                 "logged as would_deny, with every reason, and the run's report ends with the entries to add; "
-                 "cloud metadata, loopback and unspecified addresses are refused all the same; "
-                 "the model gateway is always reachable"]
+        lines = [
+            "egress   mode report: connections are allowed and logged; what enforce mode would refuse is "
+            "logged as would_deny, with every reason, and the run's report ends with the entries to add; "
+            "cloud metadata, loopback and unspecified addresses are refused all the same; "
+            "the model gateway is always reachable"
+        ]
     else:
         private = "allowed (but not loopback)" if eg.allow_private else "refused"
         lines = [f"egress   mode enforce; private addresses {private}; the model gateway is always reachable"]
@@ -632,15 +719,21 @@ def _describe_egress(eg: Any) -> list[str]:
             what = f"subdomains of {r.host}" if r.wildcard else r.host
             lines.append(f"  {kind:<5}  {text:<32} {what}, ports {', '.join(map(str, r.ports))}")
     if not eg.allow:
-        lines.append("  (no allow rules: " + ("enforce mode would refuse every host)" if eg.mode == "report"
-                                             else "nothing but the model gateway)"))
+        lines.append(
+            "  (no allow rules: "
+            + ("enforce mode would refuse every host)" if eg.mode == "report" else "nothing but the model gateway)")
+        )
     refused = "would be refused" if eg.mode == "report" else "are refused"
     if eg.allow_private:
-        lines.append("  addresses  allowed names may resolve to private, shared, link-local, unique-local, reserved "
-                     "and the host's own addresses; loopback (the sidecar itself) only through allow_addresses")
+        lines.append(
+            "  addresses  allowed names may resolve to private, shared, link-local, unique-local, reserved "
+            "and the host's own addresses; loopback (the sidecar itself) only through allow_addresses"
+        )
     else:
-        lines.append(f"  addresses  allowed names {refused} when they resolve to a loopback, private, link-local, "
-                     "unique-local, reserved or the host's own address, unless allow_addresses covers it")
+        lines.append(
+            f"  addresses  allowed names {refused} when they resolve to a loopback, private, link-local, "
+            "unique-local, reserved or the host's own address, unless allow_addresses covers it"
+        )
     for text in eg.allow_addresses:
         e = parse_address_entry(text)
         if e.single:
@@ -654,8 +747,10 @@ def _describe_egress(eg: Any) -> list[str]:
         lines.append(f"  allow_addresses  {text:<20} allowed names may resolve to {note}")
     metadata = ", ".join(sorted(map(str, METADATA), key=lambda a: (":" in a, a)))
     verb = refused.removeprefix("are ")
-    lines.append(f"  metadata   {metadata}: {verb} unless an allow_addresses entry names exactly that address "
-                 "(never through a range or allow_private)")
+    lines.append(
+        f"  metadata   {metadata}: {verb} unless an allow_addresses entry names exactly that address "
+        "(never through a range or allow_private)"
+    )
     for name, target in eg.hosts.items():
         lines.append(f"  host   {name} -> {target}")
     return lines
@@ -668,8 +763,12 @@ def images() -> None:
 
 @images.command("build")
 @click.option("--force", is_flag=True, help="Rebuild even when images with the current inputs exist.")
-@click.option("--policy", "policy_ref", default=None,
-              help="Also build this policy's extension of the agent image (its `image:` section).")
+@click.option(
+    "--policy",
+    "policy_ref",
+    default=None,
+    help="Also build this policy's extension of the agent image (its `image:` section).",
+)
 def images_build(force: bool, policy_ref: str | None) -> None:
     """Build the base, agent and sidecar images (cached by a hash of their inputs)."""
     from agent_sandbox.backend.docker import connect_client

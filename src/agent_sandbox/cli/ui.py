@@ -31,8 +31,10 @@ class ConsoleReporter:
         return f"[dim]{time.monotonic() - self.t0:6.1f}s[/dim]"
 
     def begin(self, run_id: str, limits: Any, model: str) -> None:
-        self.console.print(f"{self._stamp()} [bold]run[/bold]      {run_id}: wall {limits.wall_seconds}s, "
-                           f"budget ${limits.budget_usd:.2f}, {limits.max_turns} turns")
+        self.console.print(
+            f"{self._stamp()} [bold]run[/bold]      {run_id}: wall {limits.wall_seconds}s, "
+            f"budget ${limits.budget_usd:.2f}, {limits.max_turns} turns"
+        )
 
     def phase(self, name: str, detail: str = "") -> None:
         self.console.print(f"{self._stamp()} [bold cyan]{name:<8}[/bold cyan] {_safe(detail)}")
@@ -96,14 +98,20 @@ class LiveReporter(ConsoleReporter):
         grid.add_row("phase", f"[cyan]{st['phase']}[/cyan]")
         if lim is not None:
             grid.add_row("elapsed", f"{self._bar(elapsed / lim.wall_seconds)} {elapsed:5.0f}s of {lim.wall_seconds}s")
-            grid.add_row("spend", f"{self._bar(st['spent'] / lim.budget_usd)} ${st['spent']:.4f} of "
-                                  f"${lim.budget_usd:.2f}")
+            grid.add_row(
+                "spend", f"{self._bar(st['spent'] / lim.budget_usd)} ${st['spent']:.4f} of ${lim.budget_usd:.2f}"
+            )
             grid.add_row("turns", f"{self._bar(st['turns'] / lim.max_turns)} {st['turns']} of {lim.max_turns}")
         grid.add_row("last tool", escape(str(st["tool"])[:90]))
         denied = st["denied"]
         grid.add_row("denied", f"[{'red' if denied else 'dim'}]{denied} connection(s)[/]")
-        return Panel(Group(grid), title=f"sandbox run {self.run_id}", subtitle=getattr(self, "model", ""),
-                     border_style="blue", expand=False)
+        return Panel(
+            Group(grid),
+            title=f"sandbox run {self.run_id}",
+            subtitle=getattr(self, "model", ""),
+            border_style="blue",
+            expand=False,
+        )
 
 
 def reporter_for(console: Console) -> ConsoleReporter:

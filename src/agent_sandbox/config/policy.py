@@ -144,8 +144,9 @@ class ImageExtension(BaseModel):
     def _packages(cls, names: list[str]) -> list[str]:
         for name in names:
             if not _DEBIAN_PACKAGE.match(name):
-                raise ValueError(f"{name!r} is not a Debian package name "
-                                 "(write e.g. libpq-dev, or libpq-dev=15.* for a version)")
+                raise ValueError(
+                    f"{name!r} is not a Debian package name (write e.g. libpq-dev, or libpq-dev=15.* for a version)"
+                )
         return names
 
     @field_validator("setup")
@@ -176,7 +177,7 @@ class Policy(BaseModel):
     egress: Egress = Field(default_factory=Egress)
     """Network access beyond the model gateway."""
     git: GitSettings = Field(default_factory=GitSettings)
-    """Git rules."""
+    """Git rules: who commits, what the change may touch, and whether it is pushed."""
     image: ImageExtension = Field(default_factory=ImageExtension)
     """Extra Debian packages and setup commands for the agent image (built once, cached by hash)."""
     pricing: dict[str, Price] = Field(default_factory=dict)
@@ -224,8 +225,10 @@ def _resolve_ca_certificates(policy: Policy, base: Path, source: str) -> Policy:
         try:
             pem = path.read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"{source}: egress.ca_certificates: cannot read {entry!r} ({path}): "
-                             f"{getattr(exc, 'strerror', None) or exc}") from None
+            raise UsageError(
+                f"{source}: egress.ca_certificates: cannot read {entry!r} ({path}): "
+                f"{getattr(exc, 'strerror', None) or exc}"
+            ) from None
         if "-----BEGIN CERTIFICATE-----" not in pem:
             raise UsageError(f"{source}: egress.ca_certificates: {entry!r} holds no PEM certificate")
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent_sandbox.config.backends import BackendConfig, DockerConfig
 from agent_sandbox.errors import UsageError, validation_message
 
 DAILY_ENV = "SANDBOX_DAILY_BUDGET_USD"
@@ -21,6 +22,8 @@ class HostSettings(BaseModel):
 
     daily_budget_usd: float | None = Field(default=None, gt=0)
     """Most all runs on this host may spend on the model per UTC day; None means no cap."""
+    backend: BackendConfig = Field(default_factory=DockerConfig)
+    """The platform that runs the tasks (`kind: docker`, the default, and its settings)."""
 
 
 def config_path() -> Path:

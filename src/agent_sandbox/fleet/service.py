@@ -14,29 +14,33 @@ import hmac
 import json
 import logging
 import secrets
-import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.json_schema import models_json_schema
 
 from agent_sandbox.errors import SandboxError, UsageError, validation_message
 from agent_sandbox.fleet.views import read_events, resolve_run
 from agent_sandbox.interrupts import interrupts
-from agent_sandbox.run.runner import RunRequest, run_task
-from agent_sandbox.store import RunStore
+from agent_sandbox.run.request import RunRequest, RunSettings
+from agent_sandbox.run.runner import run_task
+from agent_sandbox.run.ticket import Ticket
+from agent_sandbox.store import RunStore, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
 
 
-class TokenConfig(BaseModel):
-    """One client of the service."""
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    model_config = ConfigDict(extra="forbid")
+
+class TokenConfig(_Model):
+    """One client of the service."""
 
     name: str
     """Who it is, for the audit of who asked for what."""
@@ -46,31 +50,20 @@ class TokenConfig(BaseModel):
     """Names of the repositories it may start tasks on."""
 
 
-class RepoConfig(BaseModel):
-    """A repository the service may work on."""
-
-    model_config = ConfigDict(extra="forbid")
+class RepoConfig(RunSettings):
+    """A repository the service may work on, and the run settings of its tasks (`policy` unless a request
+    names another of `policies`; push, open_pr, limits, pre, check, ... as `sandbox run` takes them)."""
 
     path: str
-    """Its checkout on this host."""
-    policy: str = "default"
-    """The policy its tasks run under unless a request names another allowed one."""
+    """Its checkout on this host (relative to the configuration file)."""
     policies: list[str] = Field(default_factory=list)
     """Other policies a request may ask for."""
-    push: bool = False
-    """Push the branch for review."""
-    open_pr: bool = False
-    """Open a pull request (GITHUB_TOKEN)."""
     github: str | None = None
     """owner/name on GitHub: webhooks for this repository map here."""
-    model_script: str | None = None
-    """Play this scripted-model YAML instead of calling the real API (tests and demos)."""
 
 
-class WebhookConfig(BaseModel):
+class WebhookConfig(_Model):
     """GitHub issue webhooks."""
-
-    model_config = ConfigDict(extra="forbid")
 
     secret_env: str = "SANDBOX_WEBHOOK_SECRET"
     """The environment variable holding the webhook secret (HMAC-SHA256, X-Hub-Signature-256)."""
@@ -78,10 +71,8 @@ class WebhookConfig(BaseModel):
     """An issue carrying this label becomes a task."""
 
 
-class ServiceConfig(BaseModel):
+class ServiceConfig(_Model):
     """The service's configuration file."""
-
-    model_config = ConfigDict(extra="forbid")
 
     bind: str = "127.0.0.1"
     """Address to listen on: localhost unless told otherwise."""
@@ -131,17 +122,16 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class TaskIn(BaseModel):
-    """POST /tasks."""
-
-    model_config = ConfigDict(extra="forbid")
+class TaskIn(_Model):
+    """A task to queue (the body of `POST /tasks`): a task's text or a ticket, on a configured repository.
+    Nothing in it selects anything the operator has not allowed."""
 
     repo: str
     """A repository name from the service's configuration."""
     task: str | None = None
     """What the agent should do."""
-    ticket: dict[str, str] | None = None
-    """Or a ticket: {"title": ..., "body": ...}; its text becomes the task, nothing else."""
+    ticket: Ticket | None = None
+    """Or a ticket: its title and body become the task, nothing else."""
     policy: str | None = None
     """A policy the repository allows; default its own."""
 
@@ -152,15 +142,14 @@ class TaskIn(BaseModel):
         return self
 
 
-class Task(BaseModel):
+class Task(_Model):
     """A task as the service reports it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     id: str
     """Task id."""
-    status: Literal["queued", "running", "done", "failed"]
-    """Where it is."""
+    status: TaskStatus
+    """queued, running, done (the run ended, however it went: see summary) or failed (no run summary: see
+    error)."""
     source: str
     """api or webhook."""
     principal: str
@@ -170,7 +159,7 @@ class Task(BaseModel):
     run_id: str | None
     """The run, once started."""
     summary: dict[str, Any] | None
-    """The run's summary, once finished."""
+    """The run's summary, once finished: what `sandbox run --json` prints."""
     error: str | None
     """Why it failed without a run summary."""
     created_at: float
@@ -180,78 +169,163 @@ class Task(BaseModel):
     ended_at: float | None
     """Unix time."""
 
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Task:
+        """A task from its row in the store's queue (the request it holds is the service's own business)."""
+        d = {k: v for k, v in row.items() if k != "request"}
+        d["summary"] = json.loads(d["summary"]) if d.get("summary") else None
+        return cls.model_validate(d)
 
-def _task(row: Any) -> Task:
-    d = dict(row)
-    d.pop("request", None)
-    d["summary"] = json.loads(d["summary"]) if d.get("summary") else None
-    return Task.model_validate(d)
+
+class ApiError(_Model):
+    """A refused request."""
+
+    error: str
+    """Why, for people."""
+
+
+class Ignored(_Model):
+    """A webhook event that became no task."""
+
+    ignored: str
+    """Why."""
+
+
+class Health(_Model):
+    """The service answers."""
+
+    ok: bool
+    """Always true."""
+
+
+REQUEST_MODELS: tuple[type[BaseModel], ...] = (TaskIn,)
+"""The HTTP API's request bodies (the GitHub webhook's is GitHub's)."""
+RESPONSE_MODELS: tuple[type[BaseModel], ...] = (Task, ApiError, Ignored, Health)
+"""The HTTP API's JSON responses."""
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+    return web.json_response(ApiError(error=message).model_dump(), status=status)
 
 
-OPENAPI: dict[str, Any] = {
-    "openapi": "3.0.3",
-    "info": {"title": "agent-sandbox task service", "version": "1"},
-    "components": {
-        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        "schemas": {
-            "TaskIn": {"type": "object", "required": ["repo"], "additionalProperties": False, "properties": {
-                "repo": {"type": "string"}, "task": {"type": "string"}, "policy": {"type": "string"},
-                "ticket": {"type": "object", "required": ["title"], "properties": {
-                    "title": {"type": "string"}, "body": {"type": "string"}}}}},
-            "Task": {"type": "object", "properties": {
-                "id": {"type": "string"}, "status": {"type": "string", "enum": ["queued", "running", "done", "failed"]},
-                "source": {"type": "string"}, "principal": {"type": "string"}, "repo": {"type": "string"},
-                "run_id": {"type": "string", "nullable": True}, "summary": {"type": "object", "nullable": True},
-                "error": {"type": "string", "nullable": True}, "created_at": {"type": "number"},
-                "started_at": {"type": "number", "nullable": True}, "ended_at": {"type": "number", "nullable": True}}},
-            "Error": {"type": "object", "properties": {"error": {"type": "string"}}},
+SCHEMA_REF = "#/components/schemas/{model}"
+_ID = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+Content = type[BaseModel] | dict[str, Any] | None
+
+
+def _content(body: type[BaseModel] | dict[str, Any]) -> dict[str, Any]:
+    if isinstance(body, dict):
+        return body
+    return {"application/json": {"schema": {"$ref": SCHEMA_REF.format(model=body.__name__)}}}
+
+
+def _responses(by_status: dict[int, tuple[str, Content]]) -> dict[str, Any]:
+    """OpenAPI responses from status -> (description, the body's model, or its content, or None)."""
+    return {
+        str(status): {"description": text, **({"content": _content(body)} if body is not None else {})}
+        for status, (text, body) in by_status.items()
+    }
+
+
+@functools.cache
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the HTTP API (`GET /openapi.json`): the operations are written here, every
+    schema is generated from the request and response models (and those they hold, such as Ticket), their
+    descriptions from the models' docstrings."""
+    _, defs = models_json_schema(
+        [*((m, "validation") for m in REQUEST_MODELS), *((m, "serialization") for m in RESPONSE_MODELS)],
+        ref_template=SCHEMA_REF,
+    )
+    unauthorised = ("no or bad token", ApiError)
+    no_task = ("no such task", ApiError)
+    tasks = {"application/json": {"schema": {"type": "array", "items": {"$ref": SCHEMA_REF.format(model="Task")}}}}
+    events = {"application/x-ndjson": {"schema": {"type": "string"}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "agent-sandbox task service", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}, "schemas": defs["$defs"]},
+        "security": [{"bearer": []}],
+        "paths": {
+            "/tasks": {
+                "post": {
+                    "summary": "Queue a task",
+                    "requestBody": {"required": True, "content": _content(TaskIn)},
+                    "responses": _responses(
+                        {
+                            202: ("queued", Task),
+                            400: ("bad request", ApiError),
+                            401: unauthorised,
+                            403: ("repository or policy not allowed for this token", ApiError),
+                            404: ("unknown repository", ApiError),
+                        }
+                    ),
+                },
+                "get": {
+                    "summary": "The latest tasks on the token's repositories",
+                    "responses": _responses({200: ("tasks", tasks), 401: unauthorised}),
+                },
+            },
+            "/tasks/{id}": {
+                "get": {
+                    "summary": "A task",
+                    "parameters": [_ID],
+                    "responses": _responses({200: ("the task", Task), 401: unauthorised, 404: no_task}),
+                }
+            },
+            "/tasks/{id}/events": {
+                "get": {
+                    "summary": "The task's audit events as NDJSON, followed until the run ends",
+                    "parameters": [_ID],
+                    "responses": _responses(
+                        {
+                            200: ("events, one JSON object a line (docs/audit.md)", events),
+                            401: unauthorised,
+                            404: no_task,
+                        }
+                    ),
+                }
+            },
+            "/webhooks/github": {
+                "post": {
+                    "summary": "A GitHub issues event; a labelled issue becomes a task",
+                    "security": [],
+                    "parameters": [
+                        {"name": "X-Hub-Signature-256", "in": "header", "required": True, "schema": {"type": "string"}},
+                        {"name": "X-GitHub-Event", "in": "header", "required": True, "schema": {"type": "string"}},
+                    ],
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
+                    "responses": _responses(
+                        {
+                            202: ("queued", Task),
+                            200: ("ignored", Ignored),
+                            400: ("not an issues event payload", ApiError),
+                            401: ("bad signature", ApiError),
+                            404: ("webhooks are not enabled", ApiError),
+                        }
+                    ),
+                }
+            },
+            "/healthz": {
+                "get": {"summary": "Liveness", "security": [], "responses": _responses({200: ("ok", Health)})}
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This description",
+                    "security": [],
+                    "responses": _responses(
+                        {200: ("OpenAPI 3.1", {"application/json": {"schema": {"type": "object"}}})}
+                    ),
+                }
+            },
         },
-    },
-    "security": [{"bearer": []}],
-    "paths": {
-        "/tasks": {
-            "post": {"summary": "Queue a task", "requestBody": {"required": True, "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/TaskIn"}}}},
-                "responses": {"202": {"description": "queued", "content": {"application/json": {
-                    "schema": {"$ref": "#/components/schemas/Task"}}}},
-                    "400": {"description": "bad request"}, "401": {"description": "no or bad token"},
-                    "403": {"description": "repository or policy not allowed for this token"}}},
-            "get": {"summary": "List tasks", "responses": {"200": {"description": "tasks", "content": {
-                "application/json": {"schema": {"type": "array", "items": {"$ref": "#/components/schemas/Task"}}}}},
-                "401": {"description": "no or bad token"}}},
-        },
-        "/tasks/{id}": {"get": {"summary": "A task", "parameters": [
-            {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "the task", "content": {"application/json": {
-                "schema": {"$ref": "#/components/schemas/Task"}}}}, "404": {"description": "no such task"}}}},
-        "/tasks/{id}/events": {"get": {"summary": "The task's audit events as NDJSON, followed until the run ends",
-            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "events", "content": {"application/x-ndjson": {
-                "schema": {"type": "string"}}}}, "404": {"description": "no such task"}}}},
-        "/webhooks/github": {"post": {"summary": "A GitHub issues event; a labelled issue becomes a task",
-            "security": [], "parameters": [
-                {"name": "X-Hub-Signature-256", "in": "header", "required": True, "schema": {"type": "string"}},
-                {"name": "X-GitHub-Event", "in": "header", "required": True, "schema": {"type": "string"}}],
-            "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-            "responses": {"202": {"description": "queued"}, "200": {"description": "ignored"},
-                          "401": {"description": "bad signature"}}}},
-        "/healthz": {"get": {"summary": "Liveness", "security": [], "responses": {"200": {"description": "ok"}}}},
-        "/openapi.json": {"get": {"summary": "This description", "security": [],
-                                  "responses": {"200": {"description": "OpenAPI 3"}}}},
-    },
-}
+    }
 
 
 class TaskService:
     def __init__(self, config: ServiceConfig, store: RunStore | None = None) -> None:
         self.config = config
         self.store = store or RunStore()
-        # One connection, used from the event loop and from the runs' threads: one statement at a time.
-        self._db_lock = threading.Lock()
+        self.tasks = TaskStore(self.store)
         self.wake = asyncio.Event()
         self.running: set[str] = set()
         self.workers: list[asyncio.Task[None]] = []
@@ -260,56 +334,48 @@ class TaskService:
 
     # --- queue ---------------------------------------------------------------------------------------------
 
-    def _exec(self, sql: str, args: tuple[Any, ...] = ()) -> list[Any]:
-        with self._db_lock:
-            return self.store.db.execute(sql, args).fetchall()
-
     def recover(self) -> list[str]:
         """Tasks left running by a service that died: their runs are recovered (work imported, everything
         removed, as `sandbox gc` does) and the tasks marked failed."""
-        rows = self._exec("SELECT id, run_id FROM tasks WHERE status = 'running'")
+        rows = self.tasks.running()
         reaped = []
         if rows:
-            from agent_sandbox.backend.docker import DockerBackend
-            from agent_sandbox.backend.images import require_images
-            from agent_sandbox.fleet.gc import collect
+            from agent_sandbox.backend import connect
+            from agent_sandbox.config.settings import load_settings
+            from agent_sandbox.run.orphans import collect
 
             try:
-                backend = DockerBackend.connect()
-                collect(backend, self.store, require_images(backend.client))
+                backend = connect(load_settings().backend)
+                collect(backend, self.store, backend.images())
             except Exception as exc:  # the tasks are still marked; `sandbox gc` can finish the cleanup later
                 log.warning("recover_gc_failed error=%r", exc)
         for row in rows:
-            self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
-                       ("the service stopped while the task was running; its run was recovered by the service's "
-                        "restart (`sandbox show` has its branch)", time.time(), row["id"]))
+            self.tasks.failed(
+                row["id"],
+                "the service stopped while the task was running; its run was recovered "
+                "by the service's restart (`sandbox show` has its branch)",
+            )
             reaped.append(row["id"])
             log.info("task_reaped id=%s run_id=%s", row["id"], row["run_id"])
         return reaped
 
     def enqueue(self, source: str, principal: str, repo: str, req: RunRequest) -> Task:
         task_id = "t-" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-        self._exec("INSERT INTO tasks (id, status, source, principal, repo, request, created_at) "
-                   "VALUES (?,?,?,?,?,?,?)", (task_id, "queued", source, principal, repo, req.model_dump_json(),
-                                              time.time()))
+        self.tasks.add(task_id, source, principal, repo, req.model_dump_json())
         log.info("task_queued id=%s source=%s principal=%s repo=%s", task_id, source, principal, repo)
         self.wake.set()
         return self.get(task_id)  # type: ignore[return-value]
 
     def get(self, task_id: str) -> Task | None:
-        rows = self._exec("SELECT * FROM tasks WHERE id = ?", (task_id,))
-        return _task(rows[0]) if rows else None
+        row = self.tasks.get(task_id)
+        return Task.from_row(row) if row else None
 
     def _claim(self) -> tuple[str, RunRequest] | None:
-        with self._db_lock, self.store.db:
-            self.store.db.execute("BEGIN IMMEDIATE")
-            row = self.store.db.execute(
-                "SELECT id, request FROM tasks WHERE status = 'queued' ORDER BY created_at LIMIT 1").fetchone()
-            if row is None:
-                return None
-            self.store.db.execute("UPDATE tasks SET status = 'running', started_at = ? WHERE id = ?",
-                                  (time.time(), row["id"]))
-        return row["id"], RunRequest.model_validate_json(row["request"])
+        claimed = self.tasks.claim()
+        if claimed is None:
+            return None
+        task_id, request = claimed
+        return task_id, RunRequest.model_validate_json(request)
 
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -322,20 +388,17 @@ class TaskService:
             task_id, req = claimed
 
             def started(sup: Any, task_id: str = task_id) -> None:
-                self._exec("UPDATE tasks SET run_id = ? WHERE id = ?", (sup.spec.run_id, task_id))
+                self.tasks.started(task_id, sup.spec.run_id)
 
             self.in_flight += 1
             try:
                 summary = await loop.run_in_executor(None, functools.partial(run_task, req, on_start=started))
-                self._exec("UPDATE tasks SET status = 'done', summary = ?, run_id = ?, ended_at = ? WHERE id = ?",
-                           (summary.model_dump_json(), summary.id, time.time(), task_id))
+                self.tasks.done(task_id, summary.id, summary.model_dump_json())
             except SandboxError as exc:
-                self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
-                           (exc.message, time.time(), task_id))
+                self.tasks.failed(task_id, exc.message)
             except Exception as exc:  # a bug must not stop the queue
                 log.exception("task_crashed id=%s", task_id)
-                self._exec("UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?",
-                           (f"{type(exc).__name__}: {exc}", time.time(), task_id))
+                self.tasks.failed(task_id, f"{type(exc).__name__}: {exc}")
             finally:
                 self.in_flight -= 1
 
@@ -351,14 +414,19 @@ class TaskService:
                 return t
         return None
 
-    def _request_for(self, repo_name: str, task: str | None, ticket_text: str | None,
-                     policy: str | None) -> RunRequest:
+    def _request_for(self, repo_name: str, task: str | None, ticket: Ticket | None, policy: str | None) -> RunRequest:
+        """The run for a task: the repository's settings; the request picks only the text and, among those the
+        repository allows, the policy."""
         repo = self.config.repos[repo_name]
         chosen = policy or repo.policy
         if chosen not in (repo.policy, *repo.policies):
             raise PermissionError(f"policy {chosen!r} is not allowed for repository {repo_name!r}")
-        return RunRequest(repo=repo.path, task=task, ticket_text=ticket_text, policy=chosen, push=repo.push,
-                          open_pr=repo.open_pr, model_script=repo.model_script)
+        return repo.request(
+            repo=repo.path,
+            task=task,
+            policy=chosen,
+            ticket_text=ticket.model_dump_json() if ticket is not None else None,
+        )
 
     async def post_task(self, request: web.Request) -> web.Response:
         who = self._principal(request)
@@ -372,9 +440,8 @@ class TaskService:
             return _error(404 if body.repo not in who.repos else 400, f"unknown repository {body.repo!r}")
         if body.repo not in who.repos:
             return _error(403, f"token {who.name!r} may not use repository {body.repo!r}")
-        ticket_text = json.dumps(body.ticket) if body.ticket is not None else None
         try:
-            req = self._request_for(body.repo, body.task, ticket_text, body.policy)
+            req = self._request_for(body.repo, body.task, body.ticket, body.policy)
         except PermissionError as exc:
             return _error(403, str(exc))
         task = self.enqueue("api", who.name, body.repo, req)
@@ -384,8 +451,8 @@ class TaskService:
         who = self._principal(request)
         if who is None:
             return _error(401, "a valid bearer token is required")
-        rows = self._exec("SELECT * FROM tasks ORDER BY created_at DESC LIMIT 200")
-        return web.json_response([_task(r).model_dump() for r in rows if r["repo"] in who.repos])
+        rows = self.tasks.recent(200)
+        return web.json_response([Task.from_row(r).model_dump() for r in rows if r["repo"] in who.repos])
 
     def _visible(self, request: web.Request) -> Task | web.Response:
         who = self._principal(request)
@@ -436,7 +503,7 @@ class TaskService:
         if not hmac.compare_digest(expected, request.headers.get("x-hub-signature-256", "")):
             return _error(401, "bad signature")
         if request.headers.get("x-github-event") != "issues":
-            return web.json_response({"ignored": "not an issues event"})
+            return web.json_response(Ignored(ignored="not an issues event").model_dump())
         try:
             event = json.loads(raw)
             issue, full_name = event["issue"], event["repository"]["full_name"]
@@ -444,20 +511,20 @@ class TaskService:
             return _error(400, "not an issues event payload")
         labels = {lbl.get("name") for lbl in issue.get("labels") or [] if isinstance(lbl, dict)}
         if event.get("action") not in ("opened", "labeled", "reopened") or cfg.label not in labels:
-            return web.json_response({"ignored": f"no {cfg.label!r} label"})
+            return web.json_response(Ignored(ignored=f"no {cfg.label!r} label").model_dump())
         name = next((n for n, r in self.config.repos.items() if r.github == full_name), None)
         if name is None:
-            return web.json_response({"ignored": f"repository {full_name} is not configured"})
+            return web.json_response(Ignored(ignored=f"repository {full_name} is not configured").model_dump())
         # The issue is untrusted text: it becomes the task, nothing in it selects anything.
-        ticket = json.dumps({"title": str(issue.get("title") or ""), "body": str(issue.get("body") or "")})
+        ticket = Ticket(title=str(issue.get("title") or ""), body=str(issue.get("body") or ""))
         task = self.enqueue("webhook", "github", name, self._request_for(name, None, ticket, None))
         return web.json_response(task.model_dump(), status=202)
 
     async def openapi(self, request: web.Request) -> web.Response:
-        return web.json_response(OPENAPI)
+        return web.json_response(openapi())
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        return web.json_response(Health(ok=True).model_dump())
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -485,7 +552,10 @@ class TaskService:
         try:
             # A signal (interrupts.py) stops the service: the runs in progress get it too, stop their agents,
             # import their work and tear down; the service waits for them, then exits. No new task starts.
-            with interrupts.delivered_to(lambda _name: loop.call_soon_threadsafe(stopping.set)):
+            def stop(_name: str) -> None:
+                loop.call_soon_threadsafe(stopping.set)
+
+            with interrupts.delivered_to(stop):
                 await stopping.wait()
                 self.closing = True
                 while self.in_flight:

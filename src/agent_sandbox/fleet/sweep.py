@@ -23,62 +23,60 @@ from agent_sandbox.errors import ExitCode, SandboxError, UsageError, validation_
 from agent_sandbox.git.checkout import open_repo, resolve_commit
 from agent_sandbox.interrupts import Interrupted, interrupts
 from agent_sandbox.paths import state_dir
-from agent_sandbox.run.runner import RunRequest, run_task
-from agent_sandbox.run.spec import RunSummary
-from agent_sandbox.run.supervisor import BudgetGuard, Reporter, Supervisor
+from agent_sandbox.run.progress import Reporter
+from agent_sandbox.run.request import Assignment, RunRequest, RunSettings
+from agent_sandbox.run.runner import run_task
+from agent_sandbox.run.spec import RunSummary, Status
+from agent_sandbox.run.supervisor import BudgetGuard, Supervisor
 from agent_sandbox.sidecar.script import ScriptError, load_script
 
 log = logging.getLogger(__name__)
 
 RowStatus = Literal["succeeded", "no_changes", "failed", "killed", "skipped"]
+ROW_STATUS: dict[Status, RowStatus] = {Status.SUCCEEDED: "succeeded", Status.FAILED: "failed", Status.KILLED: "killed"}
+"""A run's status as its repository's row says it (a success that changed nothing is `no_changes`)."""
 
 
-class SweepRepo(BaseModel):
-    """One repository of a sweep."""
-
-    model_config = ConfigDict(extra="forbid")
+class SweepRepo(RunSettings, Assignment):
+    """One repository of a sweep. Its `task` and `base`, and any run setting it gives (policy, model_script,
+    timeout, push, ...), override the sweep's for this repository."""
 
     path: str
     """The repository (relative paths are relative to the manifest)."""
-    base: str | None = None
-    """The ref to start from; default its HEAD."""
-    task: str | None = None
-    """Overrides the sweep's task for this repository."""
-    model_script: str | None = None
-    """A scripted-model YAML for this repository (tests and demos); overrides the sweep's."""
 
 
-class SweepManifest(BaseModel):
-    """A sweep: what to do, where, how many at once, and for how much."""
-
-    model_config = ConfigDict(extra="forbid")
+class SweepManifest(RunSettings):
+    """A sweep: what to do, where, how many at once, and for how much. Its run settings (policy, limits, pre,
+    check, push, ...) apply to every repository that does not set its own; relative paths in them (a policy
+    file, a model script) are relative to the manifest."""
 
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     """Names the branch sandbox/<name>/<date> and the sweep's summaries."""
     task: str = Field(min_length=1)
     """The task for every repository."""
-    policy: str = "default"
-    """Preset name or policy file (relative to the manifest)."""
     concurrency: int = Field(default=1, ge=1, le=32)
     """Runs at once."""
     budget_usd: float | None = Field(default=None, gt=0)
-    """Model spend for the whole sweep: once spent, no run starts and running ones are stopped."""
-    push: bool = False
-    """Push each branch for review."""
-    open_pr: bool = False
-    """Open a pull request for each pushed branch (GITHUB_TOKEN)."""
-    remote: str = "origin"
-    """The remote to push to."""
-    pre: str | None = None
-    """A deterministic updater run inside the sandbox before the agent (e.g. `pip-compile --upgrade`)."""
-    check: str | None = None
-    """A command run on the agent's work (e.g. the test suite); failing fails that repository's run."""
-    model_script: str | None = None
-    """A scripted-model YAML for every repository (tests and demos)."""
-    timeout: int | None = Field(default=None, gt=0)
-    """Overrides the policy's wall-clock limit per run."""
+    """Model spend for the whole sweep: once spent, no run starts and running ones are stopped. (The policy's
+    per-run budget still applies to each run.)"""
     repos: list[SweepRepo] = Field(min_length=1)
     """The repositories."""
+
+    def settings_for(self, r: SweepRepo) -> dict[str, Any]:
+        """The run settings of one entry: the sweep's, overridden by those the entry sets itself."""
+        own = {k: getattr(r, k) for k in r.model_fields_set & RunSettings.model_fields.keys()}
+        return {**self.settings(), **own}
+
+    def entry_request(self, r: SweepRepo, branch: str) -> RunRequest:
+        """The run for one entry, on the sweep's branch (which a re-run the same day moves)."""
+        return RunRequest(
+            **self.settings_for(r),
+            repo=r.path,
+            task=r.task or self.task,
+            base=r.base,
+            branch=branch,
+            replace_branch=True,
+        )
 
 
 class SweepRow(BaseModel):
@@ -166,31 +164,46 @@ def load_manifest(path: str) -> SweepManifest:
     except ValidationError as exc:
         raise UsageError(validation_message(exc, str(p))) from None
     here = p.resolve().parent
-    policy = _resolve(here, m.policy) if is_policy_file(m.policy) else m.policy
-    load_policy(policy or "default")
-    m = m.model_copy(update={"policy": policy, "model_script": _resolve(here, m.model_script)})
+    m = m.model_copy(update=_relative_to(here, m))
+    load_policy(m.policy)
     seen: set[str] = set()
     repos = []
     for i, r in enumerate(m.repos):
         where = f"{p}: repos[{i}] ({r.path})"
         try:
             host = open_repo(_resolve(here, r.path) or "")
-            if r.base:
-                resolve_commit(host, r.base)
+            resolve_commit(host, r.base)
         except UsageError as exc:
             raise UsageError(f"{where}: {exc.message}") from None
         if str(host.path) in seen:
             raise UsageError(f"{where}: listed twice")
         seen.add(str(host.path))
-        script = _resolve(here, r.model_script)
-        for s in (script, m.model_script):
-            if s:
-                try:
-                    load_script(s)
-                except ScriptError as exc:
-                    raise UsageError(f"{where}: {exc}") from None
-        repos.append(r.model_copy(update={"path": str(host.path), "model_script": script}))
+        # model_copy marks what it updates as set, and what an entry sets overrides the sweep: only its own.
+        r = r.model_copy(update={"path": str(host.path), **_relative_to(here, r)})
+        own = m.settings_for(r)
+        try:
+            if "policy" in r.model_fields_set:
+                load_policy(own["policy"])
+            for script in dict.fromkeys((own["model_script"], m.model_script)):
+                if script:
+                    load_script(script)
+        except ScriptError as exc:
+            raise UsageError(f"{where}: {exc}") from None
+        except UsageError as exc:
+            raise UsageError(f"{where}: {exc.message}", hint=exc.hint) from None
+        repos.append(r)
     return m.model_copy(update={"repos": repos})
+
+
+def _relative_to(here: Path, settings: RunSettings) -> dict[str, Any]:
+    """The policy file and model script the settings name themselves, as absolute paths (relative ones are
+    relative to the manifest)."""
+    paths: dict[str, Any] = {}
+    if "policy" in settings.model_fields_set and is_policy_file(settings.policy):
+        paths["policy"] = _resolve(here, settings.policy)
+    if "model_script" in settings.model_fields_set:
+        paths["model_script"] = _resolve(here, settings.model_script)
+    return paths
 
 
 def sweep_dir(name: str) -> Path:
@@ -206,10 +219,20 @@ def load_summary(name: str, date: str | None = None) -> SweepSummary | None:
 
 
 def _row(repo: str, s: RunSummary) -> SweepRow:
-    status: RowStatus = "no_changes" if s.status == "succeeded" and not s.branch else s.status  # type: ignore[assignment]
-    return SweepRow(repo=repo, status=status, reason=s.reason, message=s.message, run_id=s.id, cost_usd=s.cost_usd,
-                    duration_s=s.duration_s, files_changed=len(s.files_changed), branch=s.branch, pushed=s.pushed,
-                    pr_url=s.pr_url)
+    status = "no_changes" if s.status == Status.SUCCEEDED and not s.branch else ROW_STATUS[s.status]
+    return SweepRow(
+        repo=repo,
+        status=status,
+        reason=s.reason,
+        message=s.message,
+        run_id=s.id,
+        cost_usd=s.cost_usd,
+        duration_s=s.duration_s,
+        files_changed=len(s.files_changed),
+        branch=s.branch,
+        pushed=s.pushed,
+        pr_url=s.pr_url,
+    )
 
 
 class PrefixReporter:
@@ -251,14 +274,15 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
         if prev is not None and prev.done and not force:
             return prev.model_copy(update={"earlier": True})
         if guard is not None and guard.exhausted:
-            return SweepRow(repo=r.path, status="skipped", reason="budget",
-                            message=f"not started: the sweep budget of ${m.budget_usd:.2f} is spent")
+            return SweepRow(
+                repo=r.path,
+                status="skipped",
+                reason="budget",
+                message=f"not started: the sweep budget of ${m.budget_usd:.2f} is spent",
+            )
         if stopped:
             return SweepRow(repo=r.path, status="skipped", reason="interrupted", message="not started: " + stopped[0])
-        req = RunRequest(repo=r.path, task=r.task or m.task, policy=m.policy, base=r.base or "HEAD",
-                         model_script=r.model_script or m.model_script, push=m.push or m.open_pr, open_pr=m.open_pr,
-                         remote=m.remote, branch=branch, replace_branch=True, pre=m.pre, check=m.check,
-                         timeout=m.timeout)
+        req = m.entry_request(r, branch)
 
         def register(sup: Supervisor) -> None:
             with lock:
@@ -286,8 +310,10 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
         stopped.append(f"the sweep was interrupted ({name})")
 
     rows: list[SweepRow] = []
-    with interrupts.delivered_to(interrupted), \
-            ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="sweep") as pool:
+    with (
+        interrupts.delivered_to(interrupted),
+        ThreadPoolExecutor(max_workers=m.concurrency, thread_name_prefix="sweep") as pool,
+    ):
         futures = [pool.submit(one, r) for r in m.repos]
         try:
             for f in futures:
@@ -308,26 +334,43 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
         why = f"the sweep budget of ${m.budget_usd:.2f} was spent: no further runs started, running ones stopped"
     failed = [r for r in rows if not r.done]
     code = ExitCode.INTERRUPTED if stopped else (ExitCode.SWEEP_INCOMPLETE if failed else ExitCode.OK)
-    summary = SweepSummary(name=m.name, date=date, manifest=str(Path(manifest_path).resolve()), started_at=started,
-                           ended_at=time.time(), budget_usd=m.budget_usd, spent_usd=guard.spent_usd if guard else
-                           sum(r.cost_usd for r in rows if not r.earlier), stopped=why, rows=rows, exit_code=int(code))
+    summary = SweepSummary(
+        name=m.name,
+        date=date,
+        manifest=str(Path(manifest_path).resolve()),
+        started_at=started,
+        ended_at=time.time(),
+        budget_usd=m.budget_usd,
+        spent_usd=guard.spent_usd if guard else sum(r.cost_usd for r in rows if not r.earlier),
+        stopped=why,
+        rows=rows,
+        exit_code=int(code),
+    )
     write_summary(summary)
     log.info("sweep_done name=%s rows=%d failed=%d", m.name, len(rows), len(failed))
     return summary
 
 
 def render(s: SweepSummary) -> str:
-    lines = [f"# Sweep {s.name}, {s.date}", "",
-             f"{sum(r.done for r in s.rows)} of {len(s.rows)} repositories done; "
-             f"spent ${s.spent_usd:.4f}" + (f" of ${s.budget_usd:.2f}" if s.budget_usd else "") + ".", ""]
+    lines = [
+        f"# Sweep {s.name}, {s.date}",
+        "",
+        f"{sum(r.done for r in s.rows)} of {len(s.rows)} repositories done; "
+        f"spent ${s.spent_usd:.4f}" + (f" of ${s.budget_usd:.2f}" if s.budget_usd else "") + ".",
+        "",
+    ]
     if s.stopped:
         lines += [f"**Stopped:** {s.stopped}", ""]
-    lines += ["| repository | status | reason | cost | time | files | branch | PR |",
-              "| --- | --- | --- | ---: | ---: | ---: | --- | --- |"]
+    lines += [
+        "| repository | status | reason | cost | time | files | branch | PR |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
     for r in s.rows:
         status = r.status + (" (earlier today)" if r.earlier else "")
-        lines.append(f"| `{r.repo}` | {status} | {r.reason or ''} | ${r.cost_usd:.4f} | {r.duration_s:.0f}s | "
-                     f"{r.files_changed} | {f'`{r.branch}`' if r.branch else ''} | {r.pr_url or ''} |")
+        lines.append(
+            f"| `{r.repo}` | {status} | {r.reason or ''} | ${r.cost_usd:.4f} | {r.duration_s:.0f}s | "
+            f"{r.files_changed} | {f'`{r.branch}`' if r.branch else ''} | {r.pr_url or ''} |"
+        )
     lines.append("")
     for r in s.rows:
         if not r.done and r.message:

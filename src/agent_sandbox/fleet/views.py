@@ -117,21 +117,17 @@ def since_to_epoch(value: str) -> float:
     return when.timestamp()
 
 
-def list_runs(store: RunStore, repo: str | None = None, status: str | None = None, since: str | None = None,
-              limit: int = 50) -> list[RunRow]:
-    sql, args = "SELECT * FROM runs WHERE 1=1", []
-    if repo:
-        sql += " AND repo = ?"
-        args.append(str(Path(repo).expanduser().resolve()))
-    if status:
-        sql += " AND status = ?"
-        args.append(status)
-    if since:
-        sql += " AND started_at >= ?"
-        args.append(since_to_epoch(since))
-    sql += " ORDER BY started_at DESC LIMIT ?"
-    args.append(limit)
-    return [_row(dict(r)) for r in store.db.execute(sql, args).fetchall()]
+def list_runs(
+    store: RunStore, repo: str | None = None, status: str | None = None, since: str | None = None, limit: int = 50
+) -> list[RunRow]:
+    """`sandbox ls`: the latest runs, filtered by the command's options (`since` as the option takes it)."""
+    rows = store.list_runs(
+        repo=str(Path(repo).expanduser().resolve()) if repo else None,
+        status=status or None,
+        since=since_to_epoch(since) if since else None,
+        limit=limit,
+    )
+    return [_row(r) for r in rows]
 
 
 def _row(r: dict[str, Any]) -> RunRow:
@@ -201,8 +197,10 @@ def brief(event: dict[str, Any]) -> str:
         text = p.get("text", "")
     elif t == "model_call":
         u = p.get("usage", {})
-        text = (f"{p.get('model')} {u.get('input_tokens')} in / {u.get('output_tokens')} out, "
-                f"${p.get('cost_usd')} (run ${p.get('spent_usd')} of ${p.get('budget_usd')})")
+        text = (
+            f"{p.get('model')} {u.get('input_tokens')} in / {u.get('output_tokens')} out, "
+            f"${p.get('cost_usd')} (run ${p.get('spent_usd')} of ${p.get('budget_usd')})"
+        )
     elif t == "egress":
         text = f"{p.get('decision')} {p.get('method')} {p.get('host')}:{p.get('port')}"
         text += f" rule={p.get('rule')}" if p.get("rule") else ""
@@ -218,14 +216,20 @@ def brief(event: dict[str, Any]) -> str:
         text = f"{p.get('subtype')} after {p.get('num_turns')} turns"
     elif t == "run_started":
         sp = p.get("spec", {})
-        text = f"{sp.get('repo')} @ {str(sp.get('base_commit'))[:12]}, policy {sp.get('policy', {}).get('name')}, " \
-               f"model {sp.get('model')}: {p.get('task', '').splitlines()[0][:80] if p.get('task') else ''}"
+        text = (
+            f"{sp.get('repo')} @ {str(sp.get('base_commit'))[:12]}, policy {sp.get('policy', {}).get('name')}, "
+            f"model {sp.get('model')}: {p.get('task', '').splitlines()[0][:80] if p.get('task') else ''}"
+        )
     elif t == "ready":
-        text = (f"gateway :{p.get('gateway_port')} -> {p.get('upstream')}, proxy :{p.get('proxy_port')} "
-                f"({p.get('egress_mode')}, {len(p.get('allow', []))} allow rule(s))")
+        text = (
+            f"gateway :{p.get('gateway_port')} -> {p.get('upstream')}, proxy :{p.get('proxy_port')} "
+            f"({p.get('egress_mode')}, {len(p.get('allow', []))} allow rule(s))"
+        )
     elif t == "resource_usage":
-        text = (f"peak memory {p.get('peak_memory_bytes', 0) // 2**20} MiB, cpu {p.get('cpu_seconds')}s, "
-                f"peak pids {p.get('peak_pids')}")
+        text = (
+            f"peak memory {p.get('peak_memory_bytes', 0) // 2**20} MiB, cpu {p.get('cpu_seconds')}s, "
+            f"peak pids {p.get('peak_pids')}"
+        )
     elif t == "imported":
         text = f"{p.get('branch')}: {len(p.get('commits', []))} commit(s), {len(p.get('files', []))} file(s)"
     else:
@@ -255,6 +259,13 @@ def details(run_dir: Path, store: RunStore) -> RunDetails:
             tools[p.get("name") or "?"] += 1
         elif e["type"] == "limit_hit":
             limits.append(str(p.get("limit")))
-    return RunDetails(run=_row(dict(row)), summary=summary, spec=spec,
-                      hosts_allowed=dict(by_decision["allow"]), hosts_denied=dict(by_decision["deny"]),
-                      hosts_would_deny=dict(by_decision["would_deny"]), limits_hit=limits, tool_calls=dict(tools))
+    return RunDetails(
+        run=_row(dict(row)),
+        summary=summary,
+        spec=spec,
+        hosts_allowed=dict(by_decision["allow"]),
+        hosts_denied=dict(by_decision["deny"]),
+        hosts_would_deny=dict(by_decision["would_deny"]),
+        limits_hit=limits,
+        tool_calls=dict(tools),
+    )

@@ -28,8 +28,18 @@ CONTAINER_OBJECTS = "/sandbox/host-objects"
 
 # Applied to every host-side git command that touches what the agent produced.
 HARDENED = [
-    "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false", "-c", "transfer.fsckObjects=true",
-    "-c", "fetch.fsckObjects=true", "-c", "protocol.allow=never", "-c", "protocol.file.allow=always",
+    "-c",
+    "core.hooksPath=/dev/null",
+    "-c",
+    "core.fsmonitor=false",
+    "-c",
+    "transfer.fsckObjects=true",
+    "-c",
+    "fetch.fsckObjects=true",
+    "-c",
+    "protocol.allow=never",
+    "-c",
+    "protocol.file.allow=always",
 ]
 
 
@@ -51,8 +61,9 @@ def open_repo(path: str | Path) -> HostRepo:
     try:
         repo = git.Repo(p, search_parent_directories=False)
     except (git.InvalidGitRepositoryError, git.NoSuchPathError):
-        raise UsageError(f"not a git repository: {p}",
-                         hint="point --repo at the top of a git checkout (the folder that holds .git)") from None
+        raise UsageError(
+            f"not a git repository: {p}", hint="point --repo at the top of a git checkout (the folder that holds .git)"
+        ) from None
     common = Path(repo.git.rev_parse("--git-common-dir"))
     if not common.is_absolute():
         common = (p / common).resolve()
@@ -61,8 +72,10 @@ def open_repo(path: str | Path) -> HostRepo:
         raise UsageError(f"{p} is inside the repository at {top}; pass the top of the checkout")
     objects = common / "objects"
     if (objects / "info" / "alternates").is_file():
-        raise UsageError(f"{p} borrows objects from another repository (objects/info/alternates); "
-                         "the sandbox needs a repository that owns its objects")
+        raise UsageError(
+            f"{p} borrows objects from another repository (objects/info/alternates); "
+            "the sandbox needs a repository that owns its objects"
+        )
     return HostRepo(path=top, git_dir=common, objects=objects)
 
 
@@ -122,8 +135,19 @@ def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str, r
     try:
         g.execute(["git", *HARDENED, "bundle", "verify", "--quiet", str(bundle)])
         # Without replace, no '+': the branch is new, and a fetch that would overwrite one must fail.
-        g.execute(["git", *HARDENED, "fetch", "--quiet", "--no-tags", "--no-write-fetch-head",
-                   "--no-recurse-submodules", str(bundle), f"{'+' if replace else ''}{ref}:{ref}"])
+        g.execute(
+            [
+                "git",
+                *HARDENED,
+                "fetch",
+                "--quiet",
+                "--no-tags",
+                "--no-write-fetch-head",
+                "--no-recurse-submodules",
+                str(bundle),
+                f"{'+' if replace else ''}{ref}:{ref}",
+            ]
+        )
     except git.GitCommandError as exc:
         raise SandboxError(f"importing the agent's work failed: {exc.stderr.strip()[:500]}") from None
     head = g.rev_parse("--verify", ref)

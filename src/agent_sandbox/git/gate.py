@@ -34,7 +34,7 @@ HINTS = {
     "forbidden_paths": "if the change may touch this path, remove its pattern from the policy's git.forbidden_paths",
     "symlink": "links that leave the repository are never imported; replace the link with the file it means",
     "allow_binary": "a generated file? add its pattern to the repository's .gitignore; if the change really "
-                    "needs binary files, set git.allow_binary: true in the policy",
+    "needs binary files, set git.allow_binary: true in the policy",
     "max_changed_files": "split the task, or raise git.max_changed_files in the policy",
     "max_changed_lines": "split the task, or raise git.max_changed_lines in the policy",
     "submodule_url": "submodule URLs are never changed by a sandboxed run; change them by hand after review",
@@ -130,7 +130,7 @@ def _links(repo: HostRepo, commit: str) -> dict[str, str]:
     for sha in unique:
         end = out.index(b"\n", pos)
         size = int(out[pos:end].split(b" ")[2])
-        targets[sha] = out[end + 1:end + 1 + size].decode("utf-8", "surrogateescape")
+        targets[sha] = out[end + 1 : end + 1 + size].decode("utf-8", "surrogateescape")
         pos = end + 1 + size + 1
     return {path: targets[sha] for path, sha in shas.items()}
 
@@ -197,8 +197,13 @@ def _blobs_with_nul(repo: HostRepo, shas: list[str]) -> set[str]:
     if not shas:
         return set()
     found: set[str] = set()
-    proc = subprocess.Popen(["git", *HARDENED, "cat-file", "--batch"], cwd=repo.path, stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["git", *HARDENED, "cat-file", "--batch"],
+        cwd=repo.path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
     stdin, stdout = proc.stdin, proc.stdout
     assert stdin is not None and stdout is not None
 
@@ -248,8 +253,11 @@ def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResul
     v = result.violations
     patterns = [p.lower() for p in rules.forbidden_paths]
     forbidden = pathspec.GitIgnoreSpec.from_lines(patterns)
-    text_blobs = [sha for _o, mode, sha, path in changes if mode in ("100644", "100755")
-                  and stats.get(path, (0, 0))[0] is not None]
+    text_blobs = [
+        sha
+        for _o, mode, sha, path in changes
+        if mode in ("100644", "100755") and stats.get(path, (0, 0))[0] is not None
+    ]
     nul = set() if rules.allow_binary else _blobs_with_nul(repo, text_blobs)
     for _old_mode, new_mode, new_sha, path in changes:
         why = _forbidden(forbidden, patterns, path, new_mode == "120000")
@@ -269,6 +277,7 @@ def check(repo: HostRepo, base: str, head: str, rules: GitSettings) -> GateResul
         before, after = _submodule_urls(repo, base), _submodule_urls(repo, head)
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
-                v.append(_violation("submodule_url", f"{key}: {before.get(key)!r} -> {after.get(key)!r}",
-                                    ".gitmodules"))
+                v.append(
+                    _violation("submodule_url", f"{key}: {before.get(key)!r} -> {after.get(key)!r}", ".gitmodules")
+                )
     return result

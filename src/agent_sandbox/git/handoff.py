@@ -34,8 +34,18 @@ def push_branch(repo: HostRepo, remote: str, branch: str, force: bool = False) -
     """
     ref = f"refs/heads/{branch}"
     try:
-        git.Git(repo.path).execute(["git", "-c", "core.hooksPath=/dev/null", "push", "--no-verify", "--porcelain",
-                                    remote, f"{'+' if force else ''}{ref}:{ref}"])
+        git.Git(repo.path).execute(
+            [
+                "git",
+                "-c",
+                "core.hooksPath=/dev/null",
+                "push",
+                "--no-verify",
+                "--porcelain",
+                remote,
+                f"{'+' if force else ''}{ref}:{ref}",
+            ]
+        )
     except git.GitCommandError as exc:
         raise HandoffError(f"pushing {branch} to {remote} failed: {(exc.stderr or str(exc)).strip()[-600:]}") from None
     log.info("pushed branch=%s remote=%s", branch, remote)
@@ -56,14 +66,24 @@ def github_slug(url: str | None) -> str | None:
     return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
-def open_pull_request(*, slug: str, head: str, base: str, title: str, body: str, token: str,
-                      api_url: str | None = None) -> str:
+def open_pull_request(
+    *, slug: str, head: str, base: str, title: str, body: str, token: str, api_url: str | None = None
+) -> str:
     """Open a pull request through GitHub's REST API; returns its web URL."""
     api = (api_url or os.environ.get(GITHUB_API_ENV) or DEFAULT_GITHUB_API).rstrip("/")
     data = json.dumps({"title": title, "head": head, "base": base, "body": body, "draft": False}).encode()
-    req = urllib.request.Request(f"{api}/repos/{slug}/pulls", data=data, method="POST", headers={
-        "Authorization": f"Bearer {token}", "Accept": "application/vnd.github+json",
-        "X-GitHub-Api-Version": "2022-11-28", "Content-Type": "application/json", "User-Agent": "agent-sandbox"})
+    req = urllib.request.Request(
+        f"{api}/repos/{slug}/pulls",
+        data=data,
+        method="POST",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Accept": "application/vnd.github+json",
+            "X-GitHub-Api-Version": "2022-11-28",
+            "Content-Type": "application/json",
+            "User-Agent": "agent-sandbox",
+        },
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return str(json.loads(resp.read())["html_url"])

@@ -57,13 +57,22 @@ def _str(value: Any) -> str | None:
 def _events(msg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     kind = msg.get("type")
     if kind == "sandbox_pre":
-        out = _excerpt(msg.get("output", ""))
-        return [("pre_command", {"exit_code": int(msg.get("exit_code", -1)), "output": out})]
+        output = _excerpt(msg.get("output", ""))
+        return [("pre_command", {"exit_code": int(msg.get("exit_code", -1)), "output": output})]
     if kind == "system" and msg.get("subtype") == "init":
-        return [("agent_init", {"session_id": msg.get("session_id"), "model": msg.get("model"),
-                                "cwd": msg.get("cwd"), "tools": len(msg.get("tools") or []),
-                                "permission_mode": msg.get("permissionMode"),
-                                "claude_code_version": msg.get("claude_code_version")})]
+        return [
+            (
+                "agent_init",
+                {
+                    "session_id": msg.get("session_id"),
+                    "model": msg.get("model"),
+                    "cwd": msg.get("cwd"),
+                    "tools": len(msg.get("tools") or []),
+                    "permission_mode": msg.get("permissionMode"),
+                    "claude_code_version": msg.get("claude_code_version"),
+                },
+            )
+        ]
     if kind == "assistant":
         m = msg.get("message") or {}
         mid = _str(m.get("id")) if isinstance(m, dict) else None
@@ -71,10 +80,17 @@ def _events(msg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         for block in _blocks(m):
             if block.get("type") == "tool_use":
                 inp = block.get("input")
-                out.append(("tool_call", {"id": _str(block.get("id")), "name": _str(block.get("name")),
-                                          "input": _tool_input(str(block.get("name")),
-                                                               inp if isinstance(inp, dict) else {}),
-                                          "message_id": mid}))
+                out.append(
+                    (
+                        "tool_call",
+                        {
+                            "id": _str(block.get("id")),
+                            "name": _str(block.get("name")),
+                            "input": _tool_input(str(block.get("name")), inp if isinstance(inp, dict) else {}),
+                            "message_id": mid,
+                        },
+                    )
+                )
             elif block.get("type") == "text" and block.get("text"):
                 out.append(("assistant_text", {"text": _excerpt(block["text"]), "message_id": mid}))
         return out
@@ -84,14 +100,31 @@ def _events(msg: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
         for block in _blocks(m):
             if block.get("type") == "tool_result":
                 text = _result_text(block.get("content"))
-                out.append(("tool_result", {"tool_use_id": _str(block.get("tool_use_id")),
-                                            "is_error": bool(block.get("is_error")), "size": len(text),
-                                            "excerpt": _excerpt(text)}))
+                out.append(
+                    (
+                        "tool_result",
+                        {
+                            "tool_use_id": _str(block.get("tool_use_id")),
+                            "is_error": bool(block.get("is_error")),
+                            "size": len(text),
+                            "excerpt": _excerpt(text),
+                        },
+                    )
+                )
         return out
     if kind == "result":
-        return [("result", {"subtype": msg.get("subtype"), "is_error": bool(msg.get("is_error")),
-                            "num_turns": msg.get("num_turns"), "total_cost_usd": msg.get("total_cost_usd"),
-                            "duration_ms": msg.get("duration_ms"),
-                            "permission_denials": msg.get("permission_denials") or [],
-                            "result": _excerpt(msg.get("result") or "")})]
+        return [
+            (
+                "result",
+                {
+                    "subtype": msg.get("subtype"),
+                    "is_error": bool(msg.get("is_error")),
+                    "num_turns": msg.get("num_turns"),
+                    "total_cost_usd": msg.get("total_cost_usd"),
+                    "duration_ms": msg.get("duration_ms"),
+                    "permission_denials": msg.get("permission_denials") or [],
+                    "result": _excerpt(msg.get("result") or ""),
+                },
+            )
+        ]
     return [("agent_event", {"kind": kind, "subtype": msg.get("subtype")})]

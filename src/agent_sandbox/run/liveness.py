@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
+
 from agent_sandbox.backend.base import STATE_LABEL
 from agent_sandbox.paths import state_dir
 
@@ -32,6 +34,13 @@ HEARTBEAT_DIR = "heartbeat"
 HEARTBEAT_FILE = "beat"
 HEARTBEAT_INTERVAL = 2.0
 HEARTBEAT_TIMEOUT = 30.0  # the sidecar's patience: a supervisor paused this long is taken for dead
+
+
+def supervisor_identity() -> str:
+    """`<pid>_<start time>` of this process (valid as a label value on any platform): `sandbox gc` tells a
+    live supervisor from a dead one by it where an object has no state label."""
+    me = psutil.Process()
+    return f"{me.pid}_{me.create_time():.2f}"
 
 
 def state_id(root: Path | None = None) -> str:

@@ -40,8 +40,9 @@ class Quota:
 
 
 def _tool(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)),
-                                      None)
+    return shutil.which(name) or next(
+        (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
+    )
 
 
 def unavailable() -> str | None:
@@ -68,10 +69,14 @@ def plan(state_dir: Path, limit_bytes: int) -> Quota:
         raise EnvironmentNotReady(
             f"the state directory's filesystem ({state_dir}) has {max(free + HOST_RESERVE, 0) // 1024**2} MiB free; "
             f"a run needs at least {(MIN_SIZE + HOST_RESERVE) // 1024**2} MiB",
-            hint="free some space, or set SANDBOX_STATE_DIR to a larger filesystem")
+            hint="free some space, or set SANDBOX_STATE_DIR to a larger filesystem",
+        )
     if free < limit_bytes:
-        return Quota("filesystem", free, f"capped from {limit_bytes // 1024**2} MiB to the {free // 1024**2} MiB "
-                                         "the state filesystem can spare")
+        return Quota(
+            "filesystem",
+            free,
+            f"capped from {limit_bytes // 1024**2} MiB to the {free // 1024**2} MiB the state filesystem can spare",
+        )
     return Quota("filesystem", limit_bytes)
 
 
@@ -88,8 +93,18 @@ def mount(directory: Path, quota: Quota) -> None:
     with image.open("xb") as f:
         f.truncate(quota.size_bytes)
     # No journal (the filesystem lives as long as the run) and no reserved blocks (the agent gets the limit).
-    _run(_tool("mkfs.ext4") or "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
-         "-E", "lazy_itable_init=1,nodiscard", str(image))
+    _run(
+        _tool("mkfs.ext4") or "mkfs.ext4",
+        "-q",
+        "-F",
+        "-m",
+        "0",
+        "-O",
+        "^has_journal",
+        "-E",
+        "lazy_itable_init=1,nodiscard",
+        str(image),
+    )
     _run(_tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
     # An empty workspace: lost+found would show up as an unreadable untracked directory in git.
     (directory / "lost+found").rmdir()

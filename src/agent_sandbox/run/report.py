@@ -71,18 +71,23 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
     task = started.get("task", "")
     lines = [f"# Sandbox run {summary.id}", ""]
     lines += ["## Task", "", *(f"> {line}" if line else ">" for line in task.splitlines()), ""]
-    lines += ["## Outcome", "", "| | |", "| --- | --- |",
-              f"| status | **{summary.status}** ({summary.reason}) |",
-              f"| message | {_md(summary.message)} |",
-              f"| duration | {summary.duration_s:.1f} s |",
-              f"| cost | ${summary.cost_usd:.4f} over {summary.model_calls} model call(s) |",
-              f"| tokens | {summary.tokens.input} in, {summary.tokens.output} out, "
-              f"{summary.tokens.cache_read} cache read, {summary.tokens.cache_write} cache write |",
-              f"| turns | {summary.turns} |",
-              f"| model | {spec.get('model', '?')} (Claude Code {started.get('claude_code_version', '?')}) |",
-              f"| policy | {policy.get('name', '?')} (sha256 `{started.get('policy_hash', '?')[:16]}`) |",
-              f"| base | `{summary.base_commit[:12]}` |",
-              f"| branch | {f'`{summary.branch}`' if summary.branch else 'none (no changes)'} |"]
+    lines += [
+        "## Outcome",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| status | **{summary.status}** ({summary.reason}) |",
+        f"| message | {_md(summary.message)} |",
+        f"| duration | {summary.duration_s:.1f} s |",
+        f"| cost | ${summary.cost_usd:.4f} over {summary.model_calls} model call(s) |",
+        f"| tokens | {summary.tokens.input} in, {summary.tokens.output} out, "
+        f"{summary.tokens.cache_read} cache read, {summary.tokens.cache_write} cache write |",
+        f"| turns | {summary.turns} |",
+        f"| model | {spec.get('model', '?')} (Claude Code {started.get('claude_code_version', '?')}) |",
+        f"| policy | {policy.get('name', '?')} (sha256 `{started.get('policy_hash', '?')[:16]}`) |",
+        f"| base | `{summary.base_commit[:12]}` |",
+        f"| branch | {f'`{summary.branch}`' if summary.branch else 'none (no changes)'} |",
+    ]
     if summary.pushed:
         lines.append(f"| pushed | yes, to `{summary.remote}` |")
     elif summary.push_error:
@@ -99,8 +104,13 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
 
     if summary.violations:
         lines += ["## Policy violations", "", "The branch is kept locally and was not pushed.", ""]
-        lines += [f"- `{v.rule}`" + (f" `{v.path}`" if v.path else "") + f": {v.detail}"
-                  + (f". What to do: {v.hint}" if v.hint else "") for v in summary.violations]
+        lines += [
+            f"- `{v.rule}`"
+            + (f" `{v.path}`" if v.path else "")
+            + f": {v.detail}"
+            + (f". What to do: {v.hint}" if v.hint else "")
+            for v in summary.violations
+        ]
         lines.append("")
 
     imported = (by_type.get("imported") or [{}])[-1]
@@ -117,8 +127,13 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
     lines.append("")
 
     commands = trail.commands
-    lines += ["## Commands run", "", "_As the agent's own output stream reports them: claims, not verified. "
-              "The model calls and the network are the gateway's and the proxy's record._", ""]
+    lines += [
+        "## Commands run",
+        "",
+        "_As the agent's own output stream reports them: claims, not verified. "
+        "The model calls and the network are the gateway's and the proxy's record._",
+        "",
+    ]
     if commands:
         lines += ["```"] + [c.replace("\n", " ")[:300] for c in commands[:MAX_COMMANDS]] + ["```"]
         if trail.command_count > MAX_COMMANDS:
@@ -151,8 +166,11 @@ def network(egress: list[dict[str, Any]], report_mode: bool) -> list[str]:
     """The report's network section: hosts allowed, denied and (report mode) would be denied, with reasons."""
     net = overview(egress)
     lines = ["## Network", ""]
-    for title, hosts, show in (("Hosts allowed", net.allowed, True), ("Hosts denied", net.denied, True),
-                               ("Would be denied (report mode)", net.would_deny, report_mode or net.would_deny)):
+    for title, hosts, show in (
+        ("Hosts allowed", net.allowed, True),
+        ("Hosts denied", net.denied, True),
+        ("Would be denied (report mode)", net.would_deny, report_mode or net.would_deny),
+    ):
         if not show:
             continue
         if hosts:
@@ -168,13 +186,19 @@ def suggestion(egress: list[dict[str, Any]], report_mode: bool) -> list[str]:
     if s.empty:
         return []
     if report_mode:
-        lines = ["## Policy lines to add", "",
-                 "To allow in enforce mode what this run would have been denied, add these entries to the policy "
-                 "(merged into the `egress:` lists it already has):"]
+        lines = [
+            "## Policy lines to add",
+            "",
+            "To allow in enforce mode what this run would have been denied, add these entries to the policy "
+            "(merged into the `egress:` lists it already has):",
+        ]
     else:
-        lines = ["## To allow the denied hosts", "",
-                 "The policy would need these entries (merged into the `egress:` lists it already has) to allow "
-                 "the hosts denied above:"]
+        lines = [
+            "## To allow the denied hosts",
+            "",
+            "The policy would need these entries (merged into the `egress:` lists it already has) to allow "
+            "the hosts denied above:",
+        ]
     return [*lines, "", "```yaml", s.yaml().rstrip("\n"), "```", ""]
 
 

@@ -11,10 +11,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
-from agent_sandbox.backend.docker import DockerBackend
-from agent_sandbox.backend.images import ImageSet, ensure_policy_image, require_images
+from agent_sandbox.backend import Backend, connect
+from agent_sandbox.backend.plan import ImageSet
 from agent_sandbox.config.policy import Policy, load_policy
 from agent_sandbox.config.settings import load_settings
 from agent_sandbox.errors import EnvironmentNotReady, ExitCode, SandboxError, UsageError, disk_full
@@ -22,9 +20,10 @@ from agent_sandbox.git.checkout import HostRepo, branch_exists, open_repo, resol
 from agent_sandbox.git.handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from agent_sandbox.interrupts import interrupts
 from agent_sandbox.paths import runs_dir, state_dir
+from agent_sandbox.run.progress import Guarded, Reporter
+from agent_sandbox.run.request import RunRequest
 from agent_sandbox.run.spec import RunSpec, RunSummary
-from agent_sandbox.run.supervisor import API_KEY_ENV, BudgetGuard, Guarded, Reporter, Supervisor
-from agent_sandbox.run.ticket import load_ticket, parse_ticket
+from agent_sandbox.run.supervisor import API_KEY_ENV, BudgetGuard, Supervisor
 from agent_sandbox.sidecar.script import ScriptError, load_script
 from agent_sandbox.store import RunStore
 
@@ -66,75 +65,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-class RunRequest(BaseModel):
-    """What the caller asks for: the CLI's options, a sweep's entry, a service request."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    repo: str
-    """Path of the host repository."""
-    task: str | None = None
-    """What the agent should do."""
-    ticket: str | None = None
-    """A ticket file to take the task from (instead of task)."""
-    ticket_text: str | None = None
-    """A ticket's text, already in hand (a webhook's issue), instead of a file."""
-    policy: str = "default"
-    """Preset name or policy file."""
-    model: str | None = None
-    """Claude model; default the policy's."""
-    model_script: str | None = None
-    """Scripted-model YAML instead of the real API."""
-    base: str = "HEAD"
-    """The ref the sandbox starts from."""
-    keep: bool = False
-    """Keep the workspace checkout."""
-    timeout: int | None = None
-    """Overrides limits.wall_seconds."""
-    idle_timeout: int | None = None
-    """Overrides limits.idle_seconds."""
-    budget_usd: float | None = None
-    """Overrides limits.budget_usd."""
-    max_turns: int | None = None
-    """Overrides limits.max_turns."""
-    push: bool = False
-    """Push the branch when the run completes and passes the gate."""
-    remote: str = "origin"
-    """The remote to push to."""
-    open_pr: bool = False
-    """Open a pull request after the push."""
-    pr_base: str | None = None
-    """The pull request's base branch."""
-    branch: str | None = None
-    """The branch to land on (sweeps: sandbox/<sweep>/<date>); default sandbox/<run-id>."""
-    replace_branch: bool = False
-    """Let the run move an existing branch of that name (a sweep re-run the same day)."""
-    pre: str | None = None
-    """A shell command run inside the sandbox, under the same policy, before the agent."""
-    check: str | None = None
-    """A shell command run inside the sandbox after the agent; if it fails, the run fails with reason check."""
-
-
-def _task_text(req: RunRequest) -> tuple[str, str | None]:
-    """The task, and a ticket's title if it came from one."""
-    task, title = req.task, None
-    if req.ticket is not None or req.ticket_text is not None:
-        if task is not None:
-            raise UsageError("pass either --task or --ticket, not both")
-        t = load_ticket(req.ticket) if req.ticket is not None else parse_ticket(req.ticket_text or "", "ticket")
-        task, title = t.as_task(), t.title
-    if task is None or not task.strip():
-        raise UsageError("a task is required: pass --task TEXT (or --ticket FILE)")
-    if req.pre:
-        task = (f"{task.rstrip()}\n\nBefore you started, the sandbox ran `{req.pre}` in the workspace; its "
-                "changes are left uncommitted for you. Make the result pass.\n")
-    return task, title
-
-
 def _effective_policy(req: RunRequest) -> tuple[Policy, str]:
     pol, source = load_policy(req.policy)
-    overrides = {k: v for k, v in {"wall_seconds": req.timeout, "idle_seconds": req.idle_timeout,
-                                   "budget_usd": req.budget_usd, "max_turns": req.max_turns}.items() if v is not None}
+    overrides = req.limit_overrides()
     if overrides:
         try:
             limits = pol.limits.model_validate({**pol.limits.model_dump(), **overrides})
@@ -164,8 +97,9 @@ def _pr_repo(req: RunRequest, host: HostRepo, push: bool) -> str | None:
         raise UsageError("--open-pr needs a GitHub token in GITHUB_TOKEN (it stays on the host)")
     slug = os.environ.get(GITHUB_REPO_ENV) or github_slug(remote_url(host, req.remote))
     if not slug:
-        raise UsageError(f"cannot tell the GitHub repository from remote {req.remote!r}",
-                         hint=f"set {GITHUB_REPO_ENV}=owner/name")
+        raise UsageError(
+            f"cannot tell the GitHub repository from remote {req.remote!r}", hint=f"set {GITHUB_REPO_ENV}=owner/name"
+        )
     return slug
 
 
@@ -186,7 +120,8 @@ def _daily_remaining(daily_budget_usd: float | None) -> float | None:
         raise DailyBudgetSpent(
             f"the host's daily model budget of ${daily_budget_usd:.2f} is spent "
             f"(${spent:.4f} today, UTC); no new run starts before tomorrow",
-            hint="raise SANDBOX_DAILY_BUDGET_USD or daily_budget_usd in the host config to allow more")
+            hint="raise SANDBOX_DAILY_BUDGET_USD or daily_budget_usd in the host config to allow more",
+        )
     return remaining
 
 
@@ -206,26 +141,34 @@ def _dirty_warning(host: HostRepo, base: str, base_commit: str) -> list[str]:
     status = git.Git(host.path).status("--porcelain", "--untracked-files=normal").splitlines()
     if not status:
         return []
-    return [f"{host.path} has uncommitted changes ({len(status)} path(s)); the sandbox starts from the "
-            f"committed HEAD ({base_commit[:12]}) and will not see them: commit them first, or pass --base"]
+    return [
+        f"{host.path} has uncommitted changes ({len(status)} path(s)); the sandbox starts from the "
+        f"committed HEAD ({base_commit[:12]}) and will not see them: commit them first, or pass --base"
+    ]
 
 
-def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: BudgetGuard | None = None,
-             on_start: Callable[[Supervisor], None] | None = None) -> RunSummary:
+def run_task(
+    req: RunRequest,
+    reporter: Reporter | None = None,
+    budget_guard: BudgetGuard | None = None,
+    on_start: Callable[[Supervisor], None] | None = None,
+) -> RunSummary:
     """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
     on_start receives the supervisor (to cancel it from another thread)."""
     # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
     interrupts.checkpoint()
     if reporter is not None:
         reporter = Guarded(reporter)  # a terminal that goes away must not end the run
-    task, title = _task_text(req)
+    task, title = req.task_text()
     host = open_repo(req.repo)
     pol, source = _effective_policy(req)
     script_path = _script_path(req)
     api_key = os.environ.get(API_KEY_ENV) or None
     if script_path is None and api_key is None:
-        raise UsageError(f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
-                         "or pass --model-script FILE to use the scripted model")
+        raise UsageError(
+            f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
+            "or pass --model-script FILE to use the scripted model"
+        )
     base_commit = resolve_commit(host, req.base)
     warnings = _dirty_warning(host, req.base, base_commit)
     for w in warnings:
@@ -241,8 +184,7 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
 
     # 2. The machine: Docker answers, the images exist, the state directory has room.
     interrupts.checkpoint()
-    backend = DockerBackend.connect()
-    images = require_images(backend.client)
+    backend = connect(settings.backend)
     # A policy's extra packages and setup commands: built on first use, then a lookup.
     image_progress = _progress(reporter, "image")
 
@@ -250,17 +192,35 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
         interrupts.checkpoint()  # a signal during a long build ends it: nothing of the run exists yet
         image_progress(line)
 
-    images = ensure_policy_image(backend.client, images, pol, building)
+    images = backend.images(pol, building)
     _check_room()
 
     run_id = new_run_id()
     spec = RunSpec(
-        run_id=run_id, repo=str(host.path), base_ref=req.base, base_commit=base_commit,
-        branch=req.branch or f"sandbox/{run_id}", replace_branch=req.replace_branch, pre=req.pre, check=req.check,
-        task=task, policy=pol, policy_source=source, model=req.model or pol.agent.model, model_script=script_path,
-        upstream_url=pol.agent.api_url, keep=req.keep, run_dir=str(runs_dir() / run_id),
-        daily_remaining_usd=remaining, push=push, remote=req.remote, open_pr=req.open_pr, pr_repo=pr_repo,
-        pr_base=req.pr_base or default_pr_base(host, req.base), title=title, warnings=warnings,
+        run_id=run_id,
+        repo=str(host.path),
+        base_ref=req.base,
+        base_commit=base_commit,
+        branch=req.branch or f"sandbox/{run_id}",
+        replace_branch=req.replace_branch,
+        pre=req.pre,
+        check=req.check,
+        task=task,
+        policy=pol,
+        policy_source=source,
+        model=req.model or pol.agent.model,
+        model_script=script_path,
+        upstream_url=pol.agent.api_url,
+        keep=req.keep,
+        run_dir=str(runs_dir() / run_id),
+        daily_remaining_usd=remaining,
+        push=push,
+        remote=req.remote,
+        open_pr=req.open_pr,
+        pr_repo=pr_repo,
+        pr_base=req.pr_base or default_pr_base(host, req.base),
+        title=title,
+        warnings=warnings,
     )
     # 3. Runs of this state directory that nobody supervises any more are finished first (cheap when there
     # are none: a look at the store and a lock per unfinished run). Only now is anything created.
@@ -268,8 +228,17 @@ def run_task(req: RunRequest, reporter: Reporter | None = None, budget_guard: Bu
     try:
         recover_first(backend, store, images, reporter)
         interrupts.checkpoint()
-        sup = Supervisor(spec, host, backend, images, reporter, api_key=api_key, store=store,
-                         daily_budget_usd=settings.daily_budget_usd, budget_guard=budget_guard)
+        sup = Supervisor(
+            spec,
+            host,
+            backend,
+            images,
+            reporter,
+            api_key=api_key,
+            store=store,
+            daily_budget_usd=settings.daily_budget_usd,
+            budget_guard=budget_guard,
+        )
         if on_start is not None:
             on_start(sup)
         return sup.run()
@@ -283,8 +252,10 @@ def open_store() -> RunStore:
         return RunStore()
     except (OSError, sqlite3.Error) as exc:
         if disk_full(exc):
-            raise EnvironmentNotReady(f"the state directory's filesystem is full ({state_dir()}): {exc}",
-                                      hint="free some space, or set SANDBOX_STATE_DIR elsewhere") from None
+            raise EnvironmentNotReady(
+                f"the state directory's filesystem is full ({state_dir()}): {exc}",
+                hint="free some space, or set SANDBOX_STATE_DIR elsewhere",
+            ) from None
         raise
 
 
@@ -296,12 +267,14 @@ def _check_room() -> None:
     if free < MIN_STATE_FREE:
         raise EnvironmentNotReady(
             f"the state directory's filesystem ({root}) has {free // 1024**2} MiB free; a run needs at least "
-            f"{MIN_STATE_FREE // 1024**2} MiB for its records", hint="free some space, or set SANDBOX_STATE_DIR")
+            f"{MIN_STATE_FREE // 1024**2} MiB for its records",
+            hint="free some space, or set SANDBOX_STATE_DIR",
+        )
 
 
-def recover_first(backend: DockerBackend, store: RunStore, images: ImageSet, reporter: Reporter | None) -> None:
-    """Recover this state directory's runs whose supervisor is gone (gc.py), saying so; never fatal."""
-    from agent_sandbox.fleet.gc import collect
+def recover_first(backend: Backend, store: RunStore, images: ImageSet, reporter: Reporter | None) -> None:
+    """Recover this state directory's runs whose supervisor is gone (orphans.py), saying so; never fatal."""
+    from agent_sandbox.run.orphans import collect
 
     try:
         done = collect(backend, store, images, objects=False, progress=_progress(reporter, "recover"))

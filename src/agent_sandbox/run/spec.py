@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -11,17 +11,50 @@ from agent_sandbox.errors import ExitCode
 from agent_sandbox.git.gate import Violation
 from agent_sandbox.sidecar.egress import EgressHost, EgressSuggestion
 
-Status = Literal["succeeded", "failed", "killed"]
-Reason = Literal["completed", "timeout", "idle", "budget", "turns", "policy", "check", "error", "interrupted"]
+
+class Status(StrEnum):
+    """How a run ended, in one word."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+class Reason(StrEnum):
+    """Why a run ended: its status and exit code follow from it."""
+
+    COMPLETED = "completed"
+    TIMEOUT = "timeout"
+    IDLE = "idle"
+    BUDGET = "budget"
+    TURNS = "turns"
+    POLICY = "policy"
+    CHECK = "check"
+    ERROR = "error"
+    INTERRUPTED = "interrupted"
+
 
 STATUS_BY_REASON: dict[str, Status] = {
-    "completed": "succeeded", "timeout": "killed", "idle": "killed", "budget": "killed", "turns": "killed",
-    "interrupted": "killed", "policy": "failed", "check": "failed", "error": "failed",
+    Reason.COMPLETED: Status.SUCCEEDED,
+    Reason.TIMEOUT: Status.KILLED,
+    Reason.IDLE: Status.KILLED,
+    Reason.BUDGET: Status.KILLED,
+    Reason.TURNS: Status.KILLED,
+    Reason.INTERRUPTED: Status.KILLED,
+    Reason.POLICY: Status.FAILED,
+    Reason.CHECK: Status.FAILED,
+    Reason.ERROR: Status.FAILED,
 }
 EXIT_BY_REASON: dict[str, ExitCode] = {
-    "completed": ExitCode.OK, "timeout": ExitCode.TIMEOUT, "idle": ExitCode.IDLE, "budget": ExitCode.BUDGET,
-    "turns": ExitCode.TURNS, "policy": ExitCode.POLICY, "check": ExitCode.CHECK, "error": ExitCode.ERROR,
-    "interrupted": ExitCode.INTERRUPTED,
+    Reason.COMPLETED: ExitCode.OK,
+    Reason.TIMEOUT: ExitCode.TIMEOUT,
+    Reason.IDLE: ExitCode.IDLE,
+    Reason.BUDGET: ExitCode.BUDGET,
+    Reason.TURNS: ExitCode.TURNS,
+    Reason.POLICY: ExitCode.POLICY,
+    Reason.CHECK: ExitCode.CHECK,
+    Reason.ERROR: ExitCode.ERROR,
+    Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }
 HANDOFF_FAILED = ExitCode.HANDOFF
 

@@ -17,7 +17,8 @@ MAX_TICKET_BYTES = 256 * 1024
 class Ticket(BaseModel):
     """A ticket's title and body."""
 
-    model_config = ConfigDict(extra="ignore")  # trackers send more fields; none of them is used
+    # Trackers send more fields; none of them is used.
+    model_config = ConfigDict(extra="ignore", use_attribute_docstrings=True)
 
     title: str
     """One line: the pull request's title."""

@@ -9,12 +9,14 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from agent_sandbox.sidecar.config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
+from agent_sandbox.sidecar.events import SidecarReady, SidecarStopped, to_line
 from agent_sandbox.sidecar.gateway import Gateway
 from agent_sandbox.sidecar.proxy import EgressProxy
 from agent_sandbox.sidecar.watchdog import Watchdog
@@ -22,7 +24,7 @@ from agent_sandbox.sidecar.watchdog import Watchdog
 EVENTS_EGRESS_LIMIT = 64 * 1024**2  # bytes of egress decision lines the events file keeps; model calls: all
 
 
-def make_emitter(run_id: str, events_path: str | None = None):  # type: ignore[no-untyped-def]
+def make_emitter(run_id: str, events_path: str | None = None) -> Callable[[dict[str, Any]], None]:
     """Each event as one numbered JSON line on stdout (the supervisor reads it live) and, with events_path, in
     a file only the sidecar writes: should the supervisor die, its recovery reads that file for the lines past
     the last it recorded, by number. Docker's log of stdout rotates, and a flood of connections could push
@@ -33,8 +35,9 @@ def make_emitter(run_id: str, events_path: str | None = None):  # type: ignore[n
 
     def emit(event: dict[str, Any]) -> None:
         nonlocal egress_bytes
-        text = json.dumps({"time": time.time(), "run_id": run_id, "n": next(count), **event},
-                          separators=(",", ":")) + "\n"
+        text = (
+            json.dumps({"time": time.time(), "run_id": run_id, "n": next(count), **event}, separators=(",", ":")) + "\n"
+        )
         sys.stdout.write(text)
         sys.stdout.flush()
         if sink is not None:
@@ -63,28 +66,59 @@ async def main() -> None:
         from agent_sandbox.sidecar.script import load_script
         from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve
 
-        model = ScriptedModel(load_script(config.script_path),
-                              Path(config.transcript_path) if config.transcript_path else None)
+        model = ScriptedModel(
+            load_script(config.script_path), Path(config.transcript_path) if config.transcript_path else None
+        )
         runners.append(await serve(model, "127.0.0.1", SCRIPTED_MODEL_PORT))
         upstream = f"http://127.0.0.1:{SCRIPTED_MODEL_PORT}"
 
-    gateway = Gateway(config.run_id, upstream, api_key, config.budget_usd, config.prices, emit,
-                      extra_ca_pem=config.extra_ca_pem, server_tools=config.server_tools,
-                      egress_allow=config.egress.allow, egress_deny=config.egress.deny,
-                      broker_socket=config.broker_socket, watchdog=watchdog)
+    gateway = Gateway(
+        config.run_id,
+        upstream,
+        api_key,
+        config.budget_usd,
+        config.prices,
+        emit,
+        extra_ca_pem=config.extra_ca_pem,
+        server_tools=config.server_tools,
+        egress_allow=config.egress.allow,
+        egress_deny=config.egress.deny,
+        broker_socket=config.broker_socket,
+        watchdog=watchdog,
+    )
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
     await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
     runners.append(runner)
     eg = config.egress
-    proxy = EgressProxy(config.run_id, eg.allow, eg.deny, eg.mode, eg.allow_private, config.own_addresses,
-                        (config.gateway_name, config.gateway_port), emit, allow_addresses=eg.allow_addresses,
-                        watchdog=watchdog)
+    proxy = EgressProxy(
+        config.run_id,
+        eg.allow,
+        eg.deny,
+        eg.mode,
+        eg.allow_private,
+        config.own_addresses,
+        (config.gateway_name, config.gateway_port),
+        emit,
+        allow_addresses=eg.allow_addresses,
+        watchdog=watchdog,
+    )
     proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port)
-    emit({"event": "ready", "gateway_port": config.gateway_port, "proxy_port": config.proxy_port,
-          "egress_mode": eg.mode, "allow": eg.allow, "deny": eg.deny, "allow_private": eg.allow_private,
-          "allow_addresses": eg.allow_addresses,
-          "upstream": "scripted" if config.script_path else upstream, "key_present": bool(api_key)})
+    emit(
+        to_line(
+            SidecarReady(
+                gateway_port=config.gateway_port,
+                proxy_port=config.proxy_port,
+                egress_mode=eg.mode,
+                allow=eg.allow,
+                deny=eg.deny,
+                allow_private=eg.allow_private,
+                allow_addresses=eg.allow_addresses,
+                upstream="scripted" if config.script_path else upstream,
+                key_present=bool(api_key),
+            )
+        )
+    )
 
     watching = asyncio.create_task(watchdog.run())
 
@@ -97,7 +131,7 @@ async def main() -> None:
     proxy_server.close()
     for r in reversed(runners):
         await r.cleanup()
-    emit({"event": "stopped", "spent_usd": round(gateway.spent_usd, 6), "calls": gateway.calls})
+    emit(to_line(SidecarStopped(spent_usd=round(gateway.spent_usd, 6), calls=gateway.calls)))
 
 
 if __name__ == "__main__":

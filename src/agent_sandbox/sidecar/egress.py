@@ -17,13 +17,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-DEFAULT_PORTS = (80, 443)
-METADATA = frozenset(ipaddress.ip_address(a) for a in (
-    "169.254.169.254",  # AWS, GCP, Azure, OCI, OpenStack instance metadata
-    "fd00:ec2::254",  # AWS instance metadata over IPv6
-    "169.254.170.2",  # AWS ECS task metadata and credentials
-    "100.100.100.200",  # Alibaba Cloud instance metadata
-))
+DEFAULT_PORTS: tuple[int, ...] = (80, 443)
+METADATA = frozenset(
+    ipaddress.ip_address(a)
+    for a in (
+        "169.254.169.254",  # AWS, GCP, Azure, OCI, OpenStack instance metadata
+        "fd00:ec2::254",  # AWS instance metadata over IPv6
+        "169.254.170.2",  # AWS ECS task metadata and credentials
+        "100.100.100.200",  # Alibaba Cloud instance metadata
+    )
+)
 """Cloud metadata endpoints: reachable only through an allow_addresses entry naming exactly that address."""
 MIN_PREFIX = {4: 8, 6: 8}
 """The widest allow_addresses range accepted, by IP version."""
@@ -129,6 +132,7 @@ def decide(host: str, port: int, allow: Iterable[Rule], deny: Iterable[Rule]) ->
 
 # --- addresses --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AddressEntry:
     """One validated `allow_addresses` entry."""
@@ -153,18 +157,22 @@ def parse_address_entry(text: str) -> AddressEntry:
         try:
             loose = ipaddress.ip_network(t, strict=False)
         except ValueError:
-            raise ValueError(f"{text!r} is not an IP address or CIDR range "
-                             "(e.g. '10.20.0.7', '10.20.0.0/16' or 'fd12:3456::/48')") from None
+            raise ValueError(
+                f"{text!r} is not an IP address or CIDR range (e.g. '10.20.0.7', '10.20.0.0/16' or 'fd12:3456::/48')"
+            ) from None
         one = t.split("/")[0]
-        raise ValueError(f"{text!r} has host bits set: write the network {str(loose)!r}, or "
-                         f"'{one}/{loose.max_prefixlen}' for that one address") from None
+        raise ValueError(
+            f"{text!r} has host bits set: write the network {str(loose)!r}, or "
+            f"'{one}/{loose.max_prefixlen}' for that one address"
+        ) from None
     if isinstance(network, ipaddress.IPv6Network) and network.network_address.ipv4_mapped is not None:
         raise ValueError(f"{text!r} is an IPv4-mapped IPv6 range; write it in IPv4 form")
     least = MIN_PREFIX[network.version]
     if network.prefixlen < least:
         what = "would lift the block on every address" if network.prefixlen == 0 else "is far too wide"
-        raise ValueError(f"{text!r} {what}; name narrower ranges (IPv{network.version} entries must be "
-                         f"/{least} or longer)")
+        raise ValueError(
+            f"{text!r} {what}; name narrower ranges (IPv{network.version} entries must be /{least} or longer)"
+        )
     return AddressEntry(text, network)
 
 
@@ -229,8 +237,9 @@ mode): reaching them is the harm itself (credentials from a metadata service, th
 something to learn about for an allowlist."""
 
 
-def check_address(ip: str, own: Iterable[str] = (), allow_private: bool = False,
-                  allow_addresses: Iterable[AddressEntry | str] = ()) -> AddressCheck:
+def check_address(
+    ip: str, own: Iterable[str] = (), allow_private: bool = False, allow_addresses: Iterable[AddressEntry | str] = ()
+) -> AddressCheck:
     """Decide one resolved address.
 
     - A public address passes.
@@ -263,11 +272,25 @@ def check_address(ip: str, own: Iterable[str] = (), allow_private: bool = False,
     return AddressCheck(ip, kind, True)
 
 
-def blocked_address(ip: str, own: Iterable[str] = (), allow_private: bool = False,
-                    allow_addresses: Iterable[AddressEntry | str] = ()) -> str | None:
+def blocked_address(
+    ip: str, own: Iterable[str] = (), allow_private: bool = False, allow_addresses: Iterable[AddressEntry | str] = ()
+) -> str | None:
     """Why this address is refused (its kind), or None when it may be reached."""
     check = check_address(ip, own, allow_private, allow_addresses)
     return check.kind if check.blocked else None
+
+
+def host_syntax_reason(host: str) -> str | None:
+    """Why a requested host is no host name at all, or None. An IP literal, or dot-separated labels of letters,
+    digits and hyphens (1-63 each, no hyphen at either end, one trailing dot allowed), as a rule's host must
+    be: anything else (`evil.com/.example.com`, `a\\.example.com`, empty labels) is refused before any rule
+    sees it, so a wildcard never matches a name that a resolver or a later URL parser would read differently."""
+    if is_ip(host):
+        return None
+    name = host[:-1] if host.endswith(".") else host
+    if name and all(_LABEL.match(label) for label in name.lower().split(".")):
+        return None
+    return "not a valid host name (letters, digits and '-' in dot-separated labels of 1 to 63)"
 
 
 def is_ip(host: str) -> bool:
@@ -279,6 +302,7 @@ def is_ip(host: str) -> bool:
 
 
 # --- reasons ----------------------------------------------------------------------------------------------
+
 
 def _a(noun: str) -> str:
     return ("an " if noun[:1] in "aeiou" else "a ") + noun
@@ -326,6 +350,7 @@ def refusals(reason: str | None) -> list[Refusal]:
 
 
 # --- what a run's decision lines add up to ------------------------------------------------------------------
+
 
 class EgressHost(BaseModel):
     """One host and port the agent asked the egress proxy for, with what happened to it."""
@@ -396,7 +421,8 @@ def suggest(lines: Iterable[dict[str, Any]]) -> EgressSuggestion:
                     addresses.add(addr)
     return EgressSuggestion(
         allow=sorted(allow),
-        allow_addresses=[f"{a}/{a.max_prefixlen}" for a in sorted(addresses, key=lambda a: (a.version, a))])
+        allow_addresses=[f"{a}/{a.max_prefixlen}" for a in sorted(addresses, key=lambda a: (a.version, a))],
+    )
 
 
 class EgressOverview(BaseModel):
@@ -453,8 +479,12 @@ def overview(lines: Iterable[dict[str, Any]]) -> EgressOverview:
     def ordered(group: dict[tuple[str, int], EgressHost]) -> list[EgressHost]:
         return sorted(group.values(), key=lambda h: (-h.connections, h.host, h.port))
 
-    return EgressOverview(allowed=ordered(groups["allow"]), denied=ordered(groups["deny"]),
-                          would_deny=ordered(groups["would_deny"]), suggestion=suggest(lines))
+    return EgressOverview(
+        allowed=ordered(groups["allow"]),
+        denied=ordered(groups["deny"]),
+        would_deny=ordered(groups["would_deny"]),
+        suggestion=suggest(lines),
+    )
 
 
 class Egress(BaseModel):

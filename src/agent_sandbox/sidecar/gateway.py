@@ -38,14 +38,32 @@ import aiohttp
 from aiohttp import web
 
 from agent_sandbox.sidecar.egress import Rule, decide, is_ip, parse_rule
+from agent_sandbox.sidecar.events import ModelCall, ModelCallFailed, ModelCallRefused, to_line
 from agent_sandbox.sidecar.pricing import Price, cost_usd, worst_case_usd
 from agent_sandbox.sidecar.watchdog import REASONS, Watchdog
 
 # Headers we pass upstream. Everything else from the agent (its placeholder key above all) stays behind.
-FORWARD_REQUEST_HEADERS = ("anthropic-version", "anthropic-beta", "content-type", "accept", "user-agent",
-                           "x-app", "anthropic-dangerous-direct-browser-access")
-HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "upgrade",
-              "proxy-authenticate", "proxy-authorization", "te", "trailer"}
+FORWARD_REQUEST_HEADERS = (
+    "anthropic-version",
+    "anthropic-beta",
+    "content-type",
+    "accept",
+    "user-agent",
+    "x-app",
+    "anthropic-dangerous-direct-browser-access",
+)
+HOP_BY_HOP = {
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "content-length",
+    "content-encoding",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+}
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -93,7 +111,7 @@ def estimate_input_tokens(raw: bytes, body: dict[str, Any]) -> int:
         if block.get("type") == "image":
             images += 1
         elif block.get("type") == "document":
-            source = block.get("source") if isinstance(block.get("source"), dict) else {}
+            source = _obj(block.get("source"))
             if source.get("type") in ("base64", "url", "file") and source.get("media_type", "") != "text/plain":
                 documents += 1
     return len(raw) + INPUT_OVERHEAD_TOKENS + images * IMAGE_TOKENS + documents * DOCUMENT_TOKENS
@@ -119,8 +137,12 @@ def _content_blocks(body: dict[str, Any]) -> Iterable[dict[str, Any]]:
 
 SERVER_TOOLS = ("web_search", "web_fetch", "code_execution", "mcp")
 """The server-side tools a policy can allow (`agent.server_tools`)."""
-_SERVER_TOOL_TYPES = (("web_search_", "web_search"), ("web_fetch_", "web_fetch"),
-                      ("code_execution_", "code_execution"), ("mcp_toolset", "mcp"))
+_SERVER_TOOL_TYPES = (
+    ("web_search_", "web_search"),
+    ("web_fetch_", "web_fetch"),
+    ("code_execution_", "code_execution"),
+    ("mcp_toolset", "mcp"),
+)
 # Tool types that run on the client (Claude Code executes them in the sandbox), or on the server without any
 # network access (tool search looks through the request's own tool definitions).
 _LOCAL_TOOL_TYPES = ("custom", "bash_", "text_editor_", "computer_", "memory_", "tool_search_tool_")
@@ -130,11 +152,17 @@ _DOMAIN = re.compile(r"(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{
 class Refusal(Exception):
     """A request the gateway will not forward."""
 
-    def __init__(self, reason: str, message: str, status: int = 403, error_type: str = "permission_error",
-                 **details: Any) -> None:
+    def __init__(
+        self, reason: str, message: str, status: int = 403, error_type: str = "permission_error", **details: Any
+    ) -> None:
         super().__init__(message)
-        self.reason, self.message, self.status, self.error_type, self.details = (reason, message, status,
-                                                                                  error_type, details)
+        self.reason, self.message, self.status, self.error_type, self.details = (
+            reason,
+            message,
+            status,
+            error_type,
+            details,
+        )
 
 
 class ModelSidePolicy:
@@ -183,30 +211,47 @@ class ModelSidePolicy:
             if kind is None:
                 continue
             if kind not in self.server_tools:
-                raise Refusal("server_tool", f"sandbox gateway: the server-side tool {tool.get('type')!r} "
-                              f"({kind}) is not allowed by the run's policy (agent.server_tools)",
-                              detail=str(tool.get("type"))[:100])
+                raise Refusal(
+                    "server_tool",
+                    f"sandbox gateway: the server-side tool {tool.get('type')!r} "
+                    f"({kind}) is not allowed by the run's policy (agent.server_tools)",
+                    detail=str(tool.get("type"))[:100],
+                )
             if kind in ("web_search", "web_fetch"):
                 changed |= self._restrict_domains(tool, kind)
         servers = body.get("mcp_servers")
         if servers:
             if "mcp" not in self.server_tools:
-                raise Refusal("server_tool", "sandbox gateway: the MCP connector (mcp_servers) is not allowed "
-                              "by the run's policy (agent.server_tools)", detail="mcp_servers")
+                raise Refusal(
+                    "server_tool",
+                    "sandbox gateway: the MCP connector (mcp_servers) is not allowed "
+                    "by the run's policy (agent.server_tools)",
+                    detail="mcp_servers",
+                )
             for server in servers if isinstance(servers, list) else [servers]:
                 url = server.get("url") if isinstance(server, dict) else None
                 if not self._url_allowed(url):
-                    raise Refusal("server_tool", f"sandbox gateway: the MCP server URL {str(url)[:200]!r} is "
-                                  "not allowed by the run's egress allowlist", detail="mcp_servers")
+                    raise Refusal(
+                        "server_tool",
+                        f"sandbox gateway: the MCP server URL {str(url)[:200]!r} is "
+                        "not allowed by the run's egress allowlist",
+                        detail="mcp_servers",
+                    )
         if body.get("container") is not None and "code_execution" not in self.server_tools:
-            raise Refusal("server_tool", "sandbox gateway: a code execution container is not allowed by the "
-                          "run's policy (agent.server_tools)", detail="container")
+            raise Refusal(
+                "server_tool",
+                "sandbox gateway: a code execution container is not allowed by the run's policy (agent.server_tools)",
+                detail="container",
+            )
         for block in _content_blocks(body):
             source = block.get("source")
             if isinstance(source, dict) and source.get("type") == "url" and not self._url_allowed(source.get("url")):
-                raise Refusal("url_source", f"sandbox gateway: the model API would fetch "
-                              f"{str(source.get('url'))[:200]!r}, which the run's egress allowlist does not allow",
-                              detail=str(source.get("url"))[:300])
+                raise Refusal(
+                    "url_source",
+                    f"sandbox gateway: the model API would fetch "
+                    f"{str(source.get('url'))[:200]!r}, which the run's egress allowlist does not allow",
+                    detail=str(source.get("url"))[:300],
+                )
         return changed
 
     @staticmethod
@@ -219,33 +264,53 @@ class ModelSidePolicy:
         for prefix, kind in _SERVER_TOOL_TYPES:
             if t.startswith(prefix):
                 return kind
-        raise Refusal("server_tool", f"sandbox gateway: unknown tool type {t[:100]!r}: only client-side tools and "
-                      "the server-side tools a policy can allow are forwarded", detail=t[:100])
+        raise Refusal(
+            "server_tool",
+            f"sandbox gateway: unknown tool type {t[:100]!r}: only client-side tools and "
+            "the server-side tools a policy can allow are forwarded",
+            detail=t[:100],
+        )
 
     def _restrict_domains(self, tool: dict[str, Any], kind: str) -> bool:
         if not self.domains:
-            raise Refusal("server_tool", f"sandbox gateway: {kind} is allowed, but the egress allowlist names no "
-                          "domain it could reach", detail=kind)
+            raise Refusal(
+                "server_tool",
+                f"sandbox gateway: {kind} is allowed, but the egress allowlist names no domain it could reach",
+                detail=kind,
+            )
         asked = tool.get("allowed_domains")
         if asked:
             if not isinstance(asked, list):
                 raise Refusal("server_tool", f"sandbox gateway: {kind}.allowed_domains must be a list", detail=kind)
-            outside = [d for d in asked if not (isinstance(d, str) and _DOMAIN.fullmatch(d.lower().rstrip("."))
-                                                and self._within(d.lower().rstrip(".")))]
+            outside = [
+                d
+                for d in asked
+                if not (
+                    isinstance(d, str)
+                    and _DOMAIN.fullmatch(d.lower().rstrip("."))
+                    and self._within(d.lower().rstrip("."))
+                )
+            ]
             if outside:
-                raise Refusal("server_tool", f"sandbox gateway: {kind} asks for domains outside the egress "
-                              f"allowlist: {', '.join(map(str, outside))[:300]}", detail=kind)
+                raise Refusal(
+                    "server_tool",
+                    f"sandbox gateway: {kind} asks for domains outside the egress "
+                    f"allowlist: {', '.join(map(str, outside))[:300]}",
+                    detail=kind,
+                )
             return False
         blocked = [str(d).lower().rstrip(".") for d in tool.pop("blocked_domains", None) or []]
         domains = [d for d in self.domains if not any(d == b or d.endswith("." + b) for b in blocked)]
         if not domains:
-            raise Refusal("server_tool", f"sandbox gateway: no domain of the egress allowlist is left for {kind}",
-                          detail=kind)
+            raise Refusal(
+                "server_tool", f"sandbox gateway: no domain of the egress allowlist is left for {kind}", detail=kind
+            )
         tool["allowed_domains"] = domains
         return True
 
 
 # --- metering -------------------------------------------------------------------------------------------------
+
 
 class UsageMeter:
     """Reads usage from a Messages response, streamed (SSE) or whole (JSON)."""
@@ -300,20 +365,20 @@ class UsageMeter:
             return
         kind = ev.get("type")
         if kind == "message_start":
-            msg = ev.get("message") if isinstance(ev.get("message"), dict) else {}
+            msg = _obj(ev.get("message"))
             self.model = str(msg.get("model") or self.model)
             self._usage(msg.get("usage"))
             self.started = True
         elif kind == "content_block_start":
             self._block(ev.get("content_block"))
         elif kind == "content_block_delta":
-            delta = ev.get("delta") if isinstance(ev.get("delta"), dict) else {}
+            delta = _obj(ev.get("delta"))
             for key in ("text", "thinking", "partial_json"):
                 if isinstance(delta.get(key), str):
                     self.streamed_bytes += len(delta[key].encode())
         elif kind == "message_delta":
             self._usage(ev.get("usage"))
-            delta = ev.get("delta") if isinstance(ev.get("delta"), dict) else {}
+            delta = _obj(ev.get("delta"))
             if isinstance(delta.get("stop_reason"), str):
                 self.stop_reason = delta["stop_reason"]
             self.final = True
@@ -333,7 +398,8 @@ class UsageMeter:
             self.started = self.final = True
             if isinstance(msg.get("stop_reason"), str):
                 self.stop_reason = msg["stop_reason"]
-            for block in msg.get("content") if isinstance(msg.get("content"), list) else []:
+            content = msg.get("content")
+            for block in content if isinstance(content, list) else []:
                 self._block(block)
 
     def output_estimate(self, max_tokens: int) -> int:
@@ -344,17 +410,33 @@ class UsageMeter:
         return min(max_tokens, max(self.output_tokens, self.streamed_bytes))
 
     def cost(self, prices: dict[str, Price], max_tokens: int, fallback_model: str) -> float:
-        return cost_usd(self.model or fallback_model, self.input_tokens, self.output_estimate(max_tokens),
-                        self.cache_read, self.cache_write, prices, cache_write_1h=self.cache_write_1h,
-                        web_searches=self.web_searches)
+        return cost_usd(
+            self.model or fallback_model,
+            self.input_tokens,
+            self.output_estimate(max_tokens),
+            self.cache_read,
+            self.cache_write,
+            prices,
+            cache_write_1h=self.cache_write_1h,
+            web_searches=self.web_searches,
+        )
 
     def as_dict(self, max_tokens: int) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_estimate(max_tokens),
-                "cache_read_input_tokens": self.cache_read, "cache_creation_input_tokens": self.cache_write}
+        return {
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_estimate(max_tokens),
+            "cache_read_input_tokens": self.cache_read,
+            "cache_creation_input_tokens": self.cache_write,
+        }
 
 
 def _int(v: Any) -> int:
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
+
+
+def _obj(v: Any) -> dict[str, Any]:
+    """v if it is a JSON object, else an empty one: a malformed field is read as absent, never fatal."""
+    return v if isinstance(v, dict) else {}
 
 
 @dataclass
@@ -384,11 +466,22 @@ ADMIT_WAIT = 300.0
 
 
 class Gateway:
-    def __init__(self, run_id: str, upstream: str, api_key: str | None, budget_usd: float,
-                 prices: dict[str, Price], emit: Emit, extra_ca_pem: str = "", *,
-                 server_tools: Iterable[str] = (), egress_allow: Iterable[str] = (),
-                 egress_deny: Iterable[str] = (), broker_socket: str | None = None,
-                 watchdog: Watchdog | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        upstream: str,
+        api_key: str | None,
+        budget_usd: float,
+        prices: dict[str, Price],
+        emit: Emit,
+        extra_ca_pem: str = "",
+        *,
+        server_tools: Iterable[str] = (),
+        egress_allow: Iterable[str] = (),
+        egress_deny: Iterable[str] = (),
+        broker_socket: str | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.run_id = run_id
         self.extra_ca_pem = extra_ca_pem
         self.upstream = upstream.rstrip("/")
@@ -417,7 +510,8 @@ class Gateway:
             ctx.load_verify_locations(cadata=self.extra_ca_pem)
             connector = aiohttp.TCPConnector(ssl=ctx)
         self.session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False,
+            connector=connector,
+            auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=900),
         )
 
@@ -426,8 +520,11 @@ class Gateway:
             await self.session.close()
 
     def _budget_spent(self) -> Refusal:
-        return Refusal("budget", f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent "
-                                 f"(${self.spent_usd:.4f}); no further model calls are allowed")
+        return Refusal(
+            "budget",
+            f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent "
+            f"(${self.spent_usd:.4f}); no further model calls are allowed",
+        )
 
     def _tripped(self) -> str | None:
         return self.watchdog.tripped if self.watchdog is not None else None
@@ -440,11 +537,23 @@ class Gateway:
         return sum(self.reserved.values())
 
     def _refuse(self, request: web.Request, refusal: Refusal) -> web.Response:
-        self.emit({"event": "model_call_refused", "reason": refusal.reason, "spent_usd": round(self.spent_usd, 6),
-                   "budget_usd": self.budget_usd, "method": request.method, "path": request.raw_path[:300],
-                   **{k: v for k, v in refusal.details.items() if v is not None}})
-        return web.json_response({"type": "error", "error": {"type": refusal.error_type, "message": refusal.message}},
-                                 status=refusal.status, headers={"x-sandbox-refused": refusal.reason})
+        self.emit(
+            to_line(
+                ModelCallRefused(
+                    reason=refusal.reason,
+                    spent_usd=round(self.spent_usd, 6),
+                    budget_usd=self.budget_usd,
+                    method=request.method,
+                    path=request.raw_path[:300],
+                    **{k: v for k, v in refusal.details.items() if v is not None},
+                )
+            )
+        )
+        return web.json_response(
+            {"type": "error", "error": {"type": refusal.error_type, "message": refusal.message}},
+            status=refusal.status,
+            headers={"x-sandbox-refused": refusal.reason},
+        )
 
     # --- deciding ---
 
@@ -454,19 +563,33 @@ class Gateway:
         already in normal form is refused, never normalised."""
         path, _, query = raw_target.partition("?")
         if not _NORMAL_PATH.fullmatch(path):
-            raise Refusal("path", "sandbox gateway: the request path is not in normal form (dot segments, "
-                          "percent-encoding, empty segments and backslashes are refused)", 400, "invalid_request_error")
+            raise Refusal(
+                "path",
+                "sandbox gateway: the request path is not in normal form (dot segments, "
+                "percent-encoding, empty segments and backslashes are refused)",
+                400,
+                "invalid_request_error",
+            )
         kind = ROUTES.get((method, path)) or ("model" if method == "GET" and _MODEL_PATH.fullmatch(path) else None)
         if kind is None:
-            raise Refusal("endpoint", f"sandbox gateway: {method} {path} is not an endpoint the sandbox forwards "
-                          "(only the Messages API, token counting and the model list)", 404, "not_found_error")
+            raise Refusal(
+                "endpoint",
+                f"sandbox gateway: {method} {path} is not an endpoint the sandbox forwards "
+                "(only the Messages API, token counting and the model list)",
+                404,
+                "not_found_error",
+            )
         allowed = QUERY_PARAMS[kind]
         seen: set[str] = set()
         for param in query.split("&") if query else []:
             name, eq, value = param.partition("=")
             if not eq or name in seen or name not in allowed or not re.fullmatch(allowed[name], value):
-                raise Refusal("query", f"sandbox gateway: query parameter {param[:100]!r} is not allowed on "
-                              f"{path}", 400, "invalid_request_error")
+                raise Refusal(
+                    "query",
+                    f"sandbox gateway: query parameter {param[:100]!r} is not allowed on {path}",
+                    400,
+                    "invalid_request_error",
+                )
             seen.add(name)
         return kind
 
@@ -477,7 +600,8 @@ class Gateway:
         the cap they take turns instead of erroring. (The one call admitted alone may cost more than is left:
         that call's cost is the most the cap can be overshot by, and its stream is cut off as soon as actual
         spend crosses the cap.)"""
-        model = body.get("model") if isinstance(body.get("model"), str) else ""
+        named = body.get("model")
+        model = named if isinstance(named, str) else ""
         max_tokens = body.get("max_tokens")
         if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens <= 0:
             max_tokens = DEFAULT_MAX_TOKENS
@@ -487,17 +611,22 @@ class Gateway:
             if isinstance(tool, dict) and str(tool.get("type", "")).startswith("web_search_"):
                 uses = tool.get("max_uses")
                 searches += uses if isinstance(uses, int) and uses > 0 else SERVER_TOOL_ROUNDS
-        reserve = worst_case_usd(model or "unknown", bound, max_tokens, self.prices,
-                                 one_hour_cache=b'"1h"' in raw, web_searches=searches)
+        reserve = worst_case_usd(
+            model or "unknown", bound, max_tokens, self.prices, one_hour_cache=b'"1h"' in raw, web_searches=searches
+        )
         deadline = time.monotonic() + self.admit_wait
         while self.reserved and self.spent_usd + self.outstanding_usd + reserve > self.budget_usd:
             left = deadline - time.monotonic()
             if left <= 0:
                 outstanding = self.outstanding_usd
-                raise Refusal("reservation", f"sandbox: this call may cost up to ${reserve:.4f}, which does not fit "
-                              f"in the run's model budget of ${self.budget_usd:.2f} beside the calls in flight "
-                              f"(spent ${self.spent_usd:.4f}, ${outstanding:.4f} reserved); retry when they are done",
-                              reserve_usd=round(reserve, 6), outstanding_usd=round(outstanding, 6))
+                raise Refusal(
+                    "reservation",
+                    f"sandbox: this call may cost up to ${reserve:.4f}, which does not fit "
+                    f"in the run's model budget of ${self.budget_usd:.2f} beside the calls in flight "
+                    f"(spent ${self.spent_usd:.4f}, ${outstanding:.4f} reserved); retry when they are done",
+                    reserve_usd=round(reserve, 6),
+                    outstanding_usd=round(outstanding, 6),
+                )
             settled = self._settled
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(settled.wait(), left)
@@ -508,19 +637,29 @@ class Gateway:
         shared = False
         if self.broker_socket:
             call_id = next(self._ids)
-            reply = await self._broker({"op": "reserve", "id": call_id, "usd": reserve,
-                                        "wait": max(0.0, deadline - time.monotonic())})
+            reply = await self._broker(
+                {"op": "reserve", "id": call_id, "usd": reserve, "wait": max(0.0, deadline - time.monotonic())}
+            )
             if not reply.get("ok"):
                 why = reply.get("reason") or "unreachable"
-                raise Refusal("budget" if why == "budget" else "reservation",
-                              f"sandbox: the shared budget (${reply.get('cap_usd', 0):.2f}, "
-                              f"${reply.get('spent_usd', 0):.4f} spent) "
-                              + ("is spent" if why == "budget" else f"has no room for this call ({why})"),
-                              reserve_usd=round(reserve, 6))
+                raise Refusal(
+                    "budget" if why == "budget" else "reservation",
+                    f"sandbox: the shared budget (${reply.get('cap_usd', 0):.2f}, "
+                    f"${reply.get('spent_usd', 0):.4f} spent) "
+                    + ("is spent" if why == "budget" else f"has no room for this call ({why})"),
+                    reserve_usd=round(reserve, 6),
+                )
             shared = True
         tools = body.get("tools")
-        call = _Call(call_id if shared else next(self._ids), model, max_tokens, bound, reserve,
-                     len(tools) if isinstance(tools, list) else 0, shared=shared)
+        call = _Call(
+            call_id if shared else next(self._ids),
+            model,
+            max_tokens,
+            bound,
+            reserve,
+            len(tools) if isinstance(tools, list) else 0,
+            shared=shared,
+        )
         self.reserved[call.id] = reserve
         self.live[call.id] = 0.0
         return call
@@ -544,13 +683,18 @@ class Gateway:
                 except ValueError:
                     body = None
                 if not isinstance(body, dict):
-                    raise Refusal("request", "sandbox gateway: the request body is not a JSON object", 400,
-                                  "invalid_request_error")
+                    raise Refusal(
+                        "request",
+                        "sandbox gateway: the request body is not a JSON object",
+                        400,
+                        "invalid_request_error",
+                    )
                 if self.model_side.apply(body):
                     raw = json.dumps(body, separators=(",", ":")).encode()
             elif raw:
-                raise Refusal("request", "sandbox gateway: this endpoint takes no request body", 400,
-                              "invalid_request_error")
+                raise Refusal(
+                    "request", "sandbox gateway: this endpoint takes no request body", 400, "invalid_request_error"
+                )
             call = await self._admit(raw, body) if kind == "messages" and body is not None else None
         except Refusal as refusal:
             return self._refuse(request, refusal)
@@ -572,24 +716,48 @@ class Gateway:
         assert self.session is not None
         url = self.upstream + request.raw_path  # in normal form and on the list: see route()
         try:
-            upstream = await self.session.request(request.method, url, data=raw if request.method == "POST" else None,
-                                                  headers=self._headers(request), allow_redirects=False)
+            upstream = await self.session.request(
+                request.method,
+                url,
+                data=raw if request.method == "POST" else None,
+                headers=self._headers(request),
+                allow_redirects=False,
+            )
         except aiohttp.ClientError as exc:
             if call is not None:
                 call.phase = "failed"
-            self.emit({"event": "model_call_failed", "path": request.path, "error": str(exc)[:300]})
-            return web.json_response({"type": "error", "error": {"type": "api_error",
-                                      "message": f"sandbox gateway: upstream unreachable: {exc}"}}, status=502)
+            self.emit(to_line(ModelCallFailed(path=request.path, error=str(exc)[:300])))
+            return web.json_response(
+                {
+                    "type": "error",
+                    "error": {"type": "api_error", "message": f"sandbox gateway: upstream unreachable: {exc}"},
+                },
+                status=502,
+            )
         async with upstream:
             if 300 <= upstream.status < 400:
                 # Never followed, never passed on: the Location could point anywhere, and the key must not go.
                 if call is not None:
                     call.phase = "failed"
-                self.emit({"event": "model_call_failed", "path": request.path,
-                           "error": f"the upstream answered {upstream.status} (a redirect), which is not followed"})
-                return web.json_response({"type": "error", "error": {"type": "api_error", "message":
-                                          f"sandbox gateway: the model API answered with a redirect "
-                                          f"({upstream.status}); redirects are never followed"}}, status=502)
+                self.emit(
+                    to_line(
+                        ModelCallFailed(
+                            path=request.path,
+                            error=f"the upstream answered {upstream.status} (a redirect), which is not followed",
+                        )
+                    )
+                )
+                return web.json_response(
+                    {
+                        "type": "error",
+                        "error": {
+                            "type": "api_error",
+                            "message": f"sandbox gateway: the model API answered with a redirect "
+                            f"({upstream.status}); redirects are never followed",
+                        },
+                    },
+                    status=502,
+                )
             if call is not None:
                 call.phase, call.status = "answered", upstream.status
             if why := self._tripped():
@@ -598,8 +766,10 @@ class Gateway:
                     call.cut = why
                 upstream.close()
                 return self._refuse(request, self._watchdog_refusal(why))
-            resp = web.StreamResponse(status=upstream.status, headers={
-                k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP})
+            resp = web.StreamResponse(
+                status=upstream.status,
+                headers={k: v for k, v in upstream.headers.items() if k.lower() not in HOP_BY_HOP},
+            )
             is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
             if call is not None:
                 call.stream = is_sse
@@ -649,8 +819,10 @@ class Gateway:
                 with contextlib.suppress(ConnectionError, aiohttp.ClientConnectionResetError):
                     message = None
                     if call is not None and call.cut == "budget":
-                        message = (f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent; the "
-                                   "response was cut off")
+                        message = (
+                            f"sandbox: the run's model budget of ${self.budget_usd:.2f} is spent; the "
+                            "response was cut off"
+                        )
                     elif call is not None and call.cut in REASONS:
                         message = f"sandbox: {REASONS[call.cut]}; the response was cut off"
                     if message:
@@ -697,16 +869,28 @@ class Gateway:
         self.spent_usd += cost
         call.booked_usd = cost
         self.calls += 1
-        event: dict[str, Any] = {
-            "event": "model_call", "call": self.calls, "path": request.path, "status": call.status,
-            "stream": call.stream, "model": m.model or call.model or "unknown", "usage": m.as_dict(call.max_tokens),
-            "cost_usd": round(cost, 6), "spent_usd": round(self.spent_usd, 6), "budget_usd": self.budget_usd,
-            "duration_ms": int((time.monotonic() - call.started) * 1000), "reserved_usd": round(call.reserved_usd, 6),
-            "stop_reason": m.stop_reason, "tool_uses": m.tool_uses, "tools_offered": call.tools_offered,
-        }
-        if call.cut or estimated:
-            event.update(complete=False, cut=call.cut)
-        self.emit(event)
+        self.emit(
+            to_line(
+                ModelCall(
+                    call=self.calls,
+                    path=request.path,
+                    status=call.status,
+                    stream=call.stream,
+                    model=m.model or call.model or "unknown",
+                    usage=m.as_dict(call.max_tokens),
+                    cost_usd=round(cost, 6),
+                    spent_usd=round(self.spent_usd, 6),
+                    budget_usd=self.budget_usd,
+                    duration_ms=int((time.monotonic() - call.started) * 1000),
+                    reserved_usd=round(call.reserved_usd, 6),
+                    stop_reason=m.stop_reason,
+                    tool_uses=m.tool_uses,
+                    tools_offered=call.tools_offered,
+                    complete=not (call.cut or estimated),
+                    cut=call.cut,
+                )
+            )
+        )
 
     async def _broker(self, request: dict[str, Any]) -> dict[str, Any]:
         """One request to the shared budget's ledger on the host; a broker that cannot be reached admits
@@ -723,7 +907,7 @@ class Gateway:
             reply = json.loads(line)
             return reply if isinstance(reply, dict) else {"ok": False, "reason": "bad reply"}
         except (OSError, ValueError, TimeoutError) as exc:
-            self.emit({"event": "model_call_failed", "path": "budget-broker", "error": f"shared budget: {exc}"[:300]})
+            self.emit(to_line(ModelCallFailed(path="budget-broker", error=f"shared budget: {exc}"[:300])))
             return {"ok": False, "reason": "the shared budget cannot be reached"}
 
     async def _broker_settle(self, call: _Call) -> None:
@@ -739,6 +923,12 @@ class Gateway:
         return app
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "spent_usd": self.spent_usd, "calls": self.calls,
-                                  "reserved_usd": self.outstanding_usd, "watchdog": self._tripped()})
-
+        return web.json_response(
+            {
+                "ok": True,
+                "spent_usd": self.spent_usd,
+                "calls": self.calls,
+                "reserved_usd": self.outstanding_usd,
+                "watchdog": self._tripped(),
+            }
+        )

@@ -62,20 +62,40 @@ CACHE_WRITE_1H_FACTOR = 2.0
 """Writing to the 1-hour prompt cache costs twice the input price (the 5-minute cache: `cache_write`)."""
 
 
-def cost_usd(model: str, input_tokens: int = 0, output_tokens: int = 0, cache_read: int = 0,
-             cache_write: int = 0, table: dict[str, Price] | None = None, *, cache_write_1h: int = 0,
-             web_searches: int = 0) -> float:
+def cost_usd(
+    model: str,
+    input_tokens: int = 0,
+    output_tokens: int = 0,
+    cache_read: int = 0,
+    cache_write: int = 0,
+    table: dict[str, Price] | None = None,
+    *,
+    cache_write_1h: int = 0,
+    web_searches: int = 0,
+) -> float:
     """What a call cost. `cache_write` counts every cache write; `cache_write_1h` says how many of them went
     to the 1-hour cache, which is billed at twice the input price instead of `cache_write`."""
     p = price_for(model, table)
     one_hour = min(cache_write_1h, cache_write)
-    total = (input_tokens * p.input + output_tokens * p.output + cache_read * p.cache_read
-             + (cache_write - one_hour) * p.cache_write + one_hour * p.input * CACHE_WRITE_1H_FACTOR)
+    total = (
+        input_tokens * p.input
+        + output_tokens * p.output
+        + cache_read * p.cache_read
+        + (cache_write - one_hour) * p.cache_write
+        + one_hour * p.input * CACHE_WRITE_1H_FACTOR
+    )
     return total / 1_000_000 + web_searches * WEB_SEARCH_USD
 
 
-def worst_case_usd(model: str, input_tokens: int, max_tokens: int, table: dict[str, Price] | None = None, *,
-                   one_hour_cache: bool = False, web_searches: int = 0) -> float:
+def worst_case_usd(
+    model: str,
+    input_tokens: int,
+    max_tokens: int,
+    table: dict[str, Price] | None = None,
+    *,
+    one_hour_cache: bool = False,
+    web_searches: int = 0,
+) -> float:
     """The most a call can cost: every input token at the dearest input rate (uncached, or written to the
     cache), and `max_tokens` of output. Used by the gateway to reserve budget before it forwards a call."""
     p = price_for(model, table)

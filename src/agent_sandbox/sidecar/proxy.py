@@ -32,7 +32,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import h11
@@ -47,16 +47,20 @@ from agent_sandbox.sidecar.egress import (
     check_address,
     decide,
     host_reason,
+    host_syntax_reason,
     is_ip,
     parse_address_entry,
     parse_rule,
 )
+from agent_sandbox.sidecar.events import Egress, to_line
 from agent_sandbox.sidecar.resolver import CachingResolver
 from agent_sandbox.sidecar.watchdog import REASONS, Watchdog
 
 Emit = Callable[[dict[str, Any]], None]
 Resolve = Callable[[str, int], Awaitable[list[str]]]
 """host, port -> the addresses the name resolves to; raises OSError when it does not resolve."""
+Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+"""address, port -> a connection to it (asyncio.open_connection; tests point it at a local server)."""
 CONNECT_TIMEOUT = 10.0
 HEAD_TIMEOUT = 30.0
 TLS_PORTS = (80, 443)
@@ -68,8 +72,15 @@ TLS_ALERT_ACCESS_DENIED = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 49])
 EXT_SERVER_NAME = 0
 EXT_ECH = 0xFE0D
 _HOST_NAME = re.compile(r"[a-z0-9._:-]+")  # letters, digits, dots, hyphens (and IPv6 colons)
-DROP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive", b"te", b"trailer",
-                b"upgrade"}
+DROP_HEADERS = {
+    b"proxy-connection",
+    b"proxy-authorization",
+    b"connection",
+    b"keep-alive",
+    b"te",
+    b"trailer",
+    b"upgrade",
+}
 
 
 MAX_HOST_NAME = 253  # the longest a DNS name can be
@@ -105,15 +116,15 @@ class _Cursor:
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
             raise NotClientHello("truncated ClientHello")
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
-    def int(self, n: int) -> int:
+    def uint(self, n: int) -> int:
         return int.from_bytes(self.take(n), "big")
 
     def vector(self, len_bytes: int, minimum: int = 0, maximum: int | None = None) -> bytes:
-        n = self.int(len_bytes)
+        n = self.uint(len_bytes)
         if n < minimum or (maximum is not None and n > maximum):
             raise NotClientHello(f"bad vector length {n}")
         return self.take(n)
@@ -133,14 +144,14 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
     while True:
         if len(data) < pos + 5:
             return None
-        ctype, major, length = data[pos], data[pos + 1], int.from_bytes(data[pos + 3:pos + 5], "big")
+        ctype, major, length = data[pos], data[pos + 1], int.from_bytes(data[pos + 3 : pos + 5], "big")
         if ctype != 0x16:
             raise NotClientHello("not a TLS handshake record" if pos == 0 else "ClientHello interrupted")
         if major != 3 or not 0 < length <= 2**14:
             raise NotClientHello("malformed TLS record header")
         if len(data) < pos + 5 + length:
             return None
-        handshake += data[pos + 5:pos + 5 + length]
+        handshake += data[pos + 5 : pos + 5 + length]
         pos += 5 + length
         if len(handshake) >= 4:
             if handshake[0] != 1:
@@ -158,7 +169,7 @@ def parse_client_hello(data: bytes) -> ClientHello | None:
 
 def _client_hello_body(body: bytes, size: int) -> ClientHello:
     c = _Cursor(body)
-    if c.int(1) != 3:
+    if c.uint(1) != 3:
         raise NotClientHello("ClientHello of an unknown protocol version")
     c.take(1 + 32)  # minor version, random
     c.vector(1, maximum=32)  # legacy_session_id
@@ -173,7 +184,7 @@ def _client_hello_body(body: bytes, size: int) -> ClientHello:
     seen: set[int] = set()
     server_name: str | None = None
     while not extensions.done:
-        ext_type, ext = extensions.int(2), extensions.vector(2)
+        ext_type, ext = extensions.uint(2), extensions.vector(2)
         if ext_type in seen:
             raise NotClientHello(f"duplicate extension {ext_type}")
         seen.add(ext_type)
@@ -189,7 +200,7 @@ def _server_name(ext: bytes) -> str:
         raise NotClientHello("bytes after the server name list")
     found: list[bytes] = []
     while not names.done:
-        if names.int(1) != 0:
+        if names.uint(1) != 0:
             raise NotClientHello("server name of a type other than host_name")
         found.append(names.vector(2, minimum=1, maximum=255))
     if len(found) != 1:
@@ -213,8 +224,7 @@ def server_name_reason(connect_host: str, hello: ClientHello) -> str | None:
             return None
         return f"the TLS ClientHello names no server (SNI), but CONNECT named {want}"
     if hello.server_name != want:
-        return (f"TLS server name {hello.server_name!r} does not match the CONNECT host {want!r} "
-                f"(domain fronting)")
+        return f"TLS server name {hello.server_name!r} does not match the CONNECT host {want!r} (domain fronting)"
     return None
 
 
@@ -224,7 +234,7 @@ def _split_host_header(value: str) -> tuple[str, int | None]:
         end = value.find("]")
         if end < 0:
             raise ValueError(value)
-        host, rest = value[1:end], value[end + 1:]
+        host, rest = value[1:end], value[end + 1 :]
         if rest and not rest.startswith(":"):
             raise ValueError(value)
         port = rest[1:]
@@ -253,9 +263,9 @@ def host_header_reason(request: h11.Request, host: str, port: int) -> str | None
     return None
 
 
-def _detail(rec: dict[str, Any], text: str) -> None:
+def _detail(rec: Egress, text: str) -> None:
     """Add to the decision line's decision_detail (it may already say which exception let an address in)."""
-    rec["decision_detail"] = f"{rec['decision_detail']}{REASON_SEP}{text}" if rec.get("decision_detail") else text
+    rec.decision_detail = f"{rec.decision_detail}{REASON_SEP}{text}" if rec.decision_detail else text
 
 
 def _split_authority(target: str) -> tuple[str, int]:
@@ -266,10 +276,21 @@ def _split_authority(target: str) -> tuple[str, int]:
 
 
 class EgressProxy:
-    def __init__(self, run_id: str, allow: list[str], deny: list[str], mode: str, allow_private: bool,
-                 own_addresses: list[str], gateway: tuple[str, int], emit: Emit, *,
-                 allow_addresses: Iterable[str] = (), resolve: Resolve | None = None,
-                 watchdog: Watchdog | None = None) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        allow: list[str],
+        deny: list[str],
+        mode: str,
+        allow_private: bool,
+        own_addresses: list[str],
+        gateway: tuple[str, int],
+        emit: Emit,
+        *,
+        allow_addresses: Iterable[str] = (),
+        resolve: Resolve | None = None,
+        watchdog: Watchdog | None = None,
+    ) -> None:
         self.run_id = run_id
         self.allow: list[Rule] = [parse_rule(r) for r in allow]
         self.deny: list[Rule] = [parse_rule(r) for r in deny]
@@ -280,9 +301,9 @@ class EgressProxy:
         self.gateway_name, self.gateway_port = gateway
         self.emit = emit
         self.resolve: Resolve = resolve or CachingResolver()
-        self.connect = asyncio.open_connection  # tests point it at a local server
+        self.connect: Connect = asyncio.open_connection
         self.watchdog = watchdog  # once it trips, no connection is made and those open are cut (None: never)
-        self._open: dict[asyncio.Task[Any], dict[str, Any]] = {}  # handler -> its decision line, while open
+        self._open: dict[asyncio.Task[Any], Egress] = {}  # handler -> its decision line, while open
         if watchdog is not None:
             watchdog.on_trip(self._cut_all)
 
@@ -294,9 +315,19 @@ class EgressProxy:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        rec: dict[str, Any] = {"event": "egress", "client": peer[0] if peer else None, "method": None,
-                               "host": None, "port": None, "resolved": None, "decision": "deny", "rule": None,
-                               "reason": None, "bytes_up": 0, "bytes_down": 0}
+        # The connection's decision line, filled in as the connection goes and emitted once when it closes.
+        rec = Egress(
+            client=peer[0] if peer else None,
+            method=None,
+            host=None,
+            port=None,
+            resolved=None,
+            decision="deny",
+            rule=None,
+            reason=None,
+            bytes_up=0,
+            bytes_down=0,
+        )
         started = time.monotonic()
         conn = h11.Connection(h11.SERVER)
         upstream_writer: asyncio.StreamWriter | None = None
@@ -308,27 +339,33 @@ class EgressProxy:
             request = await asyncio.wait_for(self._next(conn, reader), HEAD_TIMEOUT)
             if not isinstance(request, h11.Request):
                 return
-            rec["method"] = request.method.decode("ascii", "replace")
+            rec.method = request.method.decode("ascii", "replace")
             host, port, is_connect = self._target(request)
             if len(host) > MAX_HOST_NAME:
                 # No DNS name is longer; a longer one is only a way to make every decision line huge.
-                rec.update(host=host[:MAX_HOST_NAME] + "…", port=port, decision="deny",
-                           reason=f"a host name longer than {MAX_HOST_NAME} characters")
-                raise Refused(403, rec["reason"])
-            rec.update(host=host, port=port)
+                too_long = f"a host name longer than {MAX_HOST_NAME} characters"
+                rec.set(host=host[:MAX_HOST_NAME] + "…", port=port, decision="deny", reason=too_long)
+                raise Refused(403, too_long)
+            rec.set(host=host, port=port)
+            if bad := host_syntax_reason(host):
+                rec.set(decision="deny", reason=bad)
+                raise Refused(403, bad)
             if self.watchdog is not None and (why := self.watchdog.tripped):
-                rec.update(decision="deny", reason=f"{why}: {REASONS[why]}")
-                raise Refused(403, rec["reason"])
+                tripped = f"{why}: {REASONS[why]}"
+                rec.set(decision="deny", reason=tripped)
+                raise Refused(403, tripped)
             if not is_connect and (smuggled := host_header_reason(request, host, port)):
-                rec.update(decision="deny", reason=smuggled)
+                rec.set(decision="deny", reason=smuggled)
                 raise Refused(403, smuggled)
             ip = await self._decide(host, port, rec)
-            rec["resolved"] = ip
+            rec.resolved = ip
             try:
-                up_reader, upstream_writer = await asyncio.wait_for(self.connect(ip, port), CONNECT_TIMEOUT)
+                up_reader, up_writer = await asyncio.wait_for(self.connect(ip, port), CONNECT_TIMEOUT)
             except (TimeoutError, OSError) as exc:
                 _detail(rec, "upstream unreachable")
-                raise Refused(502, f"cannot connect to {host}:{port} ({ip}): {exc or 'timeout'}") from None
+                # str(): an exception is always true, and a bare TimeoutError reads as ''.
+                raise Refused(502, f"cannot connect to {host}:{port} ({ip}): {str(exc) or 'timeout'}") from None
+            upstream_writer = up_writer  # for the clean-up in `finally`
             if is_connect:
                 writer.write(conn.send(h11.Response(status_code=200, headers=[], reason=b"Connection established")))
                 leftover, _ = conn.trailing_data
@@ -341,24 +378,24 @@ class EgressProxy:
                     down.cancel()
                     raise
                 if first:
-                    upstream_writer.write(first)
-                    rec["bytes_up"] += len(first)
-                await asyncio.gather(self._pipe(reader, upstream_writer, rec, "bytes_up", True), down)
+                    up_writer.write(first)
+                    rec.bytes_up += len(first)
+                await asyncio.gather(self._pipe(reader, up_writer, rec, "bytes_up", True), down)
             else:
-                await self._forward_request(conn, reader, request, host, port, upstream_writer, rec)
+                await self._forward_request(conn, reader, request, host, port, up_writer, rec)
                 await asyncio.gather(self._pipe(up_reader, writer, rec, "bytes_down", True))
         except Refused as exc:
-            rec["reason"] = rec["reason"] or exc.reason
-            if exc.status != 403 and rec["decision"] not in ("deny", "would_deny"):
+            rec.reason = rec.reason or exc.reason
+            if exc.status != 403 and rec.decision not in ("deny", "would_deny"):
                 # An allowed connection that failed upstream. A would_deny stays one: enforce mode would have
                 # refused it, which is what report mode is there to record.
-                rec["decision"] = "error"
+                rec.decision = "error"
             self._refuse(conn, writer, exc)
         except (TimeoutError, h11.RemoteProtocolError) as exc:
-            rec["reason"] = f"bad request: {exc or 'timeout reading the request'}"
-            self._refuse(conn, writer, Refused(400, rec["reason"]))
+            rec.reason = f"bad request: {str(exc) or 'timeout reading the request'}"
+            self._refuse(conn, writer, Refused(400, rec.reason))
         except (ConnectionError, OSError) as exc:
-            rec["reason"] = rec["reason"] or f"connection ended: {exc}"
+            rec.reason = rec.reason or f"connection ended: {exc}"
         except asyncio.CancelledError:
             cut = True  # by the watchdog (_cut_all), or the loop's shutdown: this handler's task ends here
         finally:
@@ -371,12 +408,19 @@ class EgressProxy:
                     w.transport.abort()  # at once, whatever is still buffered for a peer that does not read
                 else:
                     w.close()
-            rec["duration_ms"] = int((time.monotonic() - started) * 1000)
-            if rec["method"] is not None:
-                self.emit(rec)
+            rec.duration_ms = int((time.monotonic() - started) * 1000)
+            if rec.method is not None:
+                self.emit(to_line(rec))
 
-    async def _tunnel_start(self, reader: asyncio.StreamReader, first: bytes, writer: asyncio.StreamWriter,
-                            host: str, port: int, rec: dict[str, Any]) -> bytes:
+    async def _tunnel_start(
+        self,
+        reader: asyncio.StreamReader,
+        first: bytes,
+        writer: asyncio.StreamWriter,
+        host: str,
+        port: int,
+        rec: Egress,
+    ) -> bytes:
         """Read and check what the client sends first into a tunnel (see the module's docstring); returns the
         bytes to send upstream, or writes the refusal to the client and raises Refused."""
         data = first
@@ -392,9 +436,13 @@ class EgressProxy:
                     return data
                 reason = f"a CONNECT tunnel to port {port} must carry TLS, and the client sent something else"
                 body = f"sandbox egress proxy: {reason}\n".encode()
-                writer.write(b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"x-sandbox-egress: denied\r\nconnection: close\r\ncontent-length: "
-                             + str(len(body)).encode() + b"\r\n\r\n" + body)
+                writer.write(
+                    b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                    b"x-sandbox-egress: denied\r\nconnection: close\r\ncontent-length: "
+                    + str(len(body)).encode()
+                    + b"\r\n\r\n"
+                    + body
+                )
                 raise self._tunnel_refused(rec, reason)
             async with asyncio.timeout(HEAD_TIMEOUT):
                 while (hello := parse_client_hello(data)) is None:
@@ -407,14 +455,14 @@ class EgressProxy:
         except NotClientHello as exc:
             writer.write(TLS_ALERT_ACCESS_DENIED)
             raise self._tunnel_refused(rec, f"not a well-formed TLS ClientHello: {exc}") from None
-        if reason := server_name_reason(host, hello):
+        if mismatch := server_name_reason(host, hello):
             writer.write(TLS_ALERT_ACCESS_DENIED)
-            raise self._tunnel_refused(rec, reason)
+            raise self._tunnel_refused(rec, mismatch)
         return data
 
     @staticmethod
-    def _tunnel_refused(rec: dict[str, Any], reason: str) -> Refused:
-        rec.update(decision="deny", reason=reason)
+    def _tunnel_refused(rec: Egress, reason: str) -> Refused:
+        rec.set(decision="deny", reason=reason)
         return Refused(403, reason)
 
     async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
@@ -439,7 +487,7 @@ class EgressProxy:
             raise Refused(400, f"bad port in {target[:200]!r}") from None
         return url.hostname.lower(), port, False
 
-    async def _decide(self, host: str, port: int, rec: dict[str, Any]) -> str:
+    async def _decide(self, host: str, port: int, rec: Egress) -> str:
         """The address to connect to, or Refused. Fills in the decision, rule, reason and decision_detail.
 
         Enforce mode refuses on the first failing step (the host rule, else every refused address at once).
@@ -448,18 +496,18 @@ class EgressProxy:
         """
         if host == self.gateway_name and port == self.gateway_port:
             # The model gateway is always reachable and lives in this very container.
-            rec.update(decision="allow", rule="gateway")
+            rec.set(decision="allow", rule="gateway")
             return "127.0.0.1"
         allowed, rule = decide(host, port, self.allow, self.deny)
-        rec["rule"] = rule
+        rec.rule = rule
         reasons: list[str] = []
         if not allowed:
             reason = host_reason(host, port, rule)
             if not self.report:
-                rec.update(decision="deny", reason=reason)
+                rec.set(decision="deny", reason=reason)
                 raise Refused(403, reason)
             reasons.append(reason)
-            rec.update(decision="would_deny", reason=reason)
+            rec.set(decision="would_deny", reason=reason)
         try:
             found = await asyncio.wait_for(self.resolve(host, port), CONNECT_TIMEOUT)
             if not found:
@@ -468,7 +516,7 @@ class EgressProxy:
             _detail(rec, "unresolvable")
             if not reasons:
                 # The policy allowed the name; the network failed it: an error on the way out, not a refusal.
-                rec.update(decision="error", reason=f"cannot resolve {host}")
+                rec.set(decision="error", reason=f"cannot resolve {host}")
             raise Refused(502, f"cannot resolve {host}") from None
         addresses = sorted(dict.fromkeys(found), key=lambda a: ":" in a)  # IPv4 first, else as resolved
         refused: list[str] = []
@@ -482,15 +530,23 @@ class EgressProxy:
         if refused:
             reason = REASON_SEP.join(reasons)
             if not self.report or any(address_kind(a, self.own) in NEVER_IN_REPORT_MODE for a in refused):
-                rec.update(decision="deny", reason=reason, resolved=refused[0])
+                rec.set(decision="deny", reason=reason, resolved=refused[0])
                 raise Refused(403, reason)
-            rec.update(decision="would_deny", reason=reason)
-        if rec["decision"] != "would_deny":
-            rec["decision"] = "allow"
+            rec.set(decision="would_deny", reason=reason)
+        if rec.decision != "would_deny":
+            rec.decision = "allow"
         return addresses[0]
 
-    async def _forward_request(self, conn: h11.Connection, reader: asyncio.StreamReader, request: h11.Request,
-                               host: str, port: int, up: asyncio.StreamWriter, rec: dict[str, Any]) -> None:
+    async def _forward_request(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        request: h11.Request,
+        host: str,
+        port: int,
+        up: asyncio.StreamWriter,
+        rec: Egress,
+    ) -> None:
         url = urlsplit(request.target.decode("ascii", "replace"))
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         headers = [(k, v) for k, v in request.headers if k.lower() not in DROP_HEADERS]
@@ -502,7 +558,7 @@ class EgressProxy:
         data = client.send(h11.Request(method=request.method, target=path.encode(), headers=headers))
         while True:
             up.write(data)
-            rec["bytes_up"] += len(data)
+            rec.bytes_up += len(data)
             event = await self._next(conn, reader)
             if isinstance(event, h11.Data):
                 data = client.send(h11.Data(data=event.data))
@@ -513,14 +569,20 @@ class EgressProxy:
                 break
         await up.drain()
 
-    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, rec: dict[str, Any], key: str,
-                    active: bool) -> None:
+    async def _pipe(
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        rec: Egress,
+        key: Literal["bytes_up", "bytes_down"],
+        active: bool,
+    ) -> None:
         if not active:
             return
         try:
             while data := await src.read(65536):
                 dst.write(data)
-                rec[key] += len(data)
+                setattr(rec, key, getattr(rec, key) + len(data))
                 await dst.drain()
         except (ConnectionError, OSError):
             pass
@@ -533,10 +595,20 @@ class EgressProxy:
         body = f"sandbox egress proxy: {exc.reason}\n".encode()
         reason_header = exc.reason.encode("ascii", "replace")[:300]
         try:
-            writer.write(conn.send(h11.Response(status_code=exc.status, headers=[
-                (b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"), (b"x-sandbox-egress", b"denied" if exc.status == 403 else b"error"),
-                (b"x-sandbox-egress-reason", reason_header)])))
+            writer.write(
+                conn.send(
+                    h11.Response(
+                        status_code=exc.status,
+                        headers=[
+                            (b"content-type", b"text/plain; charset=utf-8"),
+                            (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"),
+                            (b"x-sandbox-egress", b"denied" if exc.status == 403 else b"error"),
+                            (b"x-sandbox-egress-reason", reason_header),
+                        ],
+                    )
+                )
+            )
             writer.write(conn.send(h11.Data(data=body)))
             writer.write(conn.send(h11.EndOfMessage()))
         except (h11.LocalProtocolError, OSError, RuntimeError):

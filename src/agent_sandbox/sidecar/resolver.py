@@ -23,15 +23,21 @@ CACHE_SECONDS = 30.0
 
 async def system_lookup(host: str, port: int) -> list[str]:
     """The sidecar's own resolver (its /etc/hosts, then Docker's DNS)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except UnicodeError as exc:
+        # Python IDNA-encodes the name before any query, and an empty or over-long label fails there with a
+        # UnicodeError: such a name does not resolve, and the proxy expects OSError for that.
+        raise OSError(f"not a host name: {exc}") from None
     return [str(i[4][0]) for i in infos]
 
 
 class CachingResolver:
     """host, port -> addresses; raises OSError when the name does not resolve. Failures are not cached."""
 
-    def __init__(self, lookup: Lookup = system_lookup, ttl: float = CACHE_SECONDS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, lookup: Lookup = system_lookup, ttl: float = CACHE_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.lookup = lookup
         self.ttl = ttl
         self.clock = clock

@@ -86,8 +86,7 @@ class Turn(BaseModel):
         actions = [k for k in ("bash", "write", "edit", "read", "text") if getattr(self, k) is not None]
         if len(actions) != 1:
             raise ValueError(
-                "needs exactly one of bash, write, edit, read, text; got "
-                + (", ".join(actions) if actions else "none")
+                "needs exactly one of bash, write, edit, read, text; got " + (", ".join(actions) if actions else "none")
             )
         if self.timeout_ms is not None and self.bash is None:
             raise ValueError("timeout_ms only goes with bash")

@@ -89,8 +89,13 @@ def _tool_results(body: dict[str, Any]) -> list[dict[str, Any]]:
             content = block.get("content")
             if isinstance(content, list):
                 content = "\n".join(c.get("text", "") for c in content if isinstance(c, dict))
-            out.append({"tool_use_id": block.get("tool_use_id"), "is_error": bool(block.get("is_error")),
-                        "content": content if isinstance(content, str) else json.dumps(content)})
+            out.append(
+                {
+                    "tool_use_id": block.get("tool_use_id"),
+                    "is_error": bool(block.get("is_error")),
+                    "content": content if isinstance(content, str) else json.dumps(content),
+                }
+            )
     return out
 
 
@@ -126,8 +131,7 @@ class ScriptedModel:
         if step.tool is None:
             block = {"type": "text", "text": step.text}
         else:
-            block = {"type": "tool_use", "id": f"toolu_scripted_{idx:04d}", "name": step.tool,
-                     "input": step.tool_input}
+            block = {"type": "tool_use", "id": f"toolu_scripted_{idx:04d}", "name": step.tool, "input": step.tool_input}
         return {
             "id": f"msg_scripted_{self._seq:05d}",
             "type": "message",
@@ -146,21 +150,23 @@ class ScriptedModel:
             return web.json_response(_error("invalid_request_error", "body is not JSON"), status=400)
         idx, step = self.choose(body)
         key = request.headers.get("x-api-key") or request.headers.get("authorization", "")
-        self._record({
-            "path": request.path,
-            "model": body.get("model"),
-            "stream": bool(body.get("stream")),
-            "offers_tools": bool(body.get("tools")),
-            "messages": len(body.get("messages") or []),
-            "step": idx,
-            "turn": step.turn,
-            "tool_results": _tool_results(body),
-            "answer": {"tool": step.tool, "input": step.tool_input} if step.tool else {"text": step.text},
-            # A digest, never the key: the transcript lives in the run directory.
-            "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
-            "anthropic_version": request.headers.get("anthropic-version"),
-            "anthropic_beta": request.headers.get("anthropic-beta"),
-        })
+        self._record(
+            {
+                "path": request.path,
+                "model": body.get("model"),
+                "stream": bool(body.get("stream")),
+                "offers_tools": bool(body.get("tools")),
+                "messages": len(body.get("messages") or []),
+                "step": idx,
+                "turn": step.turn,
+                "tool_results": _tool_results(body),
+                "answer": {"tool": step.tool, "input": step.tool_input} if step.tool else {"text": step.text},
+                # A digest, never the key: the transcript lives in the run directory.
+                "api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
+                "anthropic_version": request.headers.get("anthropic-version"),
+                "anthropic_beta": request.headers.get("anthropic-beta"),
+            }
+        )
         msg = self.message(body, idx, step)
         if not body.get("stream"):
             return web.json_response(msg)
@@ -174,24 +180,49 @@ class ScriptedModel:
             await resp.write(f"event: {event}\ndata: {json.dumps(data)}\n\n".encode())
 
         usage = msg["usage"]
-        start = {**msg, "content": [], "stop_reason": None,
-                 "usage": {**usage, "output_tokens": min(1, usage["output_tokens"])}}
+        start = {
+            **msg,
+            "content": [],
+            "stop_reason": None,
+            "usage": {**usage, "output_tokens": min(1, usage["output_tokens"])},
+        }
         await send("message_start", {"type": "message_start", "message": start})
         block = msg["content"][0]
         if block["type"] == "text":
-            await send("content_block_start",
-                       {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})
-            await send("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                               "delta": {"type": "text_delta", "text": block["text"]}})
+            await send(
+                "content_block_start",
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+            )
+            await send(
+                "content_block_delta",
+                {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": block["text"]}},
+            )
         else:
-            await send("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
-                "type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}})
-            await send("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
-                "type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+            await send(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}},
+                },
+            )
+            await send(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+                },
+            )
         await send("content_block_stop", {"type": "content_block_stop", "index": 0})
-        await send("message_delta", {"type": "message_delta",
-                                     "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
-                                     "usage": {"output_tokens": usage["output_tokens"]}})
+        await send(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": msg["stop_reason"], "stop_sequence": None},
+                "usage": {"output_tokens": usage["output_tokens"]},
+            },
+        )
         await send("message_stop", {"type": "message_stop"})
         await resp.write_eof()
         return resp

@@ -22,6 +22,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+from agent_sandbox.sidecar.events import Watchdog as WatchdogEvent
+from agent_sandbox.sidecar.events import to_line
+
 Emit = Callable[[dict[str, Any]], None]
 
 SUPERVISOR_LOST = "supervisor_lost"
@@ -38,8 +41,15 @@ class Watchdog:
 
     Without a heartbeat path and a deadline it never trips."""
 
-    def __init__(self, emit: Emit, heartbeat_path: str | None = None, heartbeat_timeout_s: float = 30.0,
-                 deadline_s: float | None = None, *, interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        emit: Emit,
+        heartbeat_path: str | None = None,
+        heartbeat_timeout_s: float = 30.0,
+        deadline_s: float | None = None,
+        *,
+        interval_s: float = 1.0,
+    ) -> None:
         self.emit = emit
         self.heartbeat_path = heartbeat_path
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -83,8 +93,13 @@ class Watchdog:
         if state == self._tripped:
             return state
         self._tripped = state
-        self.emit({"event": "watchdog", "state": state or "restored", "detail": detail,
-                   "heartbeat_age_s": None if age is None else round(age, 1)})
+        self.emit(
+            to_line(
+                WatchdogEvent(
+                    state=state or "restored", detail=detail, heartbeat_age_s=None if age is None else round(age, 1)
+                )
+            )
+        )
         if state is not None:
             for listener in self._listeners:
                 listener(state)

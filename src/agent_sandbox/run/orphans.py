@@ -58,7 +58,8 @@ def supervisor_alive(identity: str | None) -> bool:
     if not identity:
         return False
     try:
-        pid_s, started_s = identity.split(":", 1)
+        # `pid_start`; older versions wrote `pid:start`.
+        pid_s, started_s = identity.replace(":", "_").split("_", 1)
         proc = psutil.Process(int(pid_s))
         return abs(proc.create_time() - float(started_s)) < 1.0
     except (ValueError, psutil.Error):
@@ -72,8 +73,14 @@ def _why(row: dict[str, Any] | None) -> str:
     return f"its supervisor{f' (pid {pid})' if pid else ''} died before the run ended"
 
 
-def collect(backend: Backend, store: RunStore, images: ImageSet | None, dry_run: bool = False,
-            objects: bool = True, progress: Any = None) -> list[Collected]:
+def collect(
+    backend: Backend,
+    store: RunStore,
+    images: ImageSet | None,
+    dry_run: bool = False,
+    objects: bool = True,
+    progress: Any = None,
+) -> list[Collected]:
     """Recover every run of this state directory that nobody supervises. objects=False looks at the store
     alone (the cheap check before a run); images None leaves work unimported (it stays for a later gc)."""
     mine = state_id()
@@ -90,12 +97,22 @@ def collect(backend: Backend, store: RunStore, images: ImageSet | None, dry_run:
                 out.append(Collected(run_id=run_id, action="skipped", objects=objs, detail="its supervisor is alive"))
                 continue
             removed = objs if dry_run else backend.remove_run(run_id)
-            out.append(Collected(run_id=run_id, action="removed", objects=removed, dry_run=dry_run,
-                                 detail="left by a dead supervisor of an earlier version"))
+            out.append(
+                Collected(
+                    run_id=run_id,
+                    action="removed",
+                    objects=removed,
+                    dry_run=dry_run,
+                    detail="left by a dead supervisor of an earlier version",
+                )
+            )
             continue
         if state is not None and state != mine:
-            out.append(Collected(run_id=run_id, action="skipped", objects=objs,
-                                 detail=f"another state directory's run ({state})"))
+            out.append(
+                Collected(
+                    run_id=run_id, action="skipped", objects=objs, detail=f"another state directory's run ({state})"
+                )
+            )
             continue
         run_dir = Path(row["run_dir"]) if row else runs_dir() / run_id
         if run_dir.exists() and supervised(run_dir):
@@ -103,8 +120,15 @@ def collect(backend: Backend, store: RunStore, images: ImageSet | None, dry_run:
             continue
         if dry_run:
             what = "recover: pack and import its work, remove" if (run_dir / "spec.json").exists() else "remove"
-            out.append(Collected(run_id=run_id, action="recovered" if "recover" in what else "removed",
-                                 objects=objs, dry_run=True, detail=f"would {what}; {_why(row)}"))
+            out.append(
+                Collected(
+                    run_id=run_id,
+                    action="recovered" if "recover" in what else "removed",
+                    objects=objs,
+                    dry_run=True,
+                    detail=f"would {what}; {_why(row)}",
+                )
+            )
             continue
         if progress is not None:
             progress(f"recovering run {run_id}: {_why(row)}")
@@ -112,8 +136,15 @@ def collect(backend: Backend, store: RunStore, images: ImageSet | None, dry_run:
     return out
 
 
-def _recover(backend: Backend, store: RunStore, images: ImageSet | None, run_id: str, run_dir: Path,
-             row: dict[str, Any] | None, objs: list[str]) -> Collected:
+def _recover(
+    backend: Backend,
+    store: RunStore,
+    images: ImageSet | None,
+    run_id: str,
+    run_dir: Path,
+    row: dict[str, Any] | None,
+    objs: list[str],
+) -> Collected:
     lock = RunLock(run_dir)
     if run_dir.exists() and not lock.try_acquire():
         return Collected(run_id=run_id, action="skipped", objects=objs, detail="another process took it first")
@@ -123,18 +154,29 @@ def _recover(backend: Backend, store: RunStore, images: ImageSet | None, run_id:
             # the workspace (if any) for a later gc.
             removed = backend.remove_run(run_id)
             if (run_dir / "spec.json").exists():
-                return Collected(run_id=run_id, action="skipped", objects=removed,
-                                 detail="objects removed; the work waits for the images (`sandbox images build`)")
+                return Collected(
+                    run_id=run_id,
+                    action="skipped",
+                    objects=removed,
+                    detail="objects removed; the work waits for the images (`sandbox images build`)",
+                )
             removed += quota.release_run(run_dir)
             marked = store.mark_failed(run_id, f"{_why(row)}; it had not started; cleaned up by sandbox gc")
-            return Collected(run_id=run_id, action="removed", objects=removed, status="failed" if marked else None,
-                             detail=_why(row))
+            return Collected(
+                run_id=run_id, action="removed", objects=removed, status="failed" if marked else None, detail=_why(row)
+            )
         from agent_sandbox.run.supervisor import Supervisor
 
         sup = Supervisor.for_recovery(run_dir, backend, images, store)
         summary = sup.recover(_why(row), f"sandbox gc (pid {os.getpid()})")
-        return Collected(run_id=run_id, action="recovered" if not summary.kept else "failed", objects=objs,
-                         branch=summary.branch, status=summary.status, detail=summary.message)
+        return Collected(
+            run_id=run_id,
+            action="recovered" if not summary.kept else "failed",
+            objects=objs,
+            branch=summary.branch,
+            status=summary.status,
+            detail=summary.message,
+        )
     except Exception as exc:  # one run that cannot be recovered must not stop the others
         log.exception("recovery_failed run_id=%s", run_id)
         detail = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"

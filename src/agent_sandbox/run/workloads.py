@@ -1,0 +1,223 @@
+"""The recipes of a run's four workloads (the sidecar, the agent, the check, the finaliser), in the
+backend-neutral terms of backend/plan.py: what each runs, sees, may reach and may use.
+
+Pure functions of the run's spec: no platform is touched here, so the recipes are unit-tested as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent_sandbox.backend.plan import SIDECAR_NAME, ImageSet, Mount, Reach, Resources, Scratch, Workload
+from agent_sandbox.git.checkout import CONTAINER_OBJECTS
+from agent_sandbox.run.liveness import HEARTBEAT_DIR
+from agent_sandbox.run.spec import RunSpec
+from agent_sandbox.sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
+
+AGENT_UID = 1000
+SIDECAR_UID = 1001
+PLACEHOLDER_KEY = "sk-sandbox-placeholder-not-a-key"
+SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
+MiB = 1024**2
+
+
+@dataclass(frozen=True)
+class Users:
+    """Who owns the run's files and whom workloads run as."""
+
+    chown: tuple[int, int] | None
+    """Owner to give the directories the agent writes (None: the supervisor's own user)."""
+    agent: str
+    """uid:gid of the agent, the check and the finaliser."""
+    sidecar: str
+    """uid:gid of the sidecar."""
+
+    @classmethod
+    def here(cls) -> Users:
+        if os.getuid() == 0:
+            # Claude Code refuses to skip permission prompts as root, and the agent must not be root anyway.
+            return cls((AGENT_UID, AGENT_UID), f"{AGENT_UID}:{AGENT_UID}", f"{SIDECAR_UID}:{SIDECAR_UID}")
+        me = f"{os.getuid()}:{os.getgid()}"
+        return cls(None, me, me)
+
+
+def proxy_env() -> dict[str, str]:
+    """Proxy settings for the agent, in every spelling its tools read."""
+    url = f"http://{SIDECAR_NAME}:{PROXY_PORT}"
+    no_proxy = f"{SIDECAR_NAME},localhost,127.0.0.1"
+    env = {
+        name: url
+        for name in (
+            "HTTP_PROXY",
+            "HTTPS_PROXY",
+            "http_proxy",
+            "https_proxy",
+            "npm_config_proxy",
+            "npm_config_https_proxy",
+            "PIP_PROXY",
+        )
+    }
+    env.update(NO_PROXY=no_proxy, no_proxy=no_proxy)
+    return env
+
+
+def git_identity(spec: RunSpec) -> dict[str, str]:
+    author = spec.policy.git.author
+    return {
+        "GIT_AUTHOR_NAME": author.name,
+        "GIT_AUTHOR_EMAIL": author.email,
+        "GIT_COMMITTER_NAME": author.name,
+        "GIT_COMMITTER_EMAIL": author.email,
+    }
+
+
+@dataclass(frozen=True)
+class Recipes:
+    """The workloads of one run."""
+
+    spec: RunSpec
+    images: ImageSet
+    run_dir: Path
+    objects: Path
+    """The host repository's object directory, which the agent's workloads read and never write."""
+    users: Users
+
+    def claude_args(self) -> list[str]:
+        return [
+            "-p",
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            # Unattended: nobody is there to answer a prompt. The container is the boundary instead.
+            "--permission-mode",
+            "bypassPermissions",
+            "--model",
+            self.spec.model,
+            "--max-turns",
+            str(self.spec.policy.limits.max_turns),
+            "--no-session-persistence",
+        ]
+
+    def work_mounts(self) -> list[Mount]:
+        return [
+            Mount(source=str(self.run_dir / "workspace"), target="/workspace", read_only=False),
+            # History to read, never to write: the host's .git stays out of the agent's reach.
+            Mount(source=str(self.objects), target=CONTAINER_OBJECTS, read_only=True),
+            Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
+        ]
+
+    def sidecar(self, config: SidecarConfig, api_key: str | None, mounts: list[Mount]) -> Workload:
+        """The sidecar: the model gateway (with the only real key) and the egress proxy, reaching outside."""
+        return Workload(
+            role="sidecar",
+            image=self.images.sidecar,
+            user=self.users.sidecar,
+            env={CONFIG_ENV: config.model_dump_json()},
+            secret_env={KEY_ENV: api_key} if api_key else {},
+            mounts=[
+                Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False),
+                Mount(source=str(self.run_dir / HEARTBEAT_DIR), target="/sandbox/heartbeat"),
+                *mounts,
+            ],
+            scratch=[Scratch(path="/tmp", size_bytes=64 * MiB)],
+            reach=Reach.OUTSIDE,
+            hosts=self.spec.policy.egress.hosts,
+            resources=Resources(memory_bytes=512 * MiB, cpus=1.0, pids=128),
+            # A lost DNS query costs a 1 s retry, not the resolver's default 5 s (the proxy resolves per name).
+            dns_options=["timeout:1", "attempts:3"],
+        )
+
+    def _sandboxed(
+        self, role: str, env: dict[str, str], mounts: list[Mount], go_ahead: str, **kwargs: object
+    ) -> Workload:
+        """A workload that runs the agent's code (the agent, the check): the policy's limits, the sidecar
+        alone to reach, the proxy, and no key."""
+        lim = self.spec.policy.limits
+        uid, gid = (int(x) for x in self.users.agent.split(":"))
+        return Workload.model_validate(
+            {
+                "role": role,
+                "image": self.images.agent,
+                "user": self.users.agent,
+                "env": {**env, "SANDBOX_RUN_ID": self.spec.run_id, "HOME": "/home/agent", **proxy_env()},
+                "mounts": mounts,
+                "reach": Reach.SIDECAR,
+                "go_ahead": str(self.run_dir / "in" / go_ahead),
+                "scratch": [
+                    Scratch(path="/tmp", size_bytes=min(lim.disk_bytes, 1024**3), exec=True),
+                    Scratch(path="/home/agent", size_bytes=512 * MiB, exec=True, owner=(uid, gid)),
+                ],
+                "resources": Resources(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids),
+                "working_dir": "/workspace",
+                # Names the sidecar does not know get no answer: fail in a second, not ten.
+                "dns_options": ["timeout:1", "attempts:1"],
+                **kwargs,
+            }
+        )
+
+    def agent(self, deadline_s: float) -> Workload:
+        """Claude Code on the workspace, headless, with the task on stdin."""
+        return self._sandboxed(
+            "agent",
+            {
+                "ANTHROPIC_BASE_URL": f"http://{SIDECAR_NAME}:{GATEWAY_PORT}",
+                # Claude Code wants a key to start; the real one exists only in the sidecar.
+                "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+                **git_identity(self.spec),
+                # Its entry point ends the container by itself past this, should the supervisor be gone.
+                "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
+            },
+            self.work_mounts(),
+            "network-ready",
+            command=self.claude_args(),
+            own_init=True,
+            follow=True,
+        )
+
+    def check(self, head: str, timeout_s: int) -> Workload:
+        """The operator's check on a clean checkout of the packed head."""
+        mounts = [
+            Mount(source=str(self.run_dir / "workspace"), target="/workspace", read_only=True),
+            Mount(source=str(self.objects), target=CONTAINER_OBJECTS, read_only=True),
+            Mount(source=str(self.run_dir / "in"), target="/sandbox/in", read_only=True),
+            # Its only writable mount: the bundle in out/ stays out of reach of the code it runs.
+            Mount(source=str(self.run_dir / "check"), target="/sandbox/check", read_only=False),
+        ]
+        return self._sandboxed(
+            "check",
+            {"SANDBOX_CHECK_HEAD": head, "SANDBOX_CHECK_TIMEOUT": str(timeout_s)},
+            mounts,
+            "check-ready",
+            entrypoint=["/opt/sandbox/check.sh"],
+        )
+
+    def finaliser(self, reason: str, deadline_s: float) -> Workload:
+        """Packs the workspace into a bundle, with no network at all."""
+        return Workload(
+            role="finaliser",
+            image=self.images.agent,
+            user=self.users.agent,
+            entrypoint=["/opt/sandbox/finalize.sh"],
+            env={
+                "SANDBOX_RUN_ID": self.spec.run_id,
+                "SANDBOX_BASE_COMMIT": self.spec.base_commit,
+                "SANDBOX_BRANCH": self.spec.branch,
+                "SANDBOX_END_REASON": reason,
+                "HOME": "/tmp",
+                # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`).
+                "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
+                # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
+                "SANDBOX_DISK_LIMIT": str(self.spec.policy.limits.disk_bytes),
+                **git_identity(self.spec),
+            },
+            mounts=[
+                *self.work_mounts(),
+                Mount(source=str(self.run_dir / "out"), target="/sandbox/out", read_only=False),
+            ],
+            reach=Reach.NOTHING,
+            scratch=[Scratch(path="/tmp", size_bytes=256 * MiB)],
+            resources=Resources(memory_bytes=1024**3, cpus=1.0, pids=256),
+            working_dir="/workspace",
+        )
