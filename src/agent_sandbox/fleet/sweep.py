@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agent_sandbox.backend.base import Backend
 from agent_sandbox.config.policy import is_policy_file, load_policy
 from agent_sandbox.errors import ExitCode, SandboxError, UsageError, validation_message
 from agent_sandbox.git.checkout import open_repo, resolve_commit
@@ -257,7 +258,11 @@ class PrefixReporter:
         pass
 
 
-def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None = None) -> SweepSummary:
+def run_sweep(
+    manifest_path: str, force: bool = False, reporter: Reporter | None = None, backend: Backend | None = None
+) -> SweepSummary:
+    """Run the manifest's repositories (those not done today, unless force), under one shared budget; a run's
+    failure is its row's, never the sweep's. backend: as for run_task."""
     m = load_manifest(manifest_path)
     date = dt.datetime.now(dt.UTC).date().isoformat()
     branch = f"sandbox/{m.name}/{date}"
@@ -291,7 +296,7 @@ def run_sweep(manifest_path: str, force: bool = False, reporter: Reporter | None
         try:
             name = Path(r.path).name
             rep = PrefixReporter(reporter, name) if reporter is not None else None
-            s = run_task(req, reporter=rep, budget_guard=guard, on_start=register)
+            s = run_task(req, reporter=rep, budget_guard=guard, on_start=register, backend=backend)
         except Interrupted as exc:
             return SweepRow(repo=r.path, status="skipped", reason="interrupted", message="not started: " + exc.message)
         except SandboxError as exc:

@@ -152,9 +152,11 @@ def run_task(
     reporter: Reporter | None = None,
     budget_guard: BudgetGuard | None = None,
     on_start: Callable[[Supervisor], None] | None = None,
+    backend: Backend | None = None,
 ) -> RunSummary:
     """Validate the request, then run it. budget_guard adds a spend cap shared with other runs (a sweep's);
-    on_start receives the supervisor (to cancel it from another thread)."""
+    on_start receives the supervisor (to cancel it from another thread); backend replaces the one the host
+    settings name (a caller that holds one already, or a test's in-memory backend)."""
     # 1. Inputs: each check is free of side effects, so bad input leaves nothing behind.
     interrupts.checkpoint()
     if reporter is not None:
@@ -184,7 +186,7 @@ def run_task(
 
     # 2. The machine: Docker answers, the images exist, the state directory has room.
     interrupts.checkpoint()
-    backend = connect(settings.backend)
+    backend = backend or connect(settings.backend)
     # A policy's extra packages and setup commands: built on first use, then a lookup.
     image_progress = _progress(reporter, "image")
 
