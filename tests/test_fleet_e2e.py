@@ -102,6 +102,53 @@ def test_shared_budget_stops_the_sweep(make_repo, sandbox, tmp_path) -> None:
     assert "**Stopped:**" in sandbox("sweep", "status", "nightly-fix").stdout
 
 
+def test_a_rerun_the_same_day_continues_under_the_days_budget(make_repo, sandbox, tmp_path, state_dir) -> None:
+    repos = three_repos(make_repo)
+    # $0.06 a call (see above): the day's $0.05 goes on the first repository's first call.
+    (tmp_path / "pricey.yaml").write_text(GOOD + "usage: {input_tokens: 20000, output_tokens: 0}\n")
+
+    def write(budget: float) -> Path:
+        return manifest(
+            tmp_path,
+            repos,
+            concurrency=1,
+            budget_usd=budget,
+            model_script="pricey.yaml",
+            repos=[{"path": str(r)} for r in repos],
+        )
+
+    m = write(0.05)
+    res = sandbox("sweep", str(m), "--json")
+    assert res.code == 18, res.stderr
+    first = res.json()
+    assert [r["status"] for r in first["rows"]] == ["killed", "skipped", "skipped"]
+    assert first["order"] == [str(r) for r in repos] and first["day_spent_usd"] >= 0.05
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    summary = state_dir / "sweeps" / "nightly-fix" / f"{today}.json"
+    written = summary.read_text()
+    # The same day again: the budget is spent, nothing starts, the day's summary stays.
+    res = sandbox("sweep", str(m), "--json")
+    assert res.code == 13, res.stderr
+    assert f"budget of $0.05 for {today} (UTC) is spent" in res.stderr and "nothing started" in res.stderr
+    assert summary.read_text() == written
+    # The operator allows $0.06 more today: the rerun spends what is left, on the repositories that had no
+    # turn yet (b first), and leaves a's row as it was.
+    m = write(0.11)
+    res = sandbox("sweep", str(m), "--json")
+    assert res.code == 18, res.stderr
+    second = res.json()
+    assert second["order"][:2] == [str(repos[1]), str(repos[2])]
+    a, b, c = second["rows"]
+    assert a["earlier"] is True and a["run_id"] == first["rows"][0]["run_id"]
+    assert b["earlier"] is False and b["run_id"] and (b["status"], b["reason"]) == ("killed", "budget")
+    assert (c["status"], c["reason"]) == ("skipped", "budget") and c["run_id"] is None
+    assert 0.05 <= second["spent_usd"] < 0.11
+    assert second["day_spent_usd"] == pytest.approx(first["day_spent_usd"] + second["spent_usd"])
+    assert "day's sweep budget of $0.11 was spent" in second["stopped"]
+    for r in (a, b):
+        assert labelled(r["run_id"]) == []
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import json
 import subprocess
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from .conftest import git, labelled, tool_results
+from .fake_github import fake_github_fixture  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
@@ -225,65 +223,81 @@ def test_push_lands_and_a_failed_push_can_be_retried(make_repo, sandbox, write_s
     assert json.loads(Path(s["run_dir"], "summary.json").read_text())["pushed"] is True
 
 
-def test_open_pr_sends_the_right_request(make_repo, sandbox, write_script, tmp_path) -> None:
+def test_open_pr_sends_the_right_request(make_repo, sandbox, write_script, tmp_path, fake_github) -> None:
     repo, _origin = with_origin(make_repo, tmp_path)
-    seen: list[dict[str, Any]] = []
-
-    class FakeGitHub(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["content-length"])))
-            seen.append(
-                {
-                    "path": self.path,
-                    "auth": self.headers["authorization"],
-                    "accept": self.headers["accept"],
-                    "body": body,
-                }
-            )
-            data = json.dumps({"html_url": "https://github.example/acme/widgets/pull/7"}).encode()
-            self.send_response(201)
-            self.send_header("content-length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeGitHub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     token = "ghp_" + "T" * 36
-    try:
-        script = write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 4"}\n  - text: done\n')
-        res = sandbox(
-            "run",
-            "--repo",
-            str(repo),
-            "--task",
-            "Fix the answer\n\nlonger text",
-            "--model-script",
-            str(script),
-            "--open-pr",
-            "--json",
-            env={
-                "GITHUB_TOKEN": token,
-                "SANDBOX_GITHUB_API_URL": f"http://127.0.0.1:{server.server_port}",
-                "SANDBOX_GITHUB_REPO": "acme/widgets",
-            },
-        )
-    finally:
-        server.shutdown()
+    pol = tmp_path / "pr.yaml"
+    pol.write_text("name: pr\ngit:\n  pr_draft: true\n  pr_labels: [sandbox]\n  pr_reviewers: [bob]\n")
+    script = write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 4"}\n  - text: done\n')
+    res = sandbox(
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "Fix the answer\n\nlonger text",
+        "--policy",
+        str(pol),
+        "--model-script",
+        str(script),
+        "--open-pr",
+        "--json",
+        env={
+            "GITHUB_TOKEN": token,
+            "SANDBOX_GITHUB_API": fake_github.url,
+            "SANDBOX_GITHUB_REPO": "acme/widgets",
+        },
+    )
     assert res.code == 0, res.stderr
     s = res.json()
-    assert s["pushed"] is True and s["pr_url"] == "https://github.example/acme/widgets/pull/7"
-    (req,) = seen
-    assert req["path"] == "/repos/acme/widgets/pulls"
-    assert req["auth"] == f"Bearer {token}" and req["accept"] == "application/vnd.github+json"
-    assert req["body"]["head"] == s["branch"] and req["body"]["base"] == "main"
-    assert req["body"]["title"] == "sandbox: Fix the answer"
-    assert req["body"]["body"].startswith(f"# Sandbox run {s['id']}") and "## Files changed" in req["body"]["body"]
+    assert s["pushed"] is True and s["pr_url"] == "https://github.example/acme/widgets/pull/1"
+    # First the look for an open pull request of the branch, then the new one, its labels and reviewers.
+    (look,) = fake_github.requests_to("GET", "/repos/acme/widgets/pulls")
+    assert look.query == {"state": "open", "head": f"acme:{s['branch']}"}
+    (req,) = fake_github.requests_to("POST", "/repos/acme/widgets/pulls")
+    assert req.headers["authorization"] == f"Bearer {token}" and req.headers["accept"] == "application/vnd.github+json"
+    assert req.json["head"] == s["branch"] and req.json["base"] == "main" and req.json["draft"] is True
+    assert req.json["title"] == "sandbox: Fix the answer"
+    assert req.json["body"].startswith(f"# Sandbox run {s['id']}") and "## Files changed" in req.json["body"]
+    assert fake_github.labels_of("acme/widgets", 1) == ["sandbox"]
+    (pr,) = fake_github.pulls("acme/widgets")
+    assert pr["requested_reviewers"] == [{"login": "bob"}]
     for p in Path(s["run_dir"]).rglob("*"):
         if p.is_file():
             assert token.encode() not in p.read_bytes(), p
+
+
+def test_failed_pr_is_retried_by_push_and_updates_an_open_one(
+    make_repo, sandbox, write_script, tmp_path, fake_github
+) -> None:
+    repo, origin = with_origin(make_repo, tmp_path)
+    env = {"GITHUB_TOKEN": "ghp_" + "U" * 36, "SANDBOX_GITHUB_API": fake_github.url, "SANDBOX_GITHUB_REPO": "acme/w"}
+    # GitHub refuses the pull request for good (a 422 is not retried): the branch is pushed, the run exits 16.
+    fake_github.fail_next(1, 422, message="Validation Failed", path="/repos/acme/w/pulls", method="POST")
+    script = write_script('turns:\n  - edit: {path: a.py, old: "x = 1", new: "x = 5"}\n  - text: done\n')
+    res = sandbox(
+        "run", "--repo", str(repo), "--task", "t", "--model-script", str(script), "--open-pr", "--json", env=env
+    )
+    assert res.code == 16, res.stderr
+    s = res.json()
+    assert s["pushed"] is True and s["pr_url"] is None and f"sandbox push {s['id']}" in s["push_error"]
+    assert git(origin, "show", f"{s['branch']}:a.py") == "x = 5"
+    # Meanwhile someone opened one for the branch: `sandbox push` updates it rather than failing with 422.
+    theirs = fake_github.add_pull("acme/w", s["branch"], body="by hand")
+    res = sandbox("push", s["id"], "--json", env=env)
+    assert res.code == 0, res.stderr
+    after = res.json()
+    assert after["pr_url"] == theirs["html_url"] and after["push_error"] is None and after["exit_code"] == 0
+    (pr,) = fake_github.pulls("acme/w")
+    assert pr["body"].startswith(f"# Sandbox run {s['id']}")
+    (note,) = fake_github.comments_on("acme/w", theirs["number"])
+    assert s["id"] in note["body"]
+    assert not fake_github.requests_to("POST", "/repos/acme/w/pulls")[1:]
+    saved = json.loads(Path(s["run_dir"], "summary.json").read_text())
+    assert saved["pr_url"] == theirs["html_url"]
+    # Nothing left to retry: a second push leaves the pull request alone.
+    before = len(fake_github.requests)
+    assert sandbox("push", s["id"], env=env).code == 0
+    assert len(fake_github.requests) == before
 
 
 def test_open_pr_without_token_is_refused_up_front(make_repo, sandbox, write_script, tmp_path, state_dir) -> None:

@@ -1,4 +1,6 @@
-"""The task service, as a real process on loopback, running real sandboxed tasks."""
+"""The task service, as a real process on loopback, running real sandboxed tasks: the API, GitHub deliveries
+signed as GitHub signs them (each asks for at most one run), the comments it keeps on the issue and the
+follow-up a pull request comment asks for, through the fake GitHub API, and restarts."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,8 @@ import pytest
 from agent_sandbox.fleet.service import Task, hash_token
 
 from .conftest import REPO_ROOT, SANDBOX, labelled
+from .fake_github import FakeGitHub
+from .fake_github import fake_github_fixture as fake_github_fixture  # a fixture
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
 
@@ -63,22 +68,34 @@ class Service:
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
         self.reaped: list[str] = []
+        # Its log (what journalctl would show) goes to a file: a pipe nobody reads would stall the service.
+        self.log = config.parent / "service.log"
 
-    def start(self) -> None:
-        env = {**os.environ, "SANDBOX_STATE_DIR": str(self.state), "SANDBOX_WEBHOOK_SECRET": SECRET}
-        self.proc = subprocess.Popen(
-            [*SANDBOX, "serve", "--config", str(self.config)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-            cwd=REPO_ROOT,
-        )
+    def start(self, **env: str) -> None:
+        environ = {
+            **os.environ,
+            "SANDBOX_STATE_DIR": str(self.state),
+            "SANDBOX_WEBHOOK_SECRET": SECRET,
+            "GITHUB_TOKEN": "t0ken",
+            **env,
+        }
+        with self.log.open("a") as log:
+            self.proc = subprocess.Popen(
+                [*SANDBOX, "serve", "--config", str(self.config)],
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=environ,
+                cwd=REPO_ROOT,
+            )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
-        assert line, self.proc.stderr.read() if self.proc.stderr else "no output"
+        assert line, self.log.read_text()
         info = json.loads(line)
         self.url, self.reaped = info["listening"], info["reaped"]
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc and self.proc.poll() is None:
@@ -95,7 +112,9 @@ class Service:
         raise AssertionError(f"task {task_id} did not finish")
 
 
-def make_config(tmp_path: Path, make_repo, script: str = EDIT, concurrency: int = 1) -> Path:
+def make_config(
+    tmp_path: Path, make_repo, script: str = EDIT, concurrency: int = 1, github_api: str | None = None
+) -> Path:
     (tmp_path / "script.yaml").write_text(script)
     widgets, gadgets = make_repo("widgets"), make_repo("gadgets")
     cfg = {
@@ -114,7 +133,8 @@ def make_config(tmp_path: Path, make_repo, script: str = EDIT, concurrency: int 
             },
             "gadgets": {"path": str(gadgets), "model_script": "script.yaml"},
         },
-        "webhook": {"label": "sandbox"},
+        "webhook": {"label": "sandbox", "followup_users": ["alice"]},
+        **({"github": {"api_base": github_api}} if github_api else {}),
     }
     p = tmp_path / "service.yaml"
     p.write_text(json.dumps(cfg))
@@ -181,6 +201,7 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 def test_github_webhook(service: Service, state_dir: Path) -> None:
     event = {
         "action": "labeled",
+        "label": {"name": "sandbox"},
         "repository": {"full_name": "acme/widgets"},
         "issue": {
             "number": 7,
@@ -191,16 +212,20 @@ def test_github_webhook(service: Service, state_dir: Path) -> None:
     }
     body = json.dumps(event).encode()
     url = f"{service.url}/webhooks/github"
+    headers = {"x-github-event": "issues", "x-github-delivery": "d-1"}
     for sig in ("sha256=" + "0" * 64, sign(body, "not-the-secret"), ""):
-        status, _ = call(url, "POST", raw=body, headers={"x-github-event": "issues", "x-hub-signature-256": sig})
+        status, _ = call(url, "POST", raw=body, headers={**headers, "x-hub-signature-256": sig})
         assert status == 401
     assert call(f"{service.url}/tasks", token=TOKEN)[1] == []
-    unlabelled = json.dumps({**event, "issue": {**event["issue"], "labels": [{"name": "bug"}]}}).encode()
+    unlabelled = json.dumps({**event, "label": {"name": "bug"}}).encode()
     status, r = call(
-        url, "POST", raw=unlabelled, headers={"x-github-event": "issues", "x-hub-signature-256": sign(unlabelled)}
+        url,
+        "POST",
+        raw=unlabelled,
+        headers={**headers, "x-github-delivery": "d-0", "x-hub-signature-256": sign(unlabelled)},
     )
-    assert status == 200 and "ignored" in r
-    status, t = call(url, "POST", raw=body, headers={"x-github-event": "issues", "x-hub-signature-256": sign(body)})
+    assert status == 200 and r == {"ignored": "the label added is 'bug', not 'sandbox'"}
+    status, t = call(url, "POST", raw=body, headers={**headers, "x-hub-signature-256": sign(body)})
     assert status == 202 and t["source"] == "webhook" and t["repo"] == "widgets"
     done = service.wait(t["id"])
     assert done["status"] == "done", done
@@ -249,3 +274,121 @@ def test_restart_loses_and_duplicates_nothing(tmp_path: Path, make_repo, state_d
     runs = store.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
     assert runs == 3, "each task ran exactly once"
     assert store.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 3
+
+
+def deliver(url: str, kind: str, payload: dict[str, Any], delivery: str | None = None) -> tuple[int, Any]:
+    """A delivery as GitHub makes it: event name, delivery id and the body's HMAC-SHA256 signature."""
+    raw = json.dumps(payload).encode()
+    headers = {
+        "x-github-event": kind,
+        "x-github-delivery": delivery or str(uuid.uuid4()),
+        "x-hub-signature-256": sign(raw),
+    }
+    return call(f"{url}/webhooks/github", "POST", raw=raw, headers=headers)
+
+
+def issue_event(action: str, number: int, added: str | None = None, labels: tuple[str, ...] = ("sandbox",)) -> Any:
+    event: dict[str, Any] = {
+        "action": action,
+        "repository": {"full_name": "acme/widgets"},
+        "issue": {
+            "number": number,
+            "title": "Add a note",
+            "body": "Append a line to notes.txt.",
+            "state": "open",
+            "labels": [{"name": n} for n in labels],
+        },
+    }
+    if added is not None:
+        event["label"] = {"name": added}
+    return event
+
+
+def eventually(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if result := check():
+            return result
+        time.sleep(0.2)
+    raise AssertionError(what)
+
+
+NOTE = 'turns:\n  - bash: "echo step >> notes.txt"\n  - text: ok\n'
+
+
+def test_each_github_request_makes_one_run_reported_on_the_issue(
+    tmp_path: Path, make_repo, state_dir: Path, fake_github: FakeGitHub
+) -> None:
+    """opened with the label then `labeled`, a redelivery, label churn: one run, one comment on the issue made
+    when it started and edited when it ended. Then an allowed user's `/sandbox` comment on the run's pull
+    request: one follow-up run on its branch, redelivered or not."""
+    issue = fake_github.add_issue("acme/widgets", title="Add a note", labels=["sandbox"])
+    n = issue["number"]
+    svc = Service(make_config(tmp_path, make_repo, script=NOTE, github_api=fake_github.url), state_dir)
+    svc.start()
+    try:
+        # GitHub sends `opened` (carrying the label), then `labeled` for the label set at creation.
+        status, r = deliver(svc.url, "issues", issue_event("opened", n), "d-open")
+        assert status == 200 and "'opened'" in r["ignored"] and "no 'sandbox' label" not in r["ignored"]
+        status, task = deliver(svc.url, "issues", issue_event("labeled", n, added="sandbox"), "d-label")
+        assert status == 202 and task["subject"] == f"acme/widgets#{n}"
+        # GitHub redelivers it; someone adds another label; someone removes and adds the label again.
+        status, again = deliver(svc.url, "issues", issue_event("labeled", n, added="sandbox"), "d-label")
+        assert (status, again["id"]) == (200, task["id"])
+        status, r = deliver(svc.url, "issues", issue_event("labeled", n, added="bug", labels=("sandbox", "bug")))
+        assert status == 200 and r == {"ignored": "the label added is 'bug', not 'sandbox'"}
+        status, active = deliver(svc.url, "issues", issue_event("labeled", n, added="sandbox"))
+        assert (status, active["id"]) == (200, task["id"]), "the issue's task is still active"
+        done = svc.wait(task["id"])
+        assert done["status"] == "done" and done["summary"]["status"] == "succeeded", done
+        branch = done["summary"]["branch"]
+        # After the run: the redelivery still answers with the task, and nothing runs again.
+        status, again = deliver(svc.url, "issues", issue_event("labeled", n, added="sandbox"), "d-label")
+        assert (status, again["id"], again["status"]) == (200, task["id"], "done")
+
+        def edited() -> bool:
+            return bool(fake_github.requests_to("PATCH", r"/repos/acme/widgets/issues/comments/\d+"))
+
+        eventually(edited, "the issue's comment was never updated at the end")
+        posted = fake_github.requests_to("POST", rf"/repos/acme/widgets/issues/{n}/comments")
+        assert len(posted) == 1 and "is working on this" in posted[0].json["body"]
+        assert done["run_id"] in posted[0].json["body"]
+        comments = fake_github.comments_on("acme/widgets", n)
+        assert len(comments) == 1, "one comment, updated rather than repeated"
+        body = comments[0]["body"]
+        assert "is **done**" in body and f"`{branch}`" in body and "cost: $" in body
+
+        # A follow-up, asked for on the run's pull request.
+        pr = fake_github.add_pull("acme/widgets", head=branch, user="sandbox-bot")
+        comment = {
+            "action": "created",
+            "repository": {"full_name": "acme/widgets"},
+            "issue": {"number": pr["number"], "title": "A PR", "state": "open", "pull_request": {"url": pr["url"]}},
+            "comment": {"id": 5, "body": "/sandbox add another step", "user": {"login": "mallory"}},
+        }
+        status, r = deliver(svc.url, "issue_comment", comment)
+        assert status == 200 and r == {"ignored": "user 'mallory' is not in webhook.followup_users"}
+        comment["comment"]["user"] = {"login": "alice"}
+        status, follow = deliver(svc.url, "issue_comment", comment, "d-follow")
+        assert status == 202, follow
+        status, again = deliver(svc.url, "issue_comment", comment, "d-follow")
+        assert (status, again["id"]) == (200, follow["id"])
+        followed = svc.wait(follow["id"])
+        assert followed["status"] == "done", followed
+        assert followed["summary"]["branch"] == branch and followed["summary"].get("follow_up") == done["run_id"]
+        eventually(
+            lambda: "is **done**" in "".join(c["body"] for c in fake_github.comments_on("acme/widgets", pr["number"])),
+            "the pull request's comment was never updated at the end",
+        )
+    finally:
+        svc.kill(signal.SIGTERM)
+    from agent_sandbox.store import RunStore
+
+    store = RunStore(state_dir / "runs.sqlite")
+    assert store.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 2, "one run, and one follow-up"
+    assert store.db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0] == 2
+    lines = svc.log_lines()
+    assert any(" http method=POST path=/webhooks/github status=202 principal=github " in line for line in lines)
+    for what in ("task_queued", "task_running", "task_done"):
+        assert any(f" {what} id={task['id']}" in line for line in lines), (what, lines)
+    assert any("webhook_ignored delivery=d-open event=issues.opened" in line for line in lines)

@@ -87,3 +87,62 @@ def test_concurrent_claims_never_take_a_task_twice(store: RunStore) -> None:
     for t in threads:
         t.join()
     assert sorted(taken) == [f"t{i:02}" for i in range(40)]
+
+
+def test_deliveries_are_recorded_once_with_their_answer(store: RunStore) -> None:
+    q = TaskStore(store)
+    assert q.delivery("d-1") is None
+    q.add("t1", "webhook", "github", "widgets", "{}", subject="acme/widgets#7", delivery=("d-1", "issues.labeled"))
+    assert (q.delivery("d-1") or {})["task_id"] == "t1"
+    assert q.record_delivery("d-2", "issues.edited", None, "edited never starts a task")
+    assert not q.record_delivery("d-2", "issues.edited", None, "something else"), "a delivery is recorded once"
+    assert (q.delivery("d-2") or {})["ignored"] == "edited never starts a task"
+    reopened = TaskStore(RunStore(store.path))
+    assert (reopened.delivery("d-1") or {})["task_id"] == "t1", "deliveries outlive the process"
+
+
+def test_a_subject_has_at_most_one_active_task(store: RunStore) -> None:
+    q = TaskStore(store)
+    q.add("t1", "webhook", "github", "widgets", "{}", subject="acme/widgets#7")
+    q.add("t2", "webhook", "github", "widgets", "{}", subject="acme/widgets#8")
+    assert (q.active("acme/widgets#7") or {})["id"] == "t1"
+    assert q.claim() == ("t1", "{}")
+    assert (q.active("acme/widgets#7") or {})["status"] == "running"
+    q.ended("t1", "failed", "r-1", '{"status": "killed"}', "run r-1 killed (timeout)")
+    row = q.get("t1") or {}
+    assert (row["status"], row["run_id"], row["summary"], row["error"]) == (
+        "failed",
+        "r-1",
+        '{"status": "killed"}',
+        "run r-1 killed (timeout)",
+    )
+    assert q.active("acme/widgets#7") is None and q.active("acme/widgets#9") is None
+
+
+def test_the_latest_run_on_a_branch(store: RunStore) -> None:
+    for run_id, branch, at in (("r1", "sandbox/x", 100), ("r2", "sandbox/x", 200), ("r3", "sandbox/y", 300)):
+        _run(store, run_id, "/a", "succeeded", at)
+        store.update(run_id, branch=branch)
+    assert (store.latest_on_branch("/a", "sandbox/x") or {})["id"] == "r2"
+    assert store.latest_on_branch("/b", "sandbox/x") is None and store.latest_on_branch("/a", "main") is None
+
+
+def test_a_store_made_before_webhook_subjects_gains_the_column(tmp_path: Path) -> None:
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "runs.sqlite")
+    old.execute(
+        "CREATE TABLE tasks (id TEXT PRIMARY KEY, status TEXT NOT NULL, source TEXT NOT NULL, principal TEXT NOT NULL,"
+        " repo TEXT NOT NULL, request TEXT NOT NULL, run_id TEXT, summary TEXT, error TEXT, created_at REAL NOT NULL,"
+        " started_at REAL, ended_at REAL)"
+    )
+    old.execute(
+        "INSERT INTO tasks (id, status, source, principal, repo, request, created_at) VALUES"
+        " ('t0', 'done', 'api', 'ci', 'widgets', '{}', 1)"
+    )
+    old.commit()
+    old.close()
+    q = TaskStore(RunStore(tmp_path / "runs.sqlite"))
+    assert (q.get("t0") or {})["subject"] is None
+    q.add("t1", "webhook", "github", "widgets", "{}", subject="acme/widgets#1")
+    assert (q.active("acme/widgets#1") or {})["id"] == "t1"

@@ -1,6 +1,7 @@
 """The run store: a SQLite database in the state directory that indexes every run, keeps the spend ledger
-behind the daily budget and the task service's queue. WAL mode and a busy timeout let several `sandbox`
-processes write at once; every write is one short transaction, so a crash loses at most the write in flight.
+behind the daily budget, the task service's queue and the webhook deliveries it has answered. WAL mode and a
+busy timeout let several `sandbox` processes write at once; every write is one short transaction, so a crash
+loses at most the write in flight.
 
 This module is the only one that runs SQL: everything else asks RunStore (runs, spend) or TaskStore (the
 service's tasks) by name."""
@@ -59,9 +60,17 @@ CREATE TABLE IF NOT EXISTS tasks (
     error TEXT,
     created_at REAL NOT NULL,
     started_at REAL,
-    ended_at REAL
+    ended_at REAL,
+    subject TEXT                     -- what a webhook task is about, owner/name#number
 );
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks (status, created_at);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id TEXT PRIMARY KEY,             -- GitHub's X-GitHub-Delivery
+    event TEXT NOT NULL,             -- X-GitHub-Event, and the payload's action after a dot
+    received_at REAL NOT NULL,
+    task_id TEXT,                    -- the task it made, or the active one it was answered with
+    ignored TEXT                     -- or why it made none
+);
 CREATE TABLE IF NOT EXISTS spend (
     run_id TEXT NOT NULL,
     day TEXT NOT NULL,               -- UTC date
@@ -76,6 +85,11 @@ MIGRATIONS = [
     ("audit_head", "TEXT"),
     # Why the run's work waits to be imported by `sandbox gc` (kept when the engine or disk failed).
     ("recover", "TEXT"),
+]
+TASK_MIGRATIONS = [
+    # What a webhook task is about, `owner/name#number` (an issue or a pull request): one active task each,
+    # and where its comments go.
+    ("subject", "TEXT"),
 ]
 
 
@@ -109,10 +123,16 @@ class RunStore:
 
     def _migrate(self) -> None:
         """Add columns that newer versions define to a store an older version created."""
-        have = {r["name"] for r in self.db.execute("PRAGMA table_info(runs)")}
-        for name, decl in MIGRATIONS:
-            if name not in have:
-                self.db.execute(f"ALTER TABLE runs ADD COLUMN {name} {decl}")
+        for table, migrations in (("runs", MIGRATIONS), ("tasks", TASK_MIGRATIONS)):
+            have = {r["name"] for r in self.db.execute(f"PRAGMA table_info({table})")}
+            for name, decl in migrations:
+                if name not in have:
+                    try:
+                        self.db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {decl}")
+                    except sqlite3.OperationalError as exc:
+                        # Another process opening the same old store added it between our look and ours.
+                        if "duplicate column" not in str(exc):
+                            raise
 
     def close(self) -> None:
         self.db.close()
@@ -145,6 +165,14 @@ class RunStore:
         sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "")
         rows = self.db.execute(sql + " ORDER BY started_at DESC LIMIT ?", (*args, limit)).fetchall()
         return [dict(r) for r in rows]
+
+    def latest_on_branch(self, repo: str, branch: str) -> dict[str, Any] | None:
+        """The latest run whose work is on `branch` of `repo` (the resolved path, as stored), or None: the run a
+        comment on that branch's pull request follows up."""
+        row = self.db.execute(
+            "SELECT * FROM runs WHERE repo = ? AND branch = ? ORDER BY started_at DESC LIMIT 1", (repo, branch)
+        ).fetchone()
+        return dict(row) if row else None
 
     def unfinished(self) -> list[dict[str, Any]]:
         """Runs still marked running, or whose work waits to be imported: `sandbox gc` looks at each."""
@@ -192,7 +220,7 @@ class RunStore:
 
 
 TaskStatus = Literal["queued", "running", "done", "failed"]
-"""Where a task of the service is: waiting, its run going, its run ended (done), or ended without a run."""
+"""Where a task of the service is: waiting, its run going, its run succeeded (done), or it ended otherwise."""
 
 
 class TaskStore:
@@ -210,22 +238,75 @@ class TaskStore:
         with self._lock:
             return [dict(r) for r in self.store.db.execute(sql, args).fetchall()]
 
-    def add(self, task_id: str, source: str, principal: str, repo: str, request: str) -> None:
-        """Queue a task; `request` is the run request as JSON."""
-        self._exec(
-            "INSERT INTO tasks (id, status, source, principal, repo, request, created_at) "
-            "VALUES (?, 'queued', ?, ?, ?, ?, ?)",
-            (task_id, source, principal, repo, request, time.time()),
+    def add(
+        self,
+        task_id: str,
+        source: str,
+        principal: str,
+        repo: str,
+        request: str,
+        subject: str | None = None,
+        delivery: tuple[str, str] | None = None,
+    ) -> None:
+        """Queue a task; `request` is the run request as JSON, `subject` what a webhook task is about. With
+        `delivery` (its id and event), the webhook delivery that asked for it is recorded in the same
+        transaction, so a crash never leaves a task whose delivery a redelivery would not recognise."""
+        with self._lock, self.store.db:
+            self.store.db.execute("BEGIN IMMEDIATE")
+            now = time.time()
+            self.store.db.execute(
+                "INSERT INTO tasks (id, status, source, principal, repo, request, created_at, subject) "
+                "VALUES (?, 'queued', ?, ?, ?, ?, ?, ?)",
+                (task_id, source, principal, repo, request, now, subject),
+            )
+            if delivery is not None:
+                self.store.db.execute(
+                    "INSERT INTO deliveries (id, event, received_at, task_id) VALUES (?, ?, ?, ?)",
+                    (*delivery, now, task_id),
+                )
+
+    def active(self, subject: str) -> dict[str, Any] | None:
+        """The queued or running task about `subject`, or None: a subject has at most one at a time."""
+        rows = self._exec(
+            "SELECT * FROM tasks WHERE subject = ? AND status IN ('queued', 'running') ORDER BY created_at LIMIT 1",
+            (subject,),
         )
+        return rows[0] if rows else None
+
+    def delivery(self, delivery_id: str) -> dict[str, Any] | None:
+        """How a webhook delivery was answered (its `task_id` or why it was `ignored`), or None if never seen."""
+        rows = self._exec("SELECT * FROM deliveries WHERE id = ?", (delivery_id,))
+        return rows[0] if rows else None
+
+    def record_delivery(self, delivery_id: str, event: str, task_id: str | None, ignored: str | None) -> bool:
+        """Remember a delivery and how it was answered, so that a redelivery (GitHub's retries, or the "Redeliver"
+        button), even after a restart, gets the same answer and does nothing. False if it was already known."""
+        with self._lock:
+            cur = self.store.db.execute(
+                "INSERT OR IGNORE INTO deliveries (id, event, received_at, task_id, ignored) VALUES (?, ?, ?, ?, ?)",
+                (delivery_id, event, time.time(), task_id, ignored),
+            )
+            return cur.rowcount > 0
+
+    def forget_deliveries(self, before: float) -> int:
+        """Forget the deliveries received before `before` (Unix time), which GitHub no longer redelivers; the
+        tasks they made stay. How many were forgotten."""
+        with self._lock:
+            return self.store.db.execute("DELETE FROM deliveries WHERE received_at < ?", (before,)).rowcount
 
     def get(self, task_id: str) -> dict[str, Any] | None:
         """One task's row, or None."""
         rows = self._exec("SELECT * FROM tasks WHERE id = ?", (task_id,))
         return rows[0] if rows else None
 
-    def recent(self, limit: int = 200) -> list[dict[str, Any]]:
-        """The latest tasks first, at most `limit`."""
-        return self._exec("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
+    def recent(self, limit: int = 200, repos: list[str] | None = None) -> list[dict[str, Any]]:
+        """The latest tasks first, at most `limit`; with `repos`, only those on these repositories."""
+        if repos is None:
+            return self._exec("SELECT * FROM tasks ORDER BY created_at DESC LIMIT ?", (limit,))
+        marks = ",".join("?" * len(repos))
+        return self._exec(
+            f"SELECT * FROM tasks WHERE repo IN ({marks}) ORDER BY created_at DESC LIMIT ?", (*repos, limit)
+        )
 
     def running(self) -> list[dict[str, Any]]:
         """Tasks marked running: at the service's start, those a service that died left behind."""
@@ -251,14 +332,20 @@ class TaskStore:
         self._exec("UPDATE tasks SET run_id = ? WHERE id = ?", (run_id, task_id))
 
     def done(self, task_id: str, run_id: str, summary: str) -> None:
-        """The task's run ended (however it went): its summary as JSON."""
+        """The task's run succeeded: its summary as JSON."""
+        self.ended(task_id, "done", run_id, summary, None)
+
+    def ended(
+        self, task_id: str, status: TaskStatus, run_id: str | None, summary: str | None, error: str | None
+    ) -> None:
+        """The task ended: `done` for a run that succeeded, else `failed` with why (and the run's summary as JSON
+        when the run got that far)."""
         self._exec(
-            "UPDATE tasks SET status = 'done', summary = ?, run_id = ?, ended_at = ? WHERE id = ?",
-            (summary, run_id, time.time(), task_id),
+            "UPDATE tasks SET status = ?, summary = COALESCE(?, summary), run_id = COALESCE(?, run_id), error = ?, "
+            "ended_at = ? WHERE id = ?",
+            (status, summary, run_id, error, time.time(), task_id),
         )
 
     def failed(self, task_id: str, error: str) -> None:
         """The task ended without a run summary, for this reason."""
-        self._exec(
-            "UPDATE tasks SET status = 'failed', error = ?, ended_at = ? WHERE id = ?", (error, time.time(), task_id)
-        )
+        self.ended(task_id, "failed", None, None, error)

@@ -120,5 +120,8 @@ def test_a_sweeps_shared_budget_holds_across_parallel_runs(make_repo, sandbox, t
         most = max([most, *(c["cost_usd"] for c in calls)])
     print(f"\ntwo parallel runs, 60 parallel calls, shared $1: spent ${spent:.4f} (one call ${most:.4f})")
     assert spent <= 1.0 + ONE_CALL, spent
-    assert summary["spent_usd"] == pytest.approx(spent, abs=1e-3)
+    # The sweep's ledger is the calls' cost, plus, for a run stopped with a call still in flight (the other run
+    # spent the budget meanwhile), that call at its worst case: it may have run upstream, and its sidecar went
+    # before it could say. Never less than what the calls cost, and at most one call more per run.
+    assert spent - 1e-3 <= summary["spent_usd"] <= spent + ONE_CALL * len(summary["rows"]) + 1e-3
     assert spent >= 0.5, "the budget was used, not just guarded"

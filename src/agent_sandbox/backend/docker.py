@@ -263,6 +263,23 @@ def connect_client() -> docker.DockerClient:
     return client
 
 
+def _figures(raw: Any) -> dict[str, int] | None:
+    """A stats frame as the supervisor's figures; None for a frame without them (a stopped container, or one
+    from before its cgroup had figures)."""
+    if not isinstance(raw, dict) or str(raw.get("read", "")).startswith("0001-01-01"):
+        return None
+    mem = raw.get("memory_stats") or {}
+    if not mem:
+        return None
+    return {
+        "memory": int(mem.get("usage") or 0),
+        # cgroup v1 reports the peak itself; v2 does not, so the caller keeps a running maximum.
+        "peak_memory": int(mem.get("max_usage") or mem.get("usage") or 0),
+        "cpu_ns": int(((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0),
+        "pids": int((raw.get("pids_stats") or {}).get("current") or 0),
+    }
+
+
 def _id(value: str | None) -> str:
     """An id the engine just gave: the SDK types it optional, an object it returned always has one."""
     if not value:
@@ -494,26 +511,23 @@ class DockerBackend(Backend):
 
     def stats(self, container: str) -> Iterator[dict[str, int]]:
         try:
+            # A one-shot sample first: the stream's first frame waits a second for a CPU delta, and a short run
+            # (or a busy engine) could end before it, leaving no figures at all.
+            first = _figures(self.client.api.stats(container, stream=False, one_shot=True))
+            if first is not None:
+                yield first
             stream = self._get(container).stats(stream=True, decode=True)
             for frame in stream:
                 if not isinstance(frame, dict):
                     continue
-                raw: dict[str, Any] = frame
-                if str(raw.get("read", "")).startswith("0001-01-01"):
+                if str(frame.get("read", "")).startswith("0001-01-01"):
                     # The zero time: the container has stopped (or, just started, has no figures yet).
                     if not self.status(container).running:
                         return
                     continue
-                mem = raw.get("memory_stats") or {}
-                if not mem:  # a frame from before its cgroup had figures (a fast start): the next one will
-                    continue
-                yield {
-                    "memory": int(mem.get("usage") or 0),
-                    # cgroup v1 reports the peak itself; v2 does not, so the caller keeps a running maximum.
-                    "peak_memory": int(mem.get("max_usage") or mem.get("usage") or 0),
-                    "cpu_ns": int(((raw.get("cpu_stats") or {}).get("cpu_usage") or {}).get("total_usage") or 0),
-                    "pids": int((raw.get("pids_stats") or {}).get("current") or 0),
-                }
+                sample = _figures(frame)
+                if sample is not None:
+                    yield sample
         except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
             return
 

@@ -26,6 +26,7 @@ import typing  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
 
 import click  # noqa: E402
+from click.core import ParameterSource  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
@@ -85,6 +86,8 @@ def _print_summary(s: RunSummary, as_json: bool) -> None:
         out.print(f"  review   git -C {s.repo} diff {s.base_commit[:12]}..{s.branch}")
     else:
         out.print("  branch   none: the agent changed nothing")
+    if s.follow_up:
+        out.print(f"  follow-up of {_v(s.follow_up)}")
     for w in s.warnings:
         out.print(f"  [yellow]warning[/yellow]  {_v(w)}")
     for v in s.violations:
@@ -161,6 +164,7 @@ _RUN_OPTIONS = [
     _request_option("remote"),
     _request_option("open_pr"),
     _request_option("pr_base"),
+    _request_option("follow_up", metavar="RUN_ID"),
     click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object on stdout."),
 ]
 
@@ -189,6 +193,10 @@ def run(as_json: bool, **options: Any) -> None:
     """Run one task on a repository inside a fresh sandbox; the work lands on branch sandbox/<run-id>."""
     from agent_sandbox.run.runner import run_task
 
+    # Only what the operator typed reaches the request: a follow-up inherits the earlier run's policy unless
+    # --policy was given, which its default value alone cannot tell.
+    ctx = click.get_current_context()
+    options = {k: v for k, v in options.items() if ctx.get_parameter_source(k) != ParameterSource.DEFAULT}
     try:
         summary = run_task(_request(options), reporter=reporter_for(err))
     except SandboxError as exc:
@@ -248,12 +256,15 @@ def _load_run(run_id: str) -> tuple[Any, Any]:
 @click.option("--remote", default=None, help="Push to this remote instead of the run's.")
 @click.option("--json", "as_json", is_flag=True)
 def push(run_id: str, remote: str | None, as_json: bool) -> None:
-    """Push a finished run's branch for review (e.g. after a failed push)."""
+    """Push a finished run's branch for review (e.g. after a failed push), and open or update its pull request
+    when the run asked for one and does not have it yet."""
+    import os
     from pathlib import Path
 
+    from agent_sandbox.audit.redact import Redactor
     from agent_sandbox.errors import UsageError
     from agent_sandbox.git.checkout import branch_exists, open_repo
-    from agent_sandbox.git.handoff import HandoffError, push_branch
+    from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
     from agent_sandbox.run import report
     from agent_sandbox.store import RunStore
 
@@ -267,30 +278,82 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
         _fail(refused)
     if not s.branch:
         _fail(UsageError(f"run {run_id} has no branch: the agent changed nothing"))
+    # The pull request is retried only where it is missing: one the run opened needs nothing from us.
+    want_pr = spec.open_pr and not s.pr_url
+    token = os.environ.get("GITHUB_TOKEN") if want_pr else None
+    if want_pr and not (token and spec.pr_repo):
+        _fail(
+            UsageError(
+                f"run {run_id} asked for a pull request: set GITHUB_TOKEN to open it"
+                if spec.pr_repo
+                else f"run {run_id} asked for a pull request but has no GitHub repository to open it on",
+                hint="the pull request is opened with the host's GITHUB_TOKEN, never inside the sandbox",
+            )
+        )
+    run_dir = Path(s.run_dir)
+
+    def save() -> None:
+        # summary.json and report.md say what was pushed and opened; `sandbox show` and sweeps read them.
+        (run_dir / "summary.json").write_text(s.model_dump_json(indent=2))
+        report.write(run_dir, s)
+
+    store = RunStore()
     try:
         repo = open_repo(s.repo)
         if not branch_exists(repo, s.branch):
             _fail(UsageError(f"branch {s.branch} no longer exists in {s.repo}"))
         target = remote or s.remote or spec.remote
         push_branch(repo, target, s.branch)
+        s.pushed, s.push_error, s.remote = True, None, target
+        store.update(run_id, pushed=1)
+        if want_pr and token and spec.pr_repo:
+            redact = Redactor([token])
+            title = spec.title or ("sandbox: " + spec.task.strip().splitlines()[0][:72])
+            try:
+                pr = open_pull_request(
+                    slug=spec.pr_repo,
+                    head=s.branch,
+                    base=spec.pr_base,
+                    title=title,
+                    body=redact(report.render(run_dir, s)),
+                    token=token,
+                    remote=remote_url(repo, target),
+                    draft=spec.policy.git.pr_draft,
+                    labels=spec.policy.git.pr_labels,
+                    reviewers=spec.policy.git.pr_reviewers,
+                    note=redact(
+                        run_note(
+                            run_id=s.id,
+                            status=s.status,
+                            message=s.message,
+                            cost_usd=s.cost_usd,
+                            files_changed=len(s.files_changed),
+                            branch=s.branch,
+                        )
+                    ),
+                    full_report=f"`{run_dir / 'report.md'}` on the host that ran it (`sandbox show {s.id}`)",
+                )
+            except HandoffError as exc:
+                # Recorded before failing, so the summary and report say the branch is pushed and what is left.
+                s.push_error = f"pushed, but {exc.message}; retry with `sandbox push {run_id}`"
+                save()
+                raise
+            s.pr_url = pr.url
+            s.warnings.extend(f"pull request {pr.url}: {p}" for p in pr.problems)
     except HandoffError as exc:
         exc.exit_code = ExitCode.HANDOFF
         _fail(exc)
     except SandboxError as exc:
         _fail(exc)
-    s.pushed, s.push_error, s.remote = True, None, target
+    finally:
+        store.close()
     if s.reason == "completed":
         s.exit_code = 0
-    run_dir = Path(s.run_dir)
-    (run_dir / "summary.json").write_text(s.model_dump_json(indent=2))
-    report.write(run_dir, s)
-    store = RunStore()
-    store.update(run_id, pushed=1)
-    store.close()
+    save()
     if as_json:
         click.echo(s.model_dump_json())
     else:
-        out.print(f"pushed {s.branch} to {target}")
+        out.print(f"pushed {s.branch} to {target}" + (f"; pull request {s.pr_url}" if want_pr else ""))
 
 
 @main.command()
@@ -375,6 +438,8 @@ def show(run_id: str, as_json: bool) -> None:
     out.print(f"[bold]run {r.id}[/bold]  {r.status} ({r.reason or '-'})  {_v(r.message or '')}")
     out.print(f"  repo      {r.repo} @ {r.base_commit[:12]}  ->  {r.branch or 'no branch'}")
     out.print(f"  task      {_v(r.task)}")
+    if sp.follow_up:
+        out.print(f"  follow-up of {_v(sp.follow_up)} (on its branch, its task and result as context)")
     out.print(f"  policy    {sp.policy.name} ({sp.policy_source}, sha256 {r.policy_sha256[:16]}), model {sp.model}")
     out.print(
         f"  limits    wall {lim.wall_seconds}s, idle {lim.idle_seconds}s, budget ${lim.budget_usd:.2f}, "
@@ -552,8 +617,14 @@ def serve_start(config_path: str, **overrides: Any) -> None:
         )
         sys.stdout.flush()
 
+    # The service's access, decision and task lines are its log (journalctl under systemd): INFO on stderr,
+    # whatever -v says; other libraries stay at the level `main` chose.
+    logging.getLogger("agent_sandbox").setLevel(logging.INFO)
     interrupts.install()
-    asyncio.run(TaskService(cfg).serve(ready))
+    try:
+        asyncio.run(TaskService(cfg).serve(ready))
+    except SandboxError as exc:  # the port is taken: one line and exit 3, no traceback
+        _fail(exc)
     sys.exit(int(ExitCode.INTERRUPTED))
 
 

@@ -104,6 +104,9 @@ class Author(BaseModel):
     """Author and committer email."""
 
 
+_GITHUB_REVIEWER = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,38})(?:/[A-Za-z0-9_.-]{1,100})?$")
+
+
 class GitSettings(BaseModel):
     """Git rules of the run: who commits, what the change may touch, and whether it is pushed."""
 
@@ -121,6 +124,30 @@ class GitSettings(BaseModel):
     """Whether the change may add or modify binary files."""
     push: bool = False
     """Push the branch for review when the run ends and the gate passes (`--push`)."""
+    pr_draft: bool = False
+    """Open the pull request (`--open-pr`) as a draft, so nobody is asked to review it before a person has looked."""
+    pr_labels: list[str] = Field(default_factory=list)
+    """Labels added to the pull request, e.g. `[sandbox, needs-review]` (created by GitHub if the repository lacks
+    them, when the token may)."""
+    pr_reviewers: list[str] = Field(default_factory=list)
+    """GitHub users (`login`) or teams (`org/team`) asked to review a new pull request; a pull request updated by a
+    later run is not asked again."""
+
+    @field_validator("pr_labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        for label in v:
+            if not label.strip() or len(label) > 50:
+                raise ValueError(f"not a GitHub label name: {label!r} (1 to 50 characters)")
+        return v
+
+    @field_validator("pr_reviewers")
+    @classmethod
+    def _reviewers(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _GITHUB_REVIEWER.match(name):
+                raise ValueError(f"not a GitHub user or org/team: {name!r}")
+        return v
 
 
 _DEBIAN_PACKAGE = re.compile(r"^[a-z0-9][a-z0-9+.-]+(=[A-Za-z0-9.+~:*-]+)?$")

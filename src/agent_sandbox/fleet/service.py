@@ -3,6 +3,12 @@
 aiohttp serves it (already the gateway's framework): a handful of JSON endpoints need no more. The queue
 lives in the run store, so a restart loses nothing: tasks that were running when the service died are
 reaped (their containers removed) and marked failed, and queued ones start again.
+
+GitHub deliveries are handled exactly once: each delivery id is remembered in the store with its answer, only
+adding the configured label (or an allowed user's `/sandbox` comment on a run's pull request) starts a task,
+and an issue or pull request has at most one task queued or running. The handler decides synchronously after
+its last await, on one event loop, so two deliveries never both pass the checks. Every request gets one access
+line and every task transition one line on the `agent_sandbox.fleet.service` logger.
 """
 
 from __future__ import annotations
@@ -13,8 +19,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +33,25 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
-from agent_sandbox.errors import SandboxError, UsageError, validation_message
+from agent_sandbox.errors import EnvironmentNotReady, SandboxError, UsageError, validation_message
 from agent_sandbox.fleet.views import read_events, resolve_run
+from agent_sandbox.git.github import GitHub, GitHubError, api_base_for
 from agent_sandbox.interrupts import interrupts
 from agent_sandbox.run.request import RunRequest, RunSettings
 from agent_sandbox.run.runner import run_task
+from agent_sandbox.run.spec import RunSummary
 from agent_sandbox.run.ticket import Ticket
 from agent_sandbox.store import RunStore, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024
+PRINCIPAL = web.RequestKey("principal", str)
+"""Who a request came from, for its access line: a token's name, or github for a signed delivery."""
+COMMAND = "/sandbox "
+DELIVERY_RETENTION_S = 30 * 86400
+"""How long a delivery id is remembered: GitHub redelivers only the last few days' deliveries, and every comment
+anyone makes on any issue is a delivery, so remembering them all forever is a disk an outsider fills."""
+"""A pull request comment starting with this asks for a follow-up run; the rest is the instruction."""
 
 
 class _Model(BaseModel):
@@ -63,12 +82,25 @@ class RepoConfig(RunSettings):
 
 
 class WebhookConfig(_Model):
-    """GitHub issue webhooks."""
+    """GitHub webhooks: `issues` and `issue_comment` events."""
 
     secret_env: str = "SANDBOX_WEBHOOK_SECRET"
     """The environment variable holding the webhook secret (HMAC-SHA256, X-Hub-Signature-256)."""
     label: str = "sandbox"
-    """An issue carrying this label becomes a task."""
+    """Adding this label to an issue makes it a task (the `labeled` event naming it; nothing else does)."""
+    followup_users: list[str] = Field(default_factory=list)
+    """GitHub logins whose `/sandbox <instruction>` comment on a run's pull request starts a follow-up run on
+    its branch; anyone else's comment is ignored."""
+
+
+class GitHubConfig(_Model):
+    """How the service talks back to GitHub: comments on the issues and pull requests its tasks come from."""
+
+    token_env: str = "GITHUB_TOKEN"
+    """The environment variable holding the token it comments with; unset or empty: no comments."""
+    api_base: str | None = None
+    """The REST API base; default $SANDBOX_GITHUB_API, else derived from each repository's remote
+    (https://api.github.com, or https://HOST/api/v3 for GitHub Enterprise)."""
 
 
 class ServiceConfig(_Model):
@@ -86,6 +118,8 @@ class ServiceConfig(_Model):
     """Repositories by name."""
     webhook: WebhookConfig | None = None
     """GitHub webhooks, if enabled."""
+    github: GitHubConfig = Field(default_factory=GitHubConfig)
+    """Comments on the issues and pull requests webhook tasks come from."""
 
     @model_validator(mode="after")
     def _refs(self) -> ServiceConfig:
@@ -148,8 +182,8 @@ class Task(_Model):
     id: str
     """Task id."""
     status: TaskStatus
-    """queued, running, done (the run ended, however it went: see summary) or failed (no run summary: see
-    error)."""
+    """queued, running, done (its run succeeded) or failed (see error, and summary when the run got that
+    far)."""
     source: str
     """api or webhook."""
     principal: str
@@ -161,7 +195,9 @@ class Task(_Model):
     summary: dict[str, Any] | None
     """The run's summary, once finished: what `sandbox run --json` prints."""
     error: str | None
-    """Why it failed without a run summary."""
+    """Why it failed: the run's status and reason, or what stopped it before or after its run."""
+    subject: str | None = None
+    """What a webhook task is about, owner/name#number (an issue, or the pull request of a follow-up)."""
     created_at: float
     """Unix time."""
     started_at: float | None
@@ -185,10 +221,10 @@ class ApiError(_Model):
 
 
 class Ignored(_Model):
-    """A webhook event that became no task."""
+    """A webhook delivery that became no task."""
 
     ignored: str
-    """Why."""
+    """Why, true of that delivery (a redelivery: why the first one was ignored)."""
 
 
 class Health(_Model):
@@ -287,18 +323,32 @@ def openapi() -> dict[str, Any]:
             },
             "/webhooks/github": {
                 "post": {
-                    "summary": "A GitHub issues event; a labelled issue becomes a task",
+                    "summary": "A GitHub delivery: adding the label to an issue, or a /sandbox comment on a run's "
+                    "pull request, becomes a task, once per delivery id and one active task per issue",
                     "security": [],
                     "parameters": [
                         {"name": "X-Hub-Signature-256", "in": "header", "required": True, "schema": {"type": "string"}},
                         {"name": "X-GitHub-Event", "in": "header", "required": True, "schema": {"type": "string"}},
+                        {"name": "X-GitHub-Delivery", "in": "header", "required": True, "schema": {"type": "string"}},
                     ],
                     "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
                     "responses": _responses(
                         {
                             202: ("queued", Task),
-                            200: ("ignored", Ignored),
-                            400: ("not an issues event payload", ApiError),
+                            200: (
+                                "ignored, or answered with the task it already made or the issue's active task",
+                                {
+                                    "application/json": {
+                                        "schema": {
+                                            "oneOf": [
+                                                {"$ref": SCHEMA_REF.format(model="Ignored")},
+                                                {"$ref": SCHEMA_REF.format(model="Task")},
+                                            ]
+                                        }
+                                    }
+                                },
+                            ),
+                            400: ("no delivery id, or not an event payload", ApiError),
                             401: ("bad signature", ApiError),
                             404: ("webhooks are not enabled", ApiError),
                         }
@@ -321,6 +371,124 @@ def openapi() -> dict[str, Any]:
     }
 
 
+class _GitHubDown(Exception):
+    """GitHub could not be asked what a delivery needs to know: no answer to the delivery yet."""
+
+
+def _head_repository(head: Any, full_name: str) -> str | None:
+    """owner/name of the repository a pull request's head branch is in: head.repo (null when the fork was
+    deleted), else the owner in head.label (owner:ref) with the base's name; None when neither says."""
+    if not isinstance(head, dict):
+        return None
+    if "repo" in head:
+        repo = head["repo"]
+        return str(repo.get("full_name") or "") or None if isinstance(repo, dict) else None
+    owner, sep, _ = str(head.get("label") or "").partition(":")
+    return f"{owner}/{full_name.partition('/')[2]}" if sep and owner else None
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """A delivery that asks for a task."""
+
+    repo: str
+    """The configured repository's name."""
+    subject: str
+    """owner/name#number: the issue, or the pull request of a follow-up."""
+    request: RunRequest
+    """The run it asks for."""
+    what: str
+    """For the log: an issue, or a follow-up of which run."""
+
+
+def task_outcome(summary: RunSummary) -> tuple[TaskStatus, str | None]:
+    """A finished run's task: `done` only when the run did all it was asked (its exit code 0), else `failed`
+    with the run's status and reason."""
+    if summary.exit_code == 0:
+        return "done", None
+    why = f"run {summary.id} {summary.status} ({summary.reason})"
+    detail = summary.push_error if summary.status == "succeeded" and summary.push_error else summary.message
+    return "failed", f"{why}: {detail}" if detail else why
+
+
+class Commenter:
+    """Comments on the issues and pull requests that webhook tasks come from: one comment per task, made when
+    its run starts and edited when it ends. Posted from a thread of its own, in order, so GitHub's latency
+    or rate limits never hold up a run; a failed comment is logged and never fails the task."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.token = os.environ.get(config.github.token_env, "")
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="github-comments")
+        self._bases: dict[str, str] = {}
+
+    def announce(self) -> None:
+        """Say once, at start, when there will be no comments."""
+        if not self.token:
+            log.info("github_comments_disabled reason=%r", f"no token in ${self.config.github.token_env}")
+
+    def _base(self, repo_name: str) -> str:
+        if repo_name not in self._bases:
+            remote: str | None = None
+            try:
+                from agent_sandbox.git.checkout import open_repo
+                from agent_sandbox.git.handoff import remote_url
+
+                repo = self.config.repos[repo_name]
+                remote = remote_url(open_repo(repo.path), repo.remote)
+            except (SandboxError, KeyError):
+                remote = None
+            self._bases[repo_name] = api_base_for(remote, self.config.github.api_base)
+        return self._bases[repo_name]
+
+    def client(self, repo_name: str) -> GitHub | None:
+        # Bounded waits: a comment is worth little once the run it reports on has moved on.
+        return GitHub(self.token, self._base(repo_name), max_wait_s=30.0) if self.token else None
+
+    def post(self, repo_name: str, subject: str | None, task_id: str, body: str) -> None:
+        if subject is None or not self.token:
+            return
+        self.pool.submit(self._post, repo_name, subject, task_id, body)
+
+    def _post(self, repo_name: str, subject: str, task_id: str, body: str) -> None:
+        slug, _, number = subject.rpartition("#")
+        try:
+            gh = self.client(repo_name)
+            if gh is not None:
+                url = gh.upsert_comment(slug, int(number), f"task-{task_id}", body)
+                log.info("task_commented id=%s subject=%s url=%s", task_id, subject, url)
+        except (GitHubError, ValueError) as exc:
+            log.warning("task_comment_failed id=%s subject=%s error=%s", task_id, subject, exc)
+        except Exception:  # a bug here must not stop the comments that follow
+            log.exception("task_comment_crashed id=%s subject=%s", task_id, subject)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def started_comment(task_id: str, run_id: str) -> str:
+    return (
+        f"**agent-sandbox** is working on this: task `{task_id}`, run `{run_id}`. This comment is updated when it ends."
+    )
+
+
+def ended_comment(task_id: str, summary: RunSummary | None, error: str | None) -> str:
+    if summary is None:
+        return f"**agent-sandbox**: task `{task_id}` failed before its run ended: {error}"
+    status = "done" if error is None else "failed"
+    lines = [
+        f"**agent-sandbox**: task `{task_id}` is **{status}**: run `{summary.id}` {summary.status} ({summary.reason}).",
+        "",
+        f"- cost: ${summary.cost_usd:.4f}, {summary.turns} turns, {summary.duration_s:.0f}s",
+        f"- branch: `{summary.branch}`" if summary.branch else "- branch: none (nothing changed)",
+    ]
+    if summary.pr_url:
+        lines.append(f"- pull request: {summary.pr_url}")
+    if error:
+        lines.append(f"- why: {error}")
+    return "\n".join(lines) + "\n"
+
+
 class TaskService:
     def __init__(self, config: ServiceConfig, store: RunStore | None = None) -> None:
         self.config = config
@@ -331,15 +499,23 @@ class TaskService:
         self.workers: list[asyncio.Task[None]] = []
         self.closing = False  # a signal came: no further task is claimed
         self.in_flight = 0  # runs in progress, which a stopping service waits for
+        self.comments = Commenter(config)
+        # Runs take their own threads: one held for hours must never keep the webhook from reading GitHub.
+        self.run_pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="task-run")
+        self._deliveries_pruned_at = 0.0
+        # The run itself; tests that drive the worker without Docker put a stand-in here.
+        self.run_task: Callable[..., RunSummary] = run_task
 
     # --- queue ---------------------------------------------------------------------------------------------
 
     def recover(self) -> list[str]:
-        """Tasks left running by a service that died: their runs are recovered (work imported, everything
-        removed, as `sandbox gc` does) and the tasks marked failed."""
+        """Tasks left running by a service that stopped: a run that had ended (during a shutdown) gives its
+        task the run's outcome; the others are recovered (work imported, everything removed, as `sandbox gc`
+        does) and their tasks marked failed, with the recovered run's summary."""
         rows = self.tasks.running()
         reaped = []
-        if rows:
+        ended = {row["id"]: self._summary_of(row["run_id"], finished_only=True) for row in rows}
+        if any(s is None for s in ended.values()):
             from agent_sandbox.backend import connect
             from agent_sandbox.config.settings import load_settings
             from agent_sandbox.run.orphans import collect
@@ -350,19 +526,81 @@ class TaskService:
             except Exception as exc:  # the tasks are still marked; `sandbox gc` can finish the cleanup later
                 log.warning("recover_gc_failed error=%r", exc)
         for row in rows:
-            self.tasks.failed(
-                row["id"],
-                "the service stopped while the task was running; its run was recovered "
-                "by the service's restart (`sandbox show` has its branch)",
-            )
+            summary = ended[row["id"]]
+            if summary is not None:
+                log.info("task_recovered id=%s run_id=%s reason=%r", row["id"], summary.id, "its run ended at shutdown")
+                self._finish(row["id"], row["repo"], row.get("subject"), summary, None)
+            else:
+                why = (
+                    "the service stopped while the task was running; its run was recovered by the service's "
+                    "restart (`sandbox show` has its branch)"
+                    if row["run_id"]
+                    else "the service stopped while the task was starting; its run never started"
+                )
+                log.info("task_reaped id=%s run_id=%s", row["id"], row["run_id"] or "-")
+                self._finish(row["id"], row["repo"], row.get("subject"), self._summary_of(row["run_id"]), why)
             reaped.append(row["id"])
-            log.info("task_reaped id=%s run_id=%s", row["id"], row["run_id"])
         return reaped
 
-    def enqueue(self, source: str, principal: str, repo: str, req: RunRequest) -> Task:
+    def _summary_of(self, run_id: str | None, finished_only: bool = False) -> RunSummary | None:
+        """The run's summary.json, if it has one; with finished_only, only when the store has the run ended (a
+        run whose supervisor died before recording its end is recovered instead)."""
+        if not run_id:
+            return None
+        run = self.store.get(run_id)
+        if run is None or (finished_only and run["status"] == "running"):
+            return None
+        try:
+            return RunSummary.model_validate_json((Path(run["run_dir"]) / "summary.json").read_text())
+        except (OSError, ValidationError):
+            return None
+
+    def _finish(
+        self, task_id: str, repo: str, subject: str | None, summary: RunSummary | None, error: str | None
+    ) -> None:
+        """End a task: `done` when its run did all it was asked, else `failed` with why (the run's reason, or
+        the error given: what stopped it before or after its run)."""
+        status: TaskStatus = "failed"
+        if summary is not None:
+            status, why = task_outcome(summary)
+            error = error or why
+            status = "failed" if error else status
+        self.tasks.ended(
+            task_id,
+            status,
+            summary.id if summary else None,
+            summary.model_dump_json() if summary else None,
+            error,
+        )
+        log.info(
+            "task_%s id=%s run_id=%s reason=%r",
+            status,
+            task_id,
+            summary.id if summary else "-",
+            error or (str(summary.reason) if summary else ""),
+        )
+        self.comments.post(repo, subject, task_id, ended_comment(task_id, summary, error))
+
+    def enqueue(
+        self,
+        source: str,
+        principal: str,
+        repo: str,
+        req: RunRequest,
+        subject: str | None = None,
+        delivery: tuple[str, str] | None = None,
+    ) -> Task:
         task_id = "t-" + time.strftime("%Y%m%d%H%M%S", time.gmtime()) + "-" + secrets.token_hex(4)
-        self.tasks.add(task_id, source, principal, repo, req.model_dump_json())
-        log.info("task_queued id=%s source=%s principal=%s repo=%s", task_id, source, principal, repo)
+        self.tasks.add(task_id, source, principal, repo, req.model_dump_json(), subject=subject, delivery=delivery)
+        log.info(
+            "task_queued id=%s source=%s principal=%s repo=%s subject=%s delivery=%s",
+            task_id,
+            source,
+            principal,
+            repo,
+            subject or "-",
+            delivery[0] if delivery else "-",
+        )
         self.wake.set()
         return self.get(task_id)  # type: ignore[return-value]
 
@@ -386,19 +624,25 @@ class TaskService:
                 await self.wake.wait()
                 continue
             task_id, req = claimed
+            row = self.tasks.get(task_id) or {}
+            repo, subject = str(row.get("repo", "")), row.get("subject")
 
-            def started(sup: Any, task_id: str = task_id) -> None:
+            def started(sup: Any, task_id: str = task_id, repo: str = repo, subject: str | None = subject) -> None:
                 self.tasks.started(task_id, sup.spec.run_id)
+                log.info("task_running id=%s run_id=%s", task_id, sup.spec.run_id)
+                self.comments.post(repo, subject, task_id, started_comment(task_id, sup.spec.run_id))
 
             self.in_flight += 1
             try:
-                summary = await loop.run_in_executor(None, functools.partial(run_task, req, on_start=started))
-                self.tasks.done(task_id, summary.id, summary.model_dump_json())
+                summary = await loop.run_in_executor(
+                    self.run_pool, functools.partial(self.run_task, req, on_start=started)
+                )
+                self._finish(task_id, repo, subject, summary, None)
             except SandboxError as exc:
-                self.tasks.failed(task_id, exc.message)
+                self._finish(task_id, repo, subject, None, exc.message)
             except Exception as exc:  # a bug must not stop the queue
                 log.exception("task_crashed id=%s", task_id)
-                self.tasks.failed(task_id, f"{type(exc).__name__}: {exc}")
+                self._finish(task_id, repo, subject, None, f"{type(exc).__name__}: {exc}")
             finally:
                 self.in_flight -= 1
 
@@ -408,13 +652,17 @@ class TaskService:
         auth = request.headers.get("authorization", "")
         if not auth.lower().startswith("bearer "):
             return None
-        digest = hash_token(auth[7:].strip())
+        # A header's bytes that are not UTF-8 come as surrogates: they hash (to no token's digest), never crash.
+        digest = hashlib.sha256(auth[7:].strip().encode("utf-8", "surrogateescape")).hexdigest()
         for t in self.config.tokens:
             if hmac.compare_digest(t.sha256, digest):
+                request[PRINCIPAL] = t.name
                 return t
         return None
 
-    def _request_for(self, repo_name: str, task: str | None, ticket: Ticket | None, policy: str | None) -> RunRequest:
+    def _request_for(
+        self, repo_name: str, task: str | None, ticket: Ticket | None, policy: str | None, **extra: Any
+    ) -> RunRequest:
         """The run for a task: the repository's settings; the request picks only the text and, among those the
         repository allows, the policy."""
         repo = self.config.repos[repo_name]
@@ -426,6 +674,7 @@ class TaskService:
             task=task,
             policy=chosen,
             ticket_text=ticket.model_dump_json() if ticket is not None else None,
+            **extra,
         )
 
     async def post_task(self, request: web.Request) -> web.Response:
@@ -451,8 +700,8 @@ class TaskService:
         who = self._principal(request)
         if who is None:
             return _error(401, "a valid bearer token is required")
-        rows = self.tasks.recent(200)
-        return web.json_response([Task.from_row(r).model_dump() for r in rows if r["repo"] in who.repos])
+        rows = self.tasks.recent(200, repos=who.repos)  # the token's latest, however busy other repositories are
+        return web.json_response([Task.from_row(r).model_dump() for r in rows])
 
     def _visible(self, request: web.Request) -> Task | web.Response:
         who = self._principal(request)
@@ -475,6 +724,8 @@ class TaskService:
         await resp.prepare(request)
         sent = 0
         while True:
+            if request.transport is None or request.transport.is_closing():
+                return resp  # the client left: stop following (serve()'s runner does not cancel the handler)
             current = self.get(task.id)
             assert current is not None
             if current.run_id:
@@ -492,33 +743,183 @@ class TaskService:
         return resp
 
     async def github_webhook(self, request: web.Request) -> web.Response:
-        import os
-
         raw = await request.read()
         cfg = self.config.webhook
         secret = os.environ.get(cfg.secret_env, "") if cfg else ""
         if cfg is None or not secret:
             return _error(404, "webhooks are not enabled")
-        expected = "sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest()
-        if not hmac.compare_digest(expected, request.headers.get("x-hub-signature-256", "")):
+        expected = b"sha256=" + hmac.new(secret.encode(), raw, hashlib.sha256).hexdigest().encode()
+        given = request.headers.get("x-hub-signature-256", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(expected, given):  # bytes: a header that is not ASCII is a mismatch, not a crash
             return _error(401, "bad signature")
-        if request.headers.get("x-github-event") != "issues":
-            return web.json_response(Ignored(ignored="not an issues event").model_dump())
+        request[PRINCIPAL] = "github"
+        self._forget_old_deliveries()
+        delivery = request.headers.get("x-github-delivery", "").strip()
+        if not delivery:
+            return _error(400, "no X-GitHub-Delivery header")
+        if (seen := self._redelivered(delivery)) is not None:
+            return seen
         try:
             event = json.loads(raw)
-            issue, full_name = event["issue"], event["repository"]["full_name"]
-        except (ValueError, KeyError, TypeError):
-            return _error(400, "not an issues event payload")
-        labels = {lbl.get("name") for lbl in issue.get("labels") or [] if isinstance(lbl, dict)}
-        if event.get("action") not in ("opened", "labeled", "reopened") or cfg.label not in labels:
-            return web.json_response(Ignored(ignored=f"no {cfg.label!r} label").model_dump())
-        name = next((n for n, r in self.config.repos.items() if r.github == full_name), None)
-        if name is None:
-            return web.json_response(Ignored(ignored=f"repository {full_name} is not configured").model_dump())
-        # The issue is untrusted text: it becomes the task, nothing in it selects anything.
-        ticket = Ticket(title=str(issue.get("title") or ""), body=str(issue.get("body") or ""))
-        task = self.enqueue("webhook", "github", name, self._request_for(name, None, ticket, None))
+        except ValueError:
+            return _error(400, "the body is not JSON")
+        if not isinstance(event, dict):
+            return _error(400, "the body is not a JSON object")
+        name = request.headers.get("x-github-event", "")
+        kind = f"{name}.{event.get('action')}"
+        try:
+            decision = await self._decide(cfg, name, event)
+        except _GitHubDown as exc:
+            # Not an answer to the delivery: nothing is remembered, so GitHub's "Redeliver" tries it again.
+            log.warning("webhook_github_failed delivery=%s event=%s error=%s", delivery, kind, exc)
+            return _error(502, str(exc))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            return _error(400, f"not a GitHub {name} event payload: {type(exc).__name__}: {exc}")
+        # Decided after the last await: from here to the answer nothing else runs, so the checks hold.
+        if (seen := self._redelivered(delivery)) is not None:  # the same delivery came while we asked GitHub
+            return seen
+        if isinstance(decision, str):
+            self.tasks.record_delivery(delivery, kind, None, decision)
+            log.info("webhook_ignored delivery=%s event=%s reason=%r", delivery, kind, decision)
+            return web.json_response(Ignored(ignored=decision).model_dump())
+        active = self.tasks.active(decision.subject)
+        if active is not None:
+            self.tasks.record_delivery(delivery, kind, active["id"], None)
+            log.info(
+                "webhook_active delivery=%s event=%s subject=%s task=%s status=%s",
+                delivery,
+                kind,
+                decision.subject,
+                active["id"],
+                active["status"],
+            )
+            return web.json_response(Task.from_row(active).model_dump())
+        task = self.enqueue(
+            "webhook", "github", decision.repo, decision.request, subject=decision.subject, delivery=(delivery, kind)
+        )
+        log.info("webhook_task delivery=%s event=%s task=%s what=%r", delivery, kind, task.id, decision.what)
         return web.json_response(task.model_dump(), status=202)
+
+    def _redelivered(self, delivery: str) -> web.Response | None:
+        """The answer to a delivery seen before (GitHub's retry, its "Redeliver" button, after a restart too):
+        the task it made or was answered with, or why it was ignored; nothing is queued again."""
+        seen = self.tasks.delivery(delivery)
+        if seen is None:
+            return None
+        task = self.get(seen["task_id"]) if seen["task_id"] else None
+        log.info("webhook_redelivered delivery=%s task=%s", delivery, task.id if task else "-")
+        if task is not None:
+            return web.json_response(task.model_dump())
+        why = seen["ignored"] or "it made no task"
+        return web.json_response(Ignored(ignored=f"delivery {delivery} was handled before: {why}").model_dump())
+
+    def _forget_old_deliveries(self) -> None:
+        """Forget deliveries older than DELIVERY_RETENTION_S (at most once an hour): GitHub no longer redelivers
+        them, and the tasks they made stay."""
+        now = time.time()
+        if now - self._deliveries_pruned_at < 3600:
+            return
+        self._deliveries_pruned_at = now
+        forgotten = self.tasks.forget_deliveries(now - DELIVERY_RETENTION_S)
+        if forgotten:
+            log.info("webhook_deliveries_forgotten count=%d", forgotten)
+
+    def _repo_named(self, full_name: str) -> tuple[str, str] | None:
+        """The configured repository a delivery's owner/name is, and its owner/name as configured: GitHub's names
+        are case-insensitive (ACME/Widgets is acme/widgets, no one else can own it)."""
+        wanted = full_name.casefold()
+        return next(
+            ((n, r.github) for n, r in self.config.repos.items() if r.github and r.github.casefold() == wanted), None
+        )
+
+    async def _decide(self, cfg: WebhookConfig, name: str, event: dict[str, Any]) -> Trigger | str:
+        """The task a delivery asks for, or why it asks for none (true of this delivery: people read it)."""
+        action = event.get("action")
+        if name == "issues":
+            issue, full_name = event["issue"], str(event["repository"]["full_name"])
+            number = int(issue["number"])
+            named = self._repo_named(full_name)
+            if named is None:
+                return f"repository {full_name} is not configured"
+            repo, full_name = named
+            if action != "labeled":
+                return (
+                    f"issues event {action!r}: only adding the {cfg.label!r} label starts a task "
+                    "(opened, reopened and edited never do; GitHub sends `labeled` for a label set at creation)"
+                )
+            added = (event.get("label") or {}).get("name")
+            if added != cfg.label:
+                return f"the label added is {added!r}, not {cfg.label!r}"
+            if issue.get("state") == "closed":
+                return f"issue #{number} is closed"
+            # The issue is untrusted text: it becomes the task, nothing in it selects anything.
+            ticket = Ticket(title=str(issue.get("title") or ""), body=str(issue.get("body") or ""))
+            req = self._request_for(repo, None, ticket, None)
+            return Trigger(repo, f"{full_name}#{number}", req, f"issue #{number}")
+        if name == "issue_comment":
+            return await self._follow_up(cfg, event)
+        return f"{name or 'unnamed'} events never start a task (only issues and issue_comment do)"
+
+    async def _follow_up(self, cfg: WebhookConfig, event: dict[str, Any]) -> Trigger | str:
+        """A `/sandbox <instruction>` comment on a run's pull request, by an allowed user: a follow-up run on the
+        branch, with the earlier run's conversation."""
+        action = event.get("action")
+        issue, comment, full_name = event["issue"], event["comment"], str(event["repository"]["full_name"])
+        number = int(issue["number"])
+        if action != "created":
+            return f"comment {action}: only a new comment can be a command"
+        body = str(comment.get("body") or "")
+        if not body.startswith(COMMAND):
+            return f"the comment is not a `{COMMAND}<instruction>` command"
+        if not issue.get("pull_request"):
+            return f"#{number} is an issue, not a pull request: follow-ups are asked for on a run's pull request"
+        user = str((comment.get("user") or {}).get("login") or "")
+        # GitHub logins are case-insensitive and unique: Alice is alice. Nothing else is folded.
+        if not user or user.casefold() not in {u.casefold() for u in cfg.followup_users}:
+            return f"user {user!r} is not in webhook.followup_users"
+        named = self._repo_named(full_name)
+        if named is None:
+            return f"repository {full_name} is not configured"
+        name, full_name = named
+        if "follow_up" not in RunRequest.model_fields:
+            return "this version of the service cannot run follow-ups"
+        instruction = body[len(COMMAND) :].strip()
+        if not instruction:
+            return f"the `{COMMAND.strip()}` command has no instruction"
+        gh = self.comments.client(name)
+        if gh is None:
+            return f"no GitHub token (${self.config.github.token_env}) to read pull request #{number}'s branch"
+        loop = asyncio.get_running_loop()
+        try:
+            pr = await loop.run_in_executor(None, gh.request, "GET", f"/repos/{full_name}/pulls/{number}")
+        except GitHubError as exc:
+            raise _GitHubDown(f"pull request #{number}'s branch could not be read from GitHub: {exc}") from None
+        try:
+            head = pr["head"]
+            branch = str(head["ref"])
+        except (KeyError, TypeError) as exc:
+            return f"pull request #{number}'s branch could not be read from GitHub: {exc}"
+        # A fork's branch is not the run's branch, whatever it is named: only this repository's own branches.
+        source = _head_repository(head, full_name)
+        if source is None or source.casefold() != full_name.casefold():
+            return (
+                f"pull request #{number} comes from a fork ({source or 'a deleted repository'}), not from "
+                f"{full_name}: follow-ups run only on a run's branch in the repository itself"
+            )
+        from agent_sandbox.git.checkout import open_repo
+
+        repo = self.config.repos[name]
+        try:
+            top = str(open_repo(repo.path).path)  # as the run store has it: the resolved top of the checkout
+        except SandboxError as exc:
+            return f"repository {name} cannot be opened: {exc.message}"
+        run = self.store.latest_on_branch(top, branch)
+        if run is None:
+            return f"pull request #{number}'s branch {branch} is not a run's branch"
+        # Under the earlier run's policy when the repository still allows it, else the repository's own.
+        policy = run["policy"] if run["policy"] in (repo.policy, *repo.policies) else None
+        req = self._request_for(name, instruction, None, policy, follow_up=run["id"])
+        return Trigger(name, f"{full_name}#{number}", req, f"follow-up of run {run['id']} on {branch}")
 
     async def openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi())
@@ -526,8 +927,36 @@ class TaskService:
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response(Health(ok=True).model_dump())
 
+    @web.middleware
+    async def _access(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """One access line per request: method, path, status, principal (a token's name, github for a signed
+        delivery, - for nobody) and duration."""
+        started = time.monotonic()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return _error(413, f"the body is larger than {MAX_BODY} bytes")
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            log.info(
+                "http method=%s path=%s status=%d principal=%s duration_ms=%.1f",
+                request.method,
+                request.raw_path,
+                status,
+                request.get(PRINCIPAL, "-"),
+                (time.monotonic() - started) * 1000,
+            )
+
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY)
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._access])
         app.router.add_post("/tasks", self.post_task)
         app.router.add_get("/tasks", self.list_tasks)
         app.router.add_get("/tasks/{id}", self.get_task)
@@ -538,12 +967,20 @@ class TaskService:
         return app
 
     async def serve(self, ready: Any = None) -> None:
-        reaped = self.recover()
         runner = web.AppRunner(self.app(), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, self.config.bind, self.config.port)
-        await site.start()
+        # Listening comes first: a second service started on the same port must leave, not reap the first
+        # one's running tasks.
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise EnvironmentNotReady(f"cannot listen on {self.config.bind}:{self.config.port}: {why}") from None
         port = runner.addresses[0][1] if runner.addresses else self.config.port
+        self.comments.announce()
+        reaped = self.recover()
         if ready:
             ready(port, reaped)
         self.workers = [asyncio.create_task(self.worker()) for _ in range(self.config.concurrency)]
@@ -564,3 +1001,5 @@ class TaskService:
             for w in self.workers:
                 w.cancel()
             await runner.cleanup()
+            await loop.run_in_executor(None, self.comments.close)
+            self.run_pool.shutdown(wait=False)

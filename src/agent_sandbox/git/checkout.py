@@ -118,11 +118,16 @@ class Imported:
     commits: list[str]  # new commits, oldest first
 
 
-def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str, replace: bool = False) -> Imported:
-    """Verify the bundle and fetch its one ref into refs/heads/<branch> of the host repository.
+def import_bundle(
+    repo: HostRepo, bundle: Path, branch: str, base_commit: str, replace: bool = False, into: str | None = None
+) -> Imported:
+    """Verify the bundle and fetch its one ref, refs/heads/<branch>, into refs/heads/<into or branch> of the host
+    repository.
 
-    replace lets it move an existing branch of that name (a sweep's branch, re-run the same day)."""
+    replace lets it move an existing branch of that name (a sweep's branch, re-run the same day); without it
+    an existing branch only moves forward (a follow-up's)."""
     ref = f"refs/heads/{branch}"
+    target = f"refs/heads/{into or branch}"
     g = git.Git(repo.path)
     try:
         heads = g.execute(["git", *HARDENED, "bundle", "list-heads", str(bundle)]).splitlines()
@@ -145,15 +150,15 @@ def import_bundle(repo: HostRepo, bundle: Path, branch: str, base_commit: str, r
                 "--no-write-fetch-head",
                 "--no-recurse-submodules",
                 str(bundle),
-                f"{'+' if replace else ''}{ref}:{ref}",
+                f"{'+' if replace else ''}{ref}:{target}",
             ]
         )
     except git.GitCommandError as exc:
         raise SandboxError(f"importing the agent's work failed: {exc.stderr.strip()[:500]}") from None
-    head = g.rev_parse("--verify", ref)
+    head = g.rev_parse("--verify", target)
     commits = g.rev_list("--reverse", f"{base_commit}..{head}").split()
-    log.info("imported branch=%s head=%s commits=%d", branch, head, len(commits))
-    return Imported(branch=branch, head=head, commits=commits)
+    log.info("imported branch=%s head=%s commits=%d", into or branch, head, len(commits))
+    return Imported(branch=into or branch, head=head, commits=commits)
 
 
 def branch_exists(repo: HostRepo, branch: str) -> bool:

@@ -3,23 +3,22 @@ request. Both run on the host; neither credential ever enters a container."""
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import urllib.error
-import urllib.request
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import git
 
 from agent_sandbox.errors import SandboxError
 from agent_sandbox.git.checkout import HostRepo
 
+if TYPE_CHECKING:
+    from agent_sandbox.git.github import PullRequestResult
+
 log = logging.getLogger(__name__)
 
-GITHUB_API_ENV = "SANDBOX_GITHUB_API_URL"
 GITHUB_REPO_ENV = "SANDBOX_GITHUB_REPO"
-DEFAULT_GITHUB_API = "https://api.github.com"
 
 
 class HandoffError(SandboxError):
@@ -67,28 +66,54 @@ def github_slug(url: str | None) -> str | None:
 
 
 def open_pull_request(
-    *, slug: str, head: str, base: str, title: str, body: str, token: str, api_url: str | None = None
-) -> str:
-    """Open a pull request through GitHub's REST API; returns its web URL."""
-    api = (api_url or os.environ.get(GITHUB_API_ENV) or DEFAULT_GITHUB_API).rstrip("/")
-    data = json.dumps({"title": title, "head": head, "base": base, "body": body, "draft": False}).encode()
-    req = urllib.request.Request(
-        f"{api}/repos/{slug}/pulls",
-        data=data,
-        method="POST",
-        headers={
-            "Authorization": f"Bearer {token}",
-            "Accept": "application/vnd.github+json",
-            "X-GitHub-Api-Version": "2022-11-28",
-            "Content-Type": "application/json",
-            "User-Agent": "agent-sandbox",
-        },
+    *,
+    slug: str,
+    head: str,
+    base: str,
+    title: str,
+    body: str,
+    token: str,
+    api_url: str | None = None,
+    remote: str | None = None,
+    draft: bool = False,
+    labels: Sequence[str] = (),
+    reviewers: Sequence[str] = (),
+    note: str | None = None,
+    full_report: str | None = None,
+) -> PullRequestResult:
+    """Open the pull request from `head` into `base`, or update the one the branch already has open (its body,
+    and `note` as a comment), through GitHub's REST API with retries on rate limits.
+
+    The API base is `api_url`, else $SANDBOX_GITHUB_API, else derived from the remote's URL `remote` (a GitHub
+    Enterprise host is https://HOST/api/v3). A body over GitHub's limit is cut, saying where `full_report` is.
+    Raises HandoffError (a GitHubError) when GitHub refuses or stays unavailable."""
+    # github.py builds on this module's HandoffError, so it is imported here rather than at the top.
+    from agent_sandbox.git.github import GitHub, api_base_for, fit_body
+
+    client = GitHub(token, api_base_for(remote, api_url))
+    return client.open_or_update_pr(
+        slug,
+        head,
+        base,
+        title,
+        fit_body(body, full_report),
+        draft=draft,
+        labels=labels,
+        reviewers=reviewers,
+        note=note,
     )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return str(json.loads(resp.read())["html_url"])
-    except urllib.error.HTTPError as exc:
-        detail = exc.read().decode(errors="replace")[:500]
-        raise HandoffError(f"opening the pull request failed: HTTP {exc.code}: {detail}") from None
-    except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        raise HandoffError(f"opening the pull request failed: {exc}") from None
+
+
+def run_note(*, run_id: str, status: str, message: str, cost_usd: float, files_changed: int, branch: str) -> str:
+    """The comment posted on an open pull request that a new run of its branch updated: what changed and
+    where the full record is, so its reviewers notice that the branch moved."""
+    lines = [
+        f"**sandbox run `{run_id}`** updated `{branch}`: {status}"
+        + (f", {message}" if message and message != status else ""),
+        "",
+        f"- files changed: {files_changed}",
+        f"- cost: ${cost_usd:.2f}",
+        "",
+        f"The description above is this run's report; the full record is `sandbox show {run_id}` on the host.",
+    ]
+    return "\n".join(lines)

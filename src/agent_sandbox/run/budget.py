@@ -37,10 +37,12 @@ MAX_LINE = 4096
 class SharedBudget:
     """The ledger of a spend cap shared by several runs in one process."""
 
-    def __init__(self, cap_usd: float, label: str) -> None:
+    def __init__(self, cap_usd: float, label: str, spent_usd: float = 0.0) -> None:
+        """spent_usd: what was spent under the same cap before this ledger (a sweep's earlier invocations the
+        same day), so that the cap and the messages stay the whole one."""
         self.cap_usd = cap_usd
         self.label = label
-        self.spent_usd = 0.0
+        self.spent_usd = max(0.0, spent_usd)
         self._reserved: dict[tuple[str, int], float] = {}  # (run id, call id) -> worst case, while in flight
         self._cond = threading.Condition()
 

@@ -103,8 +103,24 @@ class Collecting(Watching):
                 return there
             if disk_full(exc):
                 self.environment_failure = f"the host repository's filesystem is full: {exc.message}"
-            else:
-                self.work_settled = True  # refused for what it is, not for want of room: nothing to retry
+                raise
+            if self.spec.follow_up and there is not None:
+                # Another run moved the branch since this follow-up started from it (two follow-ups at once): the
+                # work is not a fast-forward any more. It is kept on a branch of its own, never dropped.
+                aside = f"{self.spec.branch}-{self.spec.run_id}"
+                log.info(
+                    "follow_up_kept_aside run_id=%s branch=%s moved_to=%s",
+                    self.spec.run_id,
+                    self.spec.branch,
+                    there.head,
+                )
+                imported = import_bundle(self.repo, bundle, self.spec.branch, self.spec.base_commit, into=aside)
+                self.spec.warnings.append(
+                    f"{self.spec.branch} moved on while this run worked (another run landed there): its work is on "
+                    f"{aside} instead, to merge or rebase by hand"
+                )
+                return imported
+            self.work_settled = True  # refused for what it is, not for want of room: nothing to retry
             raise
 
     def _run_check(self, head: str) -> ev.CheckRan:

@@ -11,7 +11,7 @@ from agent_sandbox.errors import ExitCode, disk_full
 from agent_sandbox.git.checkout import Imported, remove_tree
 from agent_sandbox.git.gate import Violation
 from agent_sandbox.git.gate import check as gate_check
-from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch
+from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
 from agent_sandbox.run import quota, report
 from agent_sandbox.run.collect import Collecting
 from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSummary
@@ -174,22 +174,47 @@ class Finishing(Collecting):
         self._record(ev.Pushed(remote=s.remote, branch=s.branch, pushed=s.pushed, error=s.push_error))
 
     def _open_pr(self, s: RunSummary) -> None:
+        """Open the branch's pull request, or update the one it already has open (a rerun of the same branch);
+        a failure keeps the pushed branch and says how to retry."""
         title = self.spec.title or ("sandbox: " + self.spec.task.strip().splitlines()[0][:72])
         body = self.redact(report.render(self.run_dir, s))
+        git_rules = self.spec.policy.git
         try:
             if not (self.spec.pr_repo and self.github_token):
                 # The runner refuses --open-pr without both; a run that lost them still says so, not crashes.
                 raise HandoffError("no GitHub repository or GITHUB_TOKEN to open the pull request with")
-            s.pr_url = open_pull_request(
+            self.ui.phase("pr", f"{s.branch} into {self.spec.pr_base} on {self.spec.pr_repo}")
+            pr = open_pull_request(
                 slug=self.spec.pr_repo,
                 head=s.branch or "",
                 base=self.spec.pr_base,
                 title=title,
                 body=body,
                 token=self.github_token,
+                remote=remote_url(self.repo, self.spec.remote),
+                draft=git_rules.pr_draft,
+                labels=git_rules.pr_labels,
+                reviewers=git_rules.pr_reviewers,
+                note=self.redact(
+                    run_note(
+                        run_id=s.id,
+                        status=s.status,
+                        message=s.message,
+                        cost_usd=s.cost_usd,
+                        files_changed=len(s.files_changed),
+                        branch=s.branch or "",
+                    )
+                ),
+                full_report=f"`{self.run_dir / 'report.md'}` on the host that ran it (`sandbox show {s.id}`)",
+            )
+            s.pr_url = pr.url
+            # A label or reviewer GitHub refused leaves the pull request fine, but the operator should know.
+            s.warnings.extend(f"pull request {pr.url}: {p}" for p in pr.problems)
+            log.info(
+                "pr_handed_off run_id=%s url=%s created=%s problems=%d", s.id, pr.url, pr.created, len(pr.problems)
             )
         except HandoffError as exc:
-            s.push_error = f"pushed, but {exc.message}"
+            s.push_error = f"pushed, but {exc.message}; retry with `sandbox push {s.id}`"
             s.exit_code = int(HANDOFF_FAILED)
         self._record(ev.PullRequest(url=s.pr_url, error=s.push_error if not s.pr_url else None))
 
@@ -236,6 +261,7 @@ class Finishing(Collecting):
             repo=self.spec.repo,
             branch=imported.branch if imported else None,
             base_commit=self.spec.base_commit,
+            follow_up=self.spec.follow_up,
             head=imported.head if imported else None,
             commits=imported.commits if imported else [],
             files_changed=files,

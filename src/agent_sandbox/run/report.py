@@ -69,8 +69,17 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
     spec = started.get("spec", {})
     policy = spec.get("policy", {})
     task = started.get("task", "")
+    if spec.get("instruction") is not None:
+        # A follow-up's task repeats the earlier runs' tasks and results: their own reports have them.
+        task = spec["instruction"]
     lines = [f"# Sandbox run {summary.id}", ""]
     lines += ["## Task", "", *(f"> {line}" if line else ">" for line in task.splitlines()), ""]
+    if summary.follow_up:
+        lines += [
+            f"A follow-up of run {summary.follow_up}: it continued that run's branch, with the earlier "
+            "runs' tasks, results and commits given to the agent as context.",
+            "",
+        ]
     lines += [
         "## Outcome",
         "",
@@ -85,7 +94,9 @@ def _render(run_dir: Path, summary: RunSummary) -> str:
         f"| turns | {summary.turns} |",
         f"| model | {spec.get('model', '?')} (Claude Code {started.get('claude_code_version', '?')}) |",
         f"| policy | {policy.get('name', '?')} (sha256 `{started.get('policy_hash', '?')[:16]}`) |",
-        f"| base | `{summary.base_commit[:12]}` |",
+        f"| base | `{summary.base_commit[:12]}`"
+        + (f" (the tip of the branch, after run {summary.follow_up})" if summary.follow_up else "")
+        + " |",
         f"| branch | {f'`{summary.branch}`' if summary.branch else 'none (no changes)'} |",
     ]
     if summary.pushed:

@@ -103,6 +103,22 @@ class RunRequest(RunSettings, Assignment):
     """The branch the work lands on; default sandbox/<run-id> (a sweep's: sandbox/<sweep>/<date>)."""
     replace_branch: bool = False
     """Let the run move an existing branch of that name (a sweep re-run the same day)."""
+    follow_up: str | None = None
+    """The id of an earlier run whose branch this run continues; its task, its result and its commits are
+    given to the agent as context. The task is the new instruction; the policy, model and limits are the
+    earlier run's unless given here."""
+
+    def check_follow_up(self) -> None:
+        """A follow-up starts from the earlier run's branch and lands on it: it cannot also choose either."""
+        if self.follow_up is None:
+            return
+        if not self.follow_up.strip():
+            raise UsageError("--follow-up needs a run id")
+        for name, given in (("--base", self.base != "HEAD"), ("a branch", self.branch is not None)):
+            if given:
+                raise UsageError(f"--follow-up continues the earlier run's branch from its tip: it takes no {name}")
+        if self.replace_branch:
+            raise UsageError("--follow-up moves the branch forward only: it cannot replace it")
 
     def task_text(self) -> tuple[str, str | None]:
         """The agent's task, and the ticket's title when it came from one. A ticket is read here: its text

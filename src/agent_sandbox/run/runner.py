@@ -20,8 +20,9 @@ from agent_sandbox.git.checkout import HostRepo, branch_exists, open_repo, resol
 from agent_sandbox.git.handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from agent_sandbox.interrupts import interrupts
 from agent_sandbox.paths import runs_dir, state_dir
+from agent_sandbox.run import followup
 from agent_sandbox.run.progress import Guarded, Reporter
-from agent_sandbox.run.request import RunRequest
+from agent_sandbox.run.request import LIMIT_OVERRIDES, RunRequest
 from agent_sandbox.run.spec import RunSpec, RunSummary
 from agent_sandbox.run.supervisor import API_KEY_ENV, BudgetGuard, Supervisor
 from agent_sandbox.sidecar.script import ScriptError, load_script
@@ -65,9 +66,28 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(3)
 
 
-def _effective_policy(req: RunRequest) -> tuple[Policy, str]:
-    pol, source = load_policy(req.policy)
+def _inherits_policy(req: RunRequest, earlier: RunSpec | None) -> bool:
+    """A follow-up runs under the earlier run's policy unless its request names one."""
+    return earlier is not None and "policy" not in req.model_fields_set
+
+
+def _effective_policy(req: RunRequest, earlier: RunSpec | None = None) -> tuple[Policy, str]:
     overrides = req.limit_overrides()
+    if earlier is not None and _inherits_policy(req, earlier):
+        # Loaded again from its source (a fix to the policy since applies), with the earlier run's limits: a
+        # follow-up gets the budgets the earlier run had, its own overrides aside.
+        ref = earlier.policy_source.removeprefix("preset:")
+        try:
+            pol, source = load_policy(ref)
+        except UsageError as exc:
+            raise UsageError(
+                f"--follow-up: run {earlier.run_id}'s policy ({earlier.policy_source}): {exc.message}",
+                hint="pass --policy NAME|FILE",
+            ) from None
+        then = earlier.policy.limits
+        overrides = {**{key: getattr(then, key) for key in LIMIT_OVERRIDES.values()}, **overrides}
+    else:
+        pol, source = load_policy(req.policy)
     if overrides:
         try:
             limits = pol.limits.model_validate({**pol.limits.model_dump(), **overrides})
@@ -101,6 +121,24 @@ def _pr_repo(req: RunRequest, host: HostRepo, push: bool) -> str | None:
             f"cannot tell the GitHub repository from remote {req.remote!r}", hint=f"set {GITHUB_REPO_ENV}=owner/name"
         )
     return slug
+
+
+def _follow_up(req: RunRequest, host: HostRepo) -> followup.FollowUp | None:
+    """The earlier run a follow-up continues, checked (followup.resolve), or None for a run of its own. The run
+    store, when there is one, says which branches a running run is about to move."""
+    if req.follow_up is None:
+        return None
+    active: dict[str, str] = {}
+    path = state_dir() / "runs.sqlite"
+    if path.exists():
+        store = RunStore(path)
+        try:
+            for row in store.list_runs(repo=str(host.path), status="running", limit=1000):
+                if row.get("branch"):
+                    active[row["branch"]] = row["id"]
+        finally:
+            store.close()
+    return followup.resolve(req.follow_up.strip(), host, active)
 
 
 def _daily_remaining(daily_budget_usd: float | None) -> float | None:
@@ -162,8 +200,11 @@ def run_task(
     if reporter is not None:
         reporter = Guarded(reporter)  # a terminal that goes away must not end the run
     task, title = req.task_text()
+    req.check_follow_up()
     host = open_repo(req.repo)
-    pol, source = _effective_policy(req)
+    follow = _follow_up(req, host)
+    earlier = follow.earlier.spec if follow else None
+    pol, source = _effective_policy(req, earlier)
     script_path = _script_path(req)
     api_key = os.environ.get(API_KEY_ENV) or None
     if script_path is None and api_key is None:
@@ -171,8 +212,13 @@ def run_task(
             f"no model API key: set {API_KEY_ENV} on the host (it is given to the sidecar only), "
             "or pass --model-script FILE to use the scripted model"
         )
-    base_commit = resolve_commit(host, req.base)
-    warnings = _dirty_warning(host, req.base, base_commit)
+    if follow is not None:
+        # The branch's tip, not where the earlier run left it: whatever was added on top since is kept, and the
+        # import is a fast-forward of the branch as it is now.
+        base_commit, warnings = follow.head, list(follow.warnings)
+    else:
+        base_commit = resolve_commit(host, req.base)
+        warnings = _dirty_warning(host, req.base, base_commit)
     for w in warnings:
         _progress(reporter, "warning")(w)
     if req.branch is not None:
@@ -198,19 +244,24 @@ def run_task(
     _check_room()
 
     run_id = new_run_id()
+    model = req.model or (earlier.model if earlier is not None and _inherits_policy(req, earlier) else None)
     spec = RunSpec(
         run_id=run_id,
         repo=str(host.path),
-        base_ref=req.base,
+        base_ref=follow.branch if follow else req.base,
         base_commit=base_commit,
-        branch=req.branch or f"sandbox/{run_id}",
+        # A follow-up lands on the earlier run's branch without replacing it: the import only fast-forwards
+        # it, and the push needs no force.
+        branch=follow.branch if follow else (req.branch or f"sandbox/{run_id}"),
         replace_branch=req.replace_branch,
         pre=req.pre,
         check=req.check,
-        task=task,
+        task=followup.task_with_context(task, follow.context) if follow else task,
+        follow_up=follow.earlier.run_id if follow else None,
+        instruction=task if follow else None,
         policy=pol,
         policy_source=source,
-        model=req.model or pol.agent.model,
+        model=model or pol.agent.model,
         model_script=script_path,
         upstream_url=pol.agent.api_url,
         keep=req.keep,
@@ -220,8 +271,8 @@ def run_task(
         remote=req.remote,
         open_pr=req.open_pr,
         pr_repo=pr_repo,
-        pr_base=req.pr_base or default_pr_base(host, req.base),
-        title=title,
+        pr_base=req.pr_base or (earlier.pr_base if earlier else default_pr_base(host, req.base)),
+        title=title or (earlier.title if earlier else None),
         warnings=warnings,
     )
     # 3. Runs of this state directory that nobody supervises any more are finished first (cheap when there

@@ -91,6 +91,10 @@ class RunSpec(BaseModel):
     """The branch the work lands on in the host repository."""
     task: str
     """The task text given to the agent."""
+    follow_up: str | None = None
+    """The earlier run whose branch this run continues (a follow-up), or None."""
+    instruction: str | None = None
+    """A follow-up's new instruction alone; `task` is it with the earlier runs' context appended."""
     policy: Policy
     """The effective policy, CLI overrides applied."""
     policy_source: str
@@ -148,6 +152,8 @@ class RunSummary(BaseModel):
     """The branch holding the agent's work in the host repository; None when nothing changed."""
     base_commit: str
     """The commit the agent started from."""
+    follow_up: str | None = None
+    """The earlier run whose branch this run continued (a follow-up), or None."""
     head: str | None = None
     """The tip of the branch."""
     commits: list[str] = Field(default_factory=list)
