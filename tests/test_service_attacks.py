@@ -539,3 +539,21 @@ def test_an_events_stream_whose_client_left_ends(service: TaskService, caplog: p
             await runner.cleanup()
 
     asyncio.run(go())
+
+
+def test_a_follow_up_on_a_closed_or_merged_pull_request_is_ignored(
+    service: TaskService, fake_github: FakeGitHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pull request that is done with gets no new work pushed onto its branch, whoever asks."""
+    svc = with_github(service, fake_github, monkeypatch, followup_users=["alice"])
+    a_run_on(svc)
+    closed = fake_github.add_pull("acme/widgets", head="sandbox/r-first", user="sandbox-bot")
+    as_fork(fake_github, closed["number"], owner="acme")
+    fake_github.close_pull("acme/widgets", closed["number"])
+
+    async def scenario(call: Call) -> None:
+        why = expect(Ignored, 200, await deliver(call, "issue_comment", comment(closed["number"]))).ignored
+        assert "is closed" in why, why
+
+    against(svc, scenario)
+    assert svc.tasks.recent() == []

@@ -899,6 +899,10 @@ class TaskService:
             branch = str(head["ref"])
         except (KeyError, TypeError) as exc:
             return f"pull request #{number}'s branch could not be read from GitHub: {exc}"
+        if pr.get("state") != "open" or pr.get("merged"):
+            # A merged or closed pull request is done with: a follow-up there would push work nobody reviews.
+            ended = "merged" if pr.get("merged") else "closed"
+            return f"pull request #{number} is {ended}: follow-ups run only on open ones"
         # A fork's branch is not the run's branch, whatever it is named: only this repository's own branches.
         source = _head_repository(head, full_name)
         if source is None or source.casefold() != full_name.casefold():

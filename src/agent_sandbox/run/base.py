@@ -115,6 +115,7 @@ class RunBase:
         self._replaying = False  # recovery rebuilds what the run learnt from its trail without recording it
         self._usage = {"samples": 0, "peak_memory_bytes": 0, "cpu_ns": 0, "peak_pids": 0}  # the agent's
         self._disk_done = threading.Event()  # ends the sampled disk measurement
+        self._sampler: threading.Thread | None = None  # follows the agent's resource use until it ends
 
     def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
         """Ask a running supervisor (a signal, another thread) to stop its agent; the run still collects, imports

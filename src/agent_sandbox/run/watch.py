@@ -38,6 +38,8 @@ from agent_sandbox.run.state import RunState
 
 log = logging.getLogger(__name__)
 
+SAMPLER_JOIN = 5.0  # seconds the resource figures may still take once the agent has ended
+
 
 class Watching(RunBase):
     """The agent from its start until it ends."""
@@ -50,7 +52,8 @@ class Watching(RunBase):
         threading.Thread(target=self._pump, args=("agent_stderr", "agent", True), daemon=True).start()
         if self.quota.mode == "sampled":
             threading.Thread(target=self._measure_disk, daemon=True).start()
-        threading.Thread(target=self._sample, daemon=True).start()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         return "agent"
 
     def _sample(self) -> None:
@@ -65,6 +68,10 @@ class Watching(RunBase):
         u = self._usage
         if not self.agent_started:
             return
+        if self._sampler is not None and not u["samples"]:
+            # Its samples end with the container: a short agent's first one may still be on its way (the engine
+            # answers stats slowly under load), and a run without figures would say the agent used nothing.
+            self._sampler.join(SAMPLER_JOIN)
         me = psutil.Process()
         cpu = me.cpu_times()
         self._record(

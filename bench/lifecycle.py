@@ -1,0 +1,349 @@
+#!/usr/bin/env python3
+"""Benchmark: a whole `sandbox run` of a one-turn task against a bare `docker run` of the same agent image.
+
+    .venv/bin/python bench/lifecycle.py [--rounds 5] [--warmup 1] [--json]
+
+Both settings run the same Claude Code (the agent image of `sandbox images build`) on the same one-turn task
+against the same scripted model (SCRIPT below: one Bash call writes hello.txt, then the final answer):
+
+  bare     `docker run --rm -i --network host --entrypoint claude AGENT_IMAGE <the run's Claude Code
+           arguments>` with the task on stdin and ANTHROPIC_BASE_URL pointing at a scripted model this
+           script serves on the host's loopback (agent_sandbox.sidecar.scripted_model, in a thread). Host
+           networking: no bridge, no NAT, the cheapest path a container has to a host stub. No mounts, no
+           limits, no entry point: Claude Code writes into the image's own /workspace. The container is
+           labelled sandbox.bench=lifecycle.
+  sandbox  `sandbox run --repo R --task T --model-script SCRIPT --json` (the venv's console script, as a user
+           runs it) on a small throwaway repository (one README), with a state directory of its own
+           (SANDBOX_STATE_DIR): the checkout, the networks, the sidecar with the scripted model behind the
+           gateway, the isolated agent, the finaliser, the import and the teardown.
+
+Each is timed from just before the process starts to its exit, --rounds times, interleaved (the order
+alternates every round), after --warmup uncounted rounds of each. A round fails the benchmark unless the
+bare Claude Code ends with a successful result line and the sandbox run exits 0 with status succeeded and
+hello.txt as the one changed file.
+
+For every sandbox round the phases come from its audit trail (audit.jsonl): the time between consecutive
+events, plus the CLI's own start-up (process start to run_started) and exit (run_ended to process exit).
+Printed: the medians, the ratio sandbox/bare (goal <= 1.5x, issue 15), and the median of every phase.
+--json prints the same, with every sample, as one JSON object. Everything it creates (the repository, the
+state directory, the containers) is removed at the end; it fails if anything labelled with one of its run
+ids or sandbox.bench=lifecycle is left on the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
+
+from bench.machine import machine, run  # noqa: E402
+
+from agent_sandbox.sidecar.script import load_script  # noqa: E402
+from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve  # noqa: E402
+
+SANDBOX = str(Path(sys.executable).parent / "sandbox")
+GOAL = 1.5
+BENCH_LABEL = "sandbox.bench=lifecycle"
+TASK = "Write hello.txt saying hello."
+SCRIPT = 'turns:\n  - bash: "echo hello > hello.txt"\n  - text: Wrote hello.txt.\n'
+# The arguments the supervisor gives Claude Code (run/workloads.py, Recipes.claude_args) with the default
+# policy's max_turns.
+CLAUDE_ARGS = [
+    "-p",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+    "--permission-mode",
+    "bypassPermissions",
+    "--model",
+    "sonnet",
+    "--max-turns",
+    "50",
+    "--no-session-persistence",
+]
+
+# The sandbox run's phases: (name, the event that ends it). Each runs from the previous marker present in
+# the trail to its own; "start" and "exit" are the process's own start and end. The agent's container_created
+# is recorded once the isolation helper has run (backend/docker.py, start), so that phase holds both.
+PHASES = [
+    ("CLI start-up", "run_started"),
+    ("checkout (disk quota, workspace)", "checkout_prepared"),
+    ("networks", "network_created"),
+    ("sidecar container", "container_created:sidecar"),
+    ("sidecar ready", "ready"),
+    ("agent container, isolation helper", "container_created:agent"),
+    ("network_isolated recorded", "network_isolated"),
+    ("Claude Code start-up (to its first line)", "agent_first"),
+    ("agent's turns (first to last line)", "agent_last"),
+    ("agent exit, resource usage", "resource_usage"),
+    ("result check", "result_verified"),
+    ("finaliser container", "container_created:finaliser"),
+    ("finaliser run", "finalised"),
+    ("import", "imported"),
+    ("teardown", "teardown"),
+    ("gate, report", "run_ended"),
+    ("CLI exit", "exit"),
+]
+
+
+def images() -> dict[str, str]:
+    """The image set the current inputs call for, built first if missing."""
+    from agent_sandbox.backend.docker import connect_client
+    from agent_sandbox.backend.images import require_images
+    from agent_sandbox.errors import EnvironmentNotReady
+
+    try:
+        tags = require_images(connect_client())
+    except EnvironmentNotReady:
+        print("building the images (sandbox images build) ...", file=sys.stderr, flush=True)
+        subprocess.run([SANDBOX, "images", "build"], check=True, cwd=REPO_ROOT, stdout=sys.stderr)
+        tags = require_images(connect_client())
+    return {"agent": tags.agent, "sidecar": tags.sidecar}
+
+
+class Stub:
+    """The scripted model on the host's loopback, in a thread with its own event loop."""
+
+    def __init__(self, script: Path) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.model = ScriptedModel(load_script(script))
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+
+        def main() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.runner = self.loop.run_until_complete(serve(self.model, "127.0.0.1", self.port))
+            started.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=main, daemon=True)
+        self.thread.start()
+        if not started.wait(10):
+            raise RuntimeError("the scripted model did not start")
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@dataclass
+class Sample:
+    wall: float
+    phases: dict[str, float] = field(default_factory=dict)
+    run_id: str = ""
+
+
+class Bench:
+    def __init__(self, root: Path, agent_image: str) -> None:
+        self.root = root
+        self.agent_image = agent_image
+        self.script = root / "model.yaml"
+        self.script.write_text(SCRIPT)
+        self.repo = root / "repo"
+        self.repo.mkdir()
+        (self.repo / "README.md").write_text("# lifecycle\n\nA throwaway repository for bench/lifecycle.py.\n")
+        for args in (
+            ["init", "-q", "-b", "main"],
+            ["add", "-A"],
+            ["-c", "user.name=bench", "-c", "user.email=bench@example.invalid", "commit", "-qm", "bench"],
+        ):
+            run(["git", "-C", str(self.repo), *args], check=True)
+        self.state = root / "state"
+        self.env = {**os.environ, "SANDBOX_STATE_DIR": str(self.state)}
+        self.stub = Stub(self.script)
+
+    def bare(self) -> Sample:
+        cmd = [
+            "docker",
+            "run",
+            "--rm",
+            "-i",
+            "--network",
+            "host",
+            "--label",
+            BENCH_LABEL,
+            "-e",
+            f"ANTHROPIC_BASE_URL=http://127.0.0.1:{self.stub.port}",
+            "-e",
+            "ANTHROPIC_API_KEY=sk-ant-bench-placeholder",
+            "--entrypoint",
+            "claude",
+            self.agent_image,
+            *CLAUDE_ARGS,
+        ]
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, input=TASK, capture_output=True, text=True, timeout=300)
+        wall = time.perf_counter() - t0
+        last = next((ln for ln in reversed(res.stdout.splitlines()) if ln.strip()), "{}")
+        try:
+            result = json.loads(last)
+        except json.JSONDecodeError:
+            result = {}
+        if res.returncode or result.get("type") != "result" or result.get("is_error"):
+            raise RuntimeError(f"bare docker run: exit {res.returncode}, last line {last[:300]}\n{res.stderr[-2000:]}")
+        return Sample(wall=wall)
+
+    def sandbox(self) -> Sample:
+        cmd = [SANDBOX, "run", "--repo", str(self.repo), "--task", TASK, "--model-script", str(self.script), "--json"]
+        start = time.time()
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, capture_output=True, text=True, env=self.env, cwd=self.root, timeout=600)
+        wall = time.perf_counter() - t0
+        try:
+            summary = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            summary = {}
+        if res.returncode or summary.get("status") != "succeeded" or summary.get("files_changed") != ["hello.txt"]:
+            raise RuntimeError(
+                f"sandbox run: exit {res.returncode}, summary {json.dumps(summary)[:400]}\n{res.stderr[-2000:]}"
+            )
+        events = [json.loads(ln) for ln in (Path(summary["run_dir"]) / "audit.jsonl").read_text().splitlines()]
+        return Sample(wall=wall, phases=phases(events, start, start + wall), run_id=summary["id"])
+
+    def leftovers(self, run_ids: list[str]) -> list[str]:
+        found: list[str] = []
+        for flt in [f"label=sandbox.run-id={rid}" for rid in run_ids] + [f"label={BENCH_LABEL}"]:
+            found += run(["docker", "ps", "-aq", "--filter", flt]).stdout.split()
+            found += [f"network {n}" for n in run(["docker", "network", "ls", "-q", "--filter", flt]).stdout.split()]
+        return found
+
+
+def phases(events: list[dict[str, Any]], start: float, end: float) -> dict[str, float]:
+    """The run's phases (PHASES) from its audit trail: seconds between consecutive markers present."""
+    marks: dict[str, float] = {"start": start, "exit": end}
+    agent = [e["time"] for e in events if e.get("source") == "agent"]
+    if agent:
+        marks["agent_first"], marks["agent_last"] = agent[0], agent[-1]
+    for e in events:
+        kind = e["type"]
+        if kind == "container_created":
+            kind = f"container_created:{e['payload'].get('role')}"
+        if kind == "network_created":
+            marks[kind] = e["time"]  # the last of them
+        else:
+            marks.setdefault(kind, e["time"])
+    out: dict[str, float] = {}
+    prev = marks["start"]
+    for name, marker in PHASES:
+        if marker in marks:
+            out[name] = max(0.0, marks[marker] - prev)
+            prev = marks[marker]
+    return out
+
+
+def summarise(bare: list[Sample], sbx: list[Sample]) -> dict[str, Any]:
+    bare_med = statistics.median(s.wall for s in bare)
+    sbx_med = statistics.median(s.wall for s in sbx)
+    names = [n for n, _ in PHASES if any(n in s.phases for s in sbx)]
+    return {
+        "bare_median_s": round(bare_med, 3),
+        "sandbox_median_s": round(sbx_med, 3),
+        "ratio": round(sbx_med / bare_med, 2),
+        "goal": GOAL,
+        "phases_median_s": {n: round(statistics.median(s.phases.get(n, 0.0) for s in sbx), 3) for n in names},
+        "samples": {
+            "bare_s": [round(s.wall, 3) for s in bare],
+            "sandbox_s": [round(s.wall, 3) for s in sbx],
+            "sandbox_phases_s": [{k: round(v, 3) for k, v in s.phases.items()} for s in sbx],
+        },
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rounds = result["rounds"]
+    lines = [
+        f"| median of {rounds} rounds | seconds |",
+        "| --- | --- |",
+        f"| bare `docker run` | {result['bare_median_s']:.2f} |",
+        f"| `sandbox run` | {result['sandbox_median_s']:.2f} |",
+        f"| **ratio** (goal <= {GOAL}x) | **{result['ratio']:.2f}x** |",
+        "",
+        "| `sandbox run` phase (median s) | seconds | share |",
+        "| --- | --- | --- |",
+    ]
+    total = result["sandbox_median_s"]
+    for name, sec in result["phases_median_s"].items():
+        lines.append(f"| {name} | {sec:.3f} | {sec / total:.0%} |")
+    lines.append(f"| sum of the medians | {sum(result['phases_median_s'].values()):.3f} | |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds of each setting first (default 1)")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+    args = ap.parse_args()
+    tags = images()
+    root = Path(tempfile.mkdtemp(prefix="sandbox-bench-lifecycle-"))
+    bare: list[Sample] = []
+    sbx: list[Sample] = []
+    run_ids: list[str] = []
+    bench: Bench | None = None
+    try:
+        bench = Bench(root, tags["agent"])
+        for i in range(args.warmup + args.rounds):
+            order = (bench.bare, bench.sandbox) if i % 2 == 0 else (bench.sandbox, bench.bare)
+            for fn in order:
+                s = fn()
+                if s.run_id:
+                    run_ids.append(s.run_id)
+                counted = i >= args.warmup
+                if counted:
+                    (sbx if s.run_id else bare).append(s)
+                what = "sandbox" if s.run_id else "bare"
+                tag = f"round {i - args.warmup + 1}" if counted else "warm-up"
+                print(f"{tag:<9} {what:<8} {s.wall:6.2f}s", file=sys.stderr, flush=True)
+    finally:
+        if bench is not None:
+            bench.stub.close()
+            left = bench.leftovers(run_ids)
+        else:
+            left = []
+        shutil.rmtree(root, ignore_errors=True)
+    result = {
+        "benchmark": "lifecycle",
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "images": tags,
+        "rounds": args.rounds,
+        "bare_network": "host",
+        **summarise(bare, sbx),
+        "leftovers": left,
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(table(result))
+        m = result["machine"]
+        print(
+            f"\n{m['cores']} cores ({m['cpu']}), {m['memory']}, kernel {m['kernel']}, Docker {m['docker']}; "
+            f"agent image {tags['agent']}; {result['date']}"
+        )
+    if left:
+        print(f"lifecycle: left behind on the engine: {left}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
