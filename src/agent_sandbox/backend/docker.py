@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
+STATS_INTERVAL = 0.5  # seconds between resource samples of a running container
 # How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
 # before the run gives up on it; once given up on, later calls (teardown) fail at once.
 ENGINE_WAIT = 120.0
@@ -510,24 +511,18 @@ class DockerBackend(Backend):
         yield from c.logs(stream=True, follow=True, stdout=not stderr, stderr=stderr)
 
     def stats(self, container: str) -> Iterator[dict[str, int]]:
+        # One-shot samples, one every STATS_INTERVAL: the streaming endpoint's first frame waits a second for a
+        # CPU delta, so an agent that lives about that long (a short task on a loaded engine) would end with
+        # no figures at all; a one-shot answer comes at once.
         try:
-            # A one-shot sample first: the stream's first frame waits a second for a CPU delta, and a short run
-            # (or a busy engine) could end before it, leaving no figures at all.
-            first = _figures(self.client.api.stats(container, stream=False, one_shot=True))
-            if first is not None:
-                yield first
-            stream = self._get(container).stats(stream=True, decode=True)
-            for frame in stream:
-                if not isinstance(frame, dict):
-                    continue
-                if str(frame.get("read", "")).startswith("0001-01-01"):
-                    # The zero time: the container has stopped (or, just started, has no figures yet).
-                    if not self.status(container).running:
-                        return
-                    continue
-                sample = _figures(frame)
+            while True:
+                sample = _figures(self.client.api.stats(container, stream=False, one_shot=True))
                 if sample is not None:
                     yield sample
+                elif not self.status(container).running:
+                    return
+                if self.wait(container, STATS_INTERVAL).exit_code is not None:
+                    return
         except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
             return
 
