@@ -53,7 +53,10 @@ def completing() -> dict[str, Callable[[Running], int | None]]:
         return idle(w)
 
     def agent(w: Running) -> int:
-        w.sleep(1.2)  # longer than the 1 s wall clock one entry sets: that run is killed
+        # Longer than the 1 s wall clock one entry sets (its containers' deadline says so): that run is killed;
+        # the others answer at once.
+        short_wall = int(w.workload.env["SANDBOX_DEADLINE_SECONDS"]) < 200
+        w.sleep(1.2 if short_wall else 0.15)
         w.say({"type": "result", "subtype": "success", "is_error": False, "num_turns": 1, "result": "done"})
         return 0
 

@@ -264,8 +264,9 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
     from agent_sandbox.audit.redact import Redactor
     from agent_sandbox.errors import UsageError
     from agent_sandbox.git.checkout import branch_exists, open_repo
-    from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
+    from agent_sandbox.git.handoff import HandoffError, push_branch, remote_url
     from agent_sandbox.run import report
+    from agent_sandbox.run.finish import hand_off_pull_request
     from agent_sandbox.store import RunStore
 
     spec, s = _load_run(run_id)
@@ -308,38 +309,13 @@ def push(run_id: str, remote: str | None, as_json: bool) -> None:
         store.update(run_id, pushed=1)
         if want_pr and token and spec.pr_repo:
             redact = Redactor([token])
-            title = spec.title or ("sandbox: " + spec.task.strip().splitlines()[0][:72])
             try:
-                pr = open_pull_request(
-                    slug=spec.pr_repo,
-                    head=s.branch,
-                    base=spec.pr_base,
-                    title=title,
-                    body=redact(report.render(run_dir, s)),
-                    token=token,
-                    remote=remote_url(repo, target),
-                    draft=spec.policy.git.pr_draft,
-                    labels=spec.policy.git.pr_labels,
-                    reviewers=spec.policy.git.pr_reviewers,
-                    note=redact(
-                        run_note(
-                            run_id=s.id,
-                            status=s.status,
-                            message=s.message,
-                            cost_usd=s.cost_usd,
-                            files_changed=len(s.files_changed),
-                            branch=s.branch,
-                        )
-                    ),
-                    full_report=f"`{run_dir / 'report.md'}` on the host that ran it (`sandbox show {s.id}`)",
-                )
+                hand_off_pull_request(spec, s, run_dir, remote_url(repo, target), token, redact)
             except HandoffError as exc:
                 # Recorded before failing, so the summary and report say the branch is pushed and what is left.
                 s.push_error = f"pushed, but {exc.message}; retry with `sandbox push {run_id}`"
                 save()
                 raise
-            s.pr_url = pr.url
-            s.warnings.extend(f"pull request {pr.url}: {p}" for p in pr.problems)
     except HandoffError as exc:
         exc.exit_code = ExitCode.HANDOFF
         _fail(exc)

@@ -14,8 +14,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent_sandbox.errors import UsageError
-from agent_sandbox.paths import runs_dir
 from agent_sandbox.run.liveness import supervised
+from agent_sandbox.run.lookup import find_run_dir
 from agent_sandbox.run.spec import RunSpec, RunSummary
 from agent_sandbox.store import RunStore
 
@@ -138,18 +138,7 @@ def _row(r: dict[str, Any]) -> RunRow:
 
 def resolve_run(run_id: str) -> Path:
     """The run directory for an id or a unique prefix of one."""
-    root = runs_dir()
-    if "/" in run_id or not run_id:
-        raise UsageError(f"not a run id: {run_id!r}")
-    exact = root / run_id
-    if (exact / "audit.jsonl").is_file():
-        return exact
-    matches = sorted(p for p in root.glob(f"{run_id}*") if (p / "audit.jsonl").is_file()) if root.is_dir() else []
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise UsageError(f"no run {run_id!r} in {root}")
-    raise UsageError(f"{run_id!r} names {len(matches)} runs: " + ", ".join(p.name for p in matches[:5]))
+    return find_run_dir(run_id, marker="audit.jsonl")
 
 
 def read_events(run_dir: Path) -> list[dict[str, Any]]:

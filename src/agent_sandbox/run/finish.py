@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from agent_sandbox.audit import events as ev
 from agent_sandbox.errors import ExitCode, disk_full
 from agent_sandbox.git.checkout import Imported, remove_tree
 from agent_sandbox.git.gate import Violation
 from agent_sandbox.git.gate import check as gate_check
+from agent_sandbox.git.github import PullRequestResult
 from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
 from agent_sandbox.run import quota, report
 from agent_sandbox.run.collect import Collecting
-from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSummary
+from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary
 from agent_sandbox.run.state import RunState
 from agent_sandbox.run.workloads import SIDECAR_EVENTS
 from agent_sandbox.sidecar.egress import overview as egress_overview
@@ -176,40 +179,14 @@ class Finishing(Collecting):
     def _open_pr(self, s: RunSummary) -> None:
         """Open the branch's pull request, or update the one it already has open (a rerun of the same branch);
         a failure keeps the pushed branch and says how to retry."""
-        title = self.spec.title or ("sandbox: " + self.spec.task.strip().splitlines()[0][:72])
-        body = self.redact(report.render(self.run_dir, s))
-        git_rules = self.spec.policy.git
         try:
             if not (self.spec.pr_repo and self.github_token):
                 # The runner refuses --open-pr without both; a run that lost them still says so, not crashes.
                 raise HandoffError("no GitHub repository or GITHUB_TOKEN to open the pull request with")
             self.ui.phase("pr", f"{s.branch} into {self.spec.pr_base} on {self.spec.pr_repo}")
-            pr = open_pull_request(
-                slug=self.spec.pr_repo,
-                head=s.branch or "",
-                base=self.spec.pr_base,
-                title=title,
-                body=body,
-                token=self.github_token,
-                remote=remote_url(self.repo, self.spec.remote),
-                draft=git_rules.pr_draft,
-                labels=git_rules.pr_labels,
-                reviewers=git_rules.pr_reviewers,
-                note=self.redact(
-                    run_note(
-                        run_id=s.id,
-                        status=s.status,
-                        message=s.message,
-                        cost_usd=s.cost_usd,
-                        files_changed=len(s.files_changed),
-                        branch=s.branch or "",
-                    )
-                ),
-                full_report=f"`{self.run_dir / 'report.md'}` on the host that ran it (`sandbox show {s.id}`)",
+            pr = hand_off_pull_request(
+                self.spec, s, self.run_dir, remote_url(self.repo, self.spec.remote), self.github_token, self.redact
             )
-            s.pr_url = pr.url
-            # A label or reviewer GitHub refused leaves the pull request fine, but the operator should know.
-            s.warnings.extend(f"pull request {pr.url}: {p}" for p in pr.problems)
             log.info(
                 "pr_handed_off run_id=%s url=%s created=%s problems=%d", s.id, pr.url, pr.created, len(pr.problems)
             )
@@ -282,3 +259,40 @@ class Finishing(Collecting):
             run_dir=str(self.run_dir),
             warnings=self.spec.warnings,
         )
+
+
+def hand_off_pull_request(
+    spec: RunSpec, s: RunSummary, run_dir: Path, remote: str | None, token: str, redact: Callable[[str], str]
+) -> PullRequestResult:
+    """Open the run's pull request, or update the one its branch has open, with the run's report as the body
+    and a note on the run; the url and any refused label or reviewer go into the summary. The run's own
+    hand-off and `sandbox push` both use it. HandoffError when GitHub refuses."""
+    assert spec.pr_repo is not None
+    git_rules = spec.policy.git
+    pr = open_pull_request(
+        slug=spec.pr_repo,
+        head=s.branch or "",
+        base=spec.pr_base,
+        title=spec.title or ("sandbox: " + spec.task.strip().splitlines()[0][:72]),
+        body=redact(report.render(run_dir, s)),
+        token=token,
+        remote=remote,
+        draft=git_rules.pr_draft,
+        labels=git_rules.pr_labels,
+        reviewers=git_rules.pr_reviewers,
+        note=redact(
+            run_note(
+                run_id=s.id,
+                status=s.status,
+                message=s.message,
+                cost_usd=s.cost_usd,
+                files_changed=len(s.files_changed),
+                branch=s.branch or "",
+            )
+        ),
+        full_report=f"`{run_dir / 'report.md'}` on the host that ran it (`sandbox show {s.id}`)",
+    )
+    s.pr_url = pr.url
+    # A label or reviewer GitHub refused leaves the pull request fine, but the operator should know.
+    s.warnings.extend(f"pull request {pr.url}: {p}" for p in pr.problems)
+    return pr

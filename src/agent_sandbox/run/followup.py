@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pydantic import ValidationError
 
 from agent_sandbox.errors import UsageError
 from agent_sandbox.git.checkout import HostRepo, branch_exists
-from agent_sandbox.paths import runs_dir
+from agent_sandbox.run.lookup import find_run_dir
 from agent_sandbox.run.spec import RunSpec, RunSummary
 
 log = logging.getLogger(__name__)
@@ -80,18 +79,7 @@ class FollowUp:
 
 def find_run(run_id: str) -> Path:
     """The run directory of a run id, or of a unique prefix of one."""
-    root = runs_dir()
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", run_id):  # a prefix is globbed: no pattern of its own
-        raise UsageError(f"--follow-up: not a run id: {run_id!r}")
-    exact = root / run_id
-    if (exact / "spec.json").is_file():
-        return exact
-    matches = sorted(p for p in root.glob(f"{run_id}*") if (p / "spec.json").is_file()) if root.is_dir() else []
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise UsageError(f"--follow-up: no run {run_id!r} in {root}", hint="`sandbox ls` lists the runs")
-    raise UsageError(f"--follow-up: {run_id!r} names {len(matches)} runs: " + ", ".join(p.name for p in matches[:5]))
+    return find_run_dir(run_id, marker="spec.json", label="--follow-up")
 
 
 def load_run(run_dir: Path) -> EarlierRun:
