@@ -5,7 +5,7 @@ PYTEST  := $(VENV)/bin/pytest
 # Docker-bound tests mostly wait on containers, so more workers than cores pays off.
 TEST_WORKERS ?= 4
 
-.PHONY: all demo test images docker venv lint format unit clean-runs bench bench-lifecycle bench-checkout bench-install bench-soak
+.PHONY: all demo test images docker venv lint format unit clean-runs bench bench-lifecycle bench-checkout bench-overheads bench-install bench-soak
 
 all: test
 
@@ -47,10 +47,11 @@ clean-runs: docker
 	-docker ps -aq --filter label=sandbox.run-id | xargs -r docker rm -f
 	-docker network ls -q --filter label=sandbox.run-id | xargs -r docker network rm
 
-# The suite of issue 15: lifecycle, checkout and a small soak, one table of the headline figures
+# The suite of issue 15: lifecycle, checkout, overheads and a small soak, one table of the headline figures
 # (docs/performance.md; `make bench BENCH_ARGS=--write-docs` writes it there).
 bench: images ; $(VENV)/bin/python bench/all.py $(BENCH_ARGS)
 bench-lifecycle: images ; $(VENV)/bin/python bench/lifecycle.py --rounds 5
 bench-checkout: venv ; $(VENV)/bin/python bench/checkout.py
+bench-overheads: images ; $(VENV)/bin/python bench/overheads.py
 bench-install: images ; $(VENV)/bin/python bench/install.py --rounds 3
 bench-soak: images ; $(VENV)/bin/python bench/soak.py --sequential 100 --concurrent 10

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The benchmark suite: lifecycle, checkout and a small soak, and one table of the headline figures.
+"""The benchmark suite: lifecycle, checkout, overheads and a small soak, and one table of the headline figures.
 
     .venv/bin/python bench/all.py [--rounds 5] [--sequential 10] [--concurrent 10] [--json] [--write-docs]
 
@@ -8,6 +8,9 @@ It runs, one after another (never at once: each would skew the others' timings),
   bench/lifecycle.py --rounds R --json     a one-turn `sandbox run` against a bare `docker run` (ratio 1)
   bench/checkout.py --json                 the workspace of a 30,000-file repository against
                                            `git worktree add` (ratio 2)
+  bench/overheads.py --json                goal 3: download throughput through the egress proxy against
+                                           direct, the gateway's added time to first byte, the kill latency
+                                           at a limit, and a `sandbox sweep` of 10 runs at once
   bench/soak.py --sequential S --concurrent C   S runs one after another, then C at once: every run
                                            succeeds, nothing left behind, the supervisor's peak RSS
 
@@ -32,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
 
 from bench.machine import machine  # noqa: E402
+from bench.overheads import headlines as overheads_headlines  # noqa: E402
+from bench.overheads import notes as overheads_notes  # noqa: E402
 
 DOCS = REPO_ROOT / "docs" / "performance.md"
 BEGIN = "<!-- bench/all.py: begin -->"
@@ -96,6 +101,7 @@ def tables(res: dict[str, Any]) -> str:
         f"| <= {co['goal_s']} s | {mark(co['sandbox_checkout_s'] <= co['goal_s'])} |",
         f"| 2. checkout: speed-up over `git worktree add` ({co['worktree_add_s']:.2f} s) | **{co['speedup']:.2f}x** "
         f"| >= {co['goal_speedup']:.0f}x | {mark(co['speedup'] >= co['goal_speedup'])} |",
+        *overheads_headlines(res.get("overheads") or {}),
         f"| soak: {so['runs']} runs ({seq.get('runs', '-')} sequential, {con.get('runs', '-')} at once) | "
         f"{so['failures']} failures, {so['leaks']} leaks | 0, 0 | {mark(so['failures'] == 0 and so['leaks'] == 0)} |",
         f"| soak: wall per run, median (sequential / {con.get('runs', '-')} at once on {m['cores']} cores) | "
@@ -110,6 +116,7 @@ def tables(res: dict[str, Any]) -> str:
         f"(s): bare {lc['samples']['bare_s']}, sandbox {lc['samples']['sandbox_s']}",
         f"- checkout: {co['files']:,} files, {co['commits']} commits, {co['objects_mb']} MB of objects, median "
         f"of {co['repeat']}; workspace owner {co['owner']}",
+        *overheads_notes(res.get("overheads") or {}),
         "",
         f"Phases of the `sandbox run` (medians of {lc['rounds']}, from its audit trail):",
         "",
@@ -144,8 +151,9 @@ def main() -> int:
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     lc = step("lifecycle", [PY, "bench/lifecycle.py", "--rounds", str(args.rounds), "--json"])
     co = step("checkout", [PY, "bench/checkout.py", "--json"])
+    ov = step("overheads", [PY, "bench/overheads.py", "--json"])
     so = step("soak", [PY, "bench/soak.py", "--sequential", str(args.sequential), "--concurrent", str(args.concurrent)])
-    failed = [name for name, r in (("lifecycle", lc), ("checkout", co)) if r.returncode]
+    failed = [name for name, r in (("lifecycle", lc), ("checkout", co), ("overheads", ov)) if r.returncode]
     if failed:
         print(f"bench: {', '.join(failed)} failed", file=sys.stderr)
         return 1
@@ -154,6 +162,7 @@ def main() -> int:
         "machine": machine(),
         "lifecycle": json.loads(lc.stdout),
         "checkout": json.loads(co.stdout),
+        "overheads": json.loads(ov.stdout),
         "soak": {**soak_figures(so.stdout), "exit_code": so.returncode},
     }
     text = tables(res)

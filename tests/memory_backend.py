@@ -93,12 +93,14 @@ class MemoryRun(RunHandle):
         self.backend = backend
         self.run_id = run_id
         self.workloads: dict[str, Running] = {}
+        self.released: dict[str, threading.Event] = {}
+        self.discarded: list[str] = []
         self.torn_down = False
 
     def prepare(self) -> list[dict[str, Any]]:
         return [{"name": f"mem-{self.run_id}", "internal": True}]
 
-    def start(self, workload: Workload) -> Started:
+    def start(self, workload: Workload, hold: bool = False) -> Started:
         if workload.role in self.workloads and not self.workloads[workload.role].ended.is_set():
             raise RuntimeError(f"{workload.role} is already running")
         w = self.workloads[workload.role] = Running(workload)
@@ -108,7 +110,14 @@ class MemoryRun(RunHandle):
             "finaliser": finaliser_unchanged,
         }.get(workload.role, idle)
 
+        released = self.released.setdefault(workload.role, threading.Event())
+        released.clear()
+
         def run() -> None:
+            # Like the agent's entry point, nothing runs before the go-ahead (or ever, if it is stopped first).
+            while workload.go_ahead and not released.wait(0.05):
+                if w.ended.is_set():
+                    return
             try:
                 code = behaviour(w)
             except Exception as exc:  # a behaviour that breaks is a workload that crashed
@@ -117,12 +126,24 @@ class MemoryRun(RunHandle):
             w.end(143 if w.stopped.is_set() and code is None else (code or 0))
 
         threading.Thread(target=run, daemon=True).start()
-        if workload.go_ahead:
-            Path(workload.go_ahead).touch()
+        if workload.go_ahead and not hold:
+            self.release(workload.role)
         return Started(
             security={"name": f"mem-{self.run_id}-{workload.role}", "user": workload.user},
             confinement=["sidecar only"] if workload.go_ahead else None,
         )
+
+    def release(self, role: Role) -> None:
+        w = self.workloads[role]
+        assert w.workload.go_ahead, f"{role} waits for no go-ahead"
+        Path(w.workload.go_ahead).touch()
+        self.released[role].set()
+
+    def discard(self, *roles: Role, network: bool = False) -> None:
+        for role in roles:
+            if role != "sidecar" and (w := self.workloads.get(role)) is not None and not w.ended.is_set():
+                raise AssertionError(f"{role} was discarded while it still ran")
+        self.discarded.extend([*roles, *(["network"] if network else [])])
 
     def _get(self, role: Role) -> Running | None:
         return self.workloads.get(role)
@@ -160,6 +181,9 @@ class MemoryRun(RunHandle):
         w.stopped.set()
         # A workload that does not end within its grace is killed.
         threading.Timer(min(grace, 0.5), lambda: w.end(137)).start()
+
+    def remove_workloads(self) -> list[str]:
+        return self.teardown()  # as Docker: the work is in the run directory, not in anything of the backend's
 
     def teardown(self) -> list[str]:
         for role in list(self.workloads):

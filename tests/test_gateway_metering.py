@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +21,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from agent_sandbox.sidecar.__main__ import settle_on_request
 from agent_sandbox.sidecar.gateway import Gateway, UsageMeter, estimate_input_tokens
 from agent_sandbox.sidecar.pricing import DEFAULT_PRICES, FALLBACK, Price
 
@@ -674,3 +677,44 @@ def test_output_before_the_final_usage_is_estimated_within_max_tokens() -> None:
     assert m.streamed_bytes == 52 and m.output_estimate(1000) == 52 and m.output_estimate(20) == 20
     m.feed_sse(sse({"type": "message_delta", "delta": {"stop_reason": "max_tokens"}, "usage": {"output_tokens": 20}}))
     assert m.output_estimate(1000) == 20 and m.as_dict(1000)["output_tokens"] == 20
+
+
+def test_a_settle_request_is_answered_after_the_calls_in_flight_end() -> None:
+    """The supervisor's settle request (sidecar/__main__.py, on the control socket): `settled` comes out only
+    once the call in flight has ended, after its `model_call` line; with nothing in flight, at once."""
+    hold = asyncio.Event()
+    events = stream_events("claude-sonnet-4-5", {"input_tokens": 10}, {"output_tokens": 5})
+    api = FakeAPI([streamed(events, hold)])
+
+    async def main() -> None:
+        async with gateway(api) as h, contextlib.AsyncExitStack() as stack:
+            sock_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="sbx-settle-"))
+            path = os.path.join(sock_dir, "control.sock")
+            server = await asyncio.start_unix_server(
+                lambda r, w: settle_on_request(h.gw, h.events.append, r, w), path=path
+            )
+            stack.push_async_callback(server.wait_closed)
+            stack.callback(server.close)
+
+            async def ask(token: str) -> bytes:
+                reader, writer = await asyncio.open_unix_connection(path)
+                writer.write(token.encode() + b"\n")
+                answer = await reader.read(16)
+                writer.close()
+                return answer
+
+            call = asyncio.create_task(h.post(message(stream=True)))
+            await h.until(lambda: bool(h.gw.reserved))
+            asking = asyncio.create_task(ask("t1"))
+            await asyncio.sleep(0.05)
+            assert not asking.done() and not h.of("settled"), "no answer while a call is in flight"
+            hold.set()
+            assert await asking == b"ok\n"
+            await call
+            kinds = [e["event"] for e in h.events]
+            assert kinds.index("model_call") < kinds.index("settled")
+            assert h.of("settled") == [{"event": "settled", "token": "t1", "inflight": 0, "calls": 1}]
+            assert await asyncio.wait_for(ask("t2"), 1) == b"ok\n"
+            assert h.of("settled")[-1]["token"] == "t2"
+
+    asyncio.run(main())

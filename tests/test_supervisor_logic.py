@@ -259,10 +259,41 @@ def test_a_sidecar_that_never_gets_ready_fails_before_the_agent(
         w.say("Traceback: config broken", stderr=True)
         return 2
 
-    summary, backend, _ = _run(tmp_path, repo, {"sidecar": silent})
+    ran: list[str] = []
+
+    def agent(w: Running) -> int:
+        ran.append("agent")
+        return 0
+
+    summary, backend, events = _run(tmp_path, repo, {"sidecar": silent, "agent": agent})
     assert summary.reason == "error" and "did not become ready" in summary.message
     assert "config broken" in summary.message
-    assert [w.role for w in backend.started] == ["sidecar"], "no agent without a sidecar"
+    # Its container was started beside the sidecar, held: it never got the go-ahead, so nothing of it ran, and
+    # the workspace was no agent's work to keep.
+    handle = backend.handles[summary.id]
+    assert not handle.released["agent"].is_set() and ran == [], "no agent without a sidecar"
+    assert [w.role for w in backend.started] == ["sidecar", "agent"]
+    assert not [e for e in events if e["type"] == "container_created" and e["payload"]["role"] == "agent"]
+    assert summary.kept is None
+
+
+def test_the_agent_gets_its_go_ahead_only_once_the_sidecar_is_ready(tmp_path: Path, repo: Path) -> None:
+    order: list[str] = []
+
+    def slow_sidecar(w: Running) -> int:
+        w.sleep(0.5)  # the agent's container is started meanwhile
+        order.append("ready")
+        w.say(READY)
+        return idle(w)
+
+    def agent(w: Running) -> int:
+        order.append("agent")
+        return agent_saying()(w)
+
+    _summary, _backend, events = _run(tmp_path, repo, {"sidecar": slow_sidecar, "agent": agent})
+    assert order == ["ready", "agent"]
+    types = [(e["type"], e["payload"].get("role")) for e in events]
+    assert types.index(("ready", None)) < types.index(("container_created", "agent"))
 
 
 # --- the recipes ------------------------------------------------------------------------------------------

@@ -154,7 +154,12 @@ def script(*commands: str) -> str:
     return "turns:\n" + "".join(f"  - bash: {json.dumps(c)}\n" for c in commands) + "  - text: done\n"
 
 
-def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, sandbox, write_script, tmp_path) -> None:
+# The agent's namespace is cut down by the host's tools through nsenter where the supervisor can (root, a local
+# engine), by a helper container otherwise (SANDBOX_ISOLATION=helper forces it): both must hold the same.
+@pytest.mark.parametrize("isolation", ["nsenter", "helper"])
+def test_the_agent_reaches_the_sidecar_alone(
+    isolation, host_service, hosts, make_repo, sandbox, write_script, tmp_path
+) -> None:
     port, targets = host_service.tcp_port, host_targets()
     repo = make_repo(files={"probe.py": PROBE, "README.md": "# probe\n"})
     addrs = list(targets.values())
@@ -192,6 +197,7 @@ def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, san
         )
     )
     res = sandbox(
+        "-v",
         "run",
         "--repo",
         str(repo),
@@ -202,8 +208,10 @@ def test_the_agent_reaches_the_sidecar_alone(host_service, hosts, make_repo, san
         "--model-script",
         str(write_script(sc)),
         "--json",
+        env={"SANDBOX_ISOLATION": isolation},
     )
     assert res.code == 0, res.stderr
+    assert "network_isolated container=sbx-" in res.stderr and f"method={isolation} " in res.stderr, res.stderr
     summary = res.json()
     out = tool_results(summary["run_dir"])
     assert len(out) == 4 + len(per_address), out

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 from agent_sandbox.sidecar.events import (
     Egress,
     Event,
+    GatewaySettled,
     ModelCall,
     ModelCallFailed,
     ModelCallRefused,
@@ -57,7 +58,7 @@ class DiskQuota(Event):
 
 
 class CheckoutPrepared(Event):
-    """The task's checkout exists."""
+    """The task's checkout exists: the workspace is ready, on its branch at the base commit."""
 
     TYPE: ClassVar[str] = "checkout_prepared"
 
@@ -67,6 +68,17 @@ class CheckoutPrepared(Event):
     """The branch it is on."""
     objects: str
     """The host object directory it borrows from (mounted read-only)."""
+    mode: str = "copy"
+    """`overlay`: a copy-on-write layer of the run's own, in its disk quota, over the base commit's tree, which
+    is written once per commit into the state directory's cache and shared read-only by the runs that start
+    there; `copy`: every file of the working tree written into the workspace (no root, or no overlayfs)."""
+    cached: bool | None = None
+    """For an overlay: true when the tree was in the cache already, false when this run built it (which costs
+    what a full checkout costs); null for a copy."""
+    seconds: float | None = None
+    """How long preparing the workspace took (quota filesystem, tree, overlay and `.git`)."""
+    detail: str = ""
+    """Why the workspace is a copy where an overlay was expected (the mount failed, `SANDBOX_WORKSPACE=copy`)."""
 
 
 class NetworkCreated(Event):
@@ -516,6 +528,7 @@ EVENT_MODELS: dict[str, type[Event]] = {
         AgentOutput,
         SidecarReady,
         SidecarStopped,
+        GatewaySettled,
         Watchdog,
         ModelCall,
         ModelCallRefused,

@@ -1,4 +1,5 @@
-"""Platforms that run the tasks, behind one run-level interface (base.py, plan.py). Docker today.
+"""Platforms that run the tasks, behind one run-level interface (base.py, plan.py): Docker (docker.py) and
+Kubernetes (kubernetes/).
 
 Backends are imported lazily so that choosing one never imports another's SDK.
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from agent_sandbox.backend.base import Backend, RunHandle
 from agent_sandbox.backend.plan import ExitInfo, Mount, Reach, RunPlan, Workload
-from agent_sandbox.config.backends import BackendConfig, DockerConfig
+from agent_sandbox.config.backends import BackendConfig, DockerConfig, KubernetesConfig
 
 
 def connect(config: BackendConfig | None = None) -> Backend:
@@ -17,6 +18,10 @@ def connect(config: BackendConfig | None = None) -> Backend:
         from agent_sandbox.backend.docker import DockerBackend
 
         return DockerBackend.connect(config)
+    if isinstance(config, KubernetesConfig):
+        from agent_sandbox.backend.kubernetes.backend import KubernetesBackend
+
+        return KubernetesBackend.connect(config)
     raise ValueError(f"unknown backend {config!r}")
 
 

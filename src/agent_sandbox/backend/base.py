@@ -33,9 +33,22 @@ class RunHandle(ABC):
         firewall closed to the internal one). Returns one audit payload per object made (`network_created`)."""
 
     @abstractmethod
-    def start(self, workload: Workload) -> Started:
-        """Start a workload, confined as its `reach` says; for `Reach.SIDECAR` the confinement is in place,
-        checked, and the go-ahead given before this returns. The sidecar starts first."""
+    def start(self, workload: Workload, hold: bool = False) -> Started:
+        """Start a workload, confined as its `reach` says; for `Reach.SIDECAR` the confinement is in place and
+        checked before this returns, and so is the go-ahead unless `hold` (then `release` gives it: the agent's
+        container starts while the sidecar gets ready, and its code runs once the sidecar is). The sidecar's
+        container starts first."""
+
+    @abstractmethod
+    def release(self, role: Role) -> None:
+        """Give a workload started with `hold` its go-ahead: its own code runs from here."""
+
+    @abstractmethod
+    def discard(self, *roles: Role, network: bool = False) -> None:
+        """Remove workloads that have done their part, without waiting (the run goes on meanwhile); with
+        `network`, then also what the run's workloads shared to reach the sidecar (no workload that needs it
+        follows: the finaliser has no network). `teardown` waits for it and removes whatever is left, so a
+        discard that fails loses nothing."""
 
     @abstractmethod
     def output(self, role: Role, stderr: bool = False) -> Iterator[bytes]:
@@ -60,6 +73,15 @@ class RunHandle(ABC):
         """SIGTERM, then SIGKILL after grace seconds. A workload that is not there is no error."""
 
     @abstractmethod
+    def remove_workloads(self) -> list[str]:
+        """Recovery, before it packs the work of a run another process started: remove the run's workloads
+        (stopped and read already) but keep what holds the agent's work and what a workload started on this
+        handle next needs, then take the run over so that `start` can run a workload that reaches nothing (the
+        finaliser) on that work. Docker keeps nothing (the work is in the host's directory): this is `teardown`.
+        Kubernetes keeps the anchor, the run's volume and the isolation policies. `teardown` removes the rest.
+        Returns what was removed."""
+
+    @abstractmethod
     def teardown(self) -> list[str]:
         """Remove every object of the run; returns what was removed. Safe to repeat and to race with
         `sandbox gc`."""
@@ -78,7 +100,9 @@ class Backend(ABC):
 
     @abstractmethod
     def attach_run(self, run_id: str) -> RunHandle:
-        """A handle on a run another process started (recovery): to stop, read and tear down what is left."""
+        """A handle on a run another process started (recovery): to stop, read and tear down what is left. A
+        recovery that packs the work opens the run with its own plan instead, and takes it over with
+        `RunHandle.remove_workloads`."""
 
     def remove_run(self, run_id: str) -> list[str]:
         """Remove every object labelled with this run id; returns what was removed."""

@@ -10,8 +10,11 @@ import re
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -33,6 +36,7 @@ log = logging.getLogger(__name__)
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 STATS_INTERVAL = 0.5  # seconds between resource samples of a running container
+DISCARD_JOIN = 30.0  # seconds teardown waits for a discard under way before removing what is left itself
 # How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
 # before the run gives up on it; once given up on, later calls (teardown) fail at once.
 ENGINE_WAIT = 120.0
@@ -46,6 +50,34 @@ def engine_wait(configured: float | None = None) -> float:
         return max(0.0, float(os.environ.get(ENGINE_WAIT_ENV) or ENGINE_WAIT))
     except ValueError:
         return ENGINE_WAIT
+
+
+ISOLATE_ENV = "SANDBOX_ISOLATION"  # `helper`: isolate with a helper container even where nsenter would do
+
+
+def isolation_method() -> str:
+    """How the agent's network namespace is cut down to one route: `nsenter` (the host's tools, as root, on
+    the engine's own machine) or `helper` (a container of NET_ADMIN alone in the namespace)."""
+    if os.environ.get(ISOLATE_ENV) == "helper" or os.geteuid() != 0:
+        return "helper"
+    if not all(shutil.which(tool) for tool in ("nsenter", "ip", "awk", "sed", "grep", "sort", "wc")):
+        return "helper"
+    host = os.environ.get("DOCKER_HOST", "")
+    if host and not host.startswith("unix://"):
+        return "helper"  # a remote engine: its containers' processes are not ours to enter
+    return "nsenter"
+
+
+def _is_containers_process(pid: int, container_id: str) -> bool:
+    """Whether process `pid` of this machine is in the cgroup of that container (cgroup v1 `/docker/<id>`,
+    v2 `docker-<id>.scope` or `/docker/<id>`)."""
+    if pid <= 0:
+        return False
+    try:
+        cgroups = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        return False
+    return container_id in cgroups
 
 
 class EngineUnavailable(EnvironmentNotReady):
@@ -226,12 +258,12 @@ class HostFirewall:
         for tool in self.TOOLS:
             if not shutil.which(tool):
                 continue
-            for chain in dict.fromkeys(("INPUT", self._forward_chain(tool), "FORWARD")):
-                res = self._run(tool, "-S", chain)
-                for line in res.stdout.splitlines() if res.returncode == 0 else []:
-                    m = self._COMMENT_RE.search(line)
-                    if m and line.startswith("-A "):
-                        found.append((tool, line, m.group(1)))
+            # One listing of the whole filter table (a call per chain costs as much again each).
+            res = self._run(tool, "-S")
+            for line in res.stdout.splitlines() if res.returncode == 0 else []:
+                m = self._COMMENT_RE.search(line)
+                if m and line.split(" ", 2)[:2] in (["-A", c] for c in ("INPUT", "DOCKER-USER", "FORWARD")):
+                    found.append((tool, line, m.group(1)))
         return found
 
     def remove(self, run_id: str) -> list[str]:
@@ -460,13 +492,38 @@ class DockerBackend(Backend):
         return ip
 
     def isolate(self, container: str, run_id: str, peer: str) -> list[str]:
+        """Leave the container's network namespace a single route, to the peer (ISOLATE_SCRIPT). It runs before
+        any of the container's own code: the agent's entrypoint waits for the supervisor's go-ahead."""
         peer = str(ipaddress.IPv4Address(peer))
         target = self._get(container)
-        # A helper joins the container's network namespace with NET_ADMIN and nothing else and leaves it a
-        # single route, to the peer (ISOLATE_SCRIPT). It runs before any agent code: the agent's entrypoint
-        # waits for the supervisor's go-ahead.
+        how = isolation_method()
+        pid = int((target.attrs.get("State") or {}).get("Pid") or 0)
+        if how == "nsenter" and not _is_containers_process(pid, _id(target.id)):
+            # An engine in another machine or PID namespace (Docker Desktop, rootless): its pid is not a process
+            # of ours, and entering whatever has that number here would cut the wrong namespace.
+            how = "helper"
+        routes = self._isolate_nsenter(pid, peer) if how == "nsenter" else self._isolate_helper(target, run_id, peer)
+        log.info("network_isolated container=%s method=%s routes=%s", target.name, how, routes)
+        return routes
+
+    def _isolate_nsenter(self, pid: int, peer: str) -> list[str]:
+        # The host's own tools, entering the container's network namespace alone: nothing of the container's
+        # filesystem runs, and no third container is started (a helper costs a fifth of a second).
+        proc = subprocess.run(
+            ["nsenter", f"--target={pid}", "--net", "--", "sh", "-c", ISOLATE_SCRIPT, "isolate", peer],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not isolate the agent's network: {proc.stderr.strip()[-300:]}")
+        return proc.stdout.splitlines()
+
+    def _isolate_helper(self, target: Container, run_id: str, peer: str) -> list[str]:
+        # A helper joins the container's network namespace with NET_ADMIN and nothing else: for a supervisor
+        # that is not root (or a host without nsenter and ip).
         if target.image is None:
-            raise RuntimeError(f"container {container[:12]} has no image to isolate it with")
+            raise RuntimeError(f"container {target.name} has no image to isolate it with")
         helper = self.client.containers.run(
             _id(target.image.id),
             entrypoint=["sh", "-c", ISOLATE_SCRIPT, "isolate", peer],
@@ -488,10 +545,9 @@ class DockerBackend(Backend):
             if result.get("StatusCode") != 0:
                 logs = helper.logs().decode(errors="replace")[-300:]
                 raise RuntimeError(f"could not isolate the agent's network: {logs}")
-            routes = helper.logs(stdout=True, stderr=False).decode(errors="replace").splitlines()
+            routes: list[str] = helper.logs(stdout=True, stderr=False).decode(errors="replace").splitlines()
         finally:
             helper.remove(force=True)
-        log.info("network_isolated container=%s routes=%s", target.name, routes)
         return routes
 
     def output(self, container: str, stderr: bool = False) -> Iterator[bytes]:
@@ -549,36 +605,58 @@ class DockerBackend(Backend):
             c = self._get(container)
             self._engine(c.stop, timeout=max(0, round(grace)))
 
-    def remove_run(self, run_id: str) -> list[str]:
-        """Remove the run's containers, then its networks. Safe to race with another remover (a second gc):
-        what the other removed is skipped, and a network whose containers are still going is retried."""
-        removed: list[str] = []
-        flt = {"label": f"{RUN_LABEL}={run_id}"}
-        for c in self._engine(self.client.containers.list, all=True, filters=flt, ignore_removed=True):
+    def remove_container(self, ref: str) -> bool:
+        """Remove a container, running or not; False when it was not there (or another remover has it)."""
+        try:
+            self._engine(self.client.api.remove_container, ref, force=True, v=True)
+            return True
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: its removal is already in progress elsewhere
+                raise
+            return False
+
+    def _remove_network(self, network: Any) -> bool:
+        for attempt in range(20):
             try:
-                self._engine(c.remove, force=True, v=True)
-                removed.append(f"container:{c.name}")
+                self._engine(network.remove)
+                return True
             except docker.errors.NotFound:
-                pass
+                return False
             except docker.errors.APIError as exc:
-                if exc.status_code != 409:  # 409: its removal is already in progress elsewhere
+                # "has active endpoints": a container on it is still being removed.
+                if exc.status_code not in (403, 409, 500) or attempt == 19:
                     raise
-        for n in self._engine(self.client.networks.list, filters=flt):
-            for attempt in range(20):
-                try:
-                    self._engine(n.remove)
+                time.sleep(0.1)
+        return False
+
+    def remove_networks(self, run_id: str) -> list[str]:
+        """Remove the run's networks (side by side), then its firewall rules; returns what was removed."""
+        removed: list[str] = []
+        networks = self._engine(self.client.networks.list, filters={"label": f"{RUN_LABEL}={run_id}"})
+        with ThreadPoolExecutor(max(1, len(networks))) as pool:
+            for n, gone in zip(networks, pool.map(self._remove_network, networks), strict=True):
+                if gone:
                     removed.append(f"network:{n.name}")
-                    break
-                except docker.errors.NotFound:
-                    break
-                except docker.errors.APIError as exc:
-                    # "has active endpoints": a container on it is still being removed.
-                    if exc.status_code not in (403, 409, 500) or attempt == 19:
-                        raise
-                    time.sleep(0.25)
         # After the networks: a rule that outlived its bridge matches nothing, while a bridge without its
         # rules would be open. gc finds rules whose networks are gone (list_runs).
         removed += self.firewall.remove(run_id)
+        return removed
+
+    def remove_run(self, run_id: str) -> list[str]:
+        """Remove the run's containers, then its networks, each kind side by side. Safe to race with another
+        remover (a second gc): what the other removed is skipped, and a network whose containers are still
+        going is retried."""
+        removed: list[str] = []
+        flt = {"label": f"{RUN_LABEL}={run_id}"}
+        containers = self._engine(self.client.api.containers, all=True, filters=flt)
+        with ThreadPoolExecutor(4) as pool:
+            names = {c["Id"]: (c.get("Names") or [c["Id"][:12]])[0].lstrip("/") for c in containers}
+            for cid, gone in zip(names, pool.map(self.remove_container, names), strict=True):
+                if gone:
+                    removed.append(f"container:{names[cid]}")
+        removed += self.remove_networks(run_id)
         if removed:
             log.info("teardown run_id=%s removed=%s", run_id, ",".join(removed))
         return removed
@@ -626,6 +704,8 @@ class DockerRun(RunHandle):
         self.prefix = f"sbx-{run_id}"
         self.internal, self.egress = f"{self.prefix}-int", f"{self.prefix}-egress"
         self._ids: dict[str, str] = {}
+        self._go_ahead: dict[str, str] = {}  # role -> the go-ahead file of a workload started with `hold`
+        self._discards: list[threading.Thread] = []
 
     def _name(self, role: Role) -> str:
         return f"{self.prefix}-{_SUFFIX.get(role, role)}"
@@ -635,11 +715,14 @@ class DockerRun(RunHandle):
 
     def prepare(self) -> list[dict[str, Any]]:
         assert self.labels is not None, "an attached run makes nothing"
-        made = []
-        for name, internal in ((self.internal, True), (self.egress, False)):
-            self.backend.create_network(NetworkSpec(name=name, internal=internal, labels=self.labels))
-            made.append({"name": name, "internal": internal})
-        return made
+        specs = [
+            NetworkSpec(name=name, internal=internal, labels=self.labels)
+            for name, internal in ((self.internal, True), (self.egress, False))
+        ]
+        # Both at once: the engine creates networks side by side, and the internal one's firewall rules follow it.
+        with ThreadPoolExecutor(len(specs)) as pool:
+            list(pool.map(self.backend.create_network, specs))
+        return [{"name": spec.name, "internal": spec.internal} for spec in specs]
 
     def container_spec(self, w: Workload, sidecar_ip: str | None = None) -> ContainerSpec:
         """The workload as a Docker container."""
@@ -679,7 +762,7 @@ class DockerRun(RunHandle):
             attach=w.follow,
         )
 
-    def start(self, workload: Workload) -> Started:
+    def start(self, workload: Workload, hold: bool = False) -> Started:
         sidecar_ip = None
         if workload.reach is Reach.SIDECAR:
             sidecar_ip = self.backend.address(self._ref("sidecar"), self.internal)
@@ -690,10 +773,34 @@ class DockerRun(RunHandle):
         assert sidecar_ip is not None
         routes = self.backend.isolate(cid, self.run_id, sidecar_ip)
         if workload.go_ahead:
-            # Its entry point waits for this file (in a mount it can only read) before running anything.
-            with open(workload.go_ahead, "a"):
-                pass
+            self._go_ahead[workload.role] = workload.go_ahead
+            if not hold:
+                self.release(workload.role)
         return Started(security=spec.security_summary(), confinement=routes)
+
+    def release(self, role: Role) -> None:
+        path = self._go_ahead.pop(role, None)
+        if path is None:
+            raise RuntimeError(f"{role} was not started to wait for a go-ahead, or has had it")
+        # Its entry point waits for this file (in a mount it can only read) before running anything.
+        with open(path, "a"):
+            pass
+
+    def discard(self, *roles: Role, network: bool = False) -> None:
+        refs = [self._ref(role) for role in roles]
+
+        def remove() -> None:
+            try:
+                with ThreadPoolExecutor(max(1, len(refs))) as pool:
+                    list(pool.map(self.backend.remove_container, refs))
+                if network:
+                    self.backend.remove_networks(self.run_id)
+            except Exception as exc:  # teardown removes it (or gc does): nothing depends on this
+                log.info("discard_deferred run_id=%s roles=%s error=%r", self.run_id, ",".join(roles), exc)
+
+        thread = threading.Thread(target=remove, name="discard", daemon=True)
+        thread.start()
+        self._discards.append(thread)
 
     def output(self, role: Role, stderr: bool = False) -> Iterator[bytes]:
         return self.backend.output(self._ref(role), stderr)
@@ -710,5 +817,12 @@ class DockerRun(RunHandle):
     def stop(self, role: Role, grace: float) -> None:
         self.backend.stop(self._ref(role), grace)
 
+    def remove_workloads(self) -> list[str]:
+        # The work is in the host's directory, which no container or network holds: all of it goes, and the
+        # finaliser starts with no network of the run's.
+        return self.teardown()
+
     def teardown(self) -> list[str]:
+        for thread in self._discards:
+            thread.join(DISCARD_JOIN)
         return self.backend.remove_run(self.run_id)

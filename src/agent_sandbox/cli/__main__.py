@@ -1,5 +1,5 @@
 """`python -m agent_sandbox.cli`: the same as the `sandbox` command."""
 
-from agent_sandbox.cli.main import main
+from agent_sandbox.cli.main import entry
 
-main()
+entry()

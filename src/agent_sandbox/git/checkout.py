@@ -3,7 +3,9 @@
 The checkout is a fresh repository in the run directory whose object store borrows the host repository's
 objects through `objects/info/alternates`: nothing is copied but the files of one working tree. Inside the
 container the host's object directory is mounted read-only, so the agent can read history but cannot
-write a single byte of the host's `.git`.
+write a single byte of the host's `.git`. Where the supervisor can mount an overlay, the files are not written
+per run at all: the run's workspace is a copy-on-write layer over the commit's tree, written once into a cache
+(git/trees.py, run/workspace.py); `prepare_checkout` is the full checkout used elsewhere.
 
 The work comes back as a git bundle written by the finaliser. The host verifies it and fetches exactly one
 ref from it, `refs/heads/sandbox/<run-id>`, with object checks on. The host never runs git inside the

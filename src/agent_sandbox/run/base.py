@@ -15,7 +15,7 @@ from agent_sandbox.audit import events as ev
 from agent_sandbox.audit.log import AuditLog, Source
 from agent_sandbox.audit.redact import Redactor
 from agent_sandbox.backend import Backend, RunHandle
-from agent_sandbox.backend.plan import ImageSet, Owner, Role, RunPlan, Workload
+from agent_sandbox.backend.plan import ImageSet, Owner, Role, RunPlan, Started, Workload
 from agent_sandbox.config.policy import ca_bundle
 from agent_sandbox.errors import disk_full
 from agent_sandbox.git.checkout import HostRepo
@@ -170,7 +170,9 @@ class RunBase:
 
     def _start(self, workload: Workload, **record: Any) -> None:
         """Start a workload of the plan and put its security settings (and its confinement) on record."""
-        started = self.handle.start(workload)
+        self._record_started(workload, self.handle.start(workload), **record)
+
+    def _record_started(self, workload: Workload, started: Started, **record: Any) -> None:
         self._record(ev.ContainerCreated(role=workload.role, security=started.security, **record))
         if started.confinement is not None:
             self._record(

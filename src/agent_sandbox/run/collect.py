@@ -28,6 +28,12 @@ class Collecting(Watching):
 
     def _collect(self, reason: str) -> tuple[Imported | None, str | None]:
         self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
+        # What has done its part goes while the finaliser (which has no network) packs: the agent's container,
+        # and unless a check still needs them, the sidecar and the networks. Teardown waits for it.
+        if self.spec.check:
+            self.handle.discard("agent")
+        else:
+            self.handle.discard("agent", "sidecar", network=True)
         info = self.handle.wait("finaliser", FINALISER_TIMEOUT)
         if info.running:
             self.handle.stop("finaliser", 1)
@@ -37,6 +43,7 @@ class Collecting(Watching):
             result = read_result(result_path)
         except (OSError, ValueError):
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail('finaliser')}"
+        self.handle.discard("finaliser")
         self._record_untrusted("supervisor", "finalised", result)
         if self.spec.check and result.get("head"):
             if self._cancel is None:
@@ -154,6 +161,7 @@ class Collecting(Watching):
             output = str(read_result(check_dir / "result.json").get("output", ""))[-4000:]
         except (OSError, ValueError):
             output = f"the check wrote no result: {self._tail('check')}"
+        self.handle.discard("check", "sidecar", network=True)
         # The verdict is check.sh's exit status, from the engine: the result file lies in a directory the checked
         # code can write, so it is read for the output alone.
         check = ev.CheckRan(head=head, output=output, exit_code=info.exit_code if info.exit_code is not None else 125)

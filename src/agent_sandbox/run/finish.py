@@ -15,7 +15,7 @@ from agent_sandbox.git.gate import Violation
 from agent_sandbox.git.gate import check as gate_check
 from agent_sandbox.git.github import PullRequestResult
 from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
-from agent_sandbox.run import quota, report
+from agent_sandbox.run import quota, report, workspace
 from agent_sandbox.run.collect import Collecting
 from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary
 from agent_sandbox.run.state import RunState
@@ -135,11 +135,8 @@ class Finishing(Collecting):
         if self.agent_started and not self.work_settled:
             # The work never reached the branch (the engine gone, a full disk, a finaliser that failed): it
             # stays, and the store marks the run for `sandbox gc` to import it.
-            workspace = self.run_dir / "workspace"
-            parked = quota.is_mounted(workspace)
-            quota.park(workspace)
             # Unmounted, the work is in the filesystem image (gc mounts it again to import it).
-            self.kept = str(quota.image_path(workspace) if parked else workspace)
+            self.kept = workspace.park(self.run_dir)
             quota.release(self.run_dir / "check")
             if self.store:
                 try:
@@ -147,7 +144,7 @@ class Finishing(Collecting):
                 except Exception as exc:
                     log.warning("store_update_failed run_id=%s error=%r", self.spec.run_id, exc)
             return
-        quota.release_run(self.run_dir, keep=self.spec.keep)
+        workspace.release_run(self.run_dir, keep=self.spec.keep)  # the overlay and its layer go here
         if not self.spec.keep:
             remove_tree(self.run_dir / "workspace")
             remove_tree(self.run_dir / "check")

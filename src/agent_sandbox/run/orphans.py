@@ -3,7 +3,8 @@
 A run needs recovering when the store still calls it running but nobody holds its lock (its supervisor was
 killed, the machine rebooted), or when its work waits to be imported (the engine or the disk failed). Either
 way the work is packed and imported onto its branch, everything of the run is removed, and the run gets a
-summary: `interrupted` for a dead supervisor. Objects on the engine are only ever touched when they carry
+summary: `interrupted` for a dead supervisor. `sandbox gc` also evicts the cached checkout trees that no run
+stands on any more (`evict_trees`). Objects on the engine are only ever touched when they carry
 this state directory's identity (liveness.py): another state directory's runs, on the same engine, are left
 alone. Objects from before that label existed are removed when the process that made them is gone.
 """
@@ -21,8 +22,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from agent_sandbox.backend import Backend
 from agent_sandbox.backend.images import ImageSet
 from agent_sandbox.errors import EnvironmentNotReady
-from agent_sandbox.paths import runs_dir
-from agent_sandbox.run import quota
+from agent_sandbox.git import trees
+from agent_sandbox.paths import runs_dir, state_dir
+from agent_sandbox.run import workspace
 from agent_sandbox.run.liveness import RunLock, state_id, supervised
 from agent_sandbox.store import RunStore
 
@@ -133,7 +135,19 @@ def collect(
         if progress is not None:
             progress(f"recovering run {run_id}: {_why(row)}")
         out.append(_recover(backend, store, images, run_id, run_dir, row, objs))
+    if objects and not dry_run:
+        evict_trees()
     return out
+
+
+def evict_trees() -> list[str]:
+    """Evict the cached checkout trees (git/trees.py) that no run directory stands on and nobody used lately;
+    never fatal."""
+    try:
+        return trees.evict(state_dir() / "trees", lambda: workspace.in_use(runs_dir()))
+    except Exception as exc:
+        log.warning("tree_eviction_failed error=%r", exc)
+        return []
 
 
 def _recover(
@@ -160,7 +174,7 @@ def _recover(
                     objects=removed,
                     detail="objects removed; the work waits for the images (`sandbox images build`)",
                 )
-            removed += quota.release_run(run_dir)
+            removed += workspace.release_run(run_dir)
             marked = store.mark_failed(run_id, f"{_why(row)}; it had not started; cleaned up by sandbox gc")
             return Collected(
                 run_id=run_id, action="removed", objects=removed, status="failed" if marked else None, detail=_why(row)

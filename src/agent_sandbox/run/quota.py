@@ -1,4 +1,5 @@
-"""A hard size limit on a run's writable directories (the workspace, the check's checkout).
+"""A hard size limit on a run's writable directories (the workspace, or the layer of its overlay: see
+workspace.py; the check's checkout).
 
 Bind mounts have no quota on most storage drivers, and sampling the tree's size lets a fast writer far past
 the limit before anyone looks (a 3 GiB fallocate takes milliseconds). When the supervisor runs as root and
@@ -39,7 +40,7 @@ class Quota:
     detail: str = ""  # why sampled, or that the limit was capped to the free space
 
 
-def _tool(name: str) -> str | None:
+def tool(name: str) -> str | None:
     return shutil.which(name) or next(
         (p for p in (f"/usr/sbin/{name}", f"/sbin/{name}") if os.access(p, os.X_OK)), None
     )
@@ -51,9 +52,9 @@ def unavailable() -> str | None:
         return "not running as root (mounting a filesystem needs it)"
     if not os.path.exists("/dev/loop-control"):
         return "no loop devices (/dev/loop-control)"
-    for tool in ("mkfs.ext4", "mount", "umount"):
-        if _tool(tool) is None:
-            return f"{tool} is not installed"
+    for name in ("mkfs.ext4", "mount", "umount"):
+        if tool(name) is None:
+            return f"{name} is not installed"
     return None
 
 
@@ -94,7 +95,7 @@ def mount(directory: Path, quota: Quota) -> None:
         f.truncate(quota.size_bytes)
     # No journal (the filesystem lives as long as the run) and no reserved blocks (the agent gets the limit).
     _run(
-        _tool("mkfs.ext4") or "mkfs.ext4",
+        tool("mkfs.ext4") or "mkfs.ext4",
         "-q",
         "-F",
         "-m",
@@ -105,7 +106,7 @@ def mount(directory: Path, quota: Quota) -> None:
         "lazy_itable_init=1,nodiscard",
         str(image),
     )
-    _run(_tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
+    _run(tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
     # An empty workspace: lost+found would show up as an unreadable untracked directory in git.
     (directory / "lost+found").rmdir()
     log.info("quota_mounted dir=%s bytes=%d", directory, quota.size_bytes)
@@ -123,8 +124,7 @@ def release(directory: Path, keep: bool = False) -> None:
         if keep:
             kept = directory.with_name(directory.name + ".kept")
             _run("cp", "-a", "--no-dereference", f"{directory}/.", str(kept))
-        # Lazy: a process still holding a file (a container being removed) must not keep the mount alive.
-        _run(_tool("umount") or "umount", "-l", str(directory))
+        unmount(directory)
         directory.rmdir()
         if keep:
             kept.rename(directory)
@@ -132,11 +132,22 @@ def release(directory: Path, keep: bool = False) -> None:
     image.unlink(missing_ok=True)
 
 
+def unmount(directory: Path) -> None:
+    """Unmount whatever is mounted at `directory` (lazily: a process still holding a file, a container being
+    removed, must not keep the mount alive)."""
+    _run(tool("umount") or "umount", "-l", str(directory))
+
+
+def mount_in(cwd: str | Path, *args: str) -> None:
+    """`mount ARGS` run in `cwd` (relative paths in the arguments and options are taken from there)."""
+    _run(tool("mount") or "mount", *args, cwd=cwd)
+
+
 def park(directory: Path) -> None:
     """Unmount the directory's filesystem but keep its image: the agent's work waits there, on no mount, for
     `sandbox gc` to import it (remount)."""
     if is_mounted(directory):
-        _run(_tool("umount") or "umount", "-l", str(directory))
+        unmount(directory)
         log.info("quota_parked dir=%s image=%s", directory, image_path(directory))
 
 
@@ -145,12 +156,14 @@ def remount(directory: Path) -> None:
     image = image_path(directory)
     if image.exists() and not is_mounted(directory):
         directory.mkdir(exist_ok=True)
-        _run(_tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
+        _run(tool("mount") or "mount", "-o", MOUNT_OPTIONS, str(image), str(directory))
         log.info("quota_remounted dir=%s", directory)
 
 
-QUOTA_DIRS = ("workspace", "check")
-"""The directories of a run directory that get a quota filesystem."""
+QUOTA_DIRS = ("workspace", "layer", "check")
+"""The directories of a run directory that get a quota filesystem, or a mount: `workspace` (a filesystem, or
+the overlay over a cached tree: run/workspace.py), `layer` (the overlay's writable layer, under it) and
+`check`. In this order, so that the overlay goes before the filesystem that holds its layer."""
 
 
 def release_run(run_dir: Path, keep: bool = False) -> list[str]:
@@ -163,14 +176,17 @@ def release_run(run_dir: Path, keep: bool = False) -> list[str]:
         if not (is_mounted(directory) or image_path(directory).exists()):
             continue
         try:
-            release(directory, keep=keep)
+            # The layer is the overlay's internals: the workspace, copied out with keep, is what is kept.
+            release(directory, keep=keep and name != "layer")
             released.append(f"filesystem:{directory}")
         except (EnvironmentNotReady, OSError) as exc:
             log.warning("quota_release_failed dir=%s error=%s", directory, getattr(exc, "message", exc))
+            if name == "workspace":
+                break  # an overlay still mounted holds its layer: both stay for `sandbox gc`
     return released
 
 
-def _run(*cmd: str) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def _run(*cmd: str, cwd: str | Path | None = None) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
         raise EnvironmentNotReady(f"{' '.join(cmd[:2])} failed: {(proc.stderr or proc.stdout).strip()[-500:]}")

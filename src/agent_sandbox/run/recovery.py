@@ -17,7 +17,7 @@ from agent_sandbox.backend import Backend
 from agent_sandbox.backend.plan import ImageSet, Role
 from agent_sandbox.errors import ExitCode, SandboxError
 from agent_sandbox.git.checkout import Imported
-from agent_sandbox.run import quota
+from agent_sandbox.run import workspace
 from agent_sandbox.run.budget import remove_leftovers
 from agent_sandbox.run.finish import Finishing
 from agent_sandbox.run.output import (
@@ -84,8 +84,10 @@ class Recovering(Finishing):
         imported: Imported | None = None
         error: str | None = None
         try:
-            self.handle.teardown()
-            quota.remount(self.run_dir / "workspace")
+            # The workloads go; what holds the work stays (on Kubernetes the run's volume) for the finaliser,
+            # which starts under this handle, and `_teardown` removes the rest.
+            self.handle.remove_workloads()
+            workspace.remount(self.run_dir)
             if (self.run_dir / "workspace" / ".git").exists():
                 for sub in ("out", "in"):
                     (self.run_dir / sub).mkdir(exist_ok=True)

@@ -14,10 +14,11 @@ The fields come in two groups that the sweep and the service reuse rather than r
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent_sandbox.config.backends import BackendConfig, DockerConfig, KubernetesConfig
 from agent_sandbox.errors import UsageError
 from agent_sandbox.run.ticket import load_ticket, parse_ticket
 
@@ -107,6 +108,27 @@ class RunRequest(RunSettings, Assignment):
     """The id of an earlier run whose branch this run continues; its task, its result and its commits are
     given to the agent as context. The task is the new instruction; the policy, model and limits are the
     earlier run's unless given here."""
+
+    backend: Literal["docker", "kubernetes"] | None = None
+    """The platform that runs the task; default the host settings' backend (Docker unless they name another)."""
+    kube_context: str | None = None
+    """With the Kubernetes backend: the kubeconfig context; default the host settings' (or the current one)."""
+    namespace: str | None = None
+    """With the Kubernetes backend: the namespace of the run's objects; default the host settings'."""
+    render: str | None = None
+    """With the Kubernetes backend: write the run's objects as YAML into this directory and stop, contacting
+    no cluster (docs/kubernetes.md)."""
+
+    def backend_config(self, configured: BackendConfig) -> BackendConfig:
+        """The host settings' backend with this request's overrides (--backend, --kube-context, --namespace)."""
+        kind = self.backend or configured.kind
+        if kind == "docker":
+            if self.kube_context or self.namespace or self.render:
+                raise UsageError("--kube-context, --namespace and --render go with the Kubernetes backend")
+            return configured if isinstance(configured, DockerConfig) else DockerConfig()
+        base = configured if isinstance(configured, KubernetesConfig) else KubernetesConfig()
+        overrides = {k: v for k, v in (("context", self.kube_context), ("namespace", self.namespace)) if v}
+        return base.model_copy(update=overrides)
 
     def check_follow_up(self) -> None:
         """A follow-up starts from the earlier run's branch and lands on it: it cannot also choose either."""

@@ -232,7 +232,7 @@ def run_task(
 
     # 2. The machine: Docker answers, the images exist, the state directory has room.
     interrupts.checkpoint()
-    backend = backend or connect(settings.backend)
+    backend = backend or connect(req.backend_config(settings.backend))
     # A policy's extra packages and setup commands: built on first use, then a lookup.
     image_progress = _progress(reporter, "image")
 

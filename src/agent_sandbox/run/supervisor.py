@@ -25,9 +25,9 @@ from agent_sandbox.audit.log import AuditLog
 from agent_sandbox.backend import Mount
 from agent_sandbox.backend.plan import SIDECAR_NAME
 from agent_sandbox.errors import ExitCode, SandboxError, disk_full
-from agent_sandbox.git.checkout import Imported, prepare_checkout
+from agent_sandbox.git.checkout import Imported
 from agent_sandbox.interrupts import interrupts
-from agent_sandbox.run import quota
+from agent_sandbox.run import quota, workspace
 from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN, SIDECAR_READY_TIMEOUT, STOP_GRACE, _Cancelled
 from agent_sandbox.run.budget import SharedBudget
 from agent_sandbox.run.liveness import (
@@ -38,7 +38,7 @@ from agent_sandbox.run.liveness import (
 from agent_sandbox.run.recovery import Recovering
 from agent_sandbox.run.spec import RunSummary
 from agent_sandbox.run.state import RunState
-from agent_sandbox.run.workloads import SIDECAR_EVENTS, SIDECAR_UID
+from agent_sandbox.run.workloads import CONTROL_SOCKET, SIDECAR_EVENTS, SIDECAR_UID
 from agent_sandbox.sidecar.config import SidecarConfig
 
 log = logging.getLogger(__name__)
@@ -107,13 +107,14 @@ class Supervisor(Recovering):
             self.ui.phase("prepare", f"checkout of {self.spec.base_commit[:12]} on {self.spec.branch}")
             self._prepare()
             self._checkpoint()
-            # 3. Sidecar: the model gateway and the egress proxy, ready before the agent exists.
+            # 3. Sidecar: the model gateway and the egress proxy. 4. Agent, confined to the sidecar: its container
+            # starts while the sidecar gets ready, and its code runs once the sidecar is; 5. watched until it
+            # ends, with every limit enforced from here.
             self.ui.phase("start", "networks and sidecar")
             self._start_sidecar()
             self._checkpoint()
-            # 4. Agent, confined to the sidecar; 5. watched until it ends, with every limit enforced from here.
             self.ui.phase("agent", f"Claude Code {self.images.claude_code_version}, model {self.spec.model}")
-            agent = self._start_agent()
+            agent = self._start_agent(ready=self._await_sidecar)
             try:
                 self._watch(agent, watch)
             except KeyboardInterrupt:  # signals not taken over (interrupts.py): the agent still stops cleanly
@@ -194,17 +195,25 @@ class Supervisor(Recovering):
         for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
             if command:
                 (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
-        # The workspace is a filesystem of the disk limit's size where the machine allows it (quota.py).
+        # The workspace is limited to the disk limit's size where the machine allows it (quota.py), and is a
+        # copy-on-write layer over the base commit's cached tree where it can mount one (workspace.py).
         self.quota = quota.plan(self.run_dir.parent, self.limits.disk_bytes)
         self._record(ev.DiskQuota(mode=self.quota.mode, bytes=self.quota.size_bytes, detail=self.quota.detail))
-        quota.mount(self.run_dir / "workspace", self.quota)
-        prepare_checkout(self.repo, self.spec.base_commit, self.run_dir / "workspace", self.spec.branch, self.chown)
+        prepared = workspace.prepare(
+            self.run_dir, self.repo, self.spec.base_commit, self.spec.branch, self.quota, self.chown
+        )
         if self.chown:
             os.chown(self.run_dir / "out", *self.chown)
             os.chown(self.run_dir / "model", SIDECAR_UID, SIDECAR_UID)
         self._record(
             ev.CheckoutPrepared(
-                base_commit=self.spec.base_commit, branch=self.spec.branch, objects=str(self.repo.objects)
+                base_commit=self.spec.base_commit,
+                branch=self.spec.branch,
+                objects=str(self.repo.objects),
+                mode=prepared.mode,
+                cached=prepared.cached,
+                seconds=prepared.seconds,
+                detail=prepared.detail,
             )
         )
         for made in self.handle.prepare():
@@ -233,6 +242,7 @@ class Supervisor(Recovering):
             heartbeat_path=f"/sandbox/heartbeat/{HEARTBEAT_FILE}",
             heartbeat_timeout_s=HEARTBEAT_TIMEOUT,
             events_path=f"/sandbox/model-out/{SIDECAR_EVENTS}",
+            control_socket=f"/sandbox/model-out/{CONTROL_SOCKET}",
             # The check, after the agent, still reaches the network through the proxy.
             deadline_s=self._deadline() + (CHECK_TIMEOUT + DEADLINE_MARGIN if self.spec.check else 0),
         )
@@ -251,6 +261,9 @@ class Supervisor(Recovering):
             mounts.append(Mount(source=self.spec.model_script, target=config.script_path))
         self._start(self.recipes.sidecar(config, self.api_key, mounts))
         threading.Thread(target=self._pump, args=("gateway", "sidecar", False), daemon=True).start()
+
+    def _await_sidecar(self) -> None:
+        """Until the sidecar says it is ready (its gateway and proxy listen), or SandboxError."""
         deadline = time.monotonic() + SIDECAR_READY_TIMEOUT
         while time.monotonic() < deadline:
             self._checkpoint()

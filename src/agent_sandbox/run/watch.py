@@ -7,10 +7,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
+import secrets
+import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import psutil
@@ -35,19 +39,44 @@ from agent_sandbox.run.output import (
 )
 from agent_sandbox.run.spec import Tokens
 from agent_sandbox.run.state import RunState
+from agent_sandbox.run.workloads import CONTROL_SOCKET
+from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
 
 SAMPLER_JOIN = 5.0  # seconds the resource figures may still take once the agent has ended
+SETTLE_WAIT = 3.0  # seconds the sidecar's answer to a settle request may take (it waits up to 2 s for calls)
+SETTLE_QUIET = 0.3  # without an answer: the gateway's lines are all in once it has been quiet this long
 
 
 class Watching(RunBase):
     """The agent from its start until it ends."""
 
-    def _start_agent(self) -> Role:
+    def _start_agent(self, ready: Callable[[], None]) -> Role:
+        """Start the agent's container, confined but held, while `ready` waits for the sidecar; then give it the
+        go-ahead. Whatever fails, the container's start is over before this returns or raises (teardown must
+        not race it)."""
         workload = self.recipes.agent(self._deadline())
+        box: dict[str, Any] = {}
+
+        def begin() -> None:
+            try:
+                box["started"] = self.handle.start(workload, hold=True)
+            except BaseException as exc:  # handed to the supervisor's thread below
+                box["error"] = exc
+
+        starting = threading.Thread(target=begin, name="agent-start", daemon=True)
+        starting.start()
+        try:
+            ready()
+        finally:
+            starting.join()
+        if "error" in box:
+            raise box["error"]
+        self._record_started(workload, box["started"], command=["claude", *workload.command])
+        self._checkpoint()
         self.agent_started = True  # the workspace is the agent's from here: never removed before it is imported
-        self._start(workload, command=["claude", *workload.command])
+        self.handle.release("agent")
         threading.Thread(target=self._pump, args=("agent", "agent", False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", "agent", True), daemon=True).start()
         if self.quota.mode == "sampled":
@@ -86,7 +115,9 @@ class Watching(RunBase):
         )
 
     def _measure_disk(self) -> None:
-        workspace = self.run_dir / "workspace"
+        from agent_sandbox.run.workspace import disk_root
+
+        workspace = disk_root(self.run_dir)  # an overlay's layer: only what the run wrote
         try:
             baseline = tree_size(workspace)
             while not self._disk_done.wait(DISK_CHECK_INTERVAL):
@@ -391,15 +422,52 @@ class Watching(RunBase):
         return "error", f"the agent exited with code {exit_code} without a result"
 
     def _settle_gateway(self, w: RunState) -> None:
-        """Record the gateway's events still queued once the watch loop is done: when the agent ended (its
-        last model call among them), and after the check (its egress)."""
+        """Record the gateway's events still to come once the watch loop is done: when the agent ended (its
+        last model call among them), and after the check (its egress). The sidecar is asked to settle: its
+        `settled` line comes after every model call begun before (sidecar/__main__.py), so reading up to it
+        is enough. Without an answer (no sidecar any more, an older one), until it has been quiet SETTLE_QUIET."""
+        token = secrets.token_hex(8)
+        if self._ask_settle(token):
+            deadline = time.monotonic() + SETTLE_WAIT
+            while (left := deadline - time.monotonic()) > 0:
+                try:
+                    source, line = self._next_line(timeout=left)
+                except queue.Empty:
+                    break
+                if source != "gateway":
+                    continue
+                if line is None:
+                    return  # its output ended: there is nothing more to read
+                event = self._gateway_event(line, w)
+                if event.get("event") == GatewaySettled.TYPE and event.get("token") == token:
+                    return
+            log.warning("settle_unanswered run_id=%s waited_s=%.1f", self.spec.run_id, SETTLE_WAIT)
         while True:
             try:
-                source, line = self._next_line(timeout=0.3)
+                source, line = self._next_line(timeout=SETTLE_QUIET)
             except queue.Empty:
                 return
             if source == "gateway" and line is not None:
                 self._gateway_event(line, w)
+
+    def _ask_settle(self, token: str) -> bool:
+        """Send the sidecar a settle request on its control socket; whether it took it."""
+        model_dir = self.run_dir / "model"
+        try:
+            # By the directory's descriptor: a run directory's path can be longer than a socket address allows.
+            fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(SETTLE_WAIT + 2)
+                sock.connect(f"/proc/self/fd/{fd}/{CONTROL_SOCKET}")
+                sock.sendall(token.encode() + b"\n")
+                return sock.recv(16).startswith(b"ok")
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _result_backed(self, w: RunState, r: dict[str, Any]) -> tuple[bool, str]:
         """Whether the gateway's record agrees with the agent's claim of success: the model answered, through

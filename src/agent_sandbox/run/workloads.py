@@ -19,6 +19,7 @@ from agent_sandbox.sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROX
 AGENT_UID = 1000
 SIDECAR_UID = 1001
 PLACEHOLDER_KEY = "sk-sandbox-placeholder-not-a-key"
+CONTROL_SOCKET = "control.sock"  # the sidecar's settle socket (sidecar/__main__.py), in run_dir/model
 SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
 MiB = 1024**2
 

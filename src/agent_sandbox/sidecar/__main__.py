@@ -16,9 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from agent_sandbox.sidecar.config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
-from agent_sandbox.sidecar.events import SidecarReady, SidecarStopped, to_line
+from agent_sandbox.sidecar.events import GatewaySettled, SidecarReady, SidecarStopped, to_line
 from agent_sandbox.sidecar.gateway import Gateway
-from agent_sandbox.sidecar.proxy import EgressProxy
+from agent_sandbox.sidecar.proxy import RELAY_CHUNK, EgressProxy
 from agent_sandbox.sidecar.watchdog import Watchdog
 
 EVENTS_EGRESS_LIMIT = 64 * 1024**2  # bytes of egress decision lines the events file keeps; model calls: all
@@ -52,6 +52,29 @@ def make_emitter(run_id: str, events_path: str | None = None) -> Callable[[dict[
                 pass  # a full disk: stdout still has it, and the supervisor, if alive, records it
 
     return emit
+
+
+SETTLE_WAIT = 2.0  # seconds a settle request waits for the model calls in flight to end
+
+
+async def settle_on_request(
+    gateway: Gateway, emit: Callable[[dict[str, Any]], None], reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """The supervisor's request to settle (one line: its token), once the agent has ended: wait for the calls in
+    flight, then emit `settled` with the token. On stdout that line comes after every model call line before
+    it, so the supervisor, reading up to it, has the gateway's whole record without waiting for silence."""
+    try:
+        raw = await asyncio.wait_for(reader.readline(), 5)
+        token = raw.decode("ascii", errors="replace").strip()[:64]
+        if token:
+            inflight = await gateway.quiet(SETTLE_WAIT)
+            emit(to_line(GatewaySettled(token=token, inflight=inflight, calls=gateway.calls)))
+            writer.write(b"ok\n")
+            await writer.drain()
+    except (OSError, TimeoutError):
+        pass
+    finally:
+        writer.close()
 
 
 async def main() -> None:
@@ -103,7 +126,7 @@ async def main() -> None:
         allow_addresses=eg.allow_addresses,
         watchdog=watchdog,
     )
-    proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port)
+    proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port, limit=RELAY_CHUNK)
     emit(
         to_line(
             SidecarReady(
@@ -120,6 +143,11 @@ async def main() -> None:
         )
     )
 
+    control = None
+    if config.control_socket:
+        control = await asyncio.start_unix_server(
+            lambda reader, writer: settle_on_request(gateway, emit, reader, writer), path=config.control_socket
+        )
     watching = asyncio.create_task(watchdog.run())
 
     stop = asyncio.Event()
@@ -129,6 +157,8 @@ async def main() -> None:
     await stop.wait()
     watching.cancel()
     proxy_server.close()
+    if control is not None:
+        control.close()
     for r in reversed(runners):
         await r.cleanup()
     emit(to_line(SidecarStopped(spent_usd=round(gateway.spent_usd, 6), calls=gateway.calls)))

@@ -32,6 +32,9 @@ class SidecarConfig(BaseModel):
     events_path: str | None = None
     """A file (in the sidecar's own output directory) where every event line is kept too, numbered: what
     recovery reads should the supervisor die (model calls always; egress lines up to 64 MiB)."""
+    control_socket: str | None = None
+    """A Unix socket (in the sidecar's own output directory) where the supervisor asks the gateway to settle:
+    the answer is a `settled` line on stdout, after every model call in flight has ended (run/watch.py)."""
     transcript_path: str | None = None
     """Where the scripted model writes its transcript."""
     gateway_port: int = GATEWAY_PORT

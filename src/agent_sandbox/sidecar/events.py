@@ -76,6 +76,20 @@ class SidecarStopped(Event):
     """Model calls it served."""
 
 
+class GatewaySettled(Event):
+    """The gateway's answer to the supervisor's request to settle, once the agent has ended: every model call
+    line it emitted for calls begun before the request comes before this one."""
+
+    TYPE: ClassVar[str] = "settled"
+
+    token: str
+    """The supervisor's token for its request."""
+    inflight: int
+    """Model calls still in flight when it answered (0, unless they outlasted its wait)."""
+    calls: int
+    """Model calls served so far."""
+
+
 class ModelCall(Event):
     """One model call through the gateway, metered from the response."""
 

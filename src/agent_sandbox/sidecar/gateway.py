@@ -536,6 +536,21 @@ class Gateway:
     def outstanding_usd(self) -> float:
         return sum(self.reserved.values())
 
+    async def quiet(self, wait: float) -> int:
+        """Wait up to `wait` seconds until no model call is in flight; returns how many still are. A call's
+        line is emitted as it settles, so once this returns 0 every call begun before has its line out."""
+        deadline = asyncio.get_running_loop().time() + wait
+        while self.reserved:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            settled = self._settled
+            try:
+                await asyncio.wait_for(settled.wait(), left)
+            except TimeoutError:
+                break
+        return len(self.reserved)
+
     def _refuse(self, request: web.Request, refusal: Refusal) -> web.Response:
         self.emit(
             to_line(

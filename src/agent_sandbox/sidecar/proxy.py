@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -61,6 +62,10 @@ Resolve = Callable[[str, int], Awaitable[list[str]]]
 """host, port -> the addresses the name resolves to; raises OSError when it does not resolve."""
 Connect = Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 """address, port -> a connection to it (asyncio.open_connection; tests point it at a local server)."""
+RELAY_CHUNK = 256 * 1024
+"""Bytes a tunnel relays per step, and the stream buffers' limit: a step costs the same Python work whatever
+its size, so larger steps are what keeps a download's pace with a single core (64 KiB managed ~0.45x of a
+direct download over plain HTTP)."""
 CONNECT_TIMEOUT = 10.0
 HEAD_TIMEOUT = 30.0
 TLS_PORTS = (80, 443)
@@ -301,7 +306,7 @@ class EgressProxy:
         self.gateway_name, self.gateway_port = gateway
         self.emit = emit
         self.resolve: Resolve = resolve or CachingResolver()
-        self.connect: Connect = asyncio.open_connection
+        self.connect: Connect = functools.partial(asyncio.open_connection, limit=RELAY_CHUNK)
         self.watchdog = watchdog  # once it trips, no connection is made and those open are cut (None: never)
         self._open: dict[asyncio.Task[Any], Egress] = {}  # handler -> its decision line, while open
         if watchdog is not None:
@@ -580,7 +585,7 @@ class EgressProxy:
         if not active:
             return
         try:
-            while data := await src.read(65536):
+            while data := await src.read(RELAY_CHUNK):
                 dst.write(data)
                 setattr(rec, key, getattr(rec, key) + len(data))
                 await dst.drain()

@@ -1,0 +1,574 @@
+"""The Kubernetes backend's logic (backend/kubernetes/backend.py) against a fake of the cluster calls it makes,
+answering with the official client's models: what is created and in which order, the inputs going in and the
+outputs coming back as real tar streams (the fake runs each exec's shell command on a directory standing for the
+pod), the go-ahead held and given, stop, teardown and the listing of runs, and the recovery of a run whose
+supervisor died through the supervisor's own code. The real cluster is test_kubernetes_e2e.py's."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+from kubernetes.client import (
+    V1ConfigMap,
+    V1ContainerState,
+    V1ContainerStateRunning,
+    V1ContainerStateTerminated,
+    V1ContainerStatus,
+    V1ObjectMeta,
+    V1Pod,
+    V1PodStatus,
+    V1Service,
+    V1ServiceSpec,
+)
+
+from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL
+from agent_sandbox.backend.kubernetes import manifests as mf
+from agent_sandbox.backend.kubernetes.backend import KubernetesBackend
+from agent_sandbox.backend.plan import Owner, RunPlan
+from agent_sandbox.config.backends import KubernetesConfig
+from agent_sandbox.config.policy import Policy
+from tests.test_kubernetes_manifests import workloads
+
+RUN_ID = "20250101-120000-abc123"
+
+
+def _status(name: str, state: str, code: int = 0, reason: str | None = None) -> V1ContainerStatus:
+    st = (
+        V1ContainerState(running=V1ContainerStateRunning())
+        if state == "running"
+        else V1ContainerState(terminated=V1ContainerStateTerminated(exit_code=code, reason=reason))
+    )
+    return V1ContainerStatus(name=name, state=st, image="i", image_id="i", ready=True, restart_count=0)
+
+
+class FakePod:
+    def __init__(self, manifest: dict[str, Any], root: Path) -> None:
+        self.manifest = manifest
+        self.root = root  # stands for /sandbox-transfer: the pod's volumes, by key (the claim's under claim/)
+        self.stage = "running"
+        self.main: tuple[str, int, str | None] | None = None
+        self.carrier_done = False
+        self.logs = b""
+
+
+class FakeCluster:
+    """The backend's Cluster calls, recorded; pods are directories and their containers' states."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.calls: list[tuple[str, str, str]] = []
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.made: list[dict[str, Any]] = []  # every manifest created, also once deleted
+        self.pods: dict[str, FakePod] = {}
+        self.execs: list[tuple[str, str, list[str]]] = []
+        self.claim = root / "claim"  # the run's volume, shared by the pods that mount it
+        # What a workload's `main` does once its stage has ended, by role (returns its exit code); without one it
+        # runs until stopped.
+        self.programs: dict[str, Callable[[FakePod], int]] = {}
+
+    def create(self, manifest: dict[str, Any]) -> Any:
+        kind, name = manifest["kind"].lower(), manifest["metadata"]["name"]
+        assert (kind, name) not in self.objects, f"{kind} {name} made twice"
+        self.calls.append(("create", kind, name))
+        self.objects[(kind, name)] = manifest
+        self.made.append(manifest)
+        meta = V1ObjectMeta(name=name, uid=f"uid-{name}", labels=manifest["metadata"]["labels"])
+        if kind == "pod":
+            pod_root = self.root / name
+            if pod_root.exists():  # a pod of that name was deleted before: a new pod starts empty
+                shutil.rmtree(pod_root)
+            pod_root.mkdir()
+            (pod_root / mf.CLAIM_VOLUME).symlink_to(self.claim)
+            self.claim.mkdir(exist_ok=True)
+            self.pods[name] = FakePod(manifest, pod_root)
+        if kind == "service":
+            return V1Service(metadata=meta, spec=V1ServiceSpec(cluster_ip="10.96.0.42"))
+        return V1ConfigMap(metadata=meta)
+
+    def read_pod(self, name: str) -> Any:
+        p = self.pods.get(name)
+        if p is None:
+            return None
+        init = [_status(mf.STAGE, "running")] if p.stage == "running" else [_status(mf.STAGE, "done")]
+        main = []
+        if p.main is not None:
+            main = [_status(mf.MAIN, p.main[0], p.main[1], p.main[2])]
+        return V1Pod(
+            metadata=V1ObjectMeta(name=name),
+            status=V1PodStatus(phase="Running", init_container_statuses=init, container_statuses=main),
+        )
+
+    def delete(self, kind: str, name: str, grace: int | None = None) -> bool:
+        self.calls.append(("delete", kind, name))
+        if kind == "pod":
+            self.pods.pop(name, None)
+        return self.objects.pop((kind, name), None) is not None
+
+    def select(self, kind: str, selector: str) -> list[Any]:
+        key, _, value = selector.partition("=")
+        found = []
+        for (k, name), m in self.objects.items():
+            labels = m["metadata"]["labels"]
+            if k == kind and key in labels and (not value or labels[key] == value):
+                found.append(V1ConfigMap(metadata=V1ObjectMeta(name=name, uid=f"uid-{name}", labels=labels)))
+        return found
+
+    def logs(self, pod: str, container: str) -> Iterator[bytes]:
+        yield self.pods[pod].logs
+
+    def exec(
+        self,
+        pod: str,
+        container: str,
+        command: list[str],
+        stdin: IO[bytes] | None = None,
+        stdout: IO[bytes] | None = None,
+    ) -> tuple[int, str]:
+        p = self.pods[pod]
+        self.execs.append((pod, container, command))
+        if container == mf.STAGE:
+            assert p.stage == "running", "exec into a stage container that has ended"
+        if command[0] == "python3":  # the confinement probe
+            assert container == mf.STAGE and command[-2:] == ["10.96.0.42", "8080"]
+            if stdout is not None:
+                stdout.write(b"sidecar 10.96.0.42:8080 open\nthe API server 10.96.0.1:443 closed (TimeoutError)\n")
+            return 0, ""
+        if command[:2] == ["kill", "-TERM"]:
+            p.main = ("terminated", 143, None)
+            return 0, ""
+        assert command[:2] == ["sh", "-c"], command
+        script = command[2].replace(mf.TRANSFER, str(p.root))
+        res = subprocess.run(["sh", "-c", script], input=stdin.read() if stdin else b"", capture_output=True)
+        if stdout is not None:
+            stdout.write(res.stdout)
+        if (p.root / mf.STAGED).exists() and p.stage == "running":
+            p.stage = "done"
+            p.main = ("running", 0, None)
+            program = self.programs.get(p.manifest["metadata"]["labels"][ROLE_LABEL])
+            if program is not None:
+                p.main = ("terminated", program(p), None)
+        if (p.root / mf.FETCHED).exists():
+            p.carrier_done = True
+        return res.returncode, res.stderr.decode()
+
+    def metrics(self, pod: str) -> dict[str, Any] | None:
+        return {"containers": [{"name": mf.MAIN, "usage": {"cpu": "500m", "memory": "64Mi"}}]}
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> FakeCluster:
+    root = tmp_path / "cluster"
+    root.mkdir()
+    return FakeCluster(root)
+
+
+def _backend(fake: FakeCluster) -> KubernetesBackend:
+    return KubernetesBackend(fake, KubernetesConfig(namespace="sandboxes"))
+
+
+def _plan() -> RunPlan:
+    return RunPlan(run_id=RUN_ID, owner=Owner(state="s1", supervisor="1_2.00"))
+
+
+def test_a_run_from_prepare_to_teardown(tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    sidecar, agent, finaliser, _check = workloads(tmp_path, Policy())
+    run_dir = tmp_path / "runs" / RUN_ID
+    (run_dir / "in" / "task.md").write_text("do it")
+    (run_dir / "workspace" / "a.py").write_text("x = 1\n")
+    (run_dir / "heartbeat" / "beat").write_text("")
+    handle = _backend(fake).open_run(_plan())
+
+    made = handle.prepare()
+    assert made == [
+        {"name": f"sbx-{RUN_ID}-deny-all", "internal": True},
+        {"name": f"sbx-{RUN_ID}-to-sidecar", "internal": True},
+    ]
+    started = handle.start(sidecar)
+    assert started.confinement is None and started.security["secret_env_names"] == ["SANDBOX_UPSTREAM_API_KEY"]
+    # The sidecar's policy, Service and Secret exist before its pod; the isolation before anything runs.
+    p = f"sbx-{RUN_ID}"
+    assert [c[1:] for c in fake.calls] == [
+        ("configmap", p),
+        ("networkpolicy", f"{p}-deny-all"),
+        ("networkpolicy", f"{p}-to-sidecar"),
+        ("secret", f"{p}-sidecar-env"),
+        ("networkpolicy", f"{p}-sidecar"),
+        ("service", f"{p}-sidecar"),
+        ("pod", f"{p}-sidecar"),
+    ]
+    assert fake.objects[("secret", f"{p}-sidecar-env")]["stringData"] == {"SANDBOX_UPSTREAM_API_KEY": "sk-real-key"}
+    side = fake.pods[f"{p}-sidecar"]
+    assert (side.root / mf.volume_key(str(run_dir / "heartbeat")) / "beat").exists()  # its input went in
+    assert side.main == ("running", 0, None)
+
+    # The agent: held at its stage container (confinement checked) until released.
+    started = handle.start(agent, hold=True)
+    assert started.confinement == ["sidecar 10.96.0.42:8080 open", "the API server 10.96.0.1:443 closed (TimeoutError)"]
+    ag = fake.pods[f"{p}-agent"]
+    assert fake.objects[("persistentvolumeclaim", f"{p}-run")]
+    assert fake.objects[("pod", f"{p}-agent")]["spec"]["hostAliases"] == [
+        {"ip": "10.96.0.42", "hostnames": ["sidecar"]}
+    ]
+    ws_key = mf.volume_key(str(run_dir / "workspace"))
+    in_key = mf.volume_key(str(run_dir / "in"))
+    assert (fake.claim / ws_key / "a.py").read_text() == "x = 1\n"
+    assert (fake.claim / in_key / "task.md").read_text() == "do it"
+    assert ag.stage == "running" and not (fake.claim / in_key / "network-ready").exists()
+    assert handle.status("agent").running  # on its way
+    handle.release("agent")
+    assert (fake.claim / in_key / "network-ready").exists() and ag.stage == "done"
+    with pytest.raises(RuntimeError, match="go-ahead"):
+        handle.release("agent")
+    ag.logs = b'{"type":"result"}\n'
+    assert b"".join(handle.output("agent")) == b'{"type":"result"}\n'
+    assert b"".join(handle.output("agent", stderr=True)) == b""
+    sample = next(handle.stats("agent"))
+    assert sample["memory"] == 64 * 1024**2 and sample["pids"] == 0
+
+    # The agent's work stays on the run's volume; the finaliser's bundle comes back to the run directory.
+    (fake.claim / ws_key / "b.py").write_text("y = 2\n")
+    ag.main = ("terminated", 0, None)
+    assert handle.wait("agent", 1).exit_code == 0
+    handle.start(finaliser)
+    fin = fake.pods[f"{p}-finaliser"]
+    assert not any(c[0] == f"{p}-finaliser" and c[2][0] == "python3" for c in fake.execs)  # no network to probe
+    out_key = mf.volume_key(str(run_dir / "out"))
+    (fake.claim / out_key / "result.json").write_text('{"status": "packed"}')
+    (fake.claim / out_key / "work.bundle").write_bytes(b"bundle")
+    os.symlink("/etc/passwd", fake.claim / out_key / "evil")
+    fin.main = ("terminated", 0, None)
+    info = handle.wait("finaliser", 1)
+    assert info.exit_code == 0 and not info.running
+    assert (run_dir / "out" / "result.json").read_text() == '{"status": "packed"}'
+    assert (run_dir / "out" / "work.bundle").read_bytes() == b"bundle"
+    assert not (run_dir / "out" / "evil").exists()  # links never come back
+    assert fin.carrier_done
+    assert (run_dir / "workspace" / "b.py").exists() is False  # the working tree is not copied back
+
+    handle.discard("agent", "sidecar", network=True)
+    removed = handle.teardown()
+    assert set(removed) >= {f"pod:{p}-finaliser", f"networkpolicy:{p}-deny-all", f"configmap:{p}"}
+    deletes = [c[1] for c in fake.calls if c[0] == "delete"]
+    # Pods go before their network policies, and the anchor last.
+    assert max(i for i, k in enumerate(deletes) if k == "pod") < min(
+        i for i, k in enumerate(deletes) if k == "networkpolicy"
+    )
+    assert deletes[-1] == "configmap"
+    assert not fake.objects
+    assert handle.teardown() == []  # safe to repeat
+
+
+def test_stop_terms_then_kills_and_keeps_the_exit(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    sidecar, agent, *_ = workloads(tmp_path, Policy())
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    handle.start(sidecar)
+    handle.start(agent)
+    handle.stop("agent", 0.1)
+    assert handle.status("agent").exit_code == 143
+    assert any(c[1] == mf.MAIN and c[2] == ["kill", "-TERM", "1"] for c in fake.execs)
+
+
+def test_list_runs_and_attach(tmp_path: Path, fake: FakeCluster) -> None:
+    backend = _backend(fake)
+    handle = backend.open_run(_plan())
+    handle.prepare()
+    runs = backend.list_runs()
+    assert list(runs) == [RUN_ID]
+    assert runs[RUN_ID]["supervisor"] == "1_2.00" and runs[RUN_ID]["state"] == "s1"
+    assert sorted(runs[RUN_ID]["objects"]) == sorted(
+        [f"configmap:sbx-{RUN_ID}", f"networkpolicy:sbx-{RUN_ID}-deny-all", f"networkpolicy:sbx-{RUN_ID}-to-sidecar"]
+    )
+    assert backend.remove_run(RUN_ID) and backend.list_runs() == {}
+    assert fake.select("configmap", RUN_LABEL) == []
+
+
+def test_a_socket_mount_is_not_faked(tmp_path: Path, fake: FakeCluster) -> None:
+    import socket
+
+    sidecar, *_ = workloads(tmp_path, Policy())
+    sock_dir = tmp_path / "budget"
+    sock_dir.mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock_dir / "b.sock"))
+    try:
+        from agent_sandbox.backend.plan import Mount
+
+        w = sidecar.model_copy(
+            update={"mounts": [*sidecar.mounts, Mount(source=str(sock_dir), target="/sandbox/budget")]}
+        )
+        handle = _backend(fake).open_run(_plan())
+        handle.prepare()
+        with pytest.raises(NotImplementedError, match="Unix socket"):
+            handle.start(w)
+    finally:
+        s.close()
+
+
+def test_images_must_be_named_and_policy_extensions_are_refused() -> None:
+    from agent_sandbox.errors import EnvironmentNotReady
+
+    backend = KubernetesBackend(FakeCluster(Path("/nonexistent")), KubernetesConfig())
+    with pytest.raises(EnvironmentNotReady, match="registry"):
+        backend.images()
+    named = KubernetesBackend(
+        FakeCluster(Path("/nonexistent")), KubernetesConfig(images={"agent": "r/a:1", "sidecar": "r/s:1"})
+    )
+    assert named.images().agent == "r/a:1"
+    with pytest.raises(EnvironmentNotReady, match="extends the agent image"):
+        named.images(Policy.model_validate({"image": {"packages": ["jq"]}}))
+
+
+# --- recovery: a run whose supervisor died ------------------------------------------------------------------
+
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@e",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@e",
+    "GIT_CONFIG_GLOBAL": "/dev/null",
+    "GIT_CONFIG_NOSYSTEM": "1",
+    "PATH": "/usr/bin:/bin",
+}
+
+
+def _git(cwd: Path, *args: str, env: dict[str, str] | None = None) -> str:
+    res = subprocess.run(["git", *args], cwd=cwd, env={**GIT_ENV, **(env or {})}, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    return res.stdout.strip()
+
+
+def _orphaned_run(tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch) -> tuple[Any, dict[str, Path]]:
+    """A run as its supervisor left it when it was killed mid-run: its directory (spec, trail, the host's checkout,
+    which holds none of the agent's work), and on the cluster its anchor, isolation, sidecar and agent, the agent's
+    work on the run's volume. Returns the spec and where the volume's directories are."""
+    from agent_sandbox.audit.log import AuditLog
+    from agent_sandbox.audit.redact import Redactor
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.git.checkout import open_repo
+    from agent_sandbox.run import quota, workspace
+    from agent_sandbox.run.liveness import HEARTBEAT_DIR, state_id
+    from agent_sandbox.run.spec import RunSpec
+    from agent_sandbox.run.workloads import Recipes, Users
+    from agent_sandbox.sidecar.config import SidecarConfig
+    from tests.memory_backend import READY
+
+    monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SANDBOX_DISK_QUOTA", "sampled")
+    monkeypatch.setenv("SANDBOX_WORKSPACE", "copy")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q", "-b", "main")
+    (repo / "a.py").write_text("a = 1\n")
+    (repo / "c.py").write_text("c = 3\n")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "base")
+    base = _git(repo, "rev-parse", "HEAD")
+    run_dir = tmp_path / "state" / "runs" / RUN_ID
+    spec = RunSpec(
+        run_id=RUN_ID,
+        repo=str(repo),
+        base_ref="main",
+        base_commit=base,
+        branch=f"sandbox/{RUN_ID}",
+        task="do it",
+        policy=Policy(),
+        policy_source="test",
+        model="claude-sonnet-4-5",
+        run_dir=str(run_dir),
+    )
+    for sub in ("in", "out", "model", HEARTBEAT_DIR):
+        (run_dir / sub).mkdir(parents=True)
+    (run_dir / "in" / "task.md").write_text(spec.task)
+    (run_dir / "spec.json").write_text(spec.model_dump_json())
+    AuditLog(run_dir / "audit.jsonl", RUN_ID, Redactor([])).close()
+    host = open_repo(repo)
+    workspace.prepare(run_dir, host, base, spec.branch, quota.plan(run_dir.parent, spec.policy.limits.disk_bytes), None)
+
+    recipes = Recipes(spec, ImageSet(agent="r/agent:1", sidecar="r/sidecar:1"), run_dir, host.objects, Users.here())
+    config = SidecarConfig(run_id=RUN_ID, upstream_url="https://api.anthropic.com", budget_usd=1.0)
+    owner = Owner(state=state_id(tmp_path / "state"), supervisor="1_2.00")
+    dead = _backend(fake).open_run(RunPlan(run_id=RUN_ID, owner=owner))
+    dead.prepare()
+    dead.start(recipes.sidecar(config, "sk-real-key", []))
+    dead.start(recipes.agent(600))
+    p = f"sbx-{RUN_ID}"
+    fake.pods[f"{p}-sidecar"].logs = (json.dumps(READY) + "\n").encode()
+    fake.pods[f"{p}-agent"].logs = b'{"type":"system","subtype":"init"}\n'
+    where = {
+        "workspace": fake.claim / mf.volume_key(str(run_dir / "workspace")),
+        "objects": fake.claim / mf.volume_key(str(host.objects)),
+        "out": fake.claim / mf.volume_key(str(run_dir / "out")),
+    }
+    # The agent's work, on the run's volume only: a change, a new file, a file removed.
+    (where["workspace"] / "a.py").write_text("a = 2\n")
+    (where["workspace"] / "b.py").write_text("b = 2\n")
+    (where["workspace"] / "c.py").unlink()
+    # Then the supervisor is killed: its threads end with it, and nothing of the run is removed.
+    for pod in dead._pods.values():
+        pod.mirror_stop.set()
+    return spec, where
+
+
+def _finaliser(where: dict[str, Path], spec: Any) -> Callable[[FakePod], int]:
+    """What sandbox/finalize.sh does, on the pod's view of the run's volume: commit what is there, bundle the branch."""
+
+    def run(pod: FakePod) -> int:
+        claim = pod.root / mf.CLAIM_VOLUME
+        ws, out = claim / where["workspace"].name, claim / where["out"].name
+        # The pod sees the host's objects where the checkout's alternates say, on the volume.
+        (ws / ".git" / "objects" / "info" / "alternates").write_text(f"{claim / where['objects'].name}\n")
+        _git(ws, "add", "-A")
+        _git(ws, "commit", "-q", "-m", f"sandbox: work of {spec.run_id} (interrupted)")
+        head = _git(ws, "rev-parse", "HEAD")
+        _git(ws, "bundle", "create", "-q", str(out / "work.bundle"), spec.branch, f"^{spec.base_commit}")
+        result = {"status": "packed", "head": head, "finaliser_commit": head, "bundle": "work.bundle", "detail": ""}
+        (out / "result.json").write_text(json.dumps(result))
+        return 0
+
+    return run
+
+
+def test_recovery_packs_the_work_on_the_runs_volume_and_leaves_nothing(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.run.supervisor import Supervisor
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    spec, where = _orphaned_run(tmp_path, fake, monkeypatch)
+    run_dir = Path(spec.run_dir)
+    p = f"sbx-{RUN_ID}"
+    # A finaliser of the dead supervisor's got as far as a result, which must not be read back as this one's.
+    where["out"].mkdir()
+    (where["out"] / "result.json").write_text('{"status": "unchanged"}')
+    (where["out"] / "stale").write_text("x")
+    (fake.claim / f".uploaded-{where['out'].name}").write_text("")
+    fake.programs["finaliser"] = _finaliser(where, spec)
+    calls_before = len(fake.calls)
+
+    # `sandbox gc`'s path: a supervisor for the run, on a backend of its own, recovers it.
+    backend = _backend(fake)
+    sup = Supervisor.for_recovery(run_dir, backend, ImageSet(agent="r/agent:1", sidecar="r/sidecar:1"), None)
+    summary = sup.recover("its supervisor (pid 1) died before the run ended", "test")
+
+    assert summary.branch == spec.branch and "its work is on" in summary.message, summary.message
+    repo = Path(spec.repo)
+    assert _git(repo, "show", f"{spec.branch}:a.py") == "a = 2"
+    assert _git(repo, "show", f"{spec.branch}:b.py") == "b = 2"
+    assert "c.py" not in _git(repo, "ls-tree", "--name-only", spec.branch).split()
+    # Nothing of the run is left on the cluster, nor its checkout on this machine.
+    assert not fake.objects and not fake.pods
+    assert not (run_dir / "workspace").exists()
+    assert not (run_dir / "out" / "stale").exists()
+
+    calls = fake.calls[calls_before:]
+    # The workloads went first; the anchor, the volume and the isolation stayed for the finaliser, made under the
+    # same anchor (nothing of the run made twice), and went only after it.
+    finaliser = calls.index(("create", "pod", f"{p}-finaliser"))
+    assert [c for c in calls[:finaliser] if c[0] == "create"] == []
+    assert {c[1:] for c in calls[:finaliser] if c[0] == "delete"} == {
+        ("pod", f"{p}-sidecar"),
+        ("pod", f"{p}-agent"),
+        ("service", f"{p}-sidecar"),
+        ("secret", f"{p}-sidecar-env"),
+        ("networkpolicy", f"{p}-sidecar"),
+    }
+    assert calls.index(("delete", "persistentvolumeclaim", f"{p}-run")) > finaliser
+    assert calls[-1] == ("delete", "configmap", p)
+    fin_pod = next(m for m in fake.made if m["metadata"]["name"] == f"{p}-finaliser")
+    assert fin_pod["metadata"]["ownerReferences"][0]["uid"] == f"uid-{p}"
+    # The working tree (with the agent's work), the objects and the inputs were not uploaded again.
+    fin_execs = [c[2] for c in fake.execs if c[0] == f"{p}-finaliser" and c[1] == mf.STAGE]
+    assert any(where["workspace"].name in " ".join(cmd) and "echo" in " ".join(cmd) for cmd in fin_execs)
+
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    recovery = next(e for e in events if e["type"] == "recovery")
+    assert recovery["payload"]["agent_lines"] == 1 and recovery["payload"]["gateway_lines"] == 1
+    assert [e["payload"]["role"] for e in events if e["type"] == "container_created"] == ["finaliser"]
+    assert next(e for e in events if e["type"] == "imported")["payload"]["branch"] == spec.branch
+    assert not [e for e in events if e["type"] == "invalid_event"]
+
+
+def test_a_run_taken_over_keeps_only_what_was_uploaded_whole(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    sidecar, agent, finaliser, _check = workloads(tmp_path, Policy())
+    run_dir = tmp_path / "runs" / RUN_ID
+    (run_dir / "in" / "task.md").write_text("do it")
+    (run_dir / "workspace" / "a.py").write_text("x = 1\n")
+    dead = _backend(fake).open_run(_plan())
+    dead.prepare()
+    dead.start(sidecar)
+    dead.start(agent)
+    for pod in dead._pods.values():
+        pod.mirror_stop.set()
+    ws_key, in_key = mf.volume_key(str(run_dir / "workspace")), mf.volume_key(str(run_dir / "in"))
+    (fake.claim / ws_key / "a.py").write_text("x = 2\n")  # the agent's work
+    # As if the upload of the inputs had been cut short: no marker, and half of it there.
+    (fake.claim / f".uploaded-{in_key}").unlink()
+    (fake.claim / in_key / "task.md").unlink()
+    (fake.claim / in_key / "half").write_text("")
+
+    handle = _backend(fake).open_run(RunPlan(run_id=RUN_ID, owner=Owner(state="s1", supervisor="3_4.00")))
+    p = f"sbx-{RUN_ID}"
+    assert sorted(handle.remove_workloads()) == [
+        f"networkpolicy:{p}-sidecar",
+        f"pod:{p}-agent",
+        f"pod:{p}-sidecar",
+        f"secret:{p}-sidecar-env",
+        f"service:{p}-sidecar",
+    ]
+    # What holds the work and what the next pod needs stays: the anchor, its isolation, the volume.
+    assert sorted(name for _, name in fake.objects) == [p, f"{p}-deny-all", f"{p}-run", f"{p}-to-sidecar"]
+    handle.start(finaliser)
+    assert (fake.claim / ws_key / "a.py").read_text() == "x = 2\n"  # kept: uploaded whole, then worked on
+    assert (fake.claim / in_key / "task.md").read_text() == "do it"  # uploaded again
+    assert not (fake.claim / in_key / "half").exists()
+    assert handle.teardown() and not fake.objects
+
+
+def test_a_run_taken_over_before_it_had_an_anchor_gets_one(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor died before `prepare`: the recovery's finaliser still runs under an anchor, denied every
+    network, on a new volume holding the host's checkout."""
+    import agent_sandbox.backend.kubernetes.backend as be
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    _sidecar, _agent, finaliser, _check = workloads(tmp_path, Policy())
+    run_dir = tmp_path / "runs" / RUN_ID
+    (run_dir / "workspace" / "a.py").write_text("x = 1\n")
+    handle = _backend(fake).open_run(_plan())
+    assert handle.remove_workloads() == []
+    handle.start(finaliser)
+    p = f"sbx-{RUN_ID}"
+    assert [c[1:] for c in fake.calls if c[0] == "create"] == [
+        ("configmap", p),
+        ("networkpolicy", f"{p}-deny-all"),
+        ("networkpolicy", f"{p}-to-sidecar"),
+        ("persistentvolumeclaim", f"{p}-run"),
+        ("pod", f"{p}-finaliser"),
+    ]
+    assert (fake.claim / mf.volume_key(str(run_dir / "workspace")) / "a.py").read_text() == "x = 1\n"
+    handle.teardown()
+    assert not fake.objects
