@@ -38,11 +38,15 @@ def main() -> int:
     if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
         sys.stderr.write(f"init: cannot make itself non-dumpable: {os.strerror(ctypes.get_errno())}\n")
         return 70
+    # SIGCHLD stays pending until sigtimedwait below takes it: the command's end is noticed at once, not at
+    # the next poll (the agent's exit is on the run's critical path).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
     child = os.fork()
     if child == 0:
         os.setpgid(0, 0)
         for sig in FORWARDED:
             signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         try:
             os.execvp(command[0], command)
         except OSError as exc:
@@ -70,9 +74,10 @@ def main() -> int:
             if pid == child:
                 code = os.waitstatus_to_exitcode(status)
                 return code if code >= 0 else 128 - code  # killed by a signal: as shells report it
-        if time.monotonic() >= end:
+        left = end - time.monotonic()
+        if left <= 0:
             break
-        time.sleep(0.2)
+        signal.sigtimedwait({signal.SIGCHLD}, min(left, 1.0))
     sys.stderr.write(f"init: the run's deadline of {seconds:g}s has passed; ending the container\n")
     os.kill(-1, signal.SIGTERM)  # every process but this one
     stop = time.monotonic() + GRACE
