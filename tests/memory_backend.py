@@ -96,6 +96,7 @@ class MemoryRun(RunHandle):
         self.released: dict[str, threading.Event] = {}
         self.discarded: list[str] = []
         self.torn_down = False
+        self.kept_work: list[Path] = []
 
     def prepare(self) -> list[dict[str, Any]]:
         return [{"name": f"mem-{self.run_id}", "internal": True}]
@@ -184,6 +185,9 @@ class MemoryRun(RunHandle):
 
     def remove_workloads(self) -> list[str]:
         return self.teardown()  # as Docker: the work is in the run directory, not in anything of the backend's
+
+    def keep_work(self, dest: Path) -> None:
+        self.kept_work.append(dest)  # as Docker: the workspace is the run directory's already
 
     def teardown(self) -> list[str]:
         for role in list(self.workloads):

@@ -101,7 +101,7 @@ class FakeCluster:
         if p.main is not None:
             main = [_status(mf.MAIN, p.main[0], p.main[1], p.main[2])]
         return V1Pod(
-            metadata=V1ObjectMeta(name=name),
+            metadata=V1ObjectMeta(name=name, annotations=p.manifest["metadata"].get("annotations")),
             status=V1PodStatus(phase="Running", init_container_statuses=init, container_statuses=main),
         )
 
@@ -572,3 +572,302 @@ def test_a_run_taken_over_before_it_had_an_anchor_gets_one(
     assert (fake.claim / mf.volume_key(str(run_dir / "workspace")) / "a.py").read_text() == "x = 1\n"
     handle.teardown()
     assert not fake.objects
+
+
+# --- keeping the work: gc without images, --keep and a failed import -----------------------------------------
+
+
+def _store_row(spec: Any) -> Any:
+    from agent_sandbox.store import RunStore
+
+    store = RunStore()
+    store.run_started(
+        {
+            "id": spec.run_id,
+            "repo": spec.repo,
+            "base_commit": spec.base_commit,
+            "branch": spec.branch,
+            "task": "do it",
+            "policy": "default",
+            "policy_sha256": "x",
+            "status": "running",
+            "started_at": 1.0,
+            "run_dir": spec.run_dir,
+            "supervisor_pid": 1,
+        }
+    )
+    return store
+
+
+def test_gc_without_images_keeps_the_runs_volume_and_a_later_gc_imports_it(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.run import orphans
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    spec, where = _orphaned_run(tmp_path, fake, monkeypatch)
+    fake.programs["finaliser"] = _finaliser(where, spec)
+    store = _store_row(spec)
+    backend = _backend(fake)
+    p = f"sbx-{RUN_ID}"
+
+    for _ in range(2):  # and again: nothing more goes
+        done = orphans.collect(backend, store, None)
+        assert [(r.run_id, r.action) for r in done] == [(RUN_ID, "skipped")]
+        assert "what holds its work kept" in done[0].detail and "waits for the images" in done[0].detail
+        # Nothing of the run runs any more; the volume with the agent's work, its anchor and isolation stay.
+        assert not fake.pods
+        assert sorted(name for _, name in fake.objects) == [p, f"{p}-deny-all", f"{p}-run", f"{p}-to-sidecar"]
+        assert (where["workspace"] / "b.py").read_text() == "b = 2\n"
+    assert store.get(RUN_ID)["status"] == "running"
+
+    done = orphans.collect(backend, store, ImageSet(agent="r/agent:1", sidecar="r/sidecar:1"))
+    assert [(r.run_id, r.action) for r in done] == [(RUN_ID, "recovered")], done[0].detail
+    repo = Path(spec.repo)
+    assert _git(repo, "show", f"{spec.branch}:a.py") == "a = 2"
+    assert _git(repo, "show", f"{spec.branch}:b.py") == "b = 2"
+    assert "c.py" not in _git(repo, "ls-tree", "--name-only", spec.branch).split()
+    assert not fake.objects and not fake.pods
+    assert store.get(RUN_ID)["status"] != "running"
+
+
+def test_keep_work_fetches_the_working_tree_from_the_runs_volume(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    sidecar, agent, _finaliser_w, _check = workloads(tmp_path, Policy())
+    run_dir = tmp_path / "runs" / RUN_ID
+    ws = run_dir / "workspace"
+    (ws / "a.py").write_text("x = 1\n")
+    (ws / "gone.py").write_text("")
+    (ws / ".git").mkdir()
+    (ws / ".git" / "HEAD").write_text("ref: refs/heads/old\n")
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    assert handle.keep_work(ws) is None and (ws / "gone.py").exists()  # nothing on a volume yet: nothing to do
+    handle.start(sidecar)
+    handle.start(agent)
+    on_claim = fake.claim / mf.volume_key(str(ws))
+    # The agent's work: a change, a new executable, a file removed, links inside and out, a new HEAD.
+    (on_claim / "a.py").write_text("x = 2\n")
+    (on_claim / "run.sh").write_text("#!/bin/sh\n")
+    (on_claim / "run.sh").chmod(0o755)
+    (on_claim / "gone.py").unlink()
+    (on_claim / "sub").mkdir()
+    (on_claim / "sub" / "link").symlink_to("../a.py")
+    (on_claim / "out").symlink_to(tmp_path / "outside")
+    (on_claim / ".git" / "HEAD").write_text("ref: refs/heads/sandbox/x\n")
+    fake.pods[f"sbx-{RUN_ID}-agent"].main = ("terminated", 0, None)
+    handle.wait("agent", 1)
+
+    handle.keep_work(ws)
+    assert (ws / "a.py").read_text() == "x = 2\n"
+    assert os.access(ws / "run.sh", os.X_OK) and not os.access(ws / "a.py", os.X_OK)
+    assert not (ws / "gone.py").exists()
+    assert os.readlink(ws / "sub" / "link") == "../a.py" and (ws / "sub" / "link").read_text() == "x = 2\n"
+    assert os.readlink(ws / "out") == str(tmp_path / "outside") and not (tmp_path / "outside").exists()
+    assert (ws / ".git" / "HEAD").read_text() == "ref: refs/heads/sandbox/x\n"
+    assert not list(run_dir.glob(".workspace*"))
+    # Read by a pod of its own that never ran anything, denied every network, and gone once read.
+    keeper = next(m for m in fake.made if m["metadata"]["name"] == f"sbx-{RUN_ID}-keeper")
+    assert keeper["metadata"]["labels"][mf.REACH_LABEL] == "nothing"
+    assert not any(c[0] == f"sbx-{RUN_ID}-keeper" and c[1] == mf.MAIN for c in fake.execs)
+    assert f"sbx-{RUN_ID}-keeper" not in fake.pods
+    handle.teardown()
+    assert not fake.objects
+
+
+def test_a_tree_cannot_write_through_its_own_links(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from agent_sandbox.backend.kubernetes import transfer
+
+    vol = mf.Volume(
+        key="ws-1",
+        source="/x",
+        target="/w",
+        read_only=False,
+        file=False,
+        on_claim=True,
+        upload=False,
+        download=True,
+        live=False,
+    )
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, target in (
+            (f"{mf.CLAIM_VOLUME}/ws-1/esc", str(tmp_path / "victim")),
+            (f"{mf.CLAIM_VOLUME}/ws-1/up", ".."),
+        ):
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+        for name in (f"{mf.CLAIM_VOLUME}/ws-1/esc/x", f"{mf.CLAIM_VOLUME}/ws-1/up/y", f"{mf.CLAIM_VOLUME}/ws-1/ok"):
+            info = tarfile.TarInfo(name)
+            info.size = 2
+            tar.addfile(info, io.BytesIO(b"hi"))
+        info = tarfile.TarInfo(f"{mf.CLAIM_VOLUME}/ws-1/up/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    (tmp_path / "victim").mkdir()
+    dest = tmp_path / "run" / "workspace"
+    dest.mkdir(parents=True)
+    buf.seek(0)
+    transfer.replace_tree(buf, vol, dest, 1 << 20)
+    assert sorted(p.name for p in dest.iterdir()) == ["esc", "ok", "up"]
+    assert not list((tmp_path / "victim").iterdir())
+    assert not (tmp_path / "run" / "y").exists() and not (tmp_path / "run" / "link").exists()
+    # Too much: refused, and the workspace stays as it was.
+    buf.seek(0)
+    with pytest.raises(transfer.TooLarge):
+        transfer.replace_tree(buf, vol, dest, 1)
+    assert (dest / "ok").read_bytes() == b"hi"
+
+
+def test_work_not_imported_is_kept_from_the_volume_and_a_later_gc_imports_it(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recovery whose finaliser fails keeps the work: the working tree comes home from the run's volume before
+    teardown deletes it, and the next recovery packs that (not the host's stale checkout)."""
+    import agent_sandbox.backend.kubernetes.backend as be
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.run.supervisor import Supervisor
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    spec, where = _orphaned_run(tmp_path, fake, monkeypatch)
+    run_dir = Path(spec.run_dir)
+    images = ImageSet(agent="r/agent:1", sidecar="r/sidecar:1")
+    fake.programs["finaliser"] = lambda pod: 1  # wrote no result
+    summary = Supervisor.for_recovery(run_dir, _backend(fake), images, None).recover("died", "test")
+    assert summary.kept and summary.branch is None, summary.message
+    assert not fake.objects and not fake.pods  # the volume went, once its working tree was home
+    assert (run_dir / "workspace" / "b.py").read_text() == "b = 2\n"
+    assert not (run_dir / "workspace" / "c.py").exists()
+
+    fake.programs["finaliser"] = _finaliser(where, spec)
+    summary = Supervisor.for_recovery(run_dir, _backend(fake), images, None).recover("its work waited", "test")
+    assert summary.branch == spec.branch and not summary.kept, summary.message
+    repo = Path(spec.repo)
+    assert _git(repo, "show", f"{spec.branch}:a.py") == "a = 2"
+    assert _git(repo, "show", f"{spec.branch}:b.py") == "b = 2"
+    assert "c.py" not in _git(repo, "ls-tree", "--name-only", spec.branch).split()
+    assert not fake.objects
+
+
+def test_work_that_cannot_be_fetched_keeps_the_runs_volume(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+    from agent_sandbox.backend.kubernetes import transfer
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.run.supervisor import Supervisor
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    spec, where = _orphaned_run(tmp_path, fake, monkeypatch)
+    run_dir = Path(spec.run_dir)
+    images = ImageSet(agent="r/agent:1", sidecar="r/sidecar:1")
+    fake.programs["finaliser"] = lambda pod: 1
+
+    def too_large(*args: Any) -> list[str]:
+        raise transfer.TooLarge("the outputs exceed 1 bytes")
+
+    monkeypatch.setattr(transfer, "replace_tree", too_large)
+    summary = Supervisor.for_recovery(run_dir, _backend(fake), images, None).recover("died", "test")
+    assert summary.kept and summary.branch is None
+    p = f"sbx-{RUN_ID}"
+    assert sorted(name for _, name in fake.objects) == [p, f"{p}-deny-all", f"{p}-run", f"{p}-to-sidecar"]
+    assert not (run_dir / "workspace" / "b.py").exists()  # the host's checkout, as it was
+
+    monkeypatch.undo()
+    monkeypatch.setattr(be, "POLL", 0.01)
+    monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("SANDBOX_DISK_QUOTA", "sampled")
+    monkeypatch.setenv("SANDBOX_WORKSPACE", "copy")
+    fake.programs["finaliser"] = _finaliser(where, spec)
+    summary = Supervisor.for_recovery(run_dir, _backend(fake), images, None).recover("its work waited", "test")
+    assert summary.branch == spec.branch, summary.message
+    assert _git(Path(spec.repo), "show", f"{spec.branch}:b.py") == "b = 2"
+    assert not fake.objects
+
+
+# --- the sidecar's own records, fetched from its pod in a recovery -----------------------------------------------
+
+
+def _sidecar_records(fake: FakeCluster, spec: Any) -> None:
+    """What the dead supervisor's sidecar wrote into its own directory (an emptyDir of its pod): its numbered
+    copy of its lines, with a model call its pod log no longer has, and its transcript."""
+    from tests.test_supervisor_logic import _call
+
+    model = fake.pods[f"sbx-{RUN_ID}-sidecar"].root / mf.volume_key(str(Path(spec.run_dir) / "model"))
+    model.mkdir(exist_ok=True)
+    lines = [json.loads(fake.pods[f"sbx-{RUN_ID}-sidecar"].logs), _call(2, 1, 0.01)]
+    (model / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (model / "transcript.jsonl").write_text('{"request": "hello"}\n')
+
+
+def _recovered(run_dir: Path) -> dict[str, Any]:
+    events = [json.loads(line) for line in (run_dir / "audit.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "invalid_event"]
+    return {
+        "recovery": next(e for e in events if e["type"] == "recovery")["payload"],
+        "calls": [e for e in events if e["type"] == "model_call"],
+    }
+
+
+@pytest.mark.parametrize("via_gc_without_images", [False, True])
+def test_a_recovery_fetches_the_sidecars_own_records_from_its_pod(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch, via_gc_without_images: bool
+) -> None:
+    import agent_sandbox.backend.kubernetes.backend as be
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.run import orphans
+    from agent_sandbox.run.supervisor import Supervisor
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    spec, where = _orphaned_run(tmp_path, fake, monkeypatch)
+    _sidecar_records(fake, spec)
+    fake.programs["finaliser"] = _finaliser(where, spec)
+    run_dir = Path(spec.run_dir)
+    images = ImageSet(agent="r/agent:1", sidecar="r/sidecar:1")
+    if via_gc_without_images:  # the pods go then, their records first
+        assert orphans.collect(_backend(fake), _store_row(spec), None)[0].action == "skipped"
+        assert not fake.pods and (run_dir / "model" / "events.jsonl").is_file()
+    summary = Supervisor.for_recovery(run_dir, _backend(fake), images, None).recover("died", "test")
+
+    assert summary.branch == spec.branch, summary.message
+    got = _recovered(run_dir)
+    assert got["recovery"]["gateway_lines"] == 2 and got["recovery"]["gateway_lines_lost"] == 0
+    assert len(got["calls"]) == 1 and summary.model_calls == 1
+    # The transcript came home (to be redacted there, as with Docker); the copy of the lines went once the trail
+    # had them.
+    assert "request" in (run_dir / "model" / "transcript.jsonl").read_text()
+    assert not (run_dir / "model" / "events.jsonl").exists()
+    assert not fake.objects
+
+
+def test_a_pods_annotation_cannot_send_its_records_elsewhere(tmp_path: Path) -> None:
+    from kubernetes.client import V1ObjectMeta, V1Pod
+
+    from agent_sandbox.backend.kubernetes.backend import _left_outputs
+
+    mine = tmp_path / RUN_ID / "model"
+    other = tmp_path / "elsewhere" / "model"
+    for d in (mine, other):
+        d.mkdir(parents=True)
+    (tmp_path / RUN_ID / "link").symlink_to(other)
+
+    def pod(*sources: Path, key: str | None = None) -> V1Pod:
+        entries = [{"key": key or mf.volume_key(str(p)), "source": str(p), "on_claim": False} for p in sources]
+        return V1Pod(metadata=V1ObjectMeta(annotations={mf.OUTPUTS_ANNOTATION: json.dumps(entries)}))
+
+    assert [v.source for v in _left_outputs(pod(mine), RUN_ID)] == [str(mine)]
+    assert _left_outputs(pod(other), RUN_ID) == []  # not this run's
+    assert _left_outputs(pod(tmp_path / RUN_ID / "link"), RUN_ID) == []  # through a link
+    assert _left_outputs(pod(mine, key="model-00000000"), RUN_ID) == []  # not the key its path hashes to
+    assert _left_outputs(V1Pod(metadata=V1ObjectMeta(annotations={mf.OUTPUTS_ANNOTATION: "{"})), RUN_ID) == []
+    assert _left_outputs(None, RUN_ID) == []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from agent_sandbox.backend.plan import ExitInfo, ImageSet, Progress, Role, RunPlan, Started, Workload
@@ -80,6 +81,14 @@ class RunHandle(ABC):
         finaliser) on that work. Docker keeps nothing (the work is in the host's directory): this is `teardown`.
         Kubernetes keeps the anchor, the run's volume and the isolation policies. `teardown` removes the rest.
         Returns what was removed."""
+
+    @abstractmethod
+    def keep_work(self, dest: Path) -> None:
+        """Before `teardown`, when the supervisor keeps the agent's working tree (`--keep`, or work not imported
+        for `sandbox gc`): bring it into dest, the run directory's workspace it was made from, where the platform
+        holds it elsewhere. Docker: nothing to do, the workspace is that directory. Kubernetes: the working tree
+        is fetched from the run's volume and replaces the checkout there. Raises when it could not: the work
+        is then still where the platform holds it (on Kubernetes the volume), which `teardown` would remove."""
 
     @abstractmethod
     def teardown(self) -> list[str]:

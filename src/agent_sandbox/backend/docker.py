@@ -790,11 +790,18 @@ class DockerRun(RunHandle):
         refs = [self._ref(role) for role in roles]
 
         def remove() -> None:
+            t0 = time.monotonic()
             try:
                 with ThreadPoolExecutor(max(1, len(refs))) as pool:
                     list(pool.map(self.backend.remove_container, refs))
-                if network:
-                    self.backend.remove_networks(self.run_id)
+                removed = self.backend.remove_networks(self.run_id) if network else []
+                log.info(
+                    "discarded run_id=%s roles=%s networks=%d seconds=%.2f",
+                    self.run_id,
+                    ",".join(roles),
+                    len(removed),
+                    time.monotonic() - t0,
+                )
             except Exception as exc:  # teardown removes it (or gc does): nothing depends on this
                 log.info("discard_deferred run_id=%s roles=%s error=%r", self.run_id, ",".join(roles), exc)
 
@@ -826,3 +833,7 @@ class DockerRun(RunHandle):
         for thread in self._discards:
             thread.join(DISCARD_JOIN)
         return self.backend.remove_run(self.run_id)
+
+    def keep_work(self, dest: Path) -> None:
+        # The workspace is the host's directory, bind-mounted: the working tree is there already.
+        return None

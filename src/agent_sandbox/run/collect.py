@@ -27,13 +27,13 @@ class Collecting(Watching):
     """The agent's work, from its workspace to the branch."""
 
     def _collect(self, reason: str) -> tuple[Imported | None, str | None]:
-        self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
-        # What has done its part goes while the finaliser (which has no network) packs: the agent's container,
-        # and unless a check still needs them, the sidecar and the networks. Teardown waits for it.
+        # What has done its part goes while the finaliser (which has no network) starts and packs: the agent's
+        # container, and unless a check still needs them, the sidecar and the networks. Teardown waits for it.
         if self.spec.check:
             self.handle.discard("agent")
         else:
             self.handle.discard("agent", "sidecar", network=True)
+        self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
         info = self.handle.wait("finaliser", FINALISER_TIMEOUT)
         if info.running:
             self.handle.stop("finaliser", 1)

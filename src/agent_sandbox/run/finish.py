@@ -108,7 +108,8 @@ class Finishing(Collecting):
         removed: list[str] = []
         failure: str | None = None
         try:
-            removed = self.handle.teardown()
+            # What holds the work must stay when the working tree could not be brought home (`_keep_work`).
+            removed = self.handle.teardown() if self._keep_work() else self.handle.remove_workloads()
         except Exception as exc:
             failure = f"{type(exc).__name__}: {str(exc)[:300]}"
             log.warning("teardown_failed run_id=%s error=%s", self.spec.run_id, failure)
@@ -124,6 +125,20 @@ class Finishing(Collecting):
         except Exception as exc:
             log.warning("cleanup_failed run_id=%s error=%r", self.spec.run_id, exc)
         self._record(ev.Teardown(removed=removed, error=failure, kept=self.kept))
+
+    def _keep_work(self) -> bool:
+        """Before teardown, where the working tree is kept (`--keep`, or work not imported, which
+        `_cleanup_files` parks for `sandbox gc`): the backend brings it into the workspace if it holds it
+        elsewhere. False when it could not and the work is not imported: teardown then keeps what holds it, for
+        `sandbox gc` to import from."""
+        if not (self.spec.keep or (self.agent_started and not self.work_settled)):
+            return True
+        try:
+            self.handle.keep_work(self.run_dir / "workspace")
+            return True
+        except Exception as exc:
+            log.warning("work_not_kept run_id=%s error=%r", self.spec.run_id, exc)
+            return self.work_settled or not self.agent_started
 
     def _cleanup_files(self) -> None:
         # Recovery's copy of the sidecar's lines: the trail has them now.

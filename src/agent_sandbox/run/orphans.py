@@ -163,21 +163,25 @@ def _recover(
     if run_dir.exists() and not lock.try_acquire():
         return Collected(run_id=run_id, action="skipped", objects=objs, detail="another process took it first")
     try:
-        if images is None or not (run_dir / "spec.json").exists():
-            # Nothing to pack (it died before it began), or no images to pack with: remove, mark, and keep
-            # the workspace (if any) for a later gc.
+        if not (run_dir / "spec.json").exists():
+            # Nothing to pack: it died before it began.
             removed = backend.remove_run(run_id)
-            if (run_dir / "spec.json").exists():
-                return Collected(
-                    run_id=run_id,
-                    action="skipped",
-                    objects=removed,
-                    detail="objects removed; the work waits for the images (`sandbox images build`)",
-                )
             removed += workspace.release_run(run_dir)
             marked = store.mark_failed(run_id, f"{_why(row)}; it had not started; cleaned up by sandbox gc")
             return Collected(
                 run_id=run_id, action="removed", objects=removed, status="failed" if marked else None, detail=_why(row)
+            )
+        if images is None:
+            # No images to pack with: the run's workloads go (nothing runs unsupervised), but what holds the
+            # agent's work stays for a later gc, which imports it: the workspace here, and on a platform that
+            # keeps the working tree in a volume of its own (Kubernetes), that volume.
+            removed = backend.attach_run(run_id).remove_workloads()
+            return Collected(
+                run_id=run_id,
+                action="skipped",
+                objects=removed,
+                detail="its workloads removed, what holds its work kept: the work waits for the images "
+                "(`sandbox images build`), then `sandbox gc` imports it",
             )
         from agent_sandbox.run.supervisor import Supervisor
 

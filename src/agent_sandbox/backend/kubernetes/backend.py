@@ -8,6 +8,7 @@ a fake of exactly those, with the client's own models (tests/test_kubernetes_bac
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from agent_sandbox.backend.base import RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, RunHandle
+from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, RunHandle
 from agent_sandbox.backend.kubernetes import manifests as mf
 from agent_sandbox.backend.kubernetes import transfer
 from agent_sandbox.backend.plan import ExitInfo, ImageSet, Progress, Reach, Role, RunPlan, Started, Workload
@@ -34,6 +35,7 @@ POLL = 0.5  # seconds between looks at a pod's state
 START_TIMEOUT = 300.0  # seconds a pod may take to be scheduled, pull its image and run its stage container
 PROBE_TIMEOUT = 30.0  # seconds the network policies may take to be in force for a new pod
 DISCARD_JOIN = 30.0
+KEEPER = "keeper"  # the pod that reads the working tree off the run's volume (keep_work)
 MIRROR_INTERVAL = 1.0  # seconds between looks at a running workload's live inputs (the heartbeat)
 KINDS = ("pod", "service", "secret", "persistentvolumeclaim", "networkpolicy", "configmap")
 """Every kind of object a run makes, in the order teardown removes them: the pods first, their network
@@ -238,6 +240,7 @@ class KubernetesRun(RunHandle):
         self._claimed = False  # the run's volume exists
         self._adopted = False  # taken over from another process (recovery): its claim holds what that one put there
         self._discards: list[threading.Thread] = []
+        self._left_fetched: set[str] = set()  # pods of another process's whose outputs were fetched (`_fetch_left`)
 
     def _selector(self) -> str:
         return f"{RUN_LABEL}={mf.run_labels(self.run_id, None)[RUN_LABEL]}"
@@ -492,6 +495,7 @@ class KubernetesRun(RunHandle):
         """Bring the workload's outputs home (once), then let its carrier end."""
         pod = self._pods.get(role)
         if pod is None:
+            self._fetch_left(role)
             return
         with pod.lock:
             if pod.fetched:
@@ -516,9 +520,38 @@ class KubernetesRun(RunHandle):
                     self.cluster.exec(name, mf.CARRIER, transfer.touch_command(transfer.fetched_marker()))
             pod.fetched = True
 
+    def _fetch_left(self, role: str) -> None:
+        """A pod another process made (recovery): its outputs (the sidecar's transcript and its own copy of its
+        lines), where its annotation says, fetched once before the pod goes. The annotation is the cluster's
+        word: only a directory of this run's own (`<run id>/<name>`, under the key its path hashes to) is
+        written, as untrusted content. Never fatal: the pod's log is what is left."""
+        if role != "sidecar":
+            return  # the others' outputs (a dead finaliser's out/) would be stale: the recovery makes its own
+        name = self.names.pod("sidecar")
+        if name in self._left_fetched:
+            return
+        self._left_fetched.add(name)
+        try:
+            pod = self.cluster.read_pod(name)
+            out = _left_outputs(pod, self.run_id)
+            if not out:
+                return
+            with transfer.spooled() as buf:
+                rc, err = self.cluster.exec(name, mf.CARRIER, transfer.download_command(out), stdout=buf)
+                if rc != 0:
+                    raise RuntimeError(err.strip()[-300:])
+                buf.seek(0)
+                written = transfer.unpack_outputs(buf, out, self.config.max_transfer_bytes)
+            log.info("left_outputs_fetched pod=%s files=%d", name, len(written))
+            self.cluster.exec(name, mf.CARRIER, transfer.touch_command(transfer.fetched_marker()))
+        except Exception as exc:
+            log.info("left_outputs_not_fetched pod=%s error=%r", name, exc)
+
     def stop(self, role: Role, grace: float) -> None:
         name = self.names.pod(role)
         if not self.status(role).running:
+            if role not in self._pods:
+                self._fetch_left(role)  # ended on its own, its carrier still holding its outputs
             return
         # SIGTERM to the workload's PID 1 (its own init, or its program), as Docker's stop does...
         with contextlib.suppress(Exception):
@@ -561,6 +594,9 @@ class KubernetesRun(RunHandle):
         removed: list[str] = []
         selector = self._selector()
         for obj in self.cluster.select("pod", selector):
+            role = (obj.metadata.labels or {}).get(ROLE_LABEL)
+            if role and role not in self._pods:
+                self._fetch_left(role)
             if self.cluster.delete("pod", obj.metadata.name, grace=0):
                 removed.append(f"pod:{obj.metadata.name}")
         # A ReadWriteOnce claim is attached where its last pod ran: the next pod may need it elsewhere.
@@ -601,6 +637,51 @@ class KubernetesRun(RunHandle):
         self._adopted = True
         log.info("run_adopted run_id=%s anchor=%s claim=%s", self.run_id, self.anchor_uid, self._claimed)
 
+    def keep_work(self, dest: Path) -> None:
+        """The working tree the agent's workloads used on the run's volume (uploaded from dest), fetched as a tar
+        through a pod of its own (`keeper`: the run's last claim workload's pod, with the working tree alone,
+        denied every network, whose `main` never runs) and unpacked as untrusted in place of dest's content."""
+        for thread in self._discards:
+            thread.join(DISCARD_JOIN)
+        key = mf.volume_key(str(dest))
+        users = [p.workload for p in self._pods.values() if any(v.on_claim and v.key == key for v in p.vols)]
+        if not users:
+            if self._adopted and self._claimed:
+                raise RuntimeError("the run's volume may hold the agent's work, but no workload here mounted it")
+            return  # nothing of the agent's went onto a volume: dest is as it was
+        assert self.anchor_uid is not None
+        mount = next(m for m in users[-1].mounts if m.source == str(dest))
+        # A copy of a workload of the run's (its image, user and limits), not a role of the run: it only stages.
+        keeper = users[-1].model_copy(
+            update={
+                "role": KEEPER,
+                "mounts": [mount.model_copy(update={"read_only": True})],
+                "env": {},
+                "secret_env": {},
+                "scratch": [],
+                "go_ahead": None,
+                "reach": Reach.NOTHING,
+                "hosts": {},
+            }
+        )
+        vols = mf.volumes(keeper, {key})
+        name = self.names.pod(keeper.role)
+        self.cluster.create(
+            mf.pod(self.names, self.namespace, self.labels, self.anchor_uid, keeper, vols, self.config, None)
+        )
+        try:
+            self._await_stage(name)
+            with transfer.spooled() as buf:
+                rc, err = self.cluster.exec(name, mf.STAGE, transfer.download_command(vols), stdout=buf)
+                if rc != 0:
+                    raise RuntimeError(f"could not read the working tree from pod {name}: {err.strip()[-300:]}")
+                buf.seek(0)
+                written = transfer.replace_tree(buf, vols[0], dest, self.config.max_transfer_bytes)
+            log.info("work_kept run_id=%s dest=%s files=%d", self.run_id, dest, len(written))
+        finally:
+            with contextlib.suppress(Exception):
+                self.cluster.delete("pod", name, grace=0)
+
     def teardown(self) -> list[str]:
         for thread in self._discards:
             thread.join(DISCARD_JOIN)
@@ -624,6 +705,41 @@ class KubernetesRun(RunHandle):
         deadline = time.monotonic() + timeout
         while self.cluster.select("pod", selector) and time.monotonic() < deadline:
             time.sleep(POLL)
+
+
+def _left_outputs(pod: Any, run_id: str) -> list[mf.Volume]:
+    """The outputs a pod's annotation names (mf.OUTPUTS_ANNOTATION), each only if it is a directory of this run
+    on this machine (`.../<run id>/<name>`, no symbolic link on the way) under the key its path hashes to."""
+    meta = getattr(pod, "metadata", None)
+    raw = (getattr(meta, "annotations", None) or {}).get(mf.OUTPUTS_ANNOTATION)
+    try:
+        entries = json.loads(raw) if raw else []
+    except ValueError:
+        return []
+    out = []
+    for e in entries if isinstance(entries, list) else []:
+        if not isinstance(e, dict):
+            continue
+        source, key = str(e.get("source", "")), str(e.get("key", ""))
+        path = Path(source)
+        if not (path.is_absolute() and path.parent.name == run_id and mf.volume_key(source) == key):
+            continue
+        if ".." in path.parts or not path.is_dir() or path.resolve() != path:
+            continue
+        out.append(
+            mf.Volume(
+                key=key,
+                source=source,
+                target="",
+                read_only=False,
+                file=False,
+                on_claim=bool(e.get("on_claim")),
+                upload=False,
+                download=True,
+                live=False,
+            )
+        )
+    return out
 
 
 def sidecar_egress(w: Workload) -> Egress:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,9 @@ Manifest = dict[str, Any]
 KUBERNETES_VERSION = "1.31"
 """The oldest Kubernetes release the manifests are written for; the tests validate them against its schemas."""
 REACH_LABEL = "sandbox.reach"
+OUTPUTS_ANNOTATION = "sandbox.outputs"
+"""On a pod: its outputs (key, host path, on the claim), so that a process that did not make it (recovery) can
+fetch them (the sidecar's records) before the pod goes."""
 MANAGED_BY = ("app.kubernetes.io/managed-by", "agent-sandbox")
 MAIN, STAGE, CARRIER = "main", "stage", "carrier"
 TRANSFER = "/sandbox-transfer"
@@ -617,12 +621,11 @@ def pod(
     if config.images.pull_secret:
         spec["imagePullSecrets"] = [{"name": config.images.pull_secret}]
     pod_labels = {**labels, ROLE_LABEL: w.role, REACH_LABEL: w.reach.value}
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": _meta(names.pod(w.role), namespace, pod_labels, anchor_uid, names),
-        "spec": spec,
-    }
+    meta = _meta(names.pod(w.role), namespace, pod_labels, anchor_uid, names)
+    outputs = [{"key": v.key, "source": v.source, "on_claim": v.on_claim} for v in vols if v.download]
+    if outputs:
+        meta["annotations"] = {OUTPUTS_ANNOTATION: json.dumps(outputs, sort_keys=True)}
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
 
 
 def security_summary(manifest: Manifest) -> dict[str, Any]:

@@ -7,9 +7,11 @@ only (no links, devices or fifos), every path inside the destination, and no mor
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import shlex
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterable
@@ -107,8 +109,10 @@ class TooLarge(Exception):
     """A download exceeded the bytes allowed."""
 
 
-def unpack_outputs(stream: IO[bytes], vols: Iterable[Volume], limit: int) -> list[str]:
-    """Unpack a download into the volumes' host sources, as untrusted content; returns the files written."""
+def unpack_outputs(stream: IO[bytes], vols: Iterable[Volume], limit: int, tree: bool = False) -> list[str]:
+    """Unpack a download into the volumes' host sources, as untrusted content; returns the files written. With
+    `tree` (a working tree), symbolic links are made too, as links (never followed: a path through one that
+    leads outside is not written), and a file's executable bits are kept, as git records them."""
     by_arc = {_relative(v): Path(v.source) for v in vols}
     written: list[str] = []
     total = 0
@@ -120,6 +124,16 @@ def unpack_outputs(stream: IO[bytes], vols: Iterable[Volume], limit: int) -> lis
                 continue
             rel = name[len(root) :].lstrip("/")
             dest_root = by_arc[root]
+            if tree and member.issym() and rel:
+                parent = (dest_root / rel).parent.resolve()
+                if parent != dest_root.resolve() and dest_root.resolve() not in parent.parents:
+                    continue  # a link placed through another link, outside its volume
+                link = parent / Path(rel).name
+                if link.is_dir() and not link.is_symlink():
+                    continue
+                link.unlink(missing_ok=True)
+                os.symlink(member.linkname, link)
+                continue
             dest = (dest_root / rel).resolve() if rel else dest_root.resolve()
             if dest != dest_root.resolve() and dest_root.resolve() not in dest.parents:
                 continue  # a path that climbs out of its volume
@@ -127,7 +141,7 @@ def unpack_outputs(stream: IO[bytes], vols: Iterable[Volume], limit: int) -> lis
                 dest.mkdir(parents=True, exist_ok=True)
                 continue
             if not member.isfile():
-                continue  # links, devices, fifos: never unpacked
+                continue  # links (but a tree's), devices, fifos: never unpacked
             total += member.size
             if total > limit:
                 raise TooLarge(f"the outputs exceed {limit} bytes")
@@ -137,12 +151,48 @@ def unpack_outputs(stream: IO[bytes], vols: Iterable[Volume], limit: int) -> lis
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.is_symlink():
                 dest.unlink()
-            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+            mode = 0o755 if tree and member.mode & 0o111 else 0o644
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
             with os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
+                os.fchmod(out.fileno(), mode)
             written.append(str(dest))
     return written
+
+
+def replace_tree(stream: IO[bytes], v: Volume, dest: Path, limit: int) -> list[str]:
+    """Unpack a download of one volume holding a working tree (`unpack_outputs` with `tree`) beside dest, then,
+    once all of it is there, put it in place of dest's content (dest itself stays: it may be a mount point).
+    Whatever fails before the swap leaves dest as it was. Returns the files written."""
+    staging = dest.parent / f".{dest.name}.fetched"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(mode=0o700)
+    try:
+        written = unpack_outputs(stream, [dataclasses.replace(v, source=str(staging))], limit, tree=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        # .git last: a swap cut short leaves the host's checkout (not a tree mistaken for imported work), and the
+        # caller still has the volume.
+        for child in dest.iterdir():
+            if child.name != ".git":
+                _remove(child)
+        for child in sorted(staging.iterdir()):
+            if child.name != ".git":
+                shutil.move(str(child), str(dest / child.name))
+        if (staging / ".git").exists() or (staging / ".git").is_symlink():
+            _remove(dest / ".git")
+            shutil.move(str(staging / ".git"), str(dest / ".git"))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [str(dest / Path(w).relative_to(staging.resolve())) for w in written]
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def spooled() -> IO[bytes]:
