@@ -115,7 +115,8 @@ def tables(res: dict[str, Any]) -> str:
         f"- bare `docker run`: `--network host` to the scripted model on the host's loopback; lifecycle samples "
         f"(s): bare {lc['samples']['bare_s']}, sandbox {lc['samples']['sandbox_s']}",
         f"- checkout: {co['files']:,} files, {co['commits']} commits, {co['objects_mb']} MB of objects, median "
-        f"of {co['repeat']}; workspace owner {co['owner']}",
+        f"of {co['repeat']}; workspace owner {co['owner']}; mode {co.get('mode', '-')}; the first run on a commit "
+        f"(the tree built, cold) {co.get('cold_checkout_s', '-')} s",
         *overheads_notes(res.get("overheads") or {}),
         "",
         f"Phases of the `sandbox run` (medians of {lc['rounds']}, from its audit trail):",
