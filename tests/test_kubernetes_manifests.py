@@ -378,3 +378,19 @@ def test_sandbox_run_renders_the_full_topology_without_a_cluster(
     assert not (tmp_path / "state" / "runs").exists()  # nothing of a run was made
     res = CliRunner().invoke(main, [*args, "--render", str(out)])
     assert res.exit_code != 0 and "Kubernetes backend" in res.output
+
+
+def test_the_policys_runtime_is_the_runtime_class_of_the_pods_that_run_the_agents_code(tmp_path: Path) -> None:
+    """agent.runtime (e.g. Kata) wins over the backend's runtime_class for the agent, check and finaliser; the
+    sidecar, which runs none of the agent's code, keeps the backend's."""
+    policy = Policy.model_validate({"agent": {"runtime": "kata"}})
+    pods = by_kind(topology(tmp_path, policy), "Pod")
+    classes = {pod["metadata"]["labels"][ROLE_LABEL]: pod["spec"].get("runtimeClassName") for pod in pods.values()}
+    assert classes == {"sidecar": "gvisor", "agent": "kata", "finaliser": "kata", "check": "kata"}
+    plain = by_kind(topology(tmp_path / "plain", policy, KubernetesConfig()), "Pod")
+    assert {p["metadata"]["labels"][ROLE_LABEL]: p["spec"].get("runtimeClassName") for p in plain.values()} == {
+        "sidecar": None,
+        "agent": "kata",
+        "finaliser": "kata",
+        "check": "kata",
+    }

@@ -323,3 +323,19 @@ def test_only_the_sidecar_holds_the_key_and_reaches_outside(tmp_path: Path, repo
         assert all(m.read_only for m in w.mounts if m.source == str(sup.repo.objects))
     # The check writes only its own directory: the bundle in out/ is out of reach of the code it runs.
     assert [m.target for m in check.mounts if not m.read_only] == ["/sandbox/check"]
+
+
+def test_the_policys_runtime_reaches_every_workload_that_runs_or_reads_the_agents_code(
+    tmp_path: Path, repo: Path
+) -> None:
+    sup = _supervisor(tmp_path, repo, MemoryBackend())
+    from agent_sandbox.sidecar.config import SidecarConfig
+
+    policy = sup.spec.policy.model_copy(update={"agent": sup.spec.policy.agent.model_copy(update={"runtime": "runsc"})})
+    recipes = Recipes(
+        sup.spec.model_copy(update={"policy": policy}), sup.images, sup.run_dir, sup.repo.objects, Users.here()
+    )
+    config = SidecarConfig(run_id="r", upstream_url="http://up", budget_usd=1.0, egress=policy.egress)
+    assert recipes.sidecar(config, None, []).runtime is None, "the sidecar runs none of the agent's code"
+    for w in (recipes.agent(100), recipes.check("0" * 40, 60), recipes.finaliser("completed", 60)):
+        assert w.runtime == "runsc", w.role

@@ -150,6 +150,8 @@ class ContainerSpec(BaseModel):
     the agent's, whose PID 1 holds the run's deadline (sandbox/init.py)."""
     dns_options: list[str] = Field(default_factory=list)
     """resolv.conf options, e.g. `timeout:1` so that lookups with no answer fail fast."""
+    runtime: str | None = None
+    """The engine's container runtime to use (`runsc`, `kata-runtime`); None: the engine's default."""
     attach: bool = False
     """Attach to its output before it starts, so that no line is missed, and read it from the container's
     own stream, so that a slow reader holds the writer back (a flood waits in the container) instead of the
@@ -173,6 +175,7 @@ class ContainerSpec(BaseModel):
             "mounts": [m.model_dump() for m in self.mounts],
             "env_names": sorted(self.env),
             "secret_env_names": sorted(self.secret_env),
+            "runtime": self.runtime or "default",
             "extra_hosts": self.extra_hosts,
         }
 
@@ -334,6 +337,7 @@ class DockerBackend(Backend):
         # Container id -> its attached output streams (stdout: False, stderr: True) not yet handed out.
         self._attached: dict[str, dict[bool, Any]] = {}
         self._engine_gone = False
+        self._runtimes: list[str] | None = None  # the engine's container runtimes, once asked
 
     @classmethod
     def connect(cls, config: DockerConfig | None = None) -> DockerBackend:
@@ -343,6 +347,8 @@ class DockerBackend(Backend):
         images = require_images(self.client)
         if policy is None:
             return images
+        if policy.agent.runtime:
+            self._require_runtime(policy.agent.runtime)  # refused before the run makes anything
         return ensure_policy_image(self.client, images, policy, progress or (lambda _line: None))
 
     def _get(self, container: str) -> Container:
@@ -434,6 +440,9 @@ class DockerBackend(Backend):
             init=spec.init,
             log_config={"type": "json-file", "config": {"max-size": "64m", "max-file": "2"}},
         )
+        if spec.runtime:
+            self._require_runtime(spec.runtime)
+            kwargs["runtime"] = spec.runtime
         if spec.extra_hosts:
             kwargs["extra_hosts"] = spec.extra_hosts
         if spec.dns_options:
@@ -471,6 +480,19 @@ class DockerBackend(Backend):
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return cid
+
+    def _require_runtime(self, runtime: str) -> None:
+        """EnvironmentNotReady unless the engine has that runtime: the policy asked for it, and running the
+        agent's code under another would quietly drop a boundary."""
+        if self._runtimes is None:
+            self._runtimes = sorted((self._engine(self.client.info).get("Runtimes") or {}).keys())
+        if runtime not in self._runtimes:
+            raise EnvironmentNotReady(
+                f"the policy asks for the container runtime {runtime!r}; this Docker engine has "
+                f"{', '.join(self._runtimes) or 'none listed'}",
+                hint="install and register it with the engine (gVisor: `runsc install`, then restart dockerd), "
+                "or drop agent.runtime from the policy",
+            )
 
     def _create(self, name: str, kwargs: dict[str, Any]) -> Container:
         """Create a container, waiting for a restarting engine. A create cut off by the engine going away may
@@ -759,6 +781,7 @@ class DockerRun(RunHandle):
             extra_hosts=hosts,
             init=not w.own_init,
             dns_options=w.dns_options,
+            runtime=w.runtime,
             attach=w.follow,
         )
 

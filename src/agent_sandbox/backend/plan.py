@@ -109,6 +109,8 @@ class Workload(BaseModel):
     """Memory, CPU and process limits."""
     working_dir: str | None = None
     """Working directory inside the workload."""
+    runtime: str | None = None
+    """The container runtime (Docker) or RuntimeClass (Kubernetes) it runs under; None: the platform's default."""
     own_init: bool = False
     """Its entry point is its own PID 1 (the agent's holds the run's deadline: sandbox/init.py); otherwise the
     backend provides one that reaps orphans and passes signals on."""

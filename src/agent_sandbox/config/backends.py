@@ -82,7 +82,8 @@ class KubernetesConfig(BaseModel):
     """The images the nodes pull."""
     runtime_class: str | None = None
     """RuntimeClass of every pod of a run (e.g. `gvisor` or `kata`): a kernel of its own between the agent
-    and the node; None: the cluster's default runtime."""
+    and the node; a policy's `agent.runtime` overrides it for the pods that run the agent's code. None: the
+    cluster's default runtime."""
     workspace: WorkspaceStorage = Field(default_factory=WorkspaceStorage)
     """The run's volume."""
     dns: ClusterDns = Field(default_factory=ClusterDns)

@@ -46,6 +46,13 @@ class AgentSettings(BaseModel):
     and MCP servers to URLs it allows; code_execution runs code on Anthropic's side, out of the policy's
     reach: allow it only on purpose."""
 
+    runtime: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+    """A container runtime with a kernel of its own between the agent's code and the host's: the agent, its check
+    and its finaliser run under it (the sidecar does not run the agent's code). Named as the platform names it:
+    Docker's runtime (`runsc` for gVisor, `kata-runtime`), Kubernetes' RuntimeClass (`gvisor`, `kata`). None:
+    the platform's default (`runc`; on Kubernetes, the backend's `runtime_class`). A platform without it refuses
+    the run before anything starts."""
+
     @field_validator("api_url")
     @classmethod
     def _url(cls, v: str) -> str:

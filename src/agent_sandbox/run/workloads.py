@@ -152,6 +152,7 @@ class Recipes:
                 ],
                 "resources": Resources(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids),
                 "working_dir": "/workspace",
+                "runtime": self.spec.policy.agent.runtime,
                 # Names the sidecar does not know get no answer: fail in a second, not ten.
                 "dns_options": ["timeout:1", "attempts:1"],
                 **kwargs,
@@ -221,4 +222,6 @@ class Recipes:
             scratch=[Scratch(path="/tmp", size_bytes=256 * MiB)],
             resources=Resources(memory_bytes=1024**3, cpus=1.0, pids=256),
             working_dir="/workspace",
+            # It reads what the agent left: the same runtime as the agent.
+            runtime=self.spec.policy.agent.runtime,
         )

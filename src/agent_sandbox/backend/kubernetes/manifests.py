@@ -616,8 +616,9 @@ def pod(
         spec["dnsConfig"] = dns_config
     if aliases := _host_aliases(w, sidecar_ip if w.reach is Reach.SIDECAR else None):
         spec["hostAliases"] = aliases
-    if config.runtime_class:
-        spec["runtimeClassName"] = config.runtime_class
+    # The policy's runtime for the workloads that run or read the agent's code; the backend's default otherwise.
+    if runtime := w.runtime or config.runtime_class:
+        spec["runtimeClassName"] = runtime
     if config.images.pull_secret:
         spec["imagePullSecrets"] = [{"name": config.images.pull_secret}]
     pod_labels = {**labels, ROLE_LABEL: w.role, REACH_LABEL: w.reach.value}
