@@ -72,6 +72,7 @@ class FakeCluster:
         # What a workload's `main` does once its stage has ended, by role (returns its exit code); without one it
         # runs until stopped.
         self.programs: dict[str, Callable[[FakePod], int]] = {}
+        self.classes: list[str] | None = ["gvisor"]  # the cluster's RuntimeClasses (None: may not list them)
 
     def create(self, manifest: dict[str, Any]) -> Any:
         kind, name = manifest["kind"].lower(), manifest["metadata"]["name"]
@@ -110,6 +111,9 @@ class FakeCluster:
         if kind == "pod":
             self.pods.pop(name, None)
         return self.objects.pop((kind, name), None) is not None
+
+    def runtime_classes(self) -> list[str] | None:
+        return self.classes
 
     def select(self, kind: str, selector: str) -> list[Any]:
         key, _, value = selector.partition("=")
@@ -332,6 +336,23 @@ def test_images_must_be_named_and_policy_extensions_are_refused() -> None:
     assert named.images().agent == "r/a:1"
     with pytest.raises(EnvironmentNotReady, match="extends the agent image"):
         named.images(Policy.model_validate({"image": {"packages": ["jq"]}}))
+
+
+def test_a_runtime_class_the_cluster_lacks_refuses_the_run_before_anything_is_made(tmp_path: Path) -> None:
+    from agent_sandbox.errors import EnvironmentNotReady
+
+    fake = FakeCluster(tmp_path)
+    images = {"agent": "r/a:1", "sidecar": "r/s:1"}
+    backend = KubernetesBackend(fake, KubernetesConfig(images=images))
+    assert backend.images(Policy.model_validate({"agent": {"runtime": "gvisor"}})).agent == "r/a:1"
+    with pytest.raises(EnvironmentNotReady, match="RuntimeClass 'kata'; this cluster has gvisor"):
+        backend.images(Policy.model_validate({"agent": {"runtime": "kata"}}))
+    with pytest.raises(EnvironmentNotReady, match="RuntimeClass 'kata'"):
+        KubernetesBackend(fake, KubernetesConfig(images=images, runtime_class="kata")).images(Policy())
+    # A supervisor whose role may not list RuntimeClasses leaves the decision to the API server.
+    fake.classes = None
+    assert backend.images(Policy.model_validate({"agent": {"runtime": "kata"}})).sidecar == "r/s:1"
+    assert fake.calls == [], "nothing was made"
 
 
 # --- recovery: a run whose supervisor died ------------------------------------------------------------------

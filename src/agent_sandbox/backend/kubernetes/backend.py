@@ -96,6 +96,9 @@ class Cluster(Protocol):
     def metrics(self, pod: str) -> dict[str, Any] | None:
         """The pod's metrics.k8s.io sample, or None without a metrics server."""
 
+    def runtime_classes(self) -> list[str] | None:
+        """The cluster's RuntimeClasses, or None when the supervisor may not list them."""
+
 
 def _quantity(text: str) -> float:
     """A Kubernetes quantity (`250m`, `12Ki`, `3n`, `1.5`) as a number."""
@@ -199,6 +202,17 @@ class KubernetesBackend(Backend):
                 "Kubernetes backend does not build",
                 hint="build the extended image with Docker, push it and name it as backend.images.agent",
             )
+        runtime = (policy.agent.runtime if policy is not None else None) or self.config.runtime_class
+        if runtime:
+            known = self.cluster.runtime_classes()
+            # A pod naming a missing RuntimeClass is refused by the API server anyway; asking first refuses the
+            # run before anything is made, and says what there is.
+            if known is not None and runtime not in known:
+                raise EnvironmentNotReady(
+                    f"the run asks for the RuntimeClass {runtime!r}; this cluster has {', '.join(known) or 'none'}",
+                    hint="install the runtime on the nodes and create its RuntimeClass, or drop agent.runtime "
+                    "(policy) / runtime_class (backend settings)",
+                )
         return ImageSet(agent=imgs.agent, sidecar=imgs.sidecar)
 
     def image_info(self, image: str) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class ClientCluster:
         self.core = kubernetes.client.CoreV1Api(api)
         self.net = kubernetes.client.NetworkingV1Api(api)
         self.custom = kubernetes.client.CustomObjectsApi(api)
+        self.node = kubernetes.client.NodeV1Api(api)
 
     @classmethod
     def connect(cls, config: KubernetesConfig) -> ClientCluster:
@@ -148,6 +149,15 @@ class ClientCluster:
         if ws.peek_stderr():
             data = ws.read_stderr()
             err.extend(data if isinstance(data, bytes) else data.encode())
+
+    def runtime_classes(self) -> list[str] | None:
+        try:
+            listed = self.node.list_runtime_class(_request_timeout=self.timeout)
+        except ApiException as exc:
+            if exc.status in (401, 403):
+                return None  # the supervisor's role need not list cluster-scoped objects: the API server decides
+            raise
+        return sorted(rc.metadata.name for rc in listed.items if rc.metadata is not None and rc.metadata.name)
 
     def metrics(self, pod: str) -> dict[str, Any] | None:
         try:

@@ -39,6 +39,9 @@ class NoCluster:
     ) -> tuple[int, str]:
         self._refuse()
 
+    def runtime_classes(self) -> list[str] | None:
+        return None  # not asked: a render contacts no cluster
+
 
 def render_backend(config: KubernetesConfig) -> KubernetesBackend:
     """A backend that resolves the run's images (placeholders where the settings name none) and makes nothing."""
