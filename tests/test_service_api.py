@@ -569,6 +569,42 @@ def test_an_issue_gets_one_comment_made_at_the_start_and_edited_at_the_end(
     assert len(edited) == 1 and edited[0].json["body"] == body
 
 
+def test_a_late_labelled_delivery_is_judged_by_the_issue_as_it_is_now(
+    service: TaskService, fake_github: FakeGitHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """GitHub does not deliver in order: a `labeled` delivery that arrives after the label was removed again, or
+    after the issue was closed, starts nothing; one that still holds takes the issue's current text."""
+    unlabelled = fake_github.add_issue("acme/widgets", labels=["bug"])  # the label came and went
+    closed = fake_github.add_issue("acme/widgets", labels=["sandbox"])
+    fake_github.repo("acme/widgets").issues[closed["number"]]["state"] = "closed"
+    edited = fake_github.add_issue("acme/widgets", title="Make x three", body="now three", labels=["sandbox"])
+    svc = with_github(service, fake_github, monkeypatch)
+    tasks: list[RunRequest] = []
+
+    def fake_run(req: RunRequest, on_start: Callable[[Any], None]) -> RunSummary:
+        tasks.append(req)
+        on_start(FakeSupervisor("r-1"))
+        return summary_for("r-1", "completed", tmp_path)
+
+    svc.run_task = fake_run
+
+    async def scenario(call: Call) -> None:
+        # Each payload still shows the label and an open issue, as it was when GitHub sent it.
+        gone = issue_event("labeled", added="sandbox", number=unlabelled["number"])
+        why = expect(Ignored, 200, await deliver(call, "issues", gone)).ignored
+        assert f"'sandbox' label is no longer on issue #{unlabelled['number']}" in why
+        late = issue_event("labeled", added="sandbox", number=closed["number"])
+        why = expect(Ignored, 200, await deliver(call, "issues", late)).ignored
+        assert f"issue #{closed['number']} is closed now" in why
+        fresh = issue_event("labeled", added="sandbox", number=edited["number"])
+        expect(Task, 202, await deliver(call, "issues", fresh))
+
+    run_queue(svc, scenario)
+    assert len(tasks) == 1 and tasks[0].ticket_text is not None
+    assert "Make x three" in tasks[0].ticket_text and "now three" in tasks[0].ticket_text
+    assert "Make x two" not in tasks[0].ticket_text, "the issue's current text, not the delivery's"
+
+
 def test_a_failed_comment_never_fails_the_task_and_no_token_means_no_comments(
     service: TaskService, fake_github: FakeGitHub, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -44,6 +44,8 @@ from agent_sandbox.run.ticket import Ticket
 from agent_sandbox.store import RunStore, TaskStatus, TaskStore
 
 log = logging.getLogger(__name__)
+
+ISSUE_READ_WAIT = 5.0  # seconds a labelled issue's current state may take to read (retries included)
 MAX_BODY = 1024 * 1024
 PRINCIPAL = web.RequestKey("principal", str)
 """Who a request came from, for its access line: a token's name, or github for a signed delivery."""
@@ -441,9 +443,11 @@ class Commenter:
             self._bases[repo_name] = api_base_for(remote, self.config.github.api_base)
         return self._bases[repo_name]
 
-    def client(self, repo_name: str) -> GitHub | None:
+    def client(self, repo_name: str, max_wait_s: float = 30.0) -> GitHub | None:
         # Bounded waits: a comment is worth little once the run it reports on has moved on.
-        return GitHub(self.token, self._base(repo_name), max_wait_s=30.0) if self.token else None
+        if not self.token:
+            return None
+        return GitHub(self.token, self._base(repo_name), max_wait_s=max_wait_s, timeout_s=min(30.0, max_wait_s))
 
     def post(self, repo_name: str, subject: str | None, task_id: str, body: str) -> None:
         if subject is None or not self.token:
@@ -852,6 +856,16 @@ class TaskService:
                 return f"the label added is {added!r}, not {cfg.label!r}"
             if issue.get("state") == "closed":
                 return f"issue #{number} is closed"
+            current = await self._issue_now(repo, full_name, number)
+            if current is not None:
+                # GitHub does not promise deliveries in order: one sent when the label was added may arrive after
+                # it was removed again, or after the issue was closed. The issue as it is now decides.
+                if current.get("state") == "closed":
+                    return f"issue #{number} is closed now (the delivery is older than that)"
+                labels = {str(x.get("name")) for x in current.get("labels") or [] if isinstance(x, dict)}
+                if cfg.label not in labels:
+                    return f"the {cfg.label!r} label is no longer on issue #{number} (the delivery is older than that)"
+                issue = {**issue, **{k: current[k] for k in ("title", "body") if k in current}}
             # The issue is untrusted text: it becomes the task, nothing in it selects anything.
             ticket = Ticket(title=str(issue.get("title") or ""), body=str(issue.get("body") or ""))
             req = self._request_for(repo, None, ticket, None)
@@ -859,6 +873,20 @@ class TaskService:
         if name == "issue_comment":
             return await self._follow_up(cfg, event)
         return f"{name or 'unnamed'} events never start a task (only issues and issue_comment do)"
+
+    async def _issue_now(self, repo: str, full_name: str, number: int) -> dict[str, Any] | None:
+        """The issue as GitHub has it now, or None without a token or when GitHub does not say in time: the
+        delivery's own copy then stands, as it always did. Briefly: GitHub waits 10 s for the answer."""
+        gh = self.comments.client(repo, max_wait_s=ISSUE_READ_WAIT)
+        if gh is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            current = await loop.run_in_executor(None, gh.request, "GET", f"/repos/{full_name}/issues/{number}")
+        except GitHubError as exc:
+            log.warning("issue_not_read repo=%s issue=%d error=%s; the delivery's copy stands", full_name, number, exc)
+            return None
+        return current if isinstance(current, dict) else None
 
     async def _follow_up(self, cfg: WebhookConfig, event: dict[str, Any]) -> Trigger | str:
         """A `/sandbox <instruction>` comment on a run's pull request, by an allowed user: a follow-up run on the
