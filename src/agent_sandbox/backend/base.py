@@ -117,6 +117,11 @@ class Backend(ABC):
         """Remove every object labelled with this run id; returns what was removed."""
         return self.attach_run(run_id).teardown()
 
+    def remove_host_objects(self, run_id: str) -> list[str]:
+        """Remove what the run left on the supervisor's host itself (Docker: its firewall rules), never a
+        workload or a network; returns what was removed. Nothing by default."""
+        return []
+
     @abstractmethod
     def list_runs(self) -> dict[str, dict[str, Any]]:
         """Run ids that still have objects: {run_id: {"objects": [...], "supervisor": owner or None,

@@ -666,6 +666,9 @@ class DockerBackend(Backend):
         removed += self.firewall.remove(run_id)
         return removed
 
+    def remove_host_objects(self, run_id: str) -> list[str]:
+        return self.firewall.remove(run_id)
+
     def remove_run(self, run_id: str) -> list[str]:
         """Remove the run's containers, then its networks, each kind side by side. Safe to race with another
         remover (a second gc): what the other removed is skipped, and a network whose containers are still

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,9 @@ from agent_sandbox.run.liveness import RunLock, state_id, supervised
 from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
+
+HOST_OBJECT = "firewall:"  # what list_runs calls an object on the host itself, which carries no state label
+RULES_RECHECK = 1.0  # seconds between the two looks at a run that shows nothing but host objects
 
 Action = Literal["recovered", "removed", "skipped", "failed"]
 
@@ -94,9 +98,34 @@ def collect(
         objs = list(entry.get("objects", []))
         state = entry.get("state")
         if entry and state is None and row is None:
-            # Made before the state label, or a firewall rule whose network is gone.
+            # Made before the state label, or what a run leaves on the host itself (a firewall rule) without a
+            # labelled object beside it.
             if supervisor_alive(entry.get("supervisor")):
                 out.append(Collected(run_id=run_id, action="skipped", objects=objs, detail="its supervisor is alive"))
+                continue
+            if objs and all(o.startswith(HOST_OBJECT) for o in objs):
+                # A live run looks like this for a moment, between its network and its rules (made, or removed
+                # while its finaliser runs): seen so twice, a second apart, only those rules go, never a workload.
+                if not dry_run:
+                    time.sleep(RULES_RECHECK)
+                again = list((backend.list_runs().get(run_id) or {}).get("objects", [])) if not dry_run else objs
+                if not again or not all(o.startswith(HOST_OBJECT) for o in again):
+                    out.append(
+                        Collected(
+                            run_id=run_id, action="skipped", objects=objs, detail="a run being made or taken down"
+                        )
+                    )
+                    continue
+                removed = objs if dry_run else backend.remove_host_objects(run_id)
+                out.append(
+                    Collected(
+                        run_id=run_id,
+                        action="removed",
+                        objects=removed,
+                        dry_run=dry_run,
+                        detail="host firewall rules whose run is gone",
+                    )
+                )
                 continue
             removed = objs if dry_run else backend.remove_run(run_id)
             out.append(

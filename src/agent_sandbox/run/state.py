@@ -40,3 +40,4 @@ class RunState:
     open_tools: dict[str, str] = field(default_factory=dict)  # tool calls the agent reported without a result
     open_at_result: list[str] = field(default_factory=list)
     gateway_calls: list[tuple[float, dict[str, Any]]] = field(default_factory=list)  # (read at, model_call)
+    inflight_at_settle: int = 0  # model calls the gateway still had in flight when it settled after the agent

@@ -440,8 +440,17 @@ class Watching(RunBase):
                     return  # its output ended: there is nothing more to read
                 event = self._gateway_event(line, w)
                 if event.get("event") == GatewaySettled.TYPE and event.get("token") == token:
-                    return
-            log.warning("settle_unanswered run_id=%s waited_s=%.1f", self.spec.run_id, SETTLE_WAIT)
+                    w.inflight_at_settle = int(event.get("inflight") or 0)
+                    if not w.inflight_at_settle:
+                        return
+                    # Calls the gateway could not see end (a slow upstream, a call that outlasts its client): what
+                    # comes of them in the quiet wait below is recorded, and the result is not taken on trust.
+                    log.warning(
+                        "settled_with_calls_in_flight run_id=%s inflight=%d", self.spec.run_id, w.inflight_at_settle
+                    )
+                    break
+            else:
+                log.warning("settle_unanswered run_id=%s waited_s=%.1f", self.spec.run_id, SETTLE_WAIT)
         while True:
             try:
                 source, line = self._next_line(timeout=SETTLE_QUIET)
@@ -482,6 +491,10 @@ class Watching(RunBase):
             return False, f"it claims {claimed} turns, the gateway served {len(ok)} model call(s)"
         if w.open_at_result:
             return False, ("the result came while tool calls were still running: " + ", ".join(w.open_at_result[:5]))
+        if w.inflight_at_settle:
+            return False, (
+                f"{w.inflight_at_settle} model call(s) were still in flight at the gateway after the agent had ended"
+            )
         at = w.result_at or time.monotonic()
         later = [p for t, p in ok if t - int(p.get("duration_ms") or 0) / 1000 > at + RESULT_SLACK]
         if later:
