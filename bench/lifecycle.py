@@ -52,7 +52,7 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for bench.machine
 
-from bench.machine import machine, run  # noqa: E402
+from bench.machine import images, machine, run  # noqa: E402
 
 from agent_sandbox.sidecar.script import load_script  # noqa: E402
 from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve  # noqa: E402
@@ -100,21 +100,6 @@ PHASES = [
     ("gate, report", "run_ended"),
     ("CLI exit", "exit"),
 ]
-
-
-def images() -> dict[str, str]:
-    """The image set the current inputs call for, built first if missing."""
-    from agent_sandbox.backend.docker import connect_client
-    from agent_sandbox.backend.images import require_images
-    from agent_sandbox.errors import EnvironmentNotReady
-
-    try:
-        tags = require_images(connect_client())
-    except EnvironmentNotReady:
-        print("building the images (sandbox images build) ...", file=sys.stderr, flush=True)
-        subprocess.run([SANDBOX, "images", "build"], check=True, cwd=REPO_ROOT, stdout=sys.stderr)
-        tags = require_images(connect_client())
-    return {"agent": tags.agent, "sidecar": tags.sidecar}
 
 
 class Stub:

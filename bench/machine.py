@@ -1,12 +1,16 @@
-"""What the benchmarks say about the machine they ran on, and how they run a command."""
+"""What the benchmarks say about the machine they ran on, how they run a command, and the images they use."""
 
 from __future__ import annotations
 
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SANDBOX = str(Path(sys.executable).parent / "sandbox")
 
 
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -33,3 +37,18 @@ def machine() -> dict[str, str]:
         "kernel": platform.release(),
         "docker": docker,
     }
+
+
+def images() -> dict[str, str]:
+    """The image set the current inputs call for, built first if missing."""
+    from agent_sandbox.backend.docker import connect_client
+    from agent_sandbox.backend.images import require_images
+    from agent_sandbox.errors import EnvironmentNotReady
+
+    try:
+        tags = require_images(connect_client())
+    except EnvironmentNotReady:
+        print("building the images (sandbox images build) ...", file=sys.stderr, flush=True)
+        subprocess.run([SANDBOX, "images", "build"], check=True, cwd=REPO_ROOT, stdout=sys.stderr)
+        tags = require_images(connect_client())
+    return {"agent": tags.agent, "sidecar": tags.sidecar}

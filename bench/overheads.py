@@ -74,7 +74,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for bench.machine, bench.soak and tests.testhosts
 
-from bench.machine import machine, run  # noqa: E402
+from bench.machine import images, machine, run  # noqa: E402
 from bench.soak import vm_hwm  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
@@ -166,21 +166,6 @@ for start in range(0, count, block):
             out[name].append(one(conn))
 print(json.dumps(out))
 """
-
-
-def images() -> dict[str, str]:
-    """The image set the current inputs call for, built first if missing."""
-    from agent_sandbox.backend.docker import connect_client
-    from agent_sandbox.backend.images import require_images
-    from agent_sandbox.errors import EnvironmentNotReady
-
-    try:
-        tags = require_images(connect_client())
-    except EnvironmentNotReady:
-        print("building the images (sandbox images build) ...", file=sys.stderr, flush=True)
-        subprocess.run([SANDBOX, "images", "build"], check=True, cwd=REPO_ROOT, stdout=sys.stderr)
-        tags = require_images(connect_client())
-    return {"agent": tags.agent, "sidecar": tags.sidecar}
 
 
 def say(text: str) -> None:
