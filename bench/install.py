@@ -54,7 +54,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for tests.registries: how this machine reaches the real registries
 
-from bench.machine import machine, run  # noqa: E402
+from bench.machine import cleanup, leftovers, machine, run  # noqa: E402
 from tests import registries  # noqa: E402
 
 from agent_sandbox.config.policy import load_policy  # noqa: E402
@@ -295,26 +295,11 @@ class Bench:
 
     def leftovers(self) -> tuple[list[str], list[str]]:
         """Containers and networks of this benchmark (its own, and its runs') still on the engine."""
-        runs = self.state / "runs"
-        run_ids = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
-        filters = [f"label=sandbox.run-id={rid}" for rid in run_ids] + [f"label={BENCH_LABEL}"]
-        containers: list[str] = []
-        networks: list[str] = []
-        for flt in filters:
-            containers += run(["docker", "ps", "-aq", "--filter", flt]).stdout.split()
-            networks += run(["docker", "network", "ls", "-q", "--filter", flt]).stdout.split()
-        return containers, networks
+        return leftovers(self.state, BENCH_LABEL)
 
     def cleanup(self) -> list[str]:
         """Remove what is left; returns what had to be removed (a run's own teardown should leave nothing)."""
-        for name in self.containers:
-            run(["docker", "rm", "-f", name])
-        containers, networks = self.leftovers()
-        if containers:
-            run(["docker", "rm", "-f", *containers])
-        if networks:
-            run(["docker", "network", "rm", *networks])
-        return containers + networks
+        return cleanup(self.state, BENCH_LABEL, self.containers)
 
 
 def run_sandbox(cmd: list[str], env: dict[str, str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:

@@ -52,3 +52,29 @@ def images() -> dict[str, str]:
         subprocess.run([SANDBOX, "images", "build"], check=True, cwd=REPO_ROOT, stdout=sys.stderr)
         tags = require_images(connect_client())
     return {"agent": tags.agent, "sidecar": tags.sidecar}
+
+
+def leftovers(state: Path, label: str) -> tuple[list[str], list[str]]:
+    """Containers and networks of a benchmark still on the engine: its runs' (the run directories under
+    `state`) and its own (labelled `label`)."""
+    runs = state / "runs"
+    run_ids = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
+    containers: list[str] = []
+    networks: list[str] = []
+    for flt in [f"label=sandbox.run-id={rid}" for rid in run_ids] + [f"label={label}"]:
+        containers += run(["docker", "ps", "-aq", "--filter", flt]).stdout.split()
+        networks += run(["docker", "network", "ls", "-q", "--filter", flt]).stdout.split()
+    return containers, networks
+
+
+def cleanup(state: Path, label: str, own: list[str]) -> list[str]:
+    """Remove the benchmark's own containers (`own`), then whatever `leftovers` still finds; returns the latter
+    (nothing, when every run tore down)."""
+    for name in own:
+        run(["docker", "rm", "-f", name])
+    containers, networks = leftovers(state, label)
+    if containers:
+        run(["docker", "rm", "-f", *containers])
+    if networks:
+        run(["docker", "network", "rm", *networks])
+    return containers + networks

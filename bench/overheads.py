@@ -74,7 +74,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # for bench.machine, bench.soak and tests.testhosts
 
-from bench.machine import images, machine, run  # noqa: E402
+from bench.machine import cleanup, images, leftovers, machine, run  # noqa: E402
 from bench.soak import vm_hwm  # noqa: E402
 
 SANDBOX = str(Path(sys.executable).parent / "sandbox")
@@ -813,25 +813,12 @@ class Bench:
     # -- leftovers -----------------------------------------------------------------------------------------
 
     def leftovers(self) -> tuple[list[str], list[str]]:
-        runs = self.state / "runs"
-        run_ids = sorted(d.name for d in runs.iterdir() if d.is_dir()) if runs.is_dir() else []
-        containers: list[str] = []
-        networks: list[str] = []
-        for flt in [f"label=sandbox.run-id={rid}" for rid in run_ids] + [f"label={BENCH_LABEL}"]:
-            containers += run(["docker", "ps", "-aq", "--filter", flt]).stdout.split()
-            networks += run(["docker", "network", "ls", "-q", "--filter", flt]).stdout.split()
-        return containers, networks
+        """Containers and networks of this benchmark (its own, and its runs') still on the engine."""
+        return leftovers(self.state, BENCH_LABEL)
 
     def cleanup(self) -> list[str]:
-        """Remove what is left; returns what had to be removed (nothing, when every run tore down)."""
-        for name in self.containers:
-            run(["docker", "rm", "-f", name])
-        containers, networks = self.leftovers()
-        if containers:
-            run(["docker", "rm", "-f", *containers])
-        if networks:
-            run(["docker", "network", "rm", *networks])
-        return containers + networks
+        """Remove what is left; returns what had to be removed (a run's own teardown should leave nothing)."""
+        return cleanup(self.state, BENCH_LABEL, self.containers)
 
 
 def mark(ok: bool) -> str:

@@ -5,40 +5,25 @@ run directory as Docker does; the Kubernetes side is in test_kubernetes_backend.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from agent_sandbox.run import watch as watch_module
 from agent_sandbox.run.spec import RunSummary
 from tests.memory_backend import MemoryBackend, MemoryRun, Running
-from tests.test_supervisor_logic import RESULT, _assistant, _call, _supervisor, agent_saying, sidecar_answering
+from tests.test_supervisor_logic import (  # the same repository and state fixtures (_state is autouse)
+    RESULT,
+    _assistant,
+    _call,
+    _state,
+    _supervisor,
+    agent_saying,
+    repo,
+    sidecar_answering,
+)
 
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    env = {
-        "GIT_AUTHOR_NAME": "t",
-        "GIT_AUTHOR_EMAIL": "t@e",
-        "GIT_COMMITTER_NAME": "t",
-        "GIT_COMMITTER_EMAIL": "t@e",
-        "PATH": "/usr/bin:/bin",
-    }
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "commit", "-q", "--allow-empty", "-m", "base"]):
-        subprocess.run(cmd, cwd=path, check=True, env=env)
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path / "state"))
-    monkeypatch.setenv("SANDBOX_DISK_QUOTA", "sampled")
-    monkeypatch.setattr(watch_module, "STOP_GRACE", 0.2)
-    monkeypatch.setattr(watch_module, "RESULT_GRACE", 0.5)
+__all__ = ["_state", "repo"]  # fixtures: pytest finds them by name in this module
 
 
 def _finaliser_fails(w: Running) -> int:
