@@ -22,13 +22,15 @@ fi
 
 # shellcheck source=env.sh
 . /opt/sandbox/env.sh
-wait_for_go_ahead /sandbox/in/network-ready
 
+# Set up while the supervisor confines the container: only $HOME (the container's own tmpfs) is written.
 mkdir -p "$HOME/.claude"
 if [ -n "${GIT_AUTHOR_NAME:-}" ]; then
   git config --global user.name "$GIT_AUTHOR_NAME"
   git config --global user.email "$GIT_AUTHOR_EMAIL"
 fi
+
+wait_for_go_ahead /sandbox/in/network-ready
 
 # A deterministic updater (pip-compile --upgrade, npm update, ...) may run before the agent, under the same
 # policy. Its outcome goes out as one JSON line ahead of Claude Code's stream, for the audit trail.

@@ -18,6 +18,24 @@
 # and what lands in the host's run directory is the bundle, result.json and at most 64 KiB of errors.
 set -uo pipefail
 
+# Started ahead (SANDBOX_GO_AHEAD set), it waits for its go-ahead while the agent works, for SANDBOX_HOLD_SECONDS
+# at most, without forking: the file's content is why the run ended. Its deadline below counts from the go-ahead.
+if [ -n "${SANDBOX_GO_AHEAD:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
+  if ! python3 -I -c '
+import os, sys, time
+gate, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+while not os.path.exists(gate):
+    if time.monotonic() > end:
+        sys.exit(1)
+    time.sleep(0.01)
+' "$SANDBOX_GO_AHEAD" "${SANDBOX_HOLD_SECONDS:-60}"; then
+    echo "finalize: the supervisor never gave the go-ahead ($SANDBOX_GO_AHEAD)" >&2
+    exit 65
+  fi
+  note=$(head -c 64 "$SANDBOX_GO_AHEAD" | tr -cd 'A-Za-z0-9_-')
+  if [ -n "$note" ]; then export SANDBOX_END_REASON=$note; fi
+fi
+
 # The finaliser never hangs for good, supervisor or not: with SANDBOX_DEADLINE_SECONDS set it runs itself
 # again under coreutils `timeout` (TERM when the deadline passes, KILL 10 s later), as the agent's entrypoint does.
 if [ -n "${SANDBOX_DEADLINE_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then

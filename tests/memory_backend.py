@@ -11,14 +11,25 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent_sandbox.backend.base import Backend, RunHandle
-from agent_sandbox.backend.plan import ExitInfo, ImageSet, Progress, Role, RunPlan, Started, Workload
+from agent_sandbox.backend.base import Backend, RunHandle, ask_unix, mounted_path
+from agent_sandbox.backend.plan import (
+    NOTE_PATTERN,
+    ExitInfo,
+    ImageSet,
+    Progress,
+    Reach,
+    Role,
+    RunPlan,
+    Started,
+    Workload,
+)
 from agent_sandbox.config.policy import Policy
 
 
@@ -97,11 +108,33 @@ class MemoryRun(RunHandle):
         self.discarded: list[str] = []
         self.torn_down = False
         self.kept_work: list[Path] = []
+        self.asked: list[tuple[str, str, bytes]] = []  # every `ask`: role, socket, line
+        # As on Docker: the agent's start may come first, from another thread, and waits for the sidecar's.
+        self.prepared = False
+        self.sidecar_done = threading.Event()
+        self.sidecar_failed: BaseException | None = None
 
     def prepare(self) -> list[dict[str, Any]]:
+        self.prepared = True
         return [{"name": f"mem-{self.run_id}", "internal": True}]
 
     def start(self, workload: Workload, hold: bool = False) -> Started:
+        if workload.role == "sidecar":
+            try:
+                return self._start(workload, hold)
+            except BaseException as exc:
+                self.sidecar_failed = exc
+                raise
+            finally:
+                self.sidecar_done.set()
+        if workload.reach is Reach.SIDECAR and self.prepared:
+            if not self.sidecar_done.wait(30):
+                raise RuntimeError("the sidecar never started")
+            if self.sidecar_failed is not None:
+                raise RuntimeError(f"the sidecar did not start: {self.sidecar_failed}")
+        return self._start(workload, hold)
+
+    def _start(self, workload: Workload, hold: bool) -> Started:
         if workload.role in self.workloads and not self.workloads[workload.role].ended.is_set():
             raise RuntimeError(f"{workload.role} is already running")
         w = self.workloads[workload.role] = Running(workload)
@@ -134,10 +167,11 @@ class MemoryRun(RunHandle):
             confinement=["sidecar only"] if workload.go_ahead else None,
         )
 
-    def release(self, role: Role) -> None:
+    def release(self, role: Role, note: str = "") -> None:
         w = self.workloads[role]
         assert w.workload.go_ahead, f"{role} waits for no go-ahead"
-        Path(w.workload.go_ahead).touch()
+        assert re.fullmatch(NOTE_PATTERN, note), note
+        Path(w.workload.go_ahead).write_text(note)
         self.released[role].set()
 
     def discard(self, *roles: Role, network: bool = False) -> None:
@@ -182,6 +216,15 @@ class MemoryRun(RunHandle):
         w.stopped.set()
         # A workload that does not end within its grace is killed.
         threading.Timer(min(grace, 0.5), lambda: w.end(137)).start()
+
+    def ask(self, role: Role, socket: str, line: bytes, timeout: float) -> bytes | None:
+        # As Docker: the workload's mounts are directories of this machine, where a socket it listens on is.
+        w = self._get(role)
+        if w is None or w.ended.is_set():
+            return None
+        self.asked.append((role, socket, line))
+        path = mounted_path(w.workload.mounts, socket)
+        return ask_unix(path, line, timeout) if path is not None else None
 
     def remove_workloads(self) -> list[str]:
         return self.teardown()  # as Docker: the work is in the run directory, not in anything of the backend's

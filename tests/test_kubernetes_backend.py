@@ -6,10 +6,16 @@ supervisor died through the supervisor's own code. The real cluster is test_kube
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import select
 import shutil
+import stat
 import subprocess
+import sys
+import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -28,7 +34,9 @@ from kubernetes.client import (
     V1ServiceSpec,
 )
 
+import agent_sandbox.backend.kubernetes.backend as be
 from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL
+from agent_sandbox.backend.kubernetes import forward
 from agent_sandbox.backend.kubernetes import manifests as mf
 from agent_sandbox.backend.kubernetes.backend import KubernetesBackend
 from agent_sandbox.backend.plan import Owner, RunPlan
@@ -56,6 +64,56 @@ class FakePod:
         self.main: tuple[str, int, str | None] | None = None
         self.carrier_done = False
         self.logs = b""
+        self.relays: list[ProcessStream] = []  # what exec_stream started in it
+
+    def main_path(self, path: str) -> str:
+        """A path as the pod's `main` container sees it, on the directory standing for the pod: its volume by the
+        mount that holds it (an emptyDir is the pod's directory of that name, the claim the run's volume)."""
+        mounts = self.manifest["spec"]["containers"][0]["volumeMounts"]
+        for m in sorted(mounts, key=lambda m: -len(m["mountPath"])):
+            if path == m["mountPath"] or path.startswith(m["mountPath"] + "/"):
+                base = self.root / m["name"] / m.get("subPath", "")
+                return str(base) + path[len(m["mountPath"]) :]
+        raise AssertionError(f"{path} is in no mount of main")
+
+
+class ProcessStream:
+    """An exec_stream: the command run as a process of this machine, with the pod's directory for TRANSFER."""
+
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        with open(log, "ab") as err:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        self.lock = threading.Lock()
+
+    def read(self, timeout: float) -> bytes | None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            return b""
+        return os.read(self.proc.stdout.fileno(), 65536) or None
+
+    def write(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        with self.lock:
+            if self.proc.stdin.closed:
+                raise OSError("closed")
+            self.proc.stdin.write(data)
+            self.proc.stdin.flush()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.proc.stdin is not None and not self.proc.stdin.closed:
+                with contextlib.suppress(OSError):
+                    self.proc.stdin.close()
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def error(self) -> str:
+        return self.log.read_text(errors="replace")[-300:]
 
 
 class FakeCluster:
@@ -87,6 +145,9 @@ class FakeCluster:
                 shutil.rmtree(pod_root)
             pod_root.mkdir()
             (pod_root / mf.CLAIM_VOLUME).symlink_to(self.claim)
+            for volume in manifest["spec"]["volumes"]:  # the kubelet makes each emptyDir, empty
+                if "emptyDir" in volume and volume["name"] != mf.CONTROL_VOLUME:
+                    (pod_root / volume["name"]).mkdir()
             self.claim.mkdir(exist_ok=True)
             self.pods[name] = FakePod(manifest, pod_root)
         if kind == "service":
@@ -101,6 +162,9 @@ class FakeCluster:
         main = []
         if p.main is not None:
             main = [_status(mf.MAIN, p.main[0], p.main[1], p.main[2])]
+        carried = any(c["name"] == mf.CARRIER for c in p.manifest["spec"]["containers"])
+        if carried and p.stage == "done":
+            main.append(_status(mf.CARRIER, "terminated" if p.carrier_done else "running"))
         return V1Pod(
             metadata=V1ObjectMeta(name=name, annotations=p.manifest["metadata"].get("annotations")),
             status=V1PodStatus(phase="Running", init_container_statuses=init, container_statuses=main),
@@ -139,6 +203,13 @@ class FakeCluster:
         self.execs.append((pod, container, command))
         if container == mf.STAGE:
             assert p.stage == "running", "exec into a stage container that has ended"
+        if command[:4] == ["python3", "-I", "-c", be.ASK_SCRIPT]:  # RunHandle.ask, in the workload's container
+            assert container == mf.MAIN and p.main is not None and p.main[0] == "running"
+            argv = [sys.executable, "-I", "-c", be.ASK_SCRIPT, p.main_path(command[4]), *command[5:]]
+            res = subprocess.run(argv, capture_output=True, timeout=30)
+            if stdout is not None:
+                stdout.write(res.stdout)
+            return res.returncode, res.stderr.decode()
         if command[0] == "python3":  # the confinement probe
             assert container == mf.STAGE and command[-2:] == ["10.96.0.42", "8080"]
             if stdout is not None:
@@ -161,6 +232,18 @@ class FakeCluster:
         if (p.root / mf.FETCHED).exists():
             p.carrier_done = True
         return res.returncode, res.stderr.decode()
+
+    def exec_stream(self, pod: str, container: str, command: list[str]) -> ProcessStream:
+        """The relay, as a process of this machine standing in for the pod's: the sidecar image's interpreter is
+        this one, and TRANSFER the pod's directory."""
+        p = self.pods[pod]
+        self.execs.append((pod, container, command))
+        assert container == mf.CARRIER and p.stage == "done" and not p.carrier_done, "the carrier is not running"
+        assert command[:3] == [forward.SIDECAR_PYTHON, "-m", forward.RELAY_MODULE], command
+        argv = [sys.executable, "-m", forward.RELAY_MODULE, *(a.replace(mf.TRANSFER, str(p.root)) for a in command[3:])]
+        stream = ProcessStream(argv, self.root / f"{pod}-relay-{len(p.relays)}.log")
+        p.relays.append(stream)
+        return stream
 
     def metrics(self, pod: str) -> dict[str, Any] | None:
         return {"containers": [{"name": mf.MAIN, "usage": {"cpu": "500m", "memory": "64Mi"}}]}
@@ -272,6 +355,81 @@ def test_a_run_from_prepare_to_teardown(tmp_path: Path, fake: FakeCluster, monke
     assert handle.teardown() == []  # safe to repeat
 
 
+def test_the_agent_waits_for_the_sidecar_and_a_finaliser_started_ahead_for_its_release(
+    tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor begins the agent's start alongside the sidecar's (run/watch.py): its pod waits for the
+    sidecar's Service. The finaliser started ahead mounts the run's ReadWriteOnce volume, which the agent's pod
+    holds, maybe on another node: its pod is made at its release, whose note reaches its go-ahead."""
+    monkeypatch.setattr(be, "POLL", 0.01)
+    sidecar, agent, finaliser, _check = workloads(tmp_path, Policy())
+    run_dir = tmp_path / "runs" / RUN_ID
+    (run_dir / "in" / "task.md").write_text("do it")
+    (run_dir / "heartbeat" / "beat").write_text("")
+    ahead = finaliser.model_copy(update={"go_ahead": str(run_dir / "in" / "finalise-ready")})
+    p = f"sbx-{RUN_ID}"
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    box: dict[str, Any] = {}
+    early = threading.Thread(target=lambda: box.setdefault("agent", handle.start(agent, hold=True)))
+    early.start()
+    early.join(0.5)
+    assert early.is_alive() and f"{p}-agent" not in fake.pods  # it waits for the sidecar
+    handle.start(sidecar)
+    early.join(10)
+    assert box["agent"].confinement and fake.objects[("pod", f"{p}-agent")]["spec"]["hostAliases"] == [
+        {"ip": "10.96.0.42", "hostnames": ["sidecar"]}
+    ]
+    handle.release("agent")
+
+    started = handle.start(ahead, hold=True)
+    assert f"{p}-finaliser" not in fake.pods and started.security["name"] == f"{p}-finaliser"
+    fake.pods[f"{p}-agent"].main = ("terminated", 0, None)
+    for bad in ("two words", "x\n", "a" * 33):
+        with pytest.raises(ValueError):
+            handle.release("finaliser", bad)
+    assert f"{p}-finaliser" not in fake.pods
+    handle.release("finaliser", "timeout")
+    in_key = mf.volume_key(str(run_dir / "in"))
+    gates = [d / in_key / "finalise-ready" for d in (fake.claim, fake.pods[f"{p}-finaliser"].root)]
+    assert [g.read_text() for g in gates if g.exists()] == ["timeout"]
+    assert fake.pods[f"{p}-finaliser"].stage == "done"
+    with pytest.raises(RuntimeError, match="go-ahead"):
+        handle.release("finaliser")
+    handle.teardown()
+    assert not fake.objects
+
+
+def test_an_agent_waiting_for_a_sidecar_that_fails_fails_too(tmp_path: Path, fake: FakeCluster) -> None:
+    sidecar, agent, *_ = workloads(tmp_path, Policy())
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    box: dict[str, Any] = {}
+
+    def start_agent() -> None:
+        try:
+            handle.start(agent, hold=True)
+        except RuntimeError as exc:
+            box["error"] = str(exc)
+
+    early = threading.Thread(target=start_agent)
+    early.start()
+    create = fake.create
+
+    def refuse_the_sidecars_pod(obj: dict[str, Any]) -> Any:
+        if obj["kind"] == "Pod" and obj["metadata"]["name"].endswith("-sidecar"):
+            raise RuntimeError("the cluster refused the pod")
+        return create(obj)
+
+    fake.create = refuse_the_sidecars_pod  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="refused"):
+        handle.start(sidecar)
+    early.join(10)
+    assert box["error"].startswith("the sidecar did not start")
+    assert f"sbx-{RUN_ID}-agent" not in fake.pods
+    handle.teardown()
+
+
 def test_stop_terms_then_kills_and_keeps_the_exit(
     tmp_path: Path, fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -302,26 +460,267 @@ def test_list_runs_and_attach(tmp_path: Path, fake: FakeCluster) -> None:
     assert fake.select("configmap", RUN_LABEL) == []
 
 
-def test_a_socket_mount_is_not_faked(tmp_path: Path, fake: FakeCluster) -> None:
-    import socket
+# --- a sweep's shared budget: the broker's socket relayed into the sidecar's pod -----------------------------------
+
+
+@pytest.fixture
+def short_fake() -> Iterator[FakeCluster]:
+    """A fake cluster in a short directory: the gateway reaches the relayed socket by its path, and a socket's
+    address has room for 108 bytes."""
+    root = Path(tempfile.mkdtemp(prefix="k8s-", dir="/tmp"))
+    try:
+        yield FakeCluster(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def broker() -> Iterator[tuple[Any, Any]]:
+    from agent_sandbox.run.budget import SharedBudget
+
+    ledger = SharedBudget(1.0, "sweep")
+    endpoint = ledger.serve(RUN_ID)
+    yield ledger, endpoint
+    endpoint.close()
+
+
+def _with_broker(tmp_path: Path, endpoint: Any) -> Any:
+    """The sidecar as a sweep's run plans it: the broker's directory mounted at /sandbox/budget."""
+    from agent_sandbox.backend.plan import Mount
 
     sidecar, *_ = workloads(tmp_path, Policy())
-    sock_dir = tmp_path / "budget"
+    mount = Mount(source=str(endpoint.path.parent), target="/sandbox/budget")
+    return sidecar.model_copy(update={"mounts": [*sidecar.mounts, mount]})
+
+
+def _gateway(fake: FakeCluster, socket_path: str, events: list[dict[str, Any]]) -> Any:
+    """The sidecar's own broker client (Gateway._broker), on the socket where its `main` finds it (by a short
+    link to its directory here: the pod's path, /sandbox/budget/broker.sock, is short, the fake's need not be)."""
+    from agent_sandbox.sidecar.gateway import Gateway
+
+    link = fake.root / "gw"
+    link.unlink(missing_ok=True)
+    link.symlink_to(Path(socket_path).parent)
+    path = str(link / Path(socket_path).name)
+    return Gateway(RUN_ID, "http://127.0.0.1:9", None, 1.0, {}, events.append, broker_socket=path)
+
+
+REFUSED = {"ok": False, "reason": "the shared budget cannot be reached"}
+
+
+def test_a_sweeps_budget_reaches_the_sidecars_pod_through_a_relay(
+    tmp_path: Path, short_fake: FakeCluster, broker: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker's socket, a socket of the supervisor's machine, is relayed into the sidecar's pod: listening
+    before `start` returns, where the sidecar's `main` finds it (its read-only mount), for the pod's user alone;
+    the gateway's reserves (many at once, and one that waits for room) and settles land in the sweep's ledger;
+    and it goes with the run, after which the gateway is refused (fail closed)."""
+    import asyncio
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    fake = short_fake
+    ledger, endpoint = broker
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    started = handle.start(_with_broker(tmp_path, endpoint))
+    assert started.security["relayed_sockets"] == ["/sandbox/budget/broker.sock"]
+    pod = fake.pods[f"sbx-{RUN_ID}-sidecar"]
+    # The relay runs in the carrier, which has the volume writable; `main` sees it through its read-only mount.
+    (relay,) = [e for e in fake.execs if e[2][:1] == [forward.SIDECAR_PYTHON]]
+    key = mf.volume_key(str(endpoint.path.parent))
+    assert relay[1] == mf.CARRIER and relay[2][3] == f"{mf.TRANSFER}/{key}/broker.sock"
+    main = pod.manifest["spec"]["containers"][0]
+    assert {"name": key, "mountPath": "/sandbox/budget", "readOnly": True} in main["volumeMounts"]
+    in_pod = pod.main_path("/sandbox/budget/broker.sock")
+    st = os.lstat(in_pod)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+    events: list[dict[str, Any]] = []
+    gateway = _gateway(fake, in_pod, events)
+
+    async def calls() -> None:
+        reserved = await asyncio.gather(
+            *(gateway._broker({"op": "reserve", "id": i, "usd": 0.01, "wait": 5}) for i in range(1, 21))
+        )
+        assert all(r["ok"] for r in reserved), ([r for r in reserved if not r["ok"]], events)
+        await asyncio.gather(*(gateway._broker({"op": "settle", "id": i, "usd": 0.01}) for i in range(1, 21)))
+        # A reserve without room waits, in the ledger, until the call in flight settles.
+        assert (await gateway._broker({"op": "reserve", "id": 100, "usd": 0.5, "wait": 0}))["ok"]
+        waiting = asyncio.create_task(gateway._broker({"op": "reserve", "id": 101, "usd": 0.6, "wait": 5}))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        assert (await gateway._broker({"op": "settle", "id": 100, "usd": 0.1}))["ok"]
+        assert (await waiting)["ok"]
+
+    asyncio.run(calls())
+    assert ledger.spent_usd == pytest.approx(0.3) and list(ledger._reserved) == [(RUN_ID, 101)]
+    assert events == []
+
+    handle.teardown()
+    assert [r.proc.poll() for r in pod.relays] == [0]  # told to end, it ended
+    assert not os.path.exists(in_pod)
+    assert asyncio.run(gateway._broker({"op": "reserve", "id": 102, "usd": 0.01, "wait": 0})) == REFUSED
+    assert events[-1]["event"] == "model_call_failed" and events[-1]["path"] == "budget-broker"
+
+
+@pytest.mark.parametrize("how", ["wait", "discard", "remove_workloads"])
+def test_the_relay_ends_with_its_pod(
+    tmp_path: Path, short_fake: FakeCluster, broker: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(be, "POLL", 0.01)
+    fake = short_fake
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    handle.start(_with_broker(tmp_path, broker[1]))
+    pod = fake.pods[f"sbx-{RUN_ID}-sidecar"]
+    in_pod = pod.main_path("/sandbox/budget/broker.sock")
+    if how == "wait":  # the sidecar ended: its outputs are fetched, and its relays end first
+        pod.main = ("terminated", 0, None)
+        handle.wait("sidecar", 1)
+    elif how == "discard":
+        handle.discard("sidecar", network=True)
+        handle._discards[-1].join(10)
+    else:
+        handle.remove_workloads()
+    assert [r.proc.poll() for r in pod.relays] == [0]
+    assert not os.path.exists(in_pod)
+    handle.teardown()
+
+
+def test_a_relay_that_fails_fails_closed_and_says_so_once(
+    tmp_path: Path,
+    short_fake: FakeCluster,
+    broker: tuple[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import asyncio
+    import logging
+    import time
+
+    caplog.set_level(logging.INFO)
+    monkeypatch.setattr(be, "POLL", 0.01)
+    fake = short_fake
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    handle.start(_with_broker(tmp_path, broker[1]))
+    pod = fake.pods[f"sbx-{RUN_ID}-sidecar"]
+    events: list[dict[str, Any]] = []
+    gateway = _gateway(fake, pod.main_path("/sandbox/budget/broker.sock"), events)
+    assert asyncio.run(gateway._broker({"op": "reserve", "id": 1, "usd": 0.1, "wait": 0}))["ok"]
+    pod.relays[0].proc.kill()  # the exec stream breaks (the API server restarts, the connection drops)
+
+    def ended() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("socket_relay_ended")]
+
+    deadline = time.monotonic() + 5
+    while not ended() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    (line,) = ended()
+    # A warning, with why (the stream ended, or a write to it failed: whichever the supervisor's end met first).
+    msg = line.getMessage()
+    assert line.levelno == logging.WARNING
+    assert "reason=the relay's stream ended" in msg or "reason=the stream failed" in msg, msg
+    # The gateway admits nothing more against the shared budget: no answer is a refusal.
+    assert asyncio.run(gateway._broker({"op": "reserve", "id": 2, "usd": 0.1, "wait": 0})) == REFUSED
+    handle.teardown()
+    assert len(ended()) == 1
+
+
+def test_a_relay_that_does_not_start_fails_the_sidecars_start(
+    tmp_path: Path, short_fake: FakeCluster, broker: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent_sandbox.backend.kubernetes.forward import RelayFailed
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    fake = short_fake
+    real = fake.exec_stream
+
+    def broken(pod: str, container: str, command: list[str]) -> ProcessStream:
+        stream = real(pod, container, command)
+        stream.proc.kill()  # as when the image has no relay: the stream ends before READY
+        return stream
+
+    monkeypatch.setattr(fake, "exec_stream", broken)
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    with pytest.raises(RelayFailed, match="did not start"):
+        handle.start(_with_broker(tmp_path, broker[1]))
+    handle.teardown()
+    assert not fake.objects
+
+
+def test_a_socket_is_relayed_into_the_sidecars_pod_alone(tmp_path: Path, fake: FakeCluster) -> None:
+    """A socket in a mount of the agent's workloads would be on the run's volume, which they share: refused
+    before anything of the workload is made."""
+    import socket
+
+    from agent_sandbox.backend.plan import Mount
+    from agent_sandbox.sidecar.relay import listen_unix
+
+    sidecar, agent, *_ = workloads(tmp_path, Policy())
+    sock_dir = tmp_path / "sockets"
     sock_dir.mkdir()
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sock_dir / "b.sock"))
+    # A socket left in a writable mount (the sidecar's output directory) is the workload's own: not relayed.
+    stale, _ = listen_unix(str(tmp_path / "runs" / RUN_ID / "model" / "control.sock"), 1)
     try:
-        from agent_sandbox.backend.plan import Mount
-
-        w = sidecar.model_copy(
-            update={"mounts": [*sidecar.mounts, Mount(source=str(sock_dir), target="/sandbox/budget")]}
-        )
         handle = _backend(fake).open_run(_plan())
         handle.prepare()
-        with pytest.raises(NotImplementedError, match="Unix socket"):
+        assert "relayed_sockets" not in handle.start(sidecar).security
+        assert not [e for e in fake.execs if e[2][:1] == [forward.SIDECAR_PYTHON]]
+        w = agent.model_copy(update={"mounts": [*agent.mounts, Mount(source=str(sock_dir), target="/sandbox/b")]})
+        made = len(fake.made)
+        with pytest.raises(RuntimeError, match="only the sidecar's pod"):
             handle.start(w)
+        assert len(fake.made) == made
     finally:
         s.close()
+        stale.close()
+
+
+# --- RunHandle.ask: one line to a socket in a workload's pod (the gateway's settle) ------------------------------
+
+
+def test_ask_reaches_a_socket_in_the_sidecars_pod(
+    tmp_path: Path, short_fake: FakeCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    monkeypatch.setattr(be, "POLL", 0.01)
+    fake = short_fake
+    sidecar, *_ = workloads(tmp_path, Policy())
+    handle = _backend(fake).open_run(_plan())
+    handle.prepare()
+    assert handle.ask("sidecar", "/sandbox/model-out/control.sock", b"t\n", 1) is None  # no such pod yet
+    handle.start(sidecar)
+    pod = fake.pods[f"sbx-{RUN_ID}-sidecar"]
+    assert handle.ask("sidecar", "/sandbox/model-out/control.sock", b"t\n", 1) is None  # nothing listens
+    path = pod.main_path("/sandbox/model-out/control.sock")
+    got: list[bytes] = []
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(path)
+    server.listen()
+
+    def settle() -> None:  # as the sidecar's settle_on_request: one line in, `ok` out
+        conn, _ = server.accept()
+        with conn:
+            got.append(conn.makefile("rb").readline())
+            conn.sendall(b"ok\n")
+
+    t = threading.Thread(target=settle)
+    t.start()
+    assert handle.ask("sidecar", "/sandbox/model-out/control.sock", b"token-1\n", 3) == b"ok\n"
+    t.join(5)
+    server.close()
+    assert got == [b"token-1\n"]
+    # Through `exec` in the sidecar's own container, the one whose mount holds the socket.
+    (asked,) = [e for e in fake.execs if e[2][:4] == ["python3", "-I", "-c", be.ASK_SCRIPT] and "746f6b" in e[2][5]]
+    assert asked[1] == mf.MAIN and asked[2][4:] == ["/sandbox/model-out/control.sock", b"token-1\n".hex(), "3", "4096"]
+    pod.main = ("terminated", 0, None)
+    assert handle.ask("sidecar", "/sandbox/model-out/control.sock", b"t\n", 1) is None  # it has ended
+    handle.teardown()
 
 
 def test_images_must_be_named_and_policy_extensions_are_refused() -> None:

@@ -146,9 +146,10 @@ def test_every_pod_is_hardened_to_the_restricted_level(tmp_path: Path, preset: s
         assert spec["securityContext"]["runAsUser"] in (1000, 1001)
         assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert 0 < spec["activeDeadlineSeconds"] <= mf.DEFAULT_DEADLINE
-        # No host path, no hostPort: nothing of the node reaches the pod.
+        # No host path, no hostPort: nothing of the node reaches the pod. A Secret only as the sidecar's key.
         for volume in spec["volumes"]:
-            assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim"}, volume
+            kinds = {"emptyDir", "persistentVolumeClaim"} | ({"secret"} if name.endswith("-sidecar") else set())
+            assert set(volume) - {"name"} <= kinds, volume
         for c in spec["containers"] + spec["initContainers"]:
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False
@@ -166,25 +167,55 @@ def test_every_pod_is_hardened_to_the_restricted_level(tmp_path: Path, preset: s
             }
 
 
-def test_the_model_key_is_in_a_secret_that_only_the_sidecar_mounts(tmp_path: Path) -> None:
-    objects = topology(tmp_path, Policy())
+@pytest.mark.parametrize("preset", PRESETS)
+def test_the_model_key_is_a_file_of_a_secret_that_only_the_sidecars_main_mounts(tmp_path: Path, preset: str) -> None:
+    """The key reaches the sidecar as a read-only file of a Secret volume, never as an environment variable
+    (`secretKeyRef` would put it in /proc/<pid>/environ): its `main` alone mounts it, no other container of its
+    pod, no pod of the agent's image; the sidecar finds it by the non-secret KEY_FILE_ENV."""
+    from agent_sandbox.sidecar.config import KEY_ENV, KEY_FILE_ENV
+
+    objects = topology(tmp_path, load_policy(preset)[0])
     secrets = by_kind(objects, "Secret")
     assert list(secrets) == [f"sbx-{RUN_ID}-sidecar-env"]
+    assert list(secrets[f"sbx-{RUN_ID}-sidecar-env"]["stringData"]) == [KEY_ENV]
     assert "sk-real-key" not in str(objects)  # rendered without the value
     for name, pod in by_kind(objects, "Pod").items():
-        refs = [e for c in pod["spec"]["containers"] for e in c.get("env", []) if "valueFrom" in e]
-        if name.endswith("-sidecar"):
-            assert refs == [
-                {
-                    "name": "SANDBOX_UPSTREAM_API_KEY",
-                    "valueFrom": {
-                        "secretKeyRef": {"name": f"sbx-{RUN_ID}-sidecar-env", "key": "SANDBOX_UPSTREAM_API_KEY"}
-                    },
-                }
-            ]
-        else:
-            assert refs == []
-            assert "sk-real-key" not in str(pod)
+        spec = pod["spec"]
+        containers = spec["containers"] + spec["initContainers"]
+        # No secret reaches any container by reference, and no key by name as a variable.
+        assert "valueFrom" not in str(containers) and "secretKeyRef" not in str(pod), name
+        assert all(e["name"] != KEY_ENV for c in containers for e in c.get("env", []))
+        secret_volumes = [v for v in spec["volumes"] if "secret" in v]
+        mounting = {c["name"] for c in containers for m in c.get("volumeMounts", []) if m["name"] == mf.SECRET_VOLUME}
+        if not name.endswith("-sidecar"):
+            assert secret_volumes == [] and mounting == set(), name
+            assert KEY_FILE_ENV not in str(pod)
+            continue
+        assert secret_volumes == [
+            {
+                "name": mf.SECRET_VOLUME,
+                "secret": {
+                    "secretName": f"sbx-{RUN_ID}-sidecar-env",
+                    "items": [{"key": KEY_ENV, "path": KEY_ENV}],
+                    "defaultMode": 0o440,
+                },
+            }
+        ]
+        assert mounting == {mf.MAIN}  # not the stage or carrier containers, which the supervisor execs into
+        main = spec["containers"][0]
+        assert [m for m in main["volumeMounts"] if m["name"] == mf.SECRET_VOLUME] == [
+            {"name": mf.SECRET_VOLUME, "mountPath": mf.SECRETS_PATH, "readOnly": True}
+        ]
+        assert {"name": KEY_FILE_ENV, "value": f"{mf.SECRETS_PATH}/{KEY_ENV}"} in main["env"]
+        assert KEY_FILE_ENV == KEY_ENV + mf.SECRET_FILE_SUFFIX  # the name the sidecar reads (upstream_key)
+        # Only the sidecar's user reads it: its group is the pod's fsGroup, the sidecar's own, and it is non-root.
+        sc = spec["securityContext"]
+        assert sc["fsGroup"] == sc["runAsGroup"] == 1001 and sc["runAsUser"] == 1001
+        # The audit trail still says which secret the pod gets (never its value).
+        summary = mf.security_summary(pod)
+        assert summary["secret_env_names"] == [KEY_ENV]
+        assert KEY_FILE_ENV in summary["env_names"] and KEY_ENV not in summary["env_names"]
+        assert {"mountPath": mf.SECRETS_PATH, "readOnly": True} in summary["mounts"]
 
 
 def test_the_agents_workloads_know_only_the_sidecar_and_resolve_nothing(tmp_path: Path) -> None:

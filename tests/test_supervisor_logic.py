@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,16 @@ def test_an_output_flood_ends_the_run_and_keeps_what_came_before(
 def test_cancelling_a_running_supervisor_is_interrupted_and_still_collects(tmp_path: Path, repo: Path) -> None:
     backend = MemoryBackend({"agent": agent_saying(then=None)})
     sup = _supervisor(tmp_path, repo, backend)
-    threading.Timer(1.0, sup.cancel, args=("interrupted", "the test cancelled it")).start()
+
+    def cancel_once_the_agent_runs() -> None:
+        # Not on a timer: on a loaded machine the run may not have got that far in any given time.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not sup.agent_started:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        sup.cancel("interrupted", "the test cancelled it")
+
+    threading.Thread(target=cancel_once_the_agent_runs, daemon=True).start()
     summary = sup.run()
     assert (summary.reason, summary.exit_code) == ("interrupted", int(ExitCode.INTERRUPTED))
     roles = [w.role for w in backend.started]

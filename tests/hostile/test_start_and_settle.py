@@ -1,9 +1,12 @@
 """The new windows of a run's start and end, attacked end to end.
 
-- Start: the agent's container starts held while the sidecar gets ready; its go-ahead comes only after the
-  sidecar's `ready` and the isolation of its namespace (nsenter or the helper). Nothing of the agent's
-  precedes either in the trail, and once running it has one route, which it cannot add to (no NET_ADMIN),
-  no raw sockets, and nothing of the host or 192.0.2.1 to reach. The sidecar's control socket is nowhere in its reach.
+- Start: the agent's container starts held alongside the sidecar's; its go-ahead comes only after the sidecar
+  listens (`listening`, its ports open: connections wait for the proxy and gateway under the run's rules) and
+  the isolation of its namespace (nsenter or the helper). Its /etc/hosts is the run's read-only file naming the
+  sidecar, itself and loopback alone. The finaliser, started ahead, has no go-ahead while the agent runs.
+  Nothing of the agent's precedes either in the trail, and once running it has one route, which it cannot add
+  to (no NET_ADMIN), no raw sockets, and nothing of the host or 192.0.2.1 to reach. The sidecar's control socket
+  is nowhere in its reach.
 - Settle: a model call the agent makes after its result (a SessionEnd hook planted in the repository's
   `.claude/settings.json`) is on the gateway's record by the settle, and the run is not `completed`. A call
   still in flight when the gateway settles keeps the result from being taken on trust (on the in-memory
@@ -114,6 +117,12 @@ echo "sockets=[$(find / -xdev \( -name 'control.sock' -o -name '*.sock' \) 2>/de
 echo "unix=[$(grep -c control.sock /proc/net/unix)]"
 grep -q model-out /proc/mounts && echo "mounts: model-out" || echo "mounts: clean"
 echo "ls-sandbox=[$(ls /sandbox | tr '\n' ' ')]"
+if { echo "192.0.2.1 sidecar" >>/etc/hosts; } 2>/dev/null; then echo "hosts-write=written"
+else echo "hosts-write=refused"; fi
+echo "hostname=$(hostname)"
+echo "hosts-names=[$(awk '!/^#/ && NF { for (i = 2; i <= NF; i++) print $i }' /etc/hosts | sort -u | tr '\n' ' ')]"
+grep -q " /etc/hosts .*\bro\b" /proc/mounts && echo "hosts-mount=ro" || echo "hosts-mount=other"
+test -e /sandbox/in/finalise-ready && echo "finalise-ready=present" || echo "finalise-ready=absent"
 """
 
 
@@ -133,13 +142,15 @@ def test_no_agent_line_before_the_go_ahead_and_one_route_after(method, make_repo
     assert res.code == 0, res.stderr
     s = res.json()
     events = audit_events(s["run_dir"])
+    listening = event_index(events, lambda e: e["type"] == "listening")
     ready = event_index(events, lambda e: e["type"] == "ready")
     isolated = event_index(events, lambda e: e["type"] == "network_isolated")
     first_agent = event_index(events, lambda e: e.get("source") == "agent")
-    assert ready < first_agent and isolated < first_agent, [(e["source"], e["type"]) for e in events]
-    # The start is recorded after the sidecar was ready (the container was held until then).
+    assert listening < first_agent and isolated < first_agent, [(e["source"], e["type"]) for e in events]
+    assert listening < ready
+    # The start is recorded once the sidecar listened (the container was held until then).
     started = event_index(events, lambda e: e["type"] == "container_created" and e["payload"]["role"] == "agent")
-    assert ready < started < first_agent
+    assert listening < started < first_agent
 
     (out,) = [r for r in tool_results(s["run_dir"]) if "routes=" in r]
     lines = dict(line.split("=", 1) if "=" in line else (line, "") for line in out.splitlines())
@@ -154,6 +165,13 @@ def test_no_agent_line_before_the_go_ahead_and_one_route_after(method, make_repo
     assert "model-out: absent" in out and "mkdir model-out: refused" in out, out
     assert "in: read-only" in out and "mounts: clean" in out, out
     assert "control.sock" not in lines["sockets"] and lines["unix"] == "[0]", out
+    # Its /etc/hosts (the run's file, written once the sidecar had an address) names the sidecar, itself and
+    # loopback, nothing else, and it cannot change it.
+    assert lines["hosts-write"] == "refused" and lines["hosts-mount"] == "ro", out
+    names = set(lines["hosts-names"].strip("[] ").split()) - {lines["hostname"]}
+    assert names == {"localhost", "ip6-localhost", "ip6-loopback", "sidecar"}, out
+    # The finaliser, started ahead and held, has no go-ahead while the agent runs.
+    assert lines["finalise-ready"] == "absent", out
     assert labelled(s["id"]) == []
 
 
@@ -251,13 +269,15 @@ turns:
   - write: {path: done.txt, content: "finished work\\n"}
   - text: done
 """
+# The same work, after a few seconds of the agent's: the finaliser started ahead waits, held, meanwhile.
+SLOW_WORK = WORK.replace("turns:\n", 'turns:\n  - bash: "sleep 4"\n')
 
 
-def agent_container_exists(state_dir: Path) -> bool:
+def agent_container_exists(state_dir: Path, role: str = "agent") -> bool:
     runs = state_dir / "runs"
     if not runs.exists() or not list(runs.iterdir()):
         return False
-    name = f"sbx-{the_run(state_dir)}-agent"
+    name = f"sbx-{the_run(state_dir)}-{role}"
     res = subprocess.run(["docker", "ps", "-aq", "--filter", f"name=^{name}$"], capture_output=True, text=True)
     return bool(res.stdout.strip())
 
@@ -267,6 +287,11 @@ KILL_PHASES = {
     "agent_starting": agent_container_exists,
     # The go-ahead is written right after this is recorded.
     "after_go_ahead": lambda d: has_event(d, lambda e: e["type"] == "network_isolated"),
+    # The finaliser started ahead, held while the agent works (its go-ahead not given yet).
+    "finaliser_held": lambda d: (
+        agent_container_exists(d, "finalise")
+        and not has_event(d, lambda e: e["type"] == "container_created" and e["payload"].get("role") == "finaliser")
+    ),
     # The agent's result: the settle follows its end.
     "settle": lambda d: has_event(d, lambda e: e["type"] == "result"),
     # The background discard of agent, sidecar and networks runs while the finaliser starts.
@@ -284,7 +309,15 @@ KILL_PHASES = {
 def test_sigkill_at_each_new_phase_is_recovered_by_gc(phase, make_repo, sandbox, state_dir, write_script) -> None:
     repo = make_repo()
     proc = start_run(
-        state_dir, "run", "--repo", str(repo), "--task", "t", "--model-script", str(write_script(WORK)), "--json"
+        state_dir,
+        "run",
+        "--repo",
+        str(repo),
+        "--task",
+        "t",
+        "--model-script",
+        str(write_script(SLOW_WORK if phase == "finaliser_held" else WORK)),
+        "--json",
     )
     try:
         wait_for(lambda: KILL_PHASES[phase](state_dir), 120, phase)

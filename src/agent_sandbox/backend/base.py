@@ -8,19 +8,24 @@ again is the backend's own business.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent_sandbox.backend.plan import ExitInfo, ImageSet, Progress, Role, RunPlan, Started, Workload
+from agent_sandbox.backend.plan import ExitInfo, ImageSet, Mount, Progress, Role, RunPlan, Started, Workload
 from agent_sandbox.config.policy import Policy
+from agent_sandbox.sidecar.relay import connect_unix
 
 # Label keys every object of a run carries (a backend without labels keeps the same facts its own way).
 RUN_LABEL = "sandbox.run-id"
 ROLE_LABEL = "sandbox.role"
 SUPERVISOR_LABEL = "sandbox.supervisor"  # <pid>_<start time> of the supervisor that created the object
 STATE_LABEL = "sandbox.state"  # the identity of the state directory whose run created it (run/liveness.py)
+ASK_LIMIT = 4096  # bytes of an answer RunHandle.ask returns at most
 
 
 class RunHandle(ABC):
@@ -37,12 +42,15 @@ class RunHandle(ABC):
     def start(self, workload: Workload, hold: bool = False) -> Started:
         """Start a workload, confined as its `reach` says; for `Reach.SIDECAR` the confinement is in place and
         checked before this returns, and so is the go-ahead unless `hold` (then `release` gives it: the agent's
-        container starts while the sidecar gets ready, and its code runs once the sidecar is). The sidecar's
-        container starts first."""
+        container starts while the sidecar gets ready, and its code runs once the sidecar is). The agent's start
+        may be called, from another thread, before or while the sidecar's is under way: it waits for whatever it
+        needs of the sidecar (its address, its pod) and fails if the sidecar's start does."""
 
     @abstractmethod
-    def release(self, role: Role) -> None:
-        """Give a workload started with `hold` its go-ahead: its own code runs from here."""
+    def release(self, role: Role, note: str = "") -> None:
+        """Give a workload started with `hold` its go-ahead: its own code runs from here. `note` (a word: letters,
+        digits, `_`, `-`; at most 32) is the go-ahead's content, which the workload reads (the finaliser: why the
+        run ended)."""
 
     @abstractmethod
     def discard(self, *roles: Role, network: bool = False) -> None:
@@ -74,6 +82,14 @@ class RunHandle(ABC):
         """SIGTERM, then SIGKILL after grace seconds. A workload that is not there is no error."""
 
     @abstractmethod
+    def ask(self, role: Role, socket: str, line: bytes, timeout: float) -> bytes | None:
+        """Send `line` to the Unix socket a running workload listens on at `socket` (its path inside the
+        workload, in one of its mounts; the sidecar's settle socket) and return the answer: what came back
+        before the socket closed, `timeout` seconds passed or ASK_LIMIT bytes had come. None when it could not
+        be reached (no such workload, nothing listening). Docker: the socket is in the mount's directory on
+        this machine (`ask_unix`); Kubernetes: in the pod, through `exec`."""
+
+    @abstractmethod
     def remove_workloads(self) -> list[str]:
         """Recovery, before it packs the work of a run another process started: remove the run's workloads
         (stopped and read already) but keep what holds the agent's work and what a workload started on this
@@ -94,6 +110,48 @@ class RunHandle(ABC):
     def teardown(self) -> list[str]:
         """Remove every object of the run; returns what was removed. Safe to repeat and to race with
         `sandbox gc`."""
+
+
+def mounted_path(mounts: Iterable[Mount], path: str) -> str | None:
+    """Where a path inside a workload is on this machine: below the mount that holds it (the deepest), or None
+    (not in a mount, or climbing out of one)."""
+    best: Mount | None = None
+    for m in mounts:
+        target = m.target.rstrip("/")
+        if (path == target or path.startswith(target + "/")) and (
+            best is None or len(target) > len(best.target.rstrip("/"))
+        ):
+            best = m
+    if best is None:
+        return None
+    rest = path[len(best.target.rstrip("/")) :].strip("/")
+    if ".." in rest.split("/"):
+        return None
+    return os.path.join(best.source, rest) if rest else best.source
+
+
+def ask_unix(path: str, line: bytes, timeout: float) -> bytes | None:
+    """RunHandle.ask for a socket on this machine (a path of any length): the answer, or None when nothing
+    could be reached at path."""
+    try:
+        sock = connect_unix(path, timeout)
+    except OSError:
+        return None
+    end = time.monotonic() + timeout
+    got = b""
+    with sock:
+        try:
+            sock.sendall(line)
+        except OSError:
+            return None
+        # Until the other side closes, the limit, or the timeout: the answer so far is the answer.
+        with contextlib.suppress(OSError):
+            while len(got) < ASK_LIMIT and (left := end - time.monotonic()) > 0:
+                sock.settimeout(left)
+                if not (chunk := sock.recv(ASK_LIMIT - len(got))):
+                    break
+                got += chunk
+    return got
 
 
 class Backend(ABC):

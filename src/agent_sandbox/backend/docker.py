@@ -24,9 +24,29 @@ from docker.models.containers import Container
 from docker.types import Mount as DockerMount
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, RunHandle
+from agent_sandbox.backend.base import (
+    ROLE_LABEL,
+    RUN_LABEL,
+    STATE_LABEL,
+    SUPERVISOR_LABEL,
+    Backend,
+    RunHandle,
+    ask_unix,
+    mounted_path,
+)
 from agent_sandbox.backend.images import ImageSet, Progress, ensure_policy_image, require_images
-from agent_sandbox.backend.plan import SIDECAR_NAME, ExitInfo, Mount, Reach, Role, RunPlan, Scratch, Started, Workload
+from agent_sandbox.backend.plan import (
+    NOTE_PATTERN,
+    SIDECAR_NAME,
+    ExitInfo,
+    Mount,
+    Reach,
+    Role,
+    RunPlan,
+    Scratch,
+    Started,
+    Workload,
+)
 from agent_sandbox.config.backends import DockerConfig
 from agent_sandbox.config.policy import Policy
 from agent_sandbox.errors import EnvironmentNotReady
@@ -36,6 +56,7 @@ log = logging.getLogger(__name__)
 DOCKER_HINT = "start a Docker engine (`make docker` runs scripts/ensure-docker) or set DOCKER_HOST"
 BRIDGE_NAME_OPTION = "com.docker.network.bridge.name"
 STATS_INTERVAL = 0.5  # seconds between resource samples of a running container
+SIDECAR_START_WAIT = 120.0  # seconds a workload that reaches the sidecar waits for the sidecar's container to start
 DISCARD_JOIN = 30.0  # seconds teardown waits for a discard under way before removing what is left itself
 # How long a call waits for an engine that stopped answering (a dockerd restart takes seconds to a minute)
 # before the run gives up on it; once given up on, later calls (teardown) fail at once.
@@ -513,6 +534,12 @@ class DockerBackend(Backend):
             raise RuntimeError(f"container {container[:12]} has no IPv4 address on network {network}")
         return ip
 
+    def own_name_and_address(self, container: str, network: str) -> tuple[str, str]:
+        """The container's host name and its address on the network (what Docker's own /etc/hosts names)."""
+        attrs = self._get(container).attrs
+        hostname = str((attrs.get("Config") or {}).get("Hostname") or "")
+        return hostname, self.address(container, network)
+
     def isolate(self, container: str, run_id: str, peer: str) -> list[str]:
         """Leave the container's network namespace a single route, to the peer (ISOLATE_SCRIPT). It runs before
         any of the container's own code: the agent's entrypoint waits for the supervisor's go-ahead."""
@@ -707,6 +734,19 @@ class DockerBackend(Backend):
         return {"ref": image, "id": img.id, "digests": img.attrs.get("RepoDigests", []), "labels": img.labels}
 
 
+def hosts_text(names: dict[str, str], own: tuple[str, str]) -> str:
+    """An /etc/hosts as Docker writes one (loopback, the container's own name), with `names` added."""
+    hostname, address = own
+    lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+    if hostname and address:
+        lines.append(f"{address}\t{hostname}")
+    for name, ip in names.items():
+        if ip == "host-gateway":
+            raise RuntimeError(f"{name}: host-gateway is for the sidecar's hosts, not a confined workload's")
+        lines.append(f"{ipaddress.ip_address(ip)}\t{name}")
+    return "\n".join(lines) + "\n"
+
+
 # Container names by role (the finaliser's predates the role's name).
 _SUFFIX: dict[str, str] = {"finaliser": "finalise"}
 
@@ -731,6 +771,13 @@ class DockerRun(RunHandle):
         self._ids: dict[str, str] = {}
         self._go_ahead: dict[str, str] = {}  # role -> the go-ahead file of a workload started with `hold`
         self._discards: list[threading.Thread] = []
+        self._mounts: dict[str, list[Mount]] = {}  # role -> its bind mounts, where `ask` finds its sockets
+        # The sidecar's start, which a workload that reaches it may wait for (started alongside it, from another
+        # thread): set once it is over, either way. Only a handle that made the run's networks starts a sidecar.
+        self._prepared = False
+        self._sidecar_done = threading.Event()
+        self._sidecar_failed: BaseException | None = None
+        self._failed: set[Role] = set()  # roles whose last start failed part-way
 
     def _name(self, role: Role) -> str:
         return f"{self.prefix}-{_SUFFIX.get(role, role)}"
@@ -747,21 +794,23 @@ class DockerRun(RunHandle):
         # Both at once: the engine creates networks side by side, and the internal one's firewall rules follow it.
         with ThreadPoolExecutor(len(specs)) as pool:
             list(pool.map(self.backend.create_network, specs))
+        self._prepared = True
         return [{"name": spec.name, "internal": spec.internal} for spec in specs]
 
-    def container_spec(self, w: Workload, sidecar_ip: str | None = None) -> ContainerSpec:
-        """The workload as a Docker container."""
+    def container_spec(self, w: Workload, hosts_file: str | None = None) -> ContainerSpec:
+        """The workload as a Docker container. One that reaches the sidecar alone gets `hosts_file` as its
+        /etc/hosts (read-only), which names the sidecar's address once it has one (`start`)."""
         assert self.labels is not None, "an attached run starts nothing"
         networks: list[str] = []
         aliases: list[str] = []
         hosts = dict(w.hosts)
+        mounts = list(w.mounts)
         if w.reach is Reach.OUTSIDE:
             networks, aliases = [self.internal, self.egress], [SIDECAR_NAME]
         elif w.reach is Reach.SIDECAR:
             networks = [self.internal]
-            if sidecar_ip:
-                # The one address it can reach, pinned: no name resolution is needed for it.
-                hosts[SIDECAR_NAME] = sidecar_ip
+            if hosts_file:
+                mounts.append(Mount(source=hosts_file, target="/etc/hosts", read_only=True))
         r = w.resources
         return ContainerSpec(
             name=self._name(w.role),
@@ -771,7 +820,7 @@ class DockerRun(RunHandle):
             user=w.user,
             env=w.env,
             secret_env=w.secret_env,
-            mounts=w.mounts,
+            mounts=mounts,
             networks=networks,
             aliases=aliases,
             no_network=w.reach is Reach.NOTHING,
@@ -781,7 +830,7 @@ class DockerRun(RunHandle):
             pids_limit=r.pids,
             labels={**self.labels, ROLE_LABEL: w.role},
             working_dir=w.working_dir,
-            extra_hosts=hosts,
+            extra_hosts=hosts if w.reach is not Reach.SIDECAR else {},
             init=not w.own_init,
             dns_options=w.dns_options,
             runtime=w.runtime,
@@ -789,28 +838,92 @@ class DockerRun(RunHandle):
         )
 
     def start(self, workload: Workload, hold: bool = False) -> Started:
-        sidecar_ip = None
-        if workload.reach is Reach.SIDECAR:
-            sidecar_ip = self.backend.address(self._ref("sidecar"), self.internal)
-        spec = self.container_spec(workload, sidecar_ip)
-        self._ids[workload.role] = cid = self.backend.start_container(spec)
-        if workload.reach is not Reach.SIDECAR:
-            return Started(security=spec.security_summary())
-        assert sidecar_ip is not None
-        routes = self.backend.isolate(cid, self.run_id, sidecar_ip)
-        if workload.go_ahead:
-            self._go_ahead[workload.role] = workload.go_ahead
-            if not hold:
-                self.release(workload.role)
-        return Started(security=spec.security_summary(), confinement=routes)
+        self._mounts[workload.role] = list(workload.mounts)
+        if workload.role == "sidecar":
+            try:
+                return self._start(workload, hold)
+            except BaseException as exc:
+                self._sidecar_failed = exc
+                raise
+            finally:
+                self._sidecar_done.set()
+        return self._start(workload, hold)
 
-    def release(self, role: Role) -> None:
+    def _start(self, workload: Workload, hold: bool) -> Started:
+        if workload.role in self._failed:
+            # What an earlier start of the role left (a finaliser started ahead that failed) gives way to this one.
+            self.backend.remove_container(self._name(workload.role))
+            self._failed.discard(workload.role)
+        try:
+            return self._start_workload(workload, hold)
+        except BaseException:
+            self._failed.add(workload.role)
+            raise
+
+    def _start_workload(self, workload: Workload, hold: bool) -> Started:
+        if workload.go_ahead:
+            # The go-ahead's file, made now while there is room for it (release writes it, and renames it).
+            Path(f"{workload.go_ahead}.part").touch()
+        if workload.reach is not Reach.SIDECAR:
+            spec = self.container_spec(workload)
+            self._ids[workload.role] = self.backend.start_container(spec)
+            if workload.go_ahead:
+                self._go_ahead[workload.role] = workload.go_ahead
+                if not hold:
+                    self.release(workload.role)
+            return Started(security=spec.security_summary())
+        # Its container starts while the sidecar's does (the supervisor starts both at once): its /etc/hosts, a
+        # file of the run's mounted read-only, gets the sidecar's address once the sidecar has one. Nothing of
+        # the workload's own runs before the go-ahead, which comes after that and after its isolation.
+        if not workload.go_ahead:
+            raise RuntimeError(f"the {workload.role} reaches the sidecar but has no go-ahead to wait for")
+        hosts_file = Path(workload.go_ahead).with_name(f"{workload.role}.hosts")
+        hosts_file.unlink(missing_ok=True)
+        hosts_file.touch(mode=0o644)
+        spec = self.container_spec(workload, str(hosts_file))
+        self._ids[workload.role] = cid = self.backend.start_container(spec)
+        sidecar_ip = self._sidecar_address()
+        own = self.backend.own_name_and_address(cid, self.internal)
+        names = {SIDECAR_NAME: sidecar_ip, **workload.hosts}
+        hosts_file.write_text(hosts_text(names, own))  # in place: the mount holds this inode
+        routes = self.backend.isolate(cid, self.run_id, sidecar_ip)
+        self._go_ahead[workload.role] = workload.go_ahead
+        if not hold:
+            self.release(workload.role)
+        return Started(security={**spec.security_summary(), "extra_hosts": names}, confinement=routes)
+
+    def _sidecar_address(self) -> str:
+        """The sidecar's address on the internal network; waits for its start when this handle is making it."""
+        if self._prepared and not self._sidecar_done.wait(SIDECAR_START_WAIT):
+            raise RuntimeError(f"the sidecar's container did not start within {SIDECAR_START_WAIT:g}s")
+        if self._sidecar_failed is not None:
+            raise RuntimeError(f"the sidecar's container did not start: {self._sidecar_failed}")
+        return self.backend.address(self._ref("sidecar"), self.internal)
+
+    def release(self, role: Role, note: str = "") -> None:
+        if not re.fullmatch(NOTE_PATTERN, note):
+            raise ValueError(f"a go-ahead's note is a word of at most 32 characters, not {note!r}")
         path = self._go_ahead.pop(role, None)
         if path is None:
             raise RuntimeError(f"{role} was not started to wait for a go-ahead, or has had it")
-        # Its entry point waits for this file (in a mount it can only read) before running anything.
-        with open(path, "a"):
-            pass
+        # Its entry point waits for this file (in a mount it can only read) before running anything. Written
+        # whole under another name first, made when the workload started: the workload never reads half a
+        # note, and on a full disk the go-ahead still comes, without its note.
+        part = f"{path}.part"
+        try:
+            with open(part, "r+" if os.path.exists(part) else "w") as f:
+                try:
+                    if f.write(note) != len(note):
+                        raise OSError("short write")
+                    f.flush()
+                except OSError as exc:
+                    log.warning("go_ahead_note_lost role=%s error=%r", role, exc)
+                    f.seek(0)
+                f.truncate()
+            os.replace(part, path)
+        except OSError:
+            self._failed.add(role)  # a start of the role again removes this one first
+            raise
 
     def discard(self, *roles: Role, network: bool = False) -> None:
         refs = [self._ref(role) for role in roles]
@@ -849,6 +962,11 @@ class DockerRun(RunHandle):
 
     def stop(self, role: Role, grace: float) -> None:
         self.backend.stop(self._ref(role), grace)
+
+    def ask(self, role: Role, socket: str, line: bytes, timeout: float) -> bytes | None:
+        # Bind mounts: the socket is in the host's directory, reached by its descriptor (ask_unix).
+        path = mounted_path(self._mounts.get(role, []), socket)
+        return ask_unix(path, line, timeout) if path is not None else None
 
     def remove_workloads(self) -> list[str]:
         # The work is in the host's directory, which no container or network holds: all of it goes, and the

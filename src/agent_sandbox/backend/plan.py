@@ -94,7 +94,9 @@ class Workload(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     """Environment variables."""
     secret_env: dict[str, str] = Field(default_factory=dict)
-    """Environment variables whose values never appear in logs, audit events or summaries."""
+    """Environment variables whose values never appear in logs, audit events or summaries. A backend may give
+    each as a file instead, its path in `<NAME>_FILE` (Kubernetes: a Secret mounted into the workload alone, out
+    of /proc/<pid>/environ): the workload reads either (the sidecar's model key: sidecar/__main__.py)."""
     mounts: list[Mount] = Field(default_factory=list)
     """What of the run's files it sees."""
     scratch: list[Scratch] = Field(default_factory=list)
@@ -119,7 +121,11 @@ class Workload(BaseModel):
     reader that falls behind holds the writer back."""
     go_ahead: str | None = None
     """A file, inside one of its read-only mounts' sources, that the backend creates once the workload's
-    confinement is in place: its entry point waits for it before running anything of the agent's."""
+    confinement is in place (and, started with `hold`, once it is released, with the release's note as its
+    content): its entry point waits for it before running anything of the agent's."""
+
+
+NOTE_PATTERN = r"[A-Za-z0-9_-]{0,32}"  # a go-ahead's note (RunHandle.release): a word, safe in any shell
 
 
 class Owner(BaseModel):

@@ -116,6 +116,9 @@ class RunBase:
         self._usage = {"samples": 0, "peak_memory_bytes": 0, "cpu_ns": 0, "peak_pids": 0}  # the agent's
         self._disk_done = threading.Event()  # ends the sampled disk measurement
         self._sampler: threading.Thread | None = None  # follows the agent's resource use until it ends
+        # The finaliser started ahead, held, once the agent is under way (watch.py): its workload, and the thread
+        # starting it, which leaves `started` or `error`.
+        self._finaliser_ahead: dict[str, Any] | None = None
 
     def cancel(self, reason: str = "interrupted", message: str = "cancelled") -> None:
         """Ask a running supervisor (a signal, another thread) to stop its agent; the run still collects, imports

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
 import git
 
 from agent_sandbox.audit import events as ev
+from agent_sandbox.backend.plan import NOTE_PATTERN
 from agent_sandbox.errors import SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported, branch_exists, import_bundle
 from agent_sandbox.run import quota
@@ -33,7 +35,16 @@ class Collecting(Watching):
             self.handle.discard("agent")
         else:
             self.handle.discard("agent", "sidecar", network=True)
-        self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
+        ahead = self._finaliser_started_ahead()
+        try:
+            if ahead is None:
+                raise OSError("no finaliser was started ahead")
+            self.handle.release("finaliser", reason if re.fullmatch(NOTE_PATTERN, reason) else "error")
+            self._record_started(ahead["workload"], ahead["started"])
+        except OSError as exc:  # its go-ahead could not be written (a full disk): a finaliser started now
+            if ahead is not None:
+                log.warning("finaliser_ahead_unreleased run_id=%s error=%r", self.spec.run_id, exc)
+            self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
         info = self.handle.wait("finaliser", FINALISER_TIMEOUT)
         if info.running:
             self.handle.stop("finaliser", 1)

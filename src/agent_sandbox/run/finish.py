@@ -107,6 +107,7 @@ class Finishing(Collecting):
         self._gateway_backlog.close(0)
         removed: list[str] = []
         failure: str | None = None
+        self._finaliser_started_ahead()  # its start, if under way, is over before anything is removed
         try:
             # What holds the work must stay when the working tree could not be brought home (`_keep_work`).
             removed = self.handle.teardown() if self._keep_work() else self.handle.remove_workloads()

@@ -26,6 +26,7 @@ class RunState:
     model_calls: int = 0
     budget_refused: bool = False
     sidecar_gone: bool = False
+    sidecar_ready: bool = False  # its `ready` line came: the agent's go-ahead came earlier, on `listening`
     egress_allowed: int = 0
     egress_denied: int = 0
     egress_would_deny: int = 0

@@ -22,7 +22,7 @@ import psutil
 
 from agent_sandbox.audit import events as ev
 from agent_sandbox.audit.log import AuditLog
-from agent_sandbox.backend import Mount
+from agent_sandbox.backend import Mount, Workload
 from agent_sandbox.backend.plan import SIDECAR_NAME
 from agent_sandbox.errors import ExitCode, SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported
@@ -37,7 +37,6 @@ from agent_sandbox.run.liveness import (
 )
 from agent_sandbox.run.recovery import Recovering
 from agent_sandbox.run.spec import RunSummary
-from agent_sandbox.run.state import RunState
 from agent_sandbox.run.workloads import CONTROL_SOCKET, SIDECAR_EVENTS, SIDECAR_UID
 from agent_sandbox.sidecar.config import SidecarConfig
 
@@ -111,10 +110,10 @@ class Supervisor(Recovering):
             # starts while the sidecar gets ready, and its code runs once the sidecar is; 5. watched until it
             # ends, with every limit enforced from here.
             self.ui.phase("start", "networks and sidecar")
-            self._start_sidecar()
+            sidecar = self._sidecar_workload()
             self._checkpoint()
             self.ui.phase("agent", f"Claude Code {self.images.claude_code_version}, model {self.spec.model}")
-            agent = self._start_agent(ready=self._await_sidecar)
+            agent = self._start_agent(sidecar=lambda: self._start_sidecar(sidecar), ready=self._await_sidecar)
             try:
                 self._watch(agent, watch)
             except KeyboardInterrupt:  # signals not taken over (interrupts.py): the agent still stops cleanly
@@ -219,7 +218,9 @@ class Supervisor(Recovering):
         for made in self.handle.prepare():
             self._record(ev.NetworkCreated(**made))
 
-    def _start_sidecar(self) -> None:
+    def _sidecar_workload(self) -> Workload:
+        """The sidecar's workload: its configuration, and what it mounts (the heartbeat it watches, the shared
+        budget's socket, the model script)."""
         egress = self.spec.policy.egress
         budget = self.limits.budget_usd
         if self.spec.daily_remaining_usd is not None:
@@ -259,11 +260,16 @@ class Supervisor(Recovering):
             config.script_path = "/sandbox/model/script.yaml"
             config.transcript_path = "/sandbox/model-out/transcript.jsonl"
             mounts.append(Mount(source=self.spec.model_script, target=config.script_path))
-        self._start(self.recipes.sidecar(config, self.api_key, mounts))
+        return self.recipes.sidecar(config, self.api_key, mounts)
+
+    def _start_sidecar(self, workload: Workload) -> None:
+        self._start(workload)
         threading.Thread(target=self._pump, args=("gateway", "sidecar", False), daemon=True).start()
 
     def _await_sidecar(self) -> None:
-        """Until the sidecar says it is ready (its gateway and proxy listen), or SandboxError."""
+        """Until the sidecar listens on its ports (its `listening` line, before its heavy imports: the agent's
+        start overlaps the rest of the sidecar's), or SandboxError. Should it stop before it serves, the watch
+        says so (run/watch.py)."""
         deadline = time.monotonic() + SIDECAR_READY_TIMEOUT
         while time.monotonic() < deadline:
             self._checkpoint()
@@ -275,7 +281,7 @@ class Supervisor(Recovering):
                 continue
             if line is None:
                 break
-            event = self._gateway_event(line, RunState())
-            if event.get("event") == "ready":
+            event = self._gateway_event(line, self.state)
+            if event.get("event") in ("listening", "ready"):
                 return
         raise SandboxError("the sidecar did not become ready: " + self._tail("sidecar"))

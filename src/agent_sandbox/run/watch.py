@@ -7,10 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import queue
 import secrets
-import socket
 import sqlite3
 import threading
 import time
@@ -24,8 +22,10 @@ from agent_sandbox.backend.plan import Role
 from agent_sandbox.errors import SandboxError, disk_full
 from agent_sandbox.run import agent_stream
 from agent_sandbox.run.base import (
+    DEADLINE_MARGIN,
     DISK_CHECK_INTERVAL,
     END_STOP_REASONS,
+    FINALISER_TIMEOUT,
     RESULT_GRACE,
     RESULT_SLACK,
     STOP_GRACE,
@@ -39,11 +39,13 @@ from agent_sandbox.run.output import (
 )
 from agent_sandbox.run.spec import Tokens
 from agent_sandbox.run.state import RunState
-from agent_sandbox.run.workloads import CONTROL_SOCKET
+from agent_sandbox.run.workloads import CONTROL_SOCKET, SIDECAR_OUT
 from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
 
+FINALISER_HOLD_MARGIN = 60.0  # seconds a finaliser started ahead waits for its go-ahead past the agent's deadline
+FINALISER_AHEAD_JOIN = 120.0  # seconds the collection waits for the start of the finaliser started ahead
 SAMPLER_JOIN = 5.0  # seconds the resource figures may still take once the agent has ended
 SETTLE_WAIT = 3.0  # seconds the sidecar's answer to a settle request may take (it waits up to 2 s for calls)
 SETTLE_QUIET = 0.3  # without an answer: the gateway's lines are all in once it has been quiet this long
@@ -52,10 +54,11 @@ SETTLE_QUIET = 0.3  # without an answer: the gateway's lines are all in once it 
 class Watching(RunBase):
     """The agent from its start until it ends."""
 
-    def _start_agent(self, ready: Callable[[], None]) -> Role:
-        """Start the agent's container, confined but held, while `ready` waits for the sidecar; then give it the
-        go-ahead. Whatever fails, the container's start is over before this returns or raises (teardown must
-        not race it)."""
+    def _start_agent(self, sidecar: Callable[[], None], ready: Callable[[], None]) -> Role:
+        """Start the agent's container, confined but held, while `sidecar` starts the sidecar's and `ready` waits
+        for it to listen; then give the agent the go-ahead. The backend has the agent's start wait for whatever
+        it needs of the sidecar's (its address). Whatever fails, the agent's start is over before this returns
+        or raises (teardown must not race it)."""
         workload = self.recipes.agent(self._deadline())
         box: dict[str, Any] = {}
 
@@ -68,6 +71,8 @@ class Watching(RunBase):
         starting = threading.Thread(target=begin, name="agent-start", daemon=True)
         starting.start()
         try:
+            sidecar()
+            self._checkpoint()
             ready()
         finally:
             starting.join()
@@ -84,6 +89,38 @@ class Watching(RunBase):
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return "agent"
+
+    def _start_finaliser_ahead(self) -> None:
+        """Start the finaliser's container now, held until the agent has ended (collect.py gives the go-ahead):
+        its start is then off the run's critical path. From the agent's first line on, so that it does not slow
+        Claude Code's own start on a small machine. No network; it waits without reading the workspace."""
+        workload = self.recipes.finaliser(
+            None, FINALISER_TIMEOUT + DEADLINE_MARGIN, hold_s=self._deadline() + STOP_GRACE + FINALISER_HOLD_MARGIN
+        )
+        ahead: dict[str, Any] = {"workload": workload}
+
+        def start() -> None:
+            try:
+                ahead["started"] = self.handle.start(workload, hold=True)
+            except Exception as exc:  # collect.py starts it the usual way instead
+                ahead["error"] = exc
+                log.warning("finaliser_ahead_failed run_id=%s error=%r", self.spec.run_id, exc)
+
+        ahead["thread"] = threading.Thread(target=start, name="finaliser-ahead", daemon=True)
+        self._finaliser_ahead = ahead
+        ahead["thread"].start()
+
+    def _finaliser_started_ahead(self) -> dict[str, Any] | None:
+        """Once its start is over: the finaliser started ahead (`workload`, `started`), or None (none was, or its
+        start failed). Teardown calls this too: no container's start may race the run's removal."""
+        ahead = self._finaliser_ahead
+        if ahead is None:
+            return None
+        ahead["thread"].join(FINALISER_AHEAD_JOIN)
+        if ahead["thread"].is_alive():
+            log.warning("finaliser_ahead_slow run_id=%s waited_s=%.0f", self.spec.run_id, FINALISER_AHEAD_JOIN)
+            return None
+        return ahead if "started" in ahead else None
 
     def _sample(self) -> None:
         u = self._usage
@@ -190,6 +227,8 @@ class Watching(RunBase):
                     w.last_activity = time.monotonic()
                     self._keep_line(stream, line)
                     self._agent_line(agent, line, w)
+                    if self._finaliser_ahead is None:
+                        self._start_finaliser_ahead()
                 elif source == "agent_stderr":
                     if line is not None:
                         self._keep_line(stderr, line)
@@ -210,7 +249,12 @@ class Watching(RunBase):
                     if line is None:
                         if not w.sidecar_gone and w.reason is None and w.result is None:
                             w.sidecar_gone = True
-                            self._limit(agent, w, "error", "the sidecar stopped while the agent was running")
+                            why = (
+                                "the sidecar stopped while the agent was running"
+                                if w.sidecar_ready
+                                else "the sidecar did not become ready: " + self._tail("sidecar")
+                            )
+                            self._limit(agent, w, "error", why)
                         continue
                     w.sidecar_bytes += getattr(line, "size", len(line)) + 1
                     if w.sidecar_bytes > MAX_OUTPUT_BYTES and '"event":"egress"' in line[:200]:
@@ -334,6 +378,8 @@ class Watching(RunBase):
             return {"event": kind, **event}
         self._record_untrusted("gateway", kind, event)
         w.last_activity = time.monotonic()
+        if kind == "ready":
+            w.sidecar_ready = True
         if kind == "model_call":
             # The gateway's record of model calls, which nothing in the agent's container can write, stamped
             # with when the line was read: it decides whether the agent's claimed result stands (_result_backed).
@@ -460,23 +506,10 @@ class Watching(RunBase):
                 self._gateway_event(line, w)
 
     def _ask_settle(self, token: str) -> bool:
-        """Send the sidecar a settle request on its control socket; whether it took it."""
-        model_dir = self.run_dir / "model"
-        try:
-            # By the directory's descriptor: a run directory's path can be longer than a socket address allows.
-            fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            return False
-        try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(SETTLE_WAIT + 2)
-                sock.connect(f"/proc/self/fd/{fd}/{CONTROL_SOCKET}")
-                sock.sendall(token.encode() + b"\n")
-                return sock.recv(16).startswith(b"ok")
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        """Send the sidecar a settle request on its control socket; whether it took it. Through the run handle:
+        on Docker the socket is in the run's model directory, on Kubernetes in the sidecar's pod."""
+        answer = self.handle.ask("sidecar", f"{SIDECAR_OUT}/{CONTROL_SOCKET}", token.encode() + b"\n", SETTLE_WAIT + 2)
+        return answer is not None and answer.startswith(b"ok")
 
     def _result_backed(self, w: RunState, r: dict[str, Any]) -> tuple[bool, str]:
         """Whether the gateway's record agrees with the agent's claim of success: the model answered, through

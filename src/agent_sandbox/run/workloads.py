@@ -20,6 +20,8 @@ AGENT_UID = 1000
 SIDECAR_UID = 1001
 PLACEHOLDER_KEY = "sk-sandbox-placeholder-not-a-key"
 CONTROL_SOCKET = "control.sock"  # the sidecar's settle socket (sidecar/__main__.py), in run_dir/model
+SIDECAR_OUT = "/sandbox/model-out"  # where the sidecar sees run_dir/model, its own output directory
+FINALISER_GO_AHEAD = "finalise-ready"  # in run_dir/in: a held finaliser's go-ahead, holding the end reason
 SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
 MiB = 1024**2
 
@@ -118,7 +120,7 @@ class Recipes:
             env={CONFIG_ENV: config.model_dump_json()},
             secret_env={KEY_ENV: api_key} if api_key else {},
             mounts=[
-                Mount(source=str(self.run_dir / "model"), target="/sandbox/model-out", read_only=False),
+                Mount(source=str(self.run_dir / "model"), target=SIDECAR_OUT, read_only=False),
                 Mount(source=str(self.run_dir / HEARTBEAT_DIR), target="/sandbox/heartbeat"),
                 *mounts,
             ],
@@ -195,8 +197,13 @@ class Recipes:
             entrypoint=["/opt/sandbox/check.sh"],
         )
 
-    def finaliser(self, reason: str, deadline_s: float) -> Workload:
-        """Packs the workspace into a bundle, with no network at all."""
+    def finaliser(self, reason: str | None, deadline_s: float, hold_s: float | None = None) -> Workload:
+        """Packs the workspace into a bundle, with no network at all. With `hold_s` it is started ahead, while
+        the agent works, and waits (up to hold_s) for its go-ahead, which carries the reason the run ended: its
+        container's start is then off the run's critical path."""
+        held = {}
+        if hold_s is not None:
+            held = {"SANDBOX_GO_AHEAD": "/sandbox/in/" + FINALISER_GO_AHEAD, "SANDBOX_HOLD_SECONDS": str(int(hold_s))}
         return Workload(
             role="finaliser",
             image=self.images.agent,
@@ -206,9 +213,11 @@ class Recipes:
                 "SANDBOX_RUN_ID": self.spec.run_id,
                 "SANDBOX_BASE_COMMIT": self.spec.base_commit,
                 "SANDBOX_BRANCH": self.spec.branch,
-                "SANDBOX_END_REASON": reason,
+                **({"SANDBOX_END_REASON": reason} if reason else {}),
+                **held,
                 "HOME": "/tmp",
-                # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`).
+                # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`, from its
+                # go-ahead on).
                 "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
                 # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
                 "SANDBOX_DISK_LIMIT": str(self.spec.policy.limits.disk_bytes),
@@ -219,6 +228,7 @@ class Recipes:
                 Mount(source=str(self.run_dir / "out"), target="/sandbox/out", read_only=False),
             ],
             reach=Reach.NOTHING,
+            go_ahead=str(self.run_dir / "in" / FINALISER_GO_AHEAD) if hold_s is not None else None,
             scratch=[Scratch(path="/tmp", size_bytes=256 * MiB)],
             resources=Resources(memory_bytes=1024**3, cpus=1.0, pids=256),
             working_dir="/workspace",

@@ -1,26 +1,30 @@
-"""Entry point of the sidecar container: `python -m agent_sandbox.sidecar`."""
+"""Entry point of the sidecar container: `python -m agent_sandbox.sidecar`.
+
+Its ports open first, before the heavy imports (aiohttp, pydantic: a fifth of a second on a small machine),
+and a `listening` line says so: the supervisor gives the agent its go-ahead on that, so Claude Code's start
+overlaps the rest of the sidecar's. Connections that come early wait in the ports' backlogs until the gateway
+and the proxy serve them, under the run's rules; `ready` follows once they do.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
-import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
+from agent_sandbox.sidecar.contract import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, KEY_FILE_ENV, PROXY_PORT
 
-from agent_sandbox.sidecar.config import CONFIG_ENV, KEY_ENV, SCRIPTED_MODEL_PORT, SidecarConfig
-from agent_sandbox.sidecar.events import GatewaySettled, SidecarReady, SidecarStopped, to_line
-from agent_sandbox.sidecar.gateway import Gateway
-from agent_sandbox.sidecar.proxy import RELAY_CHUNK, EgressProxy
-from agent_sandbox.sidecar.watchdog import Watchdog
+if TYPE_CHECKING:
+    import asyncio
 
+    from agent_sandbox.sidecar.gateway import Gateway
+
+LISTEN_BACKLOG = 512  # connections the ports hold before the servers take them (Claude Code opens a handful)
 EVENTS_EGRESS_LIMIT = 64 * 1024**2  # bytes of egress decision lines the events file keeps; model calls: all
 
 
@@ -63,6 +67,10 @@ async def settle_on_request(
     """The supervisor's request to settle (one line: its token), once the agent has ended: wait for the calls in
     flight, then emit `settled` with the token. On stdout that line comes after every model call line before
     it, so the supervisor, reading up to it, has the gateway's whole record without waiting for silence."""
+    import asyncio
+
+    from agent_sandbox.sidecar.events import GatewaySettled, to_line
+
     try:
         raw = await asyncio.wait_for(reader.readline(), 5)
         token = raw.decode("ascii", errors="replace").strip()[:64]
@@ -77,22 +85,78 @@ async def settle_on_request(
         writer.close()
 
 
-async def main() -> None:
+def upstream_key(environ: dict[str, str] | None = None) -> str | None:
+    """The model key: from KEY_ENV (removed from the environment once read), else from the file KEY_FILE_ENV
+    names (a mounted Secret), stripped of surrounding whitespace. None without either; a named file that cannot
+    be read stops the sidecar (a run without its key would fail every call, later and less clearly)."""
+    env = os.environ if environ is None else environ
+    key = env.pop(KEY_ENV, None) or None
+    if key:
+        return key
+    path = env.get(KEY_FILE_ENV)
+    if not path:
+        return None
+    with open(path, encoding="utf-8") as f:
+        return f.read(64 * 1024).strip() or None
+
+
+def listen(port: int) -> socket.socket:
+    """A listening TCP socket on every IPv4 address of the container."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.listen(LISTEN_BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+def open_ports(raw: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> tuple[socket.socket, socket.socket]:
+    """Listen on the gateway's and the proxy's ports and say so (the `listening` line: SidecarListening in
+    events.py, written by hand here because pydantic is not imported yet)."""
+    gateway_port, proxy_port = int(raw.get("gateway_port", GATEWAY_PORT)), int(raw.get("proxy_port", PROXY_PORT))
+    socks = listen(gateway_port), listen(proxy_port)
+    emit({"event": "listening", "gateway_port": gateway_port, "proxy_port": proxy_port})
+    return socks
+
+
+def main() -> None:
+    raw = json.loads(os.environ[CONFIG_ENV])
+    emit = make_emitter(str(raw["run_id"]), raw.get("events_path"))
+    gateway_sock, proxy_sock = open_ports(raw, emit)
+
+    import asyncio
+
+    asyncio.run(serve(emit, gateway_sock, proxy_sock))
+
+
+async def serve(emit: Callable[[dict[str, Any]], None], gateway_sock: socket.socket, proxy_sock: socket.socket) -> None:
+    import asyncio
+    import signal
+    from pathlib import Path
+
+    from aiohttp import web
+
+    from agent_sandbox.sidecar.config import SCRIPTED_MODEL_PORT, SidecarConfig
+    from agent_sandbox.sidecar.events import SidecarReady, SidecarStopped, to_line
+    from agent_sandbox.sidecar.gateway import Gateway
+    from agent_sandbox.sidecar.proxy import RELAY_CHUNK, EgressProxy
+    from agent_sandbox.sidecar.watchdog import Watchdog
+
     config = SidecarConfig.model_validate_json(os.environ[CONFIG_ENV])
-    api_key = os.environ.pop(KEY_ENV, None) or None
-    emit = make_emitter(config.run_id, config.events_path)
+    api_key = upstream_key()
     upstream = config.upstream_url
     runners: list[web.AppRunner] = []
     watchdog = Watchdog(emit, config.heartbeat_path, config.heartbeat_timeout_s, config.deadline_s)
 
     if config.script_path:
         from agent_sandbox.sidecar.script import load_script
-        from agent_sandbox.sidecar.scripted_model import ScriptedModel, serve
+        from agent_sandbox.sidecar.scripted_model import ScriptedModel
+        from agent_sandbox.sidecar.scripted_model import serve as serve_model
 
         model = ScriptedModel(
             load_script(config.script_path), Path(config.transcript_path) if config.transcript_path else None
         )
-        runners.append(await serve(model, "127.0.0.1", SCRIPTED_MODEL_PORT))
+        runners.append(await serve_model(model, "127.0.0.1", SCRIPTED_MODEL_PORT))
         upstream = f"http://127.0.0.1:{SCRIPTED_MODEL_PORT}"
 
     gateway = Gateway(
@@ -111,7 +175,7 @@ async def main() -> None:
     )
     runner = web.AppRunner(gateway.app(), access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "0.0.0.0", config.gateway_port).start()
+    await web.SockSite(runner, gateway_sock).start()
     runners.append(runner)
     eg = config.egress
     proxy = EgressProxy(
@@ -126,7 +190,12 @@ async def main() -> None:
         allow_addresses=eg.allow_addresses,
         watchdog=watchdog,
     )
-    proxy_server = await asyncio.start_server(proxy.handle, "0.0.0.0", config.proxy_port, limit=RELAY_CHUNK)
+    proxy_server = await asyncio.start_server(proxy.handle, sock=proxy_sock, limit=RELAY_CHUNK)
+    control = None
+    if config.control_socket:
+        control = await asyncio.start_unix_server(
+            lambda reader, writer: settle_on_request(gateway, emit, reader, writer), path=config.control_socket
+        )
     emit(
         to_line(
             SidecarReady(
@@ -143,11 +212,6 @@ async def main() -> None:
         )
     )
 
-    control = None
-    if config.control_socket:
-        control = await asyncio.start_unix_server(
-            lambda reader, writer: settle_on_request(gateway, emit, reader, writer), path=config.control_socket
-        )
     watching = asyncio.create_task(watchdog.run())
 
     stop = asyncio.Event()
@@ -165,4 +229,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()

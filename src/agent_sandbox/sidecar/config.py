@@ -4,14 +4,28 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# What the supervisor and the sidecar agree on lives in contract.py (standard library only: the sidecar reads it
+# before its heavy imports); named here too, where the rest of the configuration is.
+from agent_sandbox.sidecar.contract import (
+    CONFIG_ENV,
+    GATEWAY_PORT,
+    KEY_ENV,
+    KEY_FILE_ENV,
+    PROXY_PORT,
+    SCRIPTED_MODEL_PORT,
+)
 from agent_sandbox.sidecar.egress import Egress
 from agent_sandbox.sidecar.pricing import Price
 
-CONFIG_ENV = "SANDBOX_SIDECAR_CONFIG"
-KEY_ENV = "SANDBOX_UPSTREAM_API_KEY"  # kept out of the config so that the config can be logged
-GATEWAY_PORT = 8080
-SCRIPTED_MODEL_PORT = 8099
-PROXY_PORT = 3128
+__all__ = [
+    "CONFIG_ENV",
+    "GATEWAY_PORT",
+    "KEY_ENV",
+    "KEY_FILE_ENV",
+    "PROXY_PORT",
+    "SCRIPTED_MODEL_PORT",
+    "SidecarConfig",
+]
 
 
 class SidecarConfig(BaseModel):

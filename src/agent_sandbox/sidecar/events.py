@@ -25,6 +25,18 @@ class Event(BaseModel):
 # --- sidecar ---------------------------------------------------------------------------------------------
 
 
+class SidecarListening(Event):
+    """The sidecar's ports are open, before its heavy imports: the agent may go ahead, its connections wait in
+    the ports' backlogs until the gateway and the proxy serve them (`ready`), none is refused."""
+
+    TYPE: ClassVar[str] = "listening"
+
+    gateway_port: int
+    """Port of the model gateway."""
+    proxy_port: int
+    """Port of the egress proxy."""
+
+
 class SidecarReady(Event):
     """The sidecar is serving."""
 

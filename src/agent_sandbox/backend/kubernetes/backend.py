@@ -10,16 +10,36 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from agent_sandbox.backend.base import ROLE_LABEL, RUN_LABEL, STATE_LABEL, SUPERVISOR_LABEL, Backend, RunHandle
+from agent_sandbox.backend.base import (
+    ASK_LIMIT,
+    ROLE_LABEL,
+    RUN_LABEL,
+    STATE_LABEL,
+    SUPERVISOR_LABEL,
+    Backend,
+    RunHandle,
+)
 from agent_sandbox.backend.kubernetes import manifests as mf
 from agent_sandbox.backend.kubernetes import transfer
-from agent_sandbox.backend.plan import ExitInfo, ImageSet, Progress, Reach, Role, RunPlan, Started, Workload
+from agent_sandbox.backend.kubernetes.forward import ExecStream, Forwarder, relay_command
+from agent_sandbox.backend.plan import (
+    NOTE_PATTERN,
+    ExitInfo,
+    ImageSet,
+    Progress,
+    Reach,
+    Role,
+    RunPlan,
+    Started,
+    Workload,
+)
 from agent_sandbox.config.backends import KubernetesConfig
 from agent_sandbox.config.policy import Policy
 from agent_sandbox.errors import EnvironmentNotReady
@@ -64,6 +84,34 @@ for name, host, port, expect in want:
 sys.exit(0 if ok else 1)
 """
 
+# Run in a workload's `main` container (RunHandle.ask): one line to a Unix socket there, the answer on stdout.
+# By the directory's descriptor, as on Docker: the path need not fit a socket address.
+ASK_SCRIPT = r"""
+import os, socket, sys, time
+path, line, timeout, limit = sys.argv[1], bytes.fromhex(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+end = time.monotonic() + timeout
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(timeout)
+try:
+    d = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    s.connect("/proc/self/fd/%d/%s" % (d, os.path.basename(path)))
+    s.sendall(line)
+except OSError as exc:
+    sys.stderr.write("cannot reach %s: %s\n" % (path, exc))
+    sys.exit(3)
+got = b""
+while len(got) < limit and time.monotonic() < end:
+    s.settimeout(max(0.01, end - time.monotonic()))
+    try:
+        chunk = s.recv(limit - len(got))
+    except OSError:
+        break
+    if not chunk:
+        break
+    got += chunk
+sys.stdout.buffer.write(got)
+"""
+
 
 class Cluster(Protocol):
     """The calls the backend makes (one namespace). The real one wraps the official client (`ClientCluster`)."""
@@ -92,6 +140,10 @@ class Cluster(Protocol):
         stdout: IO[bytes] | None = None,
     ) -> tuple[int, str]:
         """Run a command in a running container; stdin is sent, stdout written; returns (exit code, stderr)."""
+
+    def exec_stream(self, pod: str, container: str, command: list[str]) -> ExecStream:
+        """Run a command in a running container with its stdin and stdout kept open as a stream of bytes (the
+        socket relay: forward.py)."""
 
     def metrics(self, pod: str) -> dict[str, Any] | None:
         """The pod's metrics.k8s.io sample, or None without a metrics server."""
@@ -232,6 +284,14 @@ class _Pod:
         self.held = False
         self.lock = threading.Lock()
         self.mirror_stop = threading.Event()
+        self.sockets: list[tuple[mf.Volume, str]] = []  # Unix sockets of this machine's to relay into the pod
+        self.relays: list[Forwarder] = []
+
+    def close_relays(self) -> None:
+        """The pod is done with this machine's sockets: their relays end (and the sockets in the pod)."""
+        relays, self.relays = self.relays, []
+        for relay in relays:
+            relay.close()
 
 
 class KubernetesRun(RunHandle):
@@ -255,6 +315,14 @@ class KubernetesRun(RunHandle):
         self._adopted = False  # taken over from another process (recovery): its claim holds what that one put there
         self._discards: list[threading.Thread] = []
         self._left_fetched: set[str] = set()  # pods of another process's whose outputs were fetched (`_fetch_left`)
+        # The sidecar's start, which the agent's (begun alongside it, from another thread) waits for: set once it is
+        # over, either way. Only a handle that made the run's anchor starts a sidecar.
+        self._prepared = False
+        self._sidecar_done = threading.Event()
+        self._sidecar_failed: BaseException | None = None
+        # Held workloads whose pod waits for their release (a finaliser started ahead: it mounts the run's
+        # ReadWriteOnce volume, which the agent's pod may hold on another node until it is gone).
+        self._deferred: dict[str, Workload] = {}
 
     def _selector(self) -> str:
         return f"{RUN_LABEL}={mf.run_labels(self.run_id, None)[RUN_LABEL]}"
@@ -265,6 +333,7 @@ class KubernetesRun(RunHandle):
         assert self.plan is not None, "an attached run makes nothing"
         made = self.cluster.create(mf.anchor(self.names, self.namespace, self.labels, self.plan.owner))
         self.anchor_uid = str(made.metadata.uid)
+        self._prepared = True
         # The isolation comes before any pod: no pod of the run is ever without it.
         records = []
         for np in mf.isolation_policies(self.names, self.namespace, self.labels, self.anchor_uid):
@@ -285,17 +354,38 @@ class KubernetesRun(RunHandle):
     # --- workloads ---------------------------------------------------------------------------------------------
 
     def start(self, workload: Workload, hold: bool = False) -> Started:
+        if workload.role == "sidecar":
+            try:
+                return self._start(workload, hold)
+            except BaseException as exc:
+                self._sidecar_failed = exc
+                raise
+            finally:
+                self._sidecar_done.set()
+        if workload.reach is Reach.SIDECAR and self._prepared:
+            if not self._sidecar_done.wait(START_TIMEOUT):
+                raise RuntimeError(f"the sidecar did not start within {START_TIMEOUT:.0f}s")
+            if self._sidecar_failed is not None:
+                raise RuntimeError(f"the sidecar did not start: {self._sidecar_failed}")
+        vols = mf.volumes(workload, self._uploaded, lambda p: Path(p).is_file())
+        if hold and workload.go_ahead and self._claimed and any(v.on_claim for v in vols):
+            assert self.anchor_uid is not None
+            # Its pod is made at its release: the run's volume is the agent's until then, maybe on another node.
+            self._deferred[workload.role] = workload
+            manifest = mf.pod(
+                self.names, self.namespace, self.labels, self.anchor_uid, workload, vols, self.config, self.sidecar_ip
+            )
+            log.info("pod_deferred role=%s until=release", workload.role)
+            return Started(security=mf.security_summary(manifest))
+        return self._start(workload, hold)
+
+    def _start(self, workload: Workload, hold: bool, note: str = "") -> Started:
         assert self.plan is not None, "an attached run starts nothing"
         if self.anchor_uid is None:
             raise RuntimeError("prepare() makes the run's anchor before any workload starts")
         w = workload
         vols = mf.volumes(w, self._uploaded, lambda p: Path(p).is_file())
-        for v in vols:
-            if v.upload and Path(v.source).is_dir() and any(p.is_socket() for p in Path(v.source).iterdir()):
-                raise NotImplementedError(
-                    f"{v.target} of the {w.role} holds a Unix socket, which cannot reach a pod (the shared budget of "
-                    "a sweep is not available on the Kubernetes backend yet: docs/kubernetes.md#not-yet)"
-                )
+        sockets = _sockets(w, vols)
         if any(v.on_claim for v in vols) and not self._claimed:
             self._claim(mf.claim_size(w))
         if w.secret_env:
@@ -318,6 +408,7 @@ class KubernetesRun(RunHandle):
         )
         self.cluster.create(manifest)
         pod = self._pods[w.role] = _Pod(w, vols, manifest)
+        pod.sockets = sockets
         name = self.names.pod(w.role)
         self._await_stage(name)
         uploads = [v for v in vols if v.upload]
@@ -331,11 +422,14 @@ class KubernetesRun(RunHandle):
         if w.go_ahead and hold:
             pod.held = True
         else:
-            self._go(pod)
+            self._go(pod, note)
         if any(v.live for v in vols):
             threading.Thread(target=self._mirror, args=(pod,), name=f"mirror-{w.role}", daemon=True).start()
         log.info("pod_started name=%s image=%s", name, w.image)
-        return Started(security=mf.security_summary(manifest), confinement=confinement)
+        security = mf.security_summary(manifest)
+        if sockets:
+            security["relayed_sockets"] = [f"{v.target}/{sock}" for v, sock in sockets]
+        return Started(security=security, confinement=confinement)
 
     def _resume_claim(self, name: str, vols: list[mf.Volume]) -> list[mf.Volume]:
         """A run taken over (recovery): what its claim holds from the other process's workloads stays, where its
@@ -395,16 +489,54 @@ class KubernetesRun(RunHandle):
                 )
             time.sleep(1.0)
 
-    def _go(self, pod: _Pod) -> None:
-        """End the stage container (after writing the go-ahead, if the workload waits for one): `main` runs."""
+    def _go(self, pod: _Pod, note: str = "") -> None:
+        """End the stage container (after writing the go-ahead, with `note` in it, if the workload waits for one):
+        `main` runs."""
         markers = []
+        notes = {}
         if pod.workload.go_ahead:
             markers.append(self._in_pod(pod, pod.workload.go_ahead))
+            notes[markers[-1]] = note
         markers.append(transfer.staged_marker())
-        rc, err = self.cluster.exec(self.names.pod(pod.workload.role), mf.STAGE, transfer.touch_command(*markers))
+        rc, err = self.cluster.exec(
+            self.names.pod(pod.workload.role), mf.STAGE, transfer.touch_command(*markers, notes=notes)
+        )
         if rc != 0:
             raise RuntimeError(f"could not give {pod.workload.role} its go-ahead: {err.strip()[-300:]}")
         pod.held = False
+        if pod.sockets:
+            self._relay(pod)
+
+    def _relay(self, pod: _Pod) -> None:
+        """This machine's Unix sockets in the workload's mounts (a sweep's budget broker), each made reachable in
+        the pod by a relay (sidecar/relay.py) that `exec` runs in its `carrier` (which has the volume writable;
+        `main` sees the socket through its read-only mount), listening before this returns. The relay runs as
+        the pod's user, in the pod's own emptyDir: no other pod reaches it."""
+        name = self.names.pod(pod.workload.role)
+        self._await_container(name, mf.CARRIER)
+        for v, sock in pod.sockets:
+            listen = f"{mf.transfer_path(v)}/{sock}"
+            stream = self.cluster.exec_stream(name, mf.CARRIER, relay_command(listen))
+            relay = Forwarder(stream, str(Path(v.source) / sock), f"{name}:{v.target}/{sock}")
+            pod.relays.append(relay)
+            relay.start()
+            log.info("socket_relayed pod=%s socket=%s/%s target=%s", name, v.target, sock, relay.target)
+
+    def _await_container(self, name: str, container: str) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            pod = self.cluster.read_pod(name)
+            statuses = (pod.status.container_statuses or []) if pod is not None and pod.status else []
+            for cs in statuses:
+                if cs.name == container and cs.state is not None:
+                    if cs.state.running is not None:
+                        return
+                    if cs.state.terminated is not None:
+                        raise RuntimeError(f"container {container} of pod {name} ended before it was used")
+            if pod is None or (pod.status is not None and pod.status.phase in ("Failed", "Succeeded")):
+                raise RuntimeError(f"pod {name} ended before its {container} container was used")
+            time.sleep(POLL)
+        raise RuntimeError(f"container {container} of pod {name} was not running after {START_TIMEOUT:.0f}s")
 
     def _in_pod(self, pod: _Pod, host_path: str) -> str:
         for v in pod.vols:
@@ -412,11 +544,17 @@ class KubernetesRun(RunHandle):
                 return f"{mf.transfer_path(v)}/{host_path[len(v.source.rstrip('/')) + 1 :]}"
         raise RuntimeError(f"the go-ahead {host_path} is in none of the {pod.workload.role}'s mounts")
 
-    def release(self, role: Role) -> None:
+    def release(self, role: Role, note: str = "") -> None:
+        if not re.fullmatch(NOTE_PATTERN, note):
+            raise ValueError(f"a go-ahead's note is a word of at most 32 characters, not {note!r}")
+        deferred = self._deferred.pop(role, None)
+        if deferred is not None:
+            self._start(deferred, hold=False, note=note)
+            return
         pod = self._pods.get(role)
         if pod is None or not pod.held:
             raise RuntimeError(f"{role} was not started to wait for a go-ahead, or has had it")
-        self._go(pod)
+        self._go(pod, note)
 
     def _mirror(self, pod: _Pod) -> None:
         """Keep the workload's live inputs (the heartbeat the sidecar watches) in step with this machine's."""
@@ -515,6 +653,7 @@ class KubernetesRun(RunHandle):
             if pod.fetched:
                 return
             pod.mirror_stop.set()
+            pod.close_relays()
             name = self.names.pod(role)
             out = [v for v in pod.vols if v.download]
             carrier = any(v.download or v.live for v in pod.vols)
@@ -579,6 +718,25 @@ class KubernetesRun(RunHandle):
                 pod.final = ExitInfo(exit_code=137)
             self.cluster.delete("pod", name, grace=0)
 
+    def ask(self, role: Role, socket: str, line: bytes, timeout: float) -> bytes | None:
+        """Through `exec` in the workload's `main` container (ASK_SCRIPT): the socket is in the pod."""
+        name = self.names.pod(role)
+        if not self.status(role).running:
+            return None
+        command = ["python3", "-I", "-c", ASK_SCRIPT, socket, line.hex(), f"{timeout:g}", str(ASK_LIMIT)]
+        try:
+            with transfer.spooled() as out:
+                rc, err = self.cluster.exec(name, mf.MAIN, command, stdout=out)
+                out.seek(0)
+                answer = out.read(ASK_LIMIT)
+        except Exception as exc:  # the pod went, the API server did not answer: no answer either
+            log.info("ask_failed pod=%s socket=%s error=%r", name, socket, exc)
+            return None
+        if rc != 0:
+            log.info("ask_unanswered pod=%s socket=%s rc=%d error=%s", name, socket, rc, err.strip()[-200:])
+            return None
+        return answer
+
     def discard(self, *roles: Role, network: bool = False) -> None:
         def remove() -> None:
             try:
@@ -605,6 +763,7 @@ class KubernetesRun(RunHandle):
             thread.join(DISCARD_JOIN)
         for pod in self._pods.values():
             pod.mirror_stop.set()
+            pod.close_relays()
         removed: list[str] = []
         selector = self._selector()
         for obj in self.cluster.select("pod", selector):
@@ -701,6 +860,7 @@ class KubernetesRun(RunHandle):
             thread.join(DISCARD_JOIN)
         for pod in self._pods.values():
             pod.mirror_stop.set()
+            pod.close_relays()
         removed: list[str] = []
         selector = self._selector()
         for kind in KINDS:
@@ -754,6 +914,28 @@ def _left_outputs(pod: Any, run_id: str) -> list[mf.Volume]:
             )
         )
     return out
+
+
+def _sockets(w: Workload, vols: list[mf.Volume]) -> list[tuple[mf.Volume, str]]:
+    """The Unix sockets of this machine's in the workload's read-only mounted directories (a sweep's budget
+    broker), which a relay makes reachable in its pod. Only the sidecar's (a pod of its own, whose volumes no
+    other pod mounts) are: one on the run's volume would be within reach of the agent's workloads. A writable
+    mount's are the workload's own (the sidecar's control socket, in its pod): nothing to relay."""
+    found = []
+    for v in vols:
+        source = Path(v.source)
+        if v.file or not v.read_only or not source.is_dir():
+            continue
+        for entry in sorted(source.iterdir()):
+            if not entry.is_socket():
+                continue
+            if v.on_claim or w.reach is not Reach.OUTSIDE:
+                raise RuntimeError(
+                    f"{v.target} of the {w.role} holds a Unix socket ({entry.name}): only the sidecar's pod may "
+                    "be given one (a relay in its own pod, which no workload of the agent's reaches)"
+                )
+            found.append((v, entry.name))
+    return found
 
 
 def sidecar_egress(w: Workload) -> Egress:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -139,6 +141,22 @@ class ClientCluster:
                 ws.close()
         return (rc if isinstance(rc, int) else 1), err.decode(errors="replace")
 
+    def exec_stream(self, pod: str, container: str, command: list[str]) -> _ExecStream:
+        ws = stream(
+            self.core.connect_get_namespaced_pod_exec,
+            pod,
+            self.namespace,
+            container=container,
+            command=command,
+            stdin=True,
+            stdout=True,
+            stderr=True,
+            tty=False,
+            _preload_content=False,
+            binary=True,
+        )
+        return _ExecStream(ws)
+
     @staticmethod
     def _drain(ws: Any, stdout: IO[bytes] | None, err: bytearray, timeout: float) -> None:
         ws.update(timeout=timeout)
@@ -165,3 +183,67 @@ class ClientCluster:
         except ApiException:
             return None
         return sample if isinstance(sample, dict) else None
+
+
+class _ExecStream:
+    """An exec's stdin and stdout kept open (forward.ExecStream). The websocket is used from one thread at a
+    time (the client's is not safe otherwise): `read` sends what `write` queued, then waits for stdout in
+    short slices, so that a write from another thread goes out within one slice."""
+
+    SLICE = 0.02
+    STDERR_KEPT = 4096
+
+    def __init__(self, ws: Any) -> None:
+        self.ws = ws
+        self._queued: list[bytes] = []
+        self._queue_lock = threading.Lock()
+        self._io = threading.RLock()
+        self._closed = False
+        self._err = bytearray()
+
+    def write(self, data: bytes) -> None:
+        with self._queue_lock:
+            if self._closed:
+                raise OSError("the exec stream is closed")
+            self._queued.append(data)
+
+    def _flush(self) -> None:
+        with self._queue_lock:
+            queued, self._queued = self._queued, []
+        for data in queued:
+            self.ws.write_stdin(data)
+
+    def read(self, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._io:
+                if self._closed:
+                    return None
+                self._flush()
+                self.ws.update(timeout=max(0.0, min(self.SLICE, deadline - time.monotonic())))
+                data = self.ws.read_stdout() if self.ws.peek_stdout() else b""
+                if self.ws.peek_stderr():
+                    # Kept bounded: what the relay says on stderr is for the log line when it ends.
+                    err = self.ws.read_stderr()
+                    self._err.extend(err if isinstance(err, bytes) else err.encode())
+                    del self._err[: -self.STDERR_KEPT]
+                if data:
+                    return data if isinstance(data, bytes) else data.encode()
+                if not self.ws.is_open():
+                    return None
+            if time.monotonic() >= deadline:
+                return b""
+
+    def close(self) -> None:
+        with self._io:
+            if self._closed:
+                return
+            with contextlib.suppress(Exception):
+                self._flush()
+            with self._queue_lock:
+                self._closed = True
+            with contextlib.suppress(Exception):
+                self.ws.close()
+
+    def error(self) -> str:
+        return bytes(self._err).decode(errors="replace")

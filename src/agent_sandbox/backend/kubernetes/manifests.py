@@ -56,6 +56,14 @@ FETCHED = "fetched"
 """The file in TRANSFER whose appearance ends the carrier container: the outputs are home."""
 CONTROL_VOLUME = "transfer"
 CLAIM_VOLUME = "run"
+SECRET_VOLUME = "secret-env"
+SECRETS_PATH = "/sandbox/secrets"
+"""Where a workload's secret environment is mounted (its `main` alone, read-only): a file per variable, named
+after it; the variable itself is not set, `<NAME>_FILE` names its file instead (SECRET_FILE_SUFFIX)."""
+SECRET_FILE_SUFFIX = "_FILE"
+SECRET_MODE = 0o440
+"""The Secret's files: owned by root and the pod's fsGroup (the workload's own group, which the kubelet gives a
+secret volume and its read bits whatever defaultMode says), readable by nobody else."""
 NO_RESOLVER = "127.0.0.1"
 """The nameserver of the pods that resolve nothing: nothing listens there, so a lookup fails at once."""
 DEFAULT_DEADLINE = 24 * 3600
@@ -195,7 +203,7 @@ def claim(
 def secret(
     names: Names, namespace: str, labels: dict[str, str], anchor_uid: str, role: Role, values: dict[str, str]
 ) -> Manifest:
-    """A workload's secret environment (the sidecar's model key): given to that pod alone, by reference."""
+    """A workload's secret environment (the sidecar's model key): mounted into that pod alone, as files."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
@@ -511,10 +519,9 @@ def pod(
     """The workload as a pod: `main` runs it, `stage` (init) receives its inputs, `carrier` holds its outputs."""
     uid, gid = _user(w)
     env: list[Manifest] = [{"name": k, "value": v} for k, v in w.env.items()]
-    env += [
-        {"name": k, "valueFrom": {"secretKeyRef": {"name": names.secret(w.role), "key": k}}}
-        for k in sorted(w.secret_env)
-    ]
+    # The secrets as files, not variables: a variable is in /proc/<pid>/environ of every process the workload
+    # starts, and in whatever dumps its environment; the file is in one read-only mount of `main` alone.
+    env += [{"name": k + SECRET_FILE_SUFFIX, "value": f"{SECRETS_PATH}/{k}"} for k in sorted(w.secret_env)]
     r = w.resources
     limits: dict[str, str] = {}
     if r.memory_bytes:
@@ -536,6 +543,18 @@ def pod(
         if v.subpath:
             mount["subPath"] = v.subpath
         main_mounts.append(mount)
+    if w.secret_env:
+        pod_volumes.append(
+            {
+                "name": SECRET_VOLUME,
+                "secret": {
+                    "secretName": names.secret(w.role),
+                    "items": [{"key": k, "path": k} for k in sorted(w.secret_env)],
+                    "defaultMode": SECRET_MODE,
+                },
+            }
+        )
+        main_mounts.append({"name": SECRET_VOLUME, "mountPath": SECRETS_PATH, "readOnly": True})
     for i, s in enumerate(w.scratch):
         # Memory-backed and size-limited, like Docker's tmpfs (and counted against the pod's memory the same way).
         name = f"scratch-{i}"
@@ -649,8 +668,13 @@ def security_summary(manifest: Manifest) -> dict[str, Any]:
         "dns_policy": spec["dnsPolicy"],
         "host_aliases": spec.get("hostAliases", []),
         "mounts": [{k: m[k] for k in ("mountPath", "readOnly") if k in m} for m in main["volumeMounts"]],
-        "env_names": sorted(e["name"] for e in main["env"] if "value" in e),
-        "secret_env_names": sorted(e["name"] for e in main["env"] if "valueFrom" in e),
+        "env_names": sorted(e["name"] for e in main["env"]),
+        "secret_env_names": sorted(
+            item["key"]
+            for v in spec["volumes"]
+            if "secret" in v and any(m["name"] == v["name"] for m in main["volumeMounts"])
+            for item in v["secret"].get("items", [])
+        ),
         "labels": manifest["metadata"]["labels"],
     }
 

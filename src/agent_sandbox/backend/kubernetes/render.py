@@ -27,7 +27,7 @@ class NoCluster:
     def _refuse(self, *_args: Any, **_kwargs: Any) -> NoReturn:
         raise EnvironmentNotReady("--render contacts no cluster")
 
-    create = read_pod = delete = select = logs = metrics = _refuse
+    create = read_pod = delete = select = logs = metrics = exec_stream = _refuse
 
     def exec(
         self,

@@ -92,9 +92,18 @@ def claim_resume_command(keep: Iterable[str], replace: Iterable[str]) -> list[st
     return ["sh", "-c", " && ".join(script)]
 
 
-def touch_command(*paths: str) -> list[str]:
-    """Create marker files (the go-ahead, STAGED, FETCHED)."""
-    return ["sh", "-c", " && ".join(f": >{shlex.quote(p)}" for p in paths)]
+def touch_command(*paths: str, notes: dict[str, str] | None = None) -> list[str]:
+    """Create marker files (the go-ahead, STAGED, FETCHED); one named in `notes` holds that text (a go-ahead's
+    note), written whole under another name first."""
+    notes = notes or {}
+    steps = []
+    for p in paths:
+        q = shlex.quote(p)
+        if notes.get(p):
+            steps.append(f"printf %s {shlex.quote(notes[p])} >{q}.part && mv -f {q}.part {q}")
+        else:
+            steps.append(f": >{q}")
+    return ["sh", "-c", " && ".join(steps)]
 
 
 def staged_marker() -> str:
