@@ -93,7 +93,7 @@ PHASES = [
     ("agent's turns (first to last line)", "agent_last"),
     ("agent exit, resource usage", "resource_usage"),
     ("result check", "result_verified"),
-    ("finaliser's go-ahead (its container started ahead, held)", "container_created:finaliser"),
+    ("finaliser container (started ahead, held, once the agent ran 3 s; else now)", "container_created:finaliser"),
     ("finaliser run", "finalised"),
     ("import", "imported"),
     ("teardown (what is left: agent, sidecar, networks removed meanwhile)", "teardown"),

@@ -46,8 +46,13 @@ def test_wall_clock_limit_kills_and_keeps_partial_work(make_repo, sandbox, write
     assert git(repo, "show", f"{s['branch']}:partial.txt") == "work before the stop"
     msg = git(repo, "log", "-1", "--format=%s", s["branch"])
     assert f"run {s['id']} was stopped (timeout)" in msg
-    hits = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "limit_hit"]
+    events = audit_events(s["run_dir"])
+    hits = [e["payload"] for e in events if e["type"] == "limit_hit"]
     assert hits == [{"limit": "timeout", "reason": "timeout", "message": "wall-clock limit of 10s reached"}]
+    # The finaliser was started ahead, held while the agent worked: the reason reached it with its go-ahead.
+    (fin,) = [e["payload"] for e in events if e["type"] == "container_created" and e["payload"]["role"] == "finaliser"]
+    assert "SANDBOX_GO_AHEAD" in fin["security"]["env_names"]
+    assert "SANDBOX_END_REASON" not in fin["security"]["env_names"]
     assert labelled(s["id"]) == []
 
 

@@ -270,7 +270,7 @@ turns:
   - text: done
 """
 # The same work, after a few seconds of the agent's: the finaliser started ahead waits, held, meanwhile.
-SLOW_WORK = WORK.replace("turns:\n", 'turns:\n  - bash: "sleep 4"\n')
+SLOW_WORK = WORK.replace("turns:\n", 'turns:\n  - bash: "sleep 8"\n')
 
 
 def agent_container_exists(state_dir: Path, role: str = "agent") -> bool:

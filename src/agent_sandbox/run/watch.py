@@ -44,6 +44,7 @@ from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
 
+FINALISER_AHEAD_AFTER = 3.0  # seconds of the agent's after which the finaliser is started ahead, held
 FINALISER_HOLD_MARGIN = 60.0  # seconds a finaliser started ahead waits for its go-ahead past the agent's deadline
 FINALISER_AHEAD_JOIN = 120.0  # seconds the collection waits for the start of the finaliser started ahead
 SAMPLER_JOIN = 5.0  # seconds the resource figures may still take once the agent has ended
@@ -92,8 +93,11 @@ class Watching(RunBase):
 
     def _start_finaliser_ahead(self) -> None:
         """Start the finaliser's container now, held until the agent has ended (collect.py gives the go-ahead):
-        its start is then off the run's critical path. From the agent's first line on, so that it does not slow
-        Claude Code's own start on a small machine. No network; it waits without reading the workspace."""
+        its start is then off the run's critical path. Only once the agent has worked FINALISER_AHEAD_AFTER: the
+        start costs the engine and the machine a fifth of a second of work, which on a small machine slows an
+        agent that is still starting, or one about to end (then the finaliser is started at the collection,
+        while the agent's container and the sidecar are removed). No network; it waits without reading the
+        workspace."""
         workload = self.recipes.finaliser(
             None, FINALISER_TIMEOUT + DEADLINE_MARGIN, hold_s=self._deadline() + STOP_GRACE + FINALISER_HOLD_MARGIN
         )
@@ -197,6 +201,8 @@ class Watching(RunBase):
                 now = time.monotonic()
                 if self.heartbeat is not None:
                     self.heartbeat.progress = now  # the sidecar serves only while this loop goes round
+                if self._finaliser_ahead is None and w.reason is None and now - t0 > FINALISER_AHEAD_AFTER:
+                    self._start_finaliser_ahead()
                 if w.reason is None:
                     if self._cancel is not None:
                         self._limit(agent, w, *self._cancel, grace=1.0)
@@ -227,8 +233,6 @@ class Watching(RunBase):
                     w.last_activity = time.monotonic()
                     self._keep_line(stream, line)
                     self._agent_line(agent, line, w)
-                    if self._finaliser_ahead is None:
-                        self._start_finaliser_ahead()
                 elif source == "agent_stderr":
                     if line is not None:
                         self._keep_line(stderr, line)
