@@ -28,7 +28,7 @@ from agent_sandbox.backend.base import (
 )
 from agent_sandbox.backend.kubernetes import manifests as mf
 from agent_sandbox.backend.kubernetes import transfer
-from agent_sandbox.backend.kubernetes.forward import ExecStream, Forwarder, relay_command
+from agent_sandbox.backend.kubernetes.forward import ExecStream, Forwarder, RelayFailed, relay_command
 from agent_sandbox.backend.plan import (
     NOTE_PATTERN,
     ExitInfo,
@@ -52,6 +52,9 @@ KUBE_HINT = (
     "check the kubeconfig and context (`kubectl --context CONTEXT get pods -n NAMESPACE`), see docs/kubernetes.md"
 )
 POLL = 0.5  # seconds between looks at a pod's state
+RELAY_RESTARTS = 5  # times in a row a socket relay whose stream broke is started again
+RELAY_STEADY = 60.0  # seconds a relay must have lasted for its restarts to count from zero again
+RELAY_BACKOFF = 0.5  # seconds before the first restart; doubled each time, 30 at most
 START_TIMEOUT = 300.0  # seconds a pod may take to be scheduled, pull its image and run its stage container
 PROBE_TIMEOUT = 30.0  # seconds the network policies may take to be in force for a new pod
 DISCARD_JOIN = 30.0
@@ -286,12 +289,36 @@ class _Pod:
         self.mirror_stop = threading.Event()
         self.sockets: list[tuple[mf.Volume, str]] = []  # Unix sockets of this machine's to relay into the pod
         self.relays: list[Forwarder] = []
+        self.relays_closed = False  # no relay starts again once the pod is done with them
+        self.relay_lock = threading.Lock()  # not `lock`: the fetch holds that while it closes the relays
 
     def close_relays(self) -> None:
         """The pod is done with this machine's sockets: their relays end (and the sockets in the pod)."""
-        relays, self.relays = self.relays, []
+        with self.relay_lock:
+            self.relays_closed = True
+            relays, self.relays = self.relays, []
         for relay in relays:
             relay.close()
+
+    def add_relay(self, relay: Forwarder) -> bool:
+        """Keep a relay that started; False (and it is closed) when the pod is done with its relays already."""
+        with self.relay_lock:
+            if not self.relays_closed:
+                self.relays.append(relay)
+                return True
+        relay.close()
+        return False
+
+
+class _Ended:
+    """A relay that could not be started again: over at once (what `_keep_relay` waits on)."""
+
+    closing = False
+
+    def __init__(self, lasted: float) -> None:
+        self.ended = threading.Event()
+        self.ended.set()
+        self.lasted = lasted
 
 
 class KubernetesRun(RunHandle):
@@ -515,12 +542,51 @@ class KubernetesRun(RunHandle):
         name = self.names.pod(pod.workload.role)
         self._await_container(name, mf.CARRIER)
         for v, sock in pod.sockets:
-            listen = f"{mf.transfer_path(v)}/{sock}"
-            stream = self.cluster.exec_stream(name, mf.CARRIER, relay_command(listen))
-            relay = Forwarder(stream, str(Path(v.source) / sock), f"{name}:{v.target}/{sock}")
-            pod.relays.append(relay)
-            relay.start()
+            relay = self._start_relay(pod, name, v, sock)
             log.info("socket_relayed pod=%s socket=%s/%s target=%s", name, v.target, sock, relay.target)
+            threading.Thread(
+                target=self._keep_relay, args=(pod, name, v, sock, relay), name=f"keep-relay-{name}", daemon=True
+            ).start()
+
+    def _start_relay(self, pod: _Pod, name: str, v: mf.Volume, sock: str) -> Forwarder:
+        """One relay of the socket into the pod, listening once this returns (RelayFailed otherwise)."""
+        stream = self.cluster.exec_stream(name, mf.CARRIER, relay_command(f"{mf.transfer_path(v)}/{sock}"))
+        relay = Forwarder(stream, str(Path(v.source) / sock), f"{name}:{v.target}/{sock}")
+        if not pod.add_relay(relay):
+            raise RelayFailed(f"the socket relay {relay.label} was not wanted any more")
+        relay.start()
+        return relay
+
+    def _keep_relay(self, pod: _Pod, name: str, v: mf.Volume, sock: str, first: Forwarder) -> None:
+        """Start the relay again when its stream breaks (an API server restarted, a connection dropped) while the
+        pod still wants it: calls in flight then are refused (fail closed), the next ones pass again. At most
+        RELAY_RESTARTS times in a row without a relay that lasted RELAY_STEADY."""
+        relay: Forwarder | _Ended = first
+        failures = 0
+        while True:
+            relay.ended.wait()
+            began = time.monotonic()
+            with pod.relay_lock:
+                if pod.relays_closed or relay.closing:
+                    return
+                if isinstance(relay, Forwarder) and relay in pod.relays:
+                    pod.relays.remove(relay)
+            if relay.lasted >= RELAY_STEADY:
+                failures = 0
+            failures += 1
+            if failures > RELAY_RESTARTS:
+                log.warning("socket_relay_abandoned relay=%s:%s/%s restarts=%d", name, v.target, sock, RELAY_RESTARTS)
+                return
+            time.sleep(min(RELAY_BACKOFF * 2 ** (failures - 1), 30.0))
+            try:
+                if not self.status(pod.workload.role).running:
+                    return
+                relay = self._start_relay(pod, name, v, sock)
+            except Exception as exc:  # one more failure; the next attempt, or none, follows
+                log.warning("socket_relay_restart_failed relay=%s:%s/%s error=%r", name, v.target, sock, exc)
+                relay = _Ended(time.monotonic() - began)
+                continue
+            log.info("socket_relay_restarted relay=%s attempt=%d", relay.label, failures)
 
     def _await_container(self, name: str, container: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT

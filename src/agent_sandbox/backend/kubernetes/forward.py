@@ -67,6 +67,8 @@ class Forwarder(rl.Mux):
         self.label = label
         self.ready = threading.Event()
         self._closing = False
+        self._began = time.monotonic()
+        self._ended_at: float | None = None
         self._thread = threading.Thread(target=self._run, name=f"relay-{label}", daemon=True)
 
     def write(self, data: bytes) -> None:
@@ -82,6 +84,16 @@ class Forwarder(rl.Mux):
         if not self.ready.is_set():
             raise RelayFailed(f"the socket relay {self.label} did not start: {self.reason}")
 
+    @property
+    def closing(self) -> bool:
+        """Whether it was closed on purpose (its pod is done with it), not broken."""
+        return self._closing
+
+    @property
+    def lasted(self) -> float:
+        """Seconds from its start to its end (or until now)."""
+        return (self._ended_at or time.monotonic()) - self._began
+
     def close(self) -> None:
         """Stop relaying (the run's pod is done with the socket): the relay ends, and its socket in the pod."""
         self._closing = True
@@ -90,6 +102,7 @@ class Forwarder(rl.Mux):
             self._thread.join(5)
 
     def on_end(self, reason: str) -> None:
+        self._ended_at = time.monotonic()
         # END first: through an API server that cannot close an exec's stdin, it is what stops the relay. A stream
         # that is gone already takes the relay with it.
         with contextlib.suppress(Exception):
