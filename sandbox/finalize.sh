@@ -186,6 +186,9 @@ if [ "$head" = "$base" ]; then
   result unchanged "$head" "" "" "no commits and no changes"
   exit 0
 fi
+# A finaliser stopped while bundling (its deadline, a removal after its supervisor died) leaves its lock and a
+# part behind: out/ is the finalisers' alone (the agent never has it), so what is there is an earlier one's.
+rm -f "$out/work.bundle" "$out/work.bundle.lock"
 if g bundle create "$out/work.bundle" "$branch" "^$base" 2>>"$err"; then
   result packed "$head" "$fin" work.bundle ""
 else

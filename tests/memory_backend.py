@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent_sandbox.backend.base import Backend, RunHandle, ask_unix, mounted_path
+from agent_sandbox.backend.base import Backend, NotHeld, RunHandle, ask_unix, mounted_path
 from agent_sandbox.backend.plan import (
     NOTE_PATTERN,
     ExitInfo,
@@ -171,6 +171,8 @@ class MemoryRun(RunHandle):
         w = self.workloads[role]
         assert w.workload.go_ahead, f"{role} waits for no go-ahead"
         assert re.fullmatch(NOTE_PATTERN, note), note
+        if w.ended.is_set():
+            raise NotHeld(f"the {role} ended before its go-ahead")
         Path(w.workload.go_ahead).write_text(note)
         self.released[role].set()
 

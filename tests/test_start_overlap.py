@@ -4,6 +4,7 @@ its go-ahead's note. tests/hostile/test_start_and_settle.py attacks the same end
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -12,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from agent_sandbox.backend.base import NotHeld
 from agent_sandbox.backend.docker import DockerRun, hosts_text
-from agent_sandbox.backend.plan import NOTE_PATTERN
+from agent_sandbox.backend.plan import NOTE_PATTERN, ExitInfo
 from agent_sandbox.run.workloads import FINALISER_GO_AHEAD
 from agent_sandbox.sidecar import __main__ as sidecar_main
 from agent_sandbox.sidecar.events import SidecarListening
@@ -79,6 +81,10 @@ class _Engine:
 
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.running = True
+
+    def status(self, container: str) -> ExitInfo:
+        return ExitInfo(running=self.running, exit_code=None if self.running else 137)
 
     def address(self, container: str, network: str) -> str:
         self.asked.append(container)
@@ -127,6 +133,19 @@ def test_the_go_ahead_carries_a_word_and_nothing_else(tmp_path: Path) -> None:
         run.release("finaliser", "timeout")
 
 
+def test_a_held_workload_that_ended_meanwhile_is_not_released_but_replaced(tmp_path: Path) -> None:
+    # A finaliser started ahead and killed while the agent worked: its go-ahead would reach no one, and a new
+    # start of the role removes it first (collect.py then starts one the usual way).
+    run, engine = _run()
+    gate = tmp_path / "finalise-ready"
+    run._go_ahead["finaliser"] = str(gate)
+    run._ids["finaliser"] = "c0ffee"
+    engine.running = False
+    with pytest.raises(NotHeld, match="ended before its go-ahead"):
+        run.release("finaliser", "completed")
+    assert not gate.exists() and "finaliser" in run._failed
+
+
 def test_the_finaliser_started_ahead_waits_for_a_go_ahead_in_its_inputs(tmp_path: Path, repo: Path) -> None:
     sup = _supervisor(tmp_path, repo, MemoryBackend())
     ahead = sup.recipes.finaliser(None, 420, hold_s=1900)
@@ -146,3 +165,25 @@ def test_every_end_reason_is_a_note(reason: str) -> None:
     import re
 
     assert re.fullmatch(NOTE_PATTERN, reason)
+
+
+def test_a_sidecar_that_listens_but_never_serves_ends_the_run_clearly(
+    tmp_path: Path, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The go-ahead comes on `listening`; should `ready` never follow (a sidecar stuck in its imports), the run ends
+    # with the sidecar's own error in SIDECAR_READY_TIMEOUT, not at the idle limit with "idle".
+    from agent_sandbox.run import watch as watch_module
+
+    from .memory_backend import idle
+    from .test_supervisor_logic import _run, agent_saying
+
+    monkeypatch.setattr(watch_module, "SIDECAR_READY_TIMEOUT", 1.0)
+
+    def listening_only(w: Any) -> int:
+        w.say(json.dumps({"event": "listening", "n": 1, "gateway_port": 8080, "proxy_port": 3128}))
+        w.say("stuck importing aiohttp", stderr=True)
+        return idle(w)
+
+    summary, _, events = _run(tmp_path, repo, {"sidecar": listening_only, "agent": agent_saying(then=None)})
+    assert summary.reason == "error" and summary.message.startswith("the sidecar did not become ready"), summary
+    assert [e["type"] for e in events].count("listening") == 1

@@ -3,14 +3,15 @@
 - The race with the sidecar's start: the agent's go-ahead comes on the sidecar's `listening` line, before its
   proxy and gateway serve (`ready`). A hook the repository plants (`SessionStart` in `.claude/settings.json`)
   runs before Claude Code's first model call; a model script large enough to keep the sidecar loading it for a
-  second or two holds the window open. In it the agent asks the proxy for TEST-NET, the metadata address, the
+  few seconds holds the window open. In it the agent asks the proxy for TEST-NET, the metadata address, the
   scripted model on the sidecar's loopback (unmetered), the gateway by loopback, the host side of its bridge
   and docker0, goes for the scripted model's port directly and for an unmetered gateway path. Every request
   waits in the backlog and meets the run's rules: all denied, none reaches the scripted model. A flood of 6,000
   connections held open from before `ready` neither stops the run's own model calls nor the run.
-- /etc/hosts (the run's file, mounted read-only): append, replace by rename (mv, os.rename), bind mount,
-  unmount, a user namespace, chmod, and the same against its source as seen in /sandbox/in, all refused; the
-  agent resolves `sidecar` as before, and the host's file is as the supervisor wrote it.
+- /etc/hosts (the run's file, mounted read-only), in the agent's container and in the check's (which runs the
+  branch's code): append, truncate, replace by rename (mv, os.rename), bind mount, unmount, a user namespace,
+  chmod, and the same against its source as seen in /sandbox/in, and writing the go-ahead files: all refused;
+  `sidecar` resolves as before, and the host's files are as the supervisor wrote them.
 - The finaliser started ahead, held: files named like its go-ahead planted wherever the agent can write
   (holding another end reason), Python modules and programs planted in its working directory; the agent
   watches the workspace's object store for early packing while it works on. Nothing ran early or at all,
@@ -22,16 +23,25 @@
   gc` recovers the run and leaves nothing.
 - A sidecar that dies after `listening`, before `ready` (its model script unreadable to its user): the run
   ends with "the sidecar did not become ready" and the sidecar's own error, and leaves nothing.
+
+Two bugs found here (at 52a2f93), each kept as the test that showed it: a held finaliser that ends before its
+go-ahead (killed; also a dockerd restart, or its hold running out under a supervisor stalled past wall + 185 s)
+was released all the same and never replaced, so the run failed with "the finaliser wrote no result" and its
+work waited for gc; and a finaliser removed in the middle of `git bundle create` (by gc after a SIGKILL at the
+go-ahead) left out/work.bundle.lock, on which gc's own finaliser failed until gc ran again.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
 import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +52,16 @@ from ..test_faults_e2e import finish, row
 from .test_start_and_settle import agent_container_exists, e2e, nothing_left, the_run
 
 # Turns the scripted model never reaches (they follow the final answer): loading them keeps the sidecar busy
-# between `listening` and `ready` for a second or two, the window a hostile agent's first code runs in.
+# between `listening` and `ready` for a few seconds, the window a hostile agent's first code runs in.
 FILLER = 50000
+
+
+def gc_alone(sandbox: Callable[..., Any]) -> Any:
+    """`sandbox gc --json`, one at a time across this file's workers, xdist groups or not: side by side, one
+    state directory's gc can remove another's recovery finaliser (see test_start_and_settle)."""
+    with open(Path(tempfile.gettempdir()) / "agent-sandbox-overlap-gc.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return sandbox("gc", "--json", timeout=300)
 
 
 def slow_sidecar_script(turns: str) -> str:
@@ -89,7 +107,7 @@ own = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"], capt
 bridge = str(ipaddress.ip_interface(own.split()[3]).network[1])
 
 
-def connect_(host, port, target):
+def connect_(host, port):
     return f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode()
 
 
@@ -98,15 +116,15 @@ def get_(url, host):
 
 
 PROXIED = {
-    "testnet-connect": connect_("192.0.2.1", 443, None),
+    "testnet-connect": connect_("192.0.2.1", 443),
     "testnet-get": get_("http://192.0.2.1/", "192.0.2.1"),
     "metadata": get_("http://169.254.169.254/latest/meta-data/", "169.254.169.254"),
-    "scripted-model": connect_("127.0.0.1", 8099, None),
-    "scripted-model-localhost": connect_("localhost", 8099, None),
-    "scripted-model-sidecar": connect_("sidecar", 8099, None),
+    "scripted-model": connect_("127.0.0.1", 8099),
+    "scripted-model-localhost": connect_("localhost", 8099),
+    "scripted-model-sidecar": connect_("sidecar", 8099),
     "gateway-loopback": get_("http://127.0.0.1:8080/v1/models", "127.0.0.1:8080"),
-    "bridge-gateway": connect_(bridge, 22, None),
-    "docker0": connect_("172.17.0.1", 80, None),
+    "bridge-gateway": connect_(bridge, 22),
+    "docker0": connect_("172.17.0.1", 80),
 }
 body = json.dumps({"prompt": "unmetered", "model": "claude-2", "max_tokens_to_sample": 5}).encode()
 DIRECT = {
@@ -294,8 +312,8 @@ def test_the_hosts_file_cannot_be_changed_by_the_agent_or_its_check(make_repo, s
         f"  - write: {{path: probe.sh, content: {json.dumps(HOSTS)}}}\n"
         '  - bash: "bash probe.sh agent"\n' + SLEEP_4 + "  - text: done\n"
     )
-    check = ["--check", "bash probe.sh check"]
-    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--model-script", str(script), *check, "--json")
+    checked = ["--check", "bash probe.sh check"]
+    res = sandbox("run", "--repo", str(make_repo()), "--task", "t", "--model-script", str(script), *checked, "--json")
     assert res.code == 0, res.stderr
     s = res.json()
     run_dir = Path(s["run_dir"])
@@ -511,7 +529,7 @@ def test_sigkill_around_the_finaliser_started_ahead_is_recovered_by_gc(
         os.kill(proc.pid, signal.SIGKILL)
         finish(proc, 30)
     run_id = the_run(state_dir)
-    res = sandbox("gc", "--json", timeout=300)
+    res = gc_alone(sandbox)
     assert res.code == 0, res.stderr
     mine = [r for r in res.json() if r["run_id"] == run_id]
     assert [r["action"] for r in mine] == ["recovered"], json.dumps(mine, indent=1) + res.stderr
@@ -553,14 +571,6 @@ def test_a_sidecar_that_dies_before_ready_ends_the_run_clearly(make_repo, sandbo
 
 
 @e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a finaliser started ahead that ended while held (killed, a dockerd restart, its hold run out under a "
-        "stalled supervisor) is released all the same and never replaced: the run fails with 'the finaliser wrote "
-        "no result (exit 137)' and its work waits for `sandbox gc` (run/collect.py _collect)"
-    ),
-)
 def test_a_held_finaliser_that_ended_is_replaced(make_repo, sandbox, state_dir, write_script) -> None:
     """Before issue 15 the finaliser was started at the collection, so whatever stopped containers while the
     agent worked could not take it. Now one is held for the whole run: if it ends before its go-ahead, the
@@ -580,7 +590,7 @@ def test_a_held_finaliser_that_ended_is_replaced(make_repo, sandbox, state_dir, 
         assert git(repo, "show", f"{s['branch']}:done.txt") == "finished work"
     finally:
         # The work the run kept for gc is imported by it, and nothing of the run stays either way.
-        sandbox("gc", "--json", timeout=300)
+        gc_alone(sandbox)
         nothing_left(state_dir, run_id)
 
 
@@ -589,15 +599,6 @@ def test_a_held_finaliser_that_ended_is_replaced(make_repo, sandbox, state_dir, 
 
 @e2e
 @pytest.mark.xdist_group("start-and-settle-gc")
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a finaliser removed in the middle of `git bundle create` (gc's remove_workloads after a SIGKILL at the "
-        "go-ahead, or the supervisor's stop at FINALISER_TIMEOUT) leaves out/work.bundle.lock; the recovery's "
-        "finaliser then fails ('Unable to create .../work.bundle.lock: File exists') and gc reports `failed` until "
-        "it is run again (run/recovery.py keeps out/ as it is; sandbox/finalize.sh removes the lock only on failure)"
-    ),
-)
 def test_gc_recovers_a_run_whose_finaliser_was_stopped_while_bundling(
     make_repo, sandbox, state_dir, write_script
 ) -> None:
@@ -629,11 +630,11 @@ def test_gc_recovers_a_run_whose_finaliser_was_stopped_while_bundling(
     lock.touch()
     os.chown(lock, out.stat().st_uid, out.stat().st_gid)
     try:
-        res = sandbox("gc", "--json", timeout=300)
+        res = gc_alone(sandbox)
         assert res.code == 0, res.stderr
         mine = [r for r in res.json() if r["run_id"] == run_id]
         assert [r["action"] for r in mine] == ["recovered"], json.dumps(mine, indent=1)
         assert git(repo, "show", f"sandbox/{run_id}:done.txt") == "finished work"
     finally:
-        sandbox("gc", "--json", timeout=300)  # the failed finaliser removed the lock: this one recovers it
+        gc_alone(sandbox)  # the failed finaliser removed the lock: this one recovers it
         nothing_left(state_dir, run_id)

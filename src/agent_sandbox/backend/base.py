@@ -28,6 +28,10 @@ STATE_LABEL = "sandbox.state"  # the identity of the state directory whose run c
 ASK_LIMIT = 4096  # bytes of an answer RunHandle.ask returns at most
 
 
+class NotHeld(RuntimeError):
+    """A workload started with `hold` is no longer waiting for its go-ahead: it ended meanwhile."""
+
+
 class RunHandle(ABC):
     """One run's objects on a platform. Workloads are named by role."""
 
@@ -50,7 +54,8 @@ class RunHandle(ABC):
     def release(self, role: Role, note: str = "") -> None:
         """Give a workload started with `hold` its go-ahead: its own code runs from here. `note` (a word: letters,
         digits, `_`, `-`; at most 32) is the go-ahead's content, which the workload reads (the finaliser: why the
-        run ended)."""
+        run ended). NotHeld when the workload ended while it waited (killed, the engine restarted): a start of
+        the role again replaces it."""
 
     @abstractmethod
     def discard(self, *roles: Role, network: bool = False) -> None:

@@ -30,6 +30,7 @@ from agent_sandbox.backend.base import (
     STATE_LABEL,
     SUPERVISOR_LABEL,
     Backend,
+    NotHeld,
     RunHandle,
     ask_unix,
     mounted_path,
@@ -850,8 +851,9 @@ class DockerRun(RunHandle):
         return self._start(workload, hold)
 
     def _start(self, workload: Workload, hold: bool) -> Started:
-        if workload.role in self._failed:
-            # What an earlier start of the role left (a finaliser started ahead that failed) gives way to this one.
+        if workload.role in self._failed or workload.role in self._ids:
+            # What an earlier start of the role left (a finaliser started ahead that failed, or ended while held)
+            # gives way to this one.
             self.backend.remove_container(self._name(workload.role))
             self._failed.discard(workload.role)
         try:
@@ -863,7 +865,9 @@ class DockerRun(RunHandle):
     def _start_workload(self, workload: Workload, hold: bool) -> Started:
         if workload.go_ahead:
             # The go-ahead's file, made now while there is room for it (release writes it, and renames it).
-            Path(f"{workload.go_ahead}.part").touch()
+            part = Path(f"{workload.go_ahead}.part")
+            part.touch()
+            os.chmod(part, 0o644)  # the workload reads its note, whatever the supervisor's umask
         if workload.reach is not Reach.SIDECAR:
             spec = self.container_spec(workload)
             self._ids[workload.role] = self.backend.start_container(spec)
@@ -879,7 +883,8 @@ class DockerRun(RunHandle):
             raise RuntimeError(f"the {workload.role} reaches the sidecar but has no go-ahead to wait for")
         hosts_file = Path(workload.go_ahead).with_name(f"{workload.role}.hosts")
         hosts_file.unlink(missing_ok=True)
-        hosts_file.touch(mode=0o644)
+        hosts_file.touch()
+        os.chmod(hosts_file, 0o644)  # whatever the supervisor's umask: the workload's user resolves with it
         spec = self.container_spec(workload, str(hosts_file))
         self._ids[workload.role] = cid = self.backend.start_container(spec)
         sidecar_ip = self._sidecar_address()
@@ -906,20 +911,29 @@ class DockerRun(RunHandle):
         path = self._go_ahead.pop(role, None)
         if path is None:
             raise RuntimeError(f"{role} was not started to wait for a go-ahead, or has had it")
+        if role != "agent" and not self.status(role).running:
+            # Held for a long while (the finaliser started ahead): killed or stopped meanwhile, it would take its
+            # go-ahead to no one. (The agent's is given right after its start, which checked it.)
+            self._failed.add(role)
+            raise NotHeld(f"the {role} ended before its go-ahead")
         # Its entry point waits for this file (in a mount it can only read) before running anything. Written
         # whole under another name first, made when the workload started: the workload never reads half a
         # note, and on a full disk the go-ahead still comes, without its note.
         part = f"{path}.part"
         try:
-            with open(part, "r+" if os.path.exists(part) else "w") as f:
+            # Unbuffered: a full disk fails the write itself (then the go-ahead comes without its note), never a
+            # flush at close.
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
                 try:
-                    if f.write(note) != len(note):
+                    if os.write(fd, note.encode()) != len(note):
                         raise OSError("short write")
-                    f.flush()
                 except OSError as exc:
                     log.warning("go_ahead_note_lost role=%s error=%r", role, exc)
-                    f.seek(0)
-                f.truncate()
+                    os.lseek(fd, 0, os.SEEK_SET)
+                os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR))
+            finally:
+                os.close(fd)
             os.replace(part, path)
         except OSError:
             self._failed.add(role)  # a start of the role again removes this one first

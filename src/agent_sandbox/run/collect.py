@@ -12,6 +12,7 @@ from pathlib import Path
 import git
 
 from agent_sandbox.audit import events as ev
+from agent_sandbox.backend.base import NotHeld
 from agent_sandbox.backend.plan import NOTE_PATTERN
 from agent_sandbox.errors import SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported, branch_exists, import_bundle
@@ -41,7 +42,7 @@ class Collecting(Watching):
                 raise OSError("no finaliser was started ahead")
             self.handle.release("finaliser", reason if re.fullmatch(NOTE_PATTERN, reason) else "error")
             self._record_started(ahead["workload"], ahead["started"])
-        except OSError as exc:  # its go-ahead could not be written (a full disk): a finaliser started now
+        except (OSError, NotHeld) as exc:  # its go-ahead not written (a full disk), or it ended: one started now
             if ahead is not None:
                 log.warning("finaliser_ahead_unreleased run_id=%s error=%r", self.spec.run_id, exc)
             self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))

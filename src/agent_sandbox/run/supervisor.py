@@ -188,12 +188,17 @@ class Supervisor(Recovering):
     def _prepare(self) -> None:
         for sub in ("in", "out", "model"):
             (self.run_dir / sub).mkdir()
-        (self.run_dir / "in" / "task.md").write_text(self.spec.task)
+        inputs = {"task.md": self.spec.task}
         if self.ca_pem:
-            (self.run_dir / "in" / "ca-certificates.pem").write_text(self.ca_pem)
+            inputs["ca-certificates.pem"] = self.ca_pem
         for name, command in (("pre.sh", self.spec.pre), ("check.sh", self.spec.check)):
             if command:
-                (self.run_dir / "in" / name).write_text(f"#!/bin/bash\nset -o pipefail\n{command}\n")
+                inputs[name] = f"#!/bin/bash\nset -o pipefail\n{command}\n"
+        for name, text in inputs.items():
+            (self.run_dir / "in" / name).write_text(text)
+            # Whatever the supervisor's umask (077 on a careful machine): the workloads' user reads its inputs.
+            os.chmod(self.run_dir / "in" / name, 0o644)
+        os.chmod(self.run_dir / "in", 0o755)
         # The workspace is limited to the disk limit's size where the machine allows it (quota.py), and is a
         # copy-on-write layer over the base commit's cached tree where it can mount one (workspace.py).
         self.quota = quota.plan(self.run_dir.parent, self.limits.disk_bytes)

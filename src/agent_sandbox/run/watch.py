@@ -28,6 +28,7 @@ from agent_sandbox.run.base import (
     FINALISER_TIMEOUT,
     RESULT_GRACE,
     RESULT_SLACK,
+    SIDECAR_READY_TIMEOUT,
     STOP_GRACE,
     RunBase,
 )
@@ -209,6 +210,16 @@ class Watching(RunBase):
                     elif self.environment_failure is not None:
                         # The trail can no longer be written: an unrecorded agent is an unsupervised one.
                         self._limit(agent, w, "error", self.environment_failure, limit="state_disk")
+                    elif not w.sidecar_ready and now - t0 > SIDECAR_READY_TIMEOUT:
+                        # The go-ahead came on its open ports (`listening`); it never served on them. (No tail of
+                        # its output here: the sidecar still runs, and its output has not ended.)
+                        self._limit(
+                            agent,
+                            w,
+                            "error",
+                            f"the sidecar did not become ready in {SIDECAR_READY_TIMEOUT:g}s: it opened its ports "
+                            "but never served on them",
+                        )
                     elif now - t0 > lim.wall_seconds:
                         self._limit(agent, w, "timeout", f"wall-clock limit of {lim.wall_seconds}s reached")
                     elif now - w.last_activity > lim.idle_seconds:
