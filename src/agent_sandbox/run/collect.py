@@ -37,14 +37,15 @@ class Collecting(Watching):
         else:
             self.handle.discard("agent", "sidecar", network=True)
         ahead = self._finaliser_started_ahead()
-        try:
-            if ahead is None:
-                raise OSError("no finaliser was started ahead")
-            self.handle.release("finaliser", reason if re.fullmatch(NOTE_PATTERN, reason) else "error")
-            self._record_started(ahead["workload"], ahead["started"])
-        except (OSError, NotHeld) as exc:  # its go-ahead not written (a full disk), or it ended: one started now
-            if ahead is not None:
+        released = False
+        if ahead is not None:
+            try:
+                self.handle.release("finaliser", reason if re.fullmatch(NOTE_PATTERN, reason) else "error")
+                self._record_started(ahead["workload"], ahead["started"])
+                released = True
+            except (OSError, NotHeld) as exc:  # its go-ahead not written (a full disk), or it ended meanwhile
                 log.warning("finaliser_ahead_unreleased run_id=%s error=%r", self.spec.run_id, exc)
+        if not released:
             self._start(self.recipes.finaliser(reason, FINALISER_TIMEOUT + DEADLINE_MARGIN))
         info = self.handle.wait("finaliser", FINALISER_TIMEOUT)
         if info.running:
