@@ -11,16 +11,14 @@ from __future__ import annotations
 
 import json
 import queue
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from agent_sandbox.backend.base import Backend, NotHeld, RunHandle, ask_unix, mounted_path
+from agent_sandbox.backend.base import Backend, NotHeld, RunHandle, SidecarStart, ask_unix, mounted_path
 from agent_sandbox.backend.plan import (
-    NOTE_PATTERN,
     ExitInfo,
     ImageSet,
     Progress,
@@ -29,6 +27,7 @@ from agent_sandbox.backend.plan import (
     RunPlan,
     Started,
     Workload,
+    check_note,
 )
 from agent_sandbox.config.policy import Policy
 
@@ -111,8 +110,7 @@ class MemoryRun(RunHandle):
         self.asked: list[tuple[str, str, bytes]] = []  # every `ask`: role, socket, line
         # As on Docker: the agent's start may come first, from another thread, and waits for the sidecar's.
         self.prepared = False
-        self.sidecar_done = threading.Event()
-        self.sidecar_failed: BaseException | None = None
+        self.sidecar = SidecarStart()
 
     def prepare(self) -> list[dict[str, Any]]:
         self.prepared = True
@@ -120,18 +118,9 @@ class MemoryRun(RunHandle):
 
     def start(self, workload: Workload, hold: bool = False) -> Started:
         if workload.role == "sidecar":
-            try:
-                return self._start(workload, hold)
-            except BaseException as exc:
-                self.sidecar_failed = exc
-                raise
-            finally:
-                self.sidecar_done.set()
+            return self.sidecar.run(lambda: self._start(workload, hold))
         if workload.reach is Reach.SIDECAR and self.prepared:
-            if not self.sidecar_done.wait(30):
-                raise RuntimeError("the sidecar never started")
-            if self.sidecar_failed is not None:
-                raise RuntimeError(f"the sidecar did not start: {self.sidecar_failed}")
+            self.sidecar.wait(30)
         return self._start(workload, hold)
 
     def _start(self, workload: Workload, hold: bool) -> Started:
@@ -170,7 +159,7 @@ class MemoryRun(RunHandle):
     def release(self, role: Role, note: str = "") -> None:
         w = self.workloads[role]
         assert w.workload.go_ahead, f"{role} waits for no go-ahead"
-        assert re.fullmatch(NOTE_PATTERN, note), note
+        check_note(note)
         if w.ended.is_set():
             raise NotHeld(f"the {role} ended before its go-ahead")
         Path(w.workload.go_ahead).write_text(note)

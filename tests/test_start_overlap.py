@@ -15,7 +15,7 @@ import pytest
 
 from agent_sandbox.backend.base import NotHeld
 from agent_sandbox.backend.docker import DockerRun, hosts_text
-from agent_sandbox.backend.plan import NOTE_PATTERN, ExitInfo
+from agent_sandbox.backend.plan import NOTE_PATTERN, ExitInfo, Started
 from agent_sandbox.run.workloads import FINALISER_GO_AHEAD
 from agent_sandbox.sidecar import __main__ as sidecar_main
 from agent_sandbox.sidecar.events import SidecarListening
@@ -105,16 +105,20 @@ def test_a_workload_that_reaches_the_sidecar_waits_for_its_start() -> None:
     waiter.start()
     time.sleep(0.2)
     assert got == [] and engine.asked == []  # still waiting: the sidecar has no address yet
-    run._sidecar_done.set()
+    run._sidecar.run(lambda: Started(security={}))
     waiter.join(5)
     assert got == ["172.30.0.2"]
 
 
 def test_a_failed_sidecar_start_fails_the_waiting_workload() -> None:
     run, engine = _run()
-    run._sidecar_failed = RuntimeError("no such image")
-    run._sidecar_done.set()
-    with pytest.raises(RuntimeError, match="the sidecar's container did not start: no such image"):
+
+    def no_image() -> Started:
+        raise RuntimeError("no such image")
+
+    with pytest.raises(RuntimeError, match="no such image"):
+        run._sidecar.run(no_image)
+    with pytest.raises(RuntimeError, match="the sidecar did not start: no such image"):
         run._sidecar_address()
     assert engine.asked == []
 

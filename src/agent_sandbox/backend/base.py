@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,32 @@ ROLE_LABEL = "sandbox.role"
 SUPERVISOR_LABEL = "sandbox.supervisor"  # <pid>_<start time> of the supervisor that created the object
 STATE_LABEL = "sandbox.state"  # the identity of the state directory whose run created it (run/liveness.py)
 ASK_LIMIT = 4096  # bytes of an answer RunHandle.ask returns at most
+
+
+class SidecarStart:
+    """The sidecar's start as the workloads that reach it see it: theirs may begin alongside it, from another
+    thread (run/watch.py), and wait here for whatever they need of it. Over once it is, either way."""
+
+    def __init__(self) -> None:
+        self._done = threading.Event()
+        self._failed: BaseException | None = None
+
+    def run(self, start: Callable[[], Started]) -> Started:
+        """The sidecar's own start, through this."""
+        try:
+            return start()
+        except BaseException as exc:
+            self._failed = exc
+            raise
+        finally:
+            self._done.set()
+
+    def wait(self, timeout: float) -> None:
+        """Until the sidecar's start is over; RuntimeError when it failed, or is not over in timeout seconds."""
+        if not self._done.wait(timeout):
+            raise RuntimeError(f"the sidecar did not start within {timeout:g}s")
+        if self._failed is not None:
+            raise RuntimeError(f"the sidecar did not start: {self._failed}")
 
 
 class NotHeld(RuntimeError):

@@ -32,12 +32,12 @@ from agent_sandbox.backend.base import (
     Backend,
     NotHeld,
     RunHandle,
+    SidecarStart,
     ask_unix,
     mounted_path,
 )
 from agent_sandbox.backend.images import ImageSet, Progress, ensure_policy_image, require_images
 from agent_sandbox.backend.plan import (
-    NOTE_PATTERN,
     SIDECAR_NAME,
     ExitInfo,
     Mount,
@@ -47,6 +47,7 @@ from agent_sandbox.backend.plan import (
     Scratch,
     Started,
     Workload,
+    check_note,
 )
 from agent_sandbox.config.backends import DockerConfig
 from agent_sandbox.config.policy import Policy
@@ -776,8 +777,7 @@ class DockerRun(RunHandle):
         # The sidecar's start, which a workload that reaches it may wait for (started alongside it, from another
         # thread): set once it is over, either way. Only a handle that made the run's networks starts a sidecar.
         self._prepared = False
-        self._sidecar_done = threading.Event()
-        self._sidecar_failed: BaseException | None = None
+        self._sidecar = SidecarStart()
         self._failed: set[Role] = set()  # roles whose last start failed part-way
 
     def _name(self, role: Role) -> str:
@@ -841,13 +841,7 @@ class DockerRun(RunHandle):
     def start(self, workload: Workload, hold: bool = False) -> Started:
         self._mounts[workload.role] = list(workload.mounts)
         if workload.role == "sidecar":
-            try:
-                return self._start(workload, hold)
-            except BaseException as exc:
-                self._sidecar_failed = exc
-                raise
-            finally:
-                self._sidecar_done.set()
+            return self._sidecar.run(lambda: self._start(workload, hold))
         return self._start(workload, hold)
 
     def _start(self, workload: Workload, hold: bool) -> Started:
@@ -899,15 +893,12 @@ class DockerRun(RunHandle):
 
     def _sidecar_address(self) -> str:
         """The sidecar's address on the internal network; waits for its start when this handle is making it."""
-        if self._prepared and not self._sidecar_done.wait(SIDECAR_START_WAIT):
-            raise RuntimeError(f"the sidecar's container did not start within {SIDECAR_START_WAIT:g}s")
-        if self._sidecar_failed is not None:
-            raise RuntimeError(f"the sidecar's container did not start: {self._sidecar_failed}")
+        if self._prepared:
+            self._sidecar.wait(SIDECAR_START_WAIT)
         return self.backend.address(self._ref("sidecar"), self.internal)
 
     def release(self, role: Role, note: str = "") -> None:
-        if not re.fullmatch(NOTE_PATTERN, note):
-            raise ValueError(f"a go-ahead's note is a word of at most 32 characters, not {note!r}")
+        check_note(note)
         path = self._go_ahead.pop(role, None)
         if path is None:
             raise RuntimeError(f"{role} was not started to wait for a go-ahead, or has had it")

@@ -8,6 +8,7 @@ syntax or a platform's special host name.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -126,6 +127,13 @@ class Workload(BaseModel):
 
 
 NOTE_PATTERN = r"[A-Za-z0-9_-]{0,32}"  # a go-ahead's note (RunHandle.release): a word, safe in any shell
+
+
+def check_note(note: str) -> str:
+    """A go-ahead's note as RunHandle.release takes it; ValueError for anything but NOTE_PATTERN."""
+    if not re.fullmatch(NOTE_PATTERN, note):
+        raise ValueError(f"a go-ahead's note is a word of at most 32 characters, not {note!r}")
+    return note
 
 
 class Owner(BaseModel):

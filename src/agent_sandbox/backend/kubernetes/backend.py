@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +24,12 @@ from agent_sandbox.backend.base import (
     SUPERVISOR_LABEL,
     Backend,
     RunHandle,
+    SidecarStart,
 )
 from agent_sandbox.backend.kubernetes import manifests as mf
 from agent_sandbox.backend.kubernetes import transfer
 from agent_sandbox.backend.kubernetes.forward import ExecStream, Forwarder, RelayFailed, relay_command
 from agent_sandbox.backend.plan import (
-    NOTE_PATTERN,
     ExitInfo,
     ImageSet,
     Progress,
@@ -39,6 +38,7 @@ from agent_sandbox.backend.plan import (
     RunPlan,
     Started,
     Workload,
+    check_note,
 )
 from agent_sandbox.config.backends import KubernetesConfig
 from agent_sandbox.config.policy import Policy
@@ -345,8 +345,7 @@ class KubernetesRun(RunHandle):
         # The sidecar's start, which the agent's (begun alongside it, from another thread) waits for: set once it is
         # over, either way. Only a handle that made the run's anchor starts a sidecar.
         self._prepared = False
-        self._sidecar_done = threading.Event()
-        self._sidecar_failed: BaseException | None = None
+        self._sidecar = SidecarStart()
         # Held workloads whose pod waits for their release (a finaliser started ahead: it mounts the run's
         # ReadWriteOnce volume, which the agent's pod may hold on another node until it is gone).
         self._deferred: dict[str, Workload] = {}
@@ -382,18 +381,9 @@ class KubernetesRun(RunHandle):
 
     def start(self, workload: Workload, hold: bool = False) -> Started:
         if workload.role == "sidecar":
-            try:
-                return self._start(workload, hold)
-            except BaseException as exc:
-                self._sidecar_failed = exc
-                raise
-            finally:
-                self._sidecar_done.set()
+            return self._sidecar.run(lambda: self._start(workload, hold))
         if workload.reach is Reach.SIDECAR and self._prepared:
-            if not self._sidecar_done.wait(START_TIMEOUT):
-                raise RuntimeError(f"the sidecar did not start within {START_TIMEOUT:.0f}s")
-            if self._sidecar_failed is not None:
-                raise RuntimeError(f"the sidecar did not start: {self._sidecar_failed}")
+            self._sidecar.wait(START_TIMEOUT)
         vols = mf.volumes(workload, self._uploaded, lambda p: Path(p).is_file())
         if hold and workload.go_ahead and self._claimed and any(v.on_claim for v in vols):
             assert self.anchor_uid is not None
@@ -611,8 +601,7 @@ class KubernetesRun(RunHandle):
         raise RuntimeError(f"the go-ahead {host_path} is in none of the {pod.workload.role}'s mounts")
 
     def release(self, role: Role, note: str = "") -> None:
-        if not re.fullmatch(NOTE_PATTERN, note):
-            raise ValueError(f"a go-ahead's note is a word of at most 32 characters, not {note!r}")
+        check_note(note)
         deferred = self._deferred.pop(role, None)
         if deferred is not None:
             self._start(deferred, hold=False, note=note)
