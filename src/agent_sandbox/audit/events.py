@@ -308,7 +308,7 @@ class PullRequest(Event):
 
 
 class Teardown(Event):
-    """Everything labelled with the run id was removed."""
+    """Everything labelled with the run id was removed (or, `after_answer`, is removed once the run answered)."""
 
     TYPE: ClassVar[str] = "teardown"
 
@@ -319,6 +319,9 @@ class Teardown(Event):
     `sandbox gc` removes it."""
     kept: str | None = None
     """The agent's work that could not be imported and is kept for recovery (a path in the run directory)."""
+    after_answer: bool = False
+    """The removal comes right after the run's answer (a warm daemon's run whose work is imported): `removed`
+    is empty here, and whatever the process could not remove is left to `sandbox gc` by its labels."""
 
 
 class Recovery(Event):

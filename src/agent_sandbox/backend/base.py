@@ -64,6 +64,13 @@ class RunHandle(ABC):
 
     run_id: str
 
+    def adopt(self, sidecar: Workload) -> Started:
+        """Take over what a pool made ahead for this run (fleet/pool.py): what `prepare` makes, and the sidecar
+        started from `sidecar`, held for its configuration. The run goes on as if this handle had made them;
+        what the sidecar's start would have put on record is returned. NotImplementedError where the backend
+        has no pool."""
+        raise NotImplementedError(f"{type(self).__name__} takes over no pooled sidecar")
+
     @abstractmethod
     def prepare(self) -> list[dict[str, Any]]:
         """Make what the run's workloads share before any starts (Docker: its two networks and the host

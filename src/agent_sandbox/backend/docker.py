@@ -798,6 +798,14 @@ class DockerRun(RunHandle):
         self._prepared = True
         return [{"name": spec.name, "internal": spec.internal} for spec in specs]
 
+    def adopt(self, sidecar: Workload) -> Started:
+        assert self.labels is not None, "an attached run makes nothing"
+        self._prepared = True
+        self._mounts["sidecar"] = list(sidecar.mounts)
+        spec = self.container_spec(sidecar)
+        self._ids["sidecar"] = spec.name
+        return self._sidecar.run(lambda: Started(security=spec.security_summary()))
+
     def container_spec(self, w: Workload, hosts_file: str | None = None) -> ContainerSpec:
         """The workload as a Docker container. One that reaches the sidecar alone gets `hosts_file` as its
         /etc/hosts (read-only), which names the sidecar's address once it has one (`start`)."""

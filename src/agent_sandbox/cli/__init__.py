@@ -1,5 +1,5 @@
-"""The `sandbox` command line: the commands (main.py), the live progress view (ui.py), the demo's repository."""
+"""The `sandbox` command line: the entry point (launch.py), the commands (main.py), the warm daemon (daemon.py),
+the live progress view (ui.py), the demo's repository.
 
-from agent_sandbox.cli.main import entry, main
-
-__all__ = ["entry", "main"]
+Nothing is imported here: the entry point hands `sandbox run` to a daemon before importing the CLI's libraries.
+"""

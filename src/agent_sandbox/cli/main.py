@@ -36,19 +36,37 @@ from rich.markup import escape  # noqa: E402
 from agent_sandbox import __version__  # noqa: E402
 from agent_sandbox.audit.redact import visible  # noqa: E402
 from agent_sandbox.cli.ui import reporter_for  # noqa: E402
-from agent_sandbox.errors import ExitCode, SandboxError, UsageError  # noqa: E402
+from agent_sandbox.errors import EnvironmentNotReady, ExitCode, SandboxError, UsageError  # noqa: E402
 from agent_sandbox.run.request import RunRequest  # noqa: E402
 from agent_sandbox.run.spec import RunSummary  # noqa: E402
 
-# Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
-err = Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200)
-out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+
+def _consoles() -> tuple[Console, Console]:
+    # Off a terminal (CI, pipes, cron) rich would assume 80 columns and truncate tables; logs are wider.
+    return (
+        Console(stderr=True, highlight=False, soft_wrap=True, width=None if sys.stderr.isatty() else 200),
+        Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200),
+    )
+
+
+err, out = _consoles()
+
+
+def renew_consoles() -> None:
+    """Consoles for the standard streams as they are now (a daemon's run gets its client's: cli/daemon.py)."""
+    global err, out
+    err, out = _consoles()
 
 
 def entry() -> NoReturn:
     """The `sandbox` command: main(), then an exit that skips the interpreter's teardown of every module, which
-    takes a tenth to a quarter of a second once the work is done. What of it matters is done first: threads
-    that are no daemons are joined, atexit handlers run (logging's among them), the streams flushed."""
+    takes a tenth to a quarter of a second once the work is done."""
+    os._exit(exit_code())
+
+
+def exit_code() -> int:
+    """main()'s exit code, with what of the interpreter's teardown matters done: threads that are no daemons
+    joined, atexit handlers run (logging's among them), the streams flushed."""
     try:
         main()
         code: object = 0
@@ -66,7 +84,7 @@ def entry() -> NoReturn:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    os._exit(code)
+    return code
 
 
 def _fail(exc: SandboxError) -> NoReturn:
@@ -919,6 +937,83 @@ def images_build(force: bool, policy_ref: str | None) -> None:
         _fail(exc)
     out.print(f"agent    {tags.agent}  (Claude Code {tags.claude_code_version})")
     out.print(f"sidecar  {tags.sidecar}")
+
+
+@main.group()
+def daemon() -> None:
+    """The warm daemon: `sandbox run` handed to a process that has everything imported (docs/cli.md)."""
+
+
+def _daemon_status(status: dict[str, Any] | None, as_json: bool, what: str) -> None:
+    from agent_sandbox.cli import daemon as warm
+
+    if as_json:
+        click.echo(warm.status_json(status))
+    elif status is None:
+        out.print("no daemon is running")
+    else:
+        out.print(f"{what}: {warm.describe(status)}", markup=False, highlight=False)
+
+
+POOL_OPTION = click.option(
+    "--pool",
+    type=click.IntRange(0, 16),
+    default=1,
+    show_default=True,
+    help="Runs begun ahead (networks and sidecar up) for runs to take over; 0: none.",
+)
+
+
+@daemon.command("start")
+@POOL_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def daemon_start(pool: int, as_json: bool) -> None:
+    """Start the daemon for this state directory (once it answers), unless one runs."""
+    from agent_sandbox.cli import daemon as warm
+    from agent_sandbox.cli.launch import state_dir
+
+    try:
+        status, started = warm.start(state_dir(), pool)
+    except (RuntimeError, OSError) as exc:
+        _fail(EnvironmentNotReady(str(exc), hint=f"see {state_dir() / warm.LOG_NAME}"))
+    _daemon_status(status, as_json, "started" if started else "already running")
+
+
+@daemon.command("stop")
+@click.option("--json", "as_json", is_flag=True)
+def daemon_stop(as_json: bool) -> None:
+    """Stop the daemon; runs it started go on to their end."""
+    from agent_sandbox.cli import daemon as warm
+    from agent_sandbox.cli.launch import state_dir
+
+    status = warm.stop(state_dir())
+    _daemon_status(status, as_json, "stopped")
+
+
+@daemon.command("restart")
+@POOL_OPTION
+@click.option("--json", "as_json", is_flag=True)
+def daemon_restart(pool: int, as_json: bool) -> None:
+    """Stop the daemon and start it again (after the package changed, for one)."""
+    from agent_sandbox.cli import daemon as warm
+    from agent_sandbox.cli.launch import state_dir
+
+    warm.stop(state_dir())
+    try:
+        status, _ = warm.start(state_dir(), pool)
+    except (RuntimeError, OSError) as exc:
+        _fail(EnvironmentNotReady(str(exc), hint=f"see {state_dir() / warm.LOG_NAME}"))
+    _daemon_status(status, as_json, "started")
+
+
+@daemon.command("status")
+@click.option("--json", "as_json", is_flag=True)
+def daemon_status(as_json: bool) -> None:
+    """Whether a daemon runs for this state directory, and what it has done."""
+    from agent_sandbox.cli import daemon as warm
+    from agent_sandbox.cli.launch import state_dir
+
+    _daemon_status(warm.ask(state_dir(), {"ping": True}), as_json, "running")
 
 
 @images.command("ls")

@@ -32,6 +32,7 @@ from agent_sandbox.run.output import (
     MAX_OUTPUT_BYTES,
     Backlog,
 )
+from agent_sandbox.run.pool import Claimed
 from agent_sandbox.run.progress import Guarded, Reporter, Silent
 from agent_sandbox.run.spec import RunSpec
 from agent_sandbox.run.state import RunState
@@ -69,8 +70,13 @@ class RunBase:
         store: RunStore | None = None,
         daily_budget_usd: float | None = None,
         budget_guard: SharedBudget | None = None,
+        slot: Claimed | None = None,
     ) -> None:
         self.spec = spec
+        # A run begun ahead by the warm pool (run/pool.py): its directory, lock, networks and held sidecar.
+        self.slot = slot
+        self._adopted: Started | None = None  # what the pool made, as the sidecar's start would record it
+        self._held_config = ""  # the held sidecar's configuration, given at its start
         self.repo = repo
         self.backend = backend
         self.images = images
@@ -90,7 +96,7 @@ class RunBase:
                 owner=Owner(state=state_id(self.run_dir.parent.parent), supervisor=supervisor_identity()),
             )
         )
-        self.lock = RunLock(self.run_dir)
+        self.lock = RunLock(self.run_dir, slot.lock_fd if slot else None)
         self.heartbeat: Heartbeat | None = None
         self.agent_started = False  # from here on the workspace may hold the agent's work
         self.work_settled = False  # the work is imported, or there was none: the workspace may go

@@ -15,7 +15,7 @@ from agent_sandbox.git.gate import Violation
 from agent_sandbox.git.gate import check as gate_check
 from agent_sandbox.git.github import PullRequestResult
 from agent_sandbox.git.handoff import HandoffError, open_pull_request, push_branch, remote_url, run_note
-from agent_sandbox.run import quota, report, workspace
+from agent_sandbox.run import later, pool, quota, report, workspace
 from agent_sandbox.run.collect import Collecting
 from agent_sandbox.run.spec import EXIT_BY_REASON, HANDOFF_FAILED, STATUS_BY_REASON, RunSpec, RunSummary
 from agent_sandbox.run.state import RunState
@@ -108,12 +108,18 @@ class Finishing(Collecting):
         removed: list[str] = []
         failure: str | None = None
         self._finaliser_started_ahead()  # its start, if under way, is over before anything is removed
-        try:
-            # What holds the work must stay when the working tree could not be brought home (`_keep_work`).
-            removed = self.handle.teardown() if self._keep_work() else self.handle.remove_workloads()
-        except Exception as exc:
-            failure = f"{type(exc).__name__}: {str(exc)[:300]}"
-            log.warning("teardown_failed run_id=%s error=%s", self.spec.run_id, failure)
+        deferred = later.active() and self.work_settled and not self.spec.keep
+        if deferred:
+            # The work is home: the run answers first, and its objects go right after (the warm daemon's runs).
+            # Should this process die before, they keep their labels, and `sandbox gc` removes them.
+            later.defer(self._remove_after_answer)
+        else:
+            try:
+                # What holds the work must stay when the working tree could not be brought home (`_keep_work`).
+                removed = self.handle.teardown() if self._keep_work() else self.handle.remove_workloads()
+            except Exception as exc:
+                failure = f"{type(exc).__name__}: {str(exc)[:300]}"
+                log.warning("teardown_failed run_id=%s error=%s", self.spec.run_id, failure)
         if self.broker is not None:
             try:
                 held = self.broker.close()  # what the sidecar still held is booked at its worst case
@@ -125,7 +131,21 @@ class Finishing(Collecting):
             self._cleanup_files()
         except Exception as exc:
             log.warning("cleanup_failed run_id=%s error=%r", self.spec.run_id, exc)
-        self._record(ev.Teardown(removed=removed, error=failure, kept=self.kept))
+        self._record(ev.Teardown(removed=removed, error=failure, kept=self.kept, after_answer=deferred))
+
+    def _remove_after_answer(self) -> None:
+        t0 = time.monotonic()
+        try:
+            removed = self.handle.teardown()
+        except Exception as exc:
+            log.warning("teardown_failed run_id=%s after_answer=True error=%r", self.spec.run_id, exc)
+            return
+        log.info(
+            "teardown_after_answer run_id=%s removed=%d seconds=%.2f",
+            self.spec.run_id,
+            len(removed),
+            time.monotonic() - t0,
+        )
 
     def _keep_work(self) -> bool:
         """Before teardown, where the working tree is kept (`--keep`, or work not imported, which
@@ -142,6 +162,8 @@ class Finishing(Collecting):
             return self.work_settled or not self.agent_started
 
     def _cleanup_files(self) -> None:
+        if self.slot:
+            pool.forget_key(self.run_dir)
         # Recovery's copy of the sidecar's lines: the trail has them now.
         (self.run_dir / "model" / SIDECAR_EVENTS).unlink(missing_ok=True)
         transcript = self.run_dir / "model" / "transcript.jsonl"

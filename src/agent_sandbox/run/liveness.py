@@ -66,9 +66,9 @@ def state_id(root: Path | None = None) -> str:
 class RunLock:
     """The exclusive lock on a run directory that says "this run is supervised"."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, held: int | None = None) -> None:
         self.path = run_dir / LOCK_NAME
-        self._fd: int | None = None
+        self._fd: int | None = held  # a descriptor holding the lock already (handed over by the warm pool)
 
     def try_acquire(self) -> bool:
         """Take the lock if nobody holds it; False if a live process does."""
@@ -84,6 +84,10 @@ class RunLock:
         return True
 
     def acquire(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, f"{os.getpid()}\n".encode())
+            return
         if not self.try_acquire():
             raise RuntimeError(f"{self.path} is held by another process")
 

@@ -20,7 +20,7 @@ from agent_sandbox.git.checkout import HostRepo, branch_exists, open_repo, resol
 from agent_sandbox.git.handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from agent_sandbox.interrupts import interrupts
 from agent_sandbox.paths import runs_dir, state_dir
-from agent_sandbox.run import followup
+from agent_sandbox.run import followup, pool
 from agent_sandbox.run.progress import Guarded, Reporter
 from agent_sandbox.run.request import LIMIT_OVERRIDES, RunRequest
 from agent_sandbox.run.spec import RunSpec, RunSummary
@@ -243,41 +243,48 @@ def run_task(
     images = backend.images(pol, building)
     _check_room()
 
-    run_id = new_run_id()
+    # A run begun ahead by the warm pool, where one is kept (fleet/pool.py): its networks and sidecar are up.
+    slot = _claim(backend, images, pol, budget_guard)
+    run_id = slot.slot.run_id if slot else new_run_id()
     model = req.model or (earlier.model if earlier is not None and _inherits_policy(req, earlier) else None)
-    spec = RunSpec(
-        run_id=run_id,
-        repo=str(host.path),
-        base_ref=follow.branch if follow else req.base,
-        base_commit=base_commit,
-        # A follow-up lands on the earlier run's branch without replacing it: the import only fast-forwards
-        # it, and the push needs no force.
-        branch=follow.branch if follow else (req.branch or f"sandbox/{run_id}"),
-        replace_branch=req.replace_branch,
-        pre=req.pre,
-        check=req.check,
-        task=followup.task_with_context(task, follow.context) if follow else task,
-        follow_up=follow.earlier.run_id if follow else None,
-        instruction=task if follow else None,
-        policy=pol,
-        policy_source=source,
-        model=model or pol.agent.model,
-        model_script=script_path,
-        upstream_url=pol.agent.api_url,
-        keep=req.keep,
-        run_dir=str(runs_dir() / run_id),
-        daily_remaining_usd=remaining,
-        push=push,
-        remote=req.remote,
-        open_pr=req.open_pr,
-        pr_repo=pr_repo,
-        pr_base=req.pr_base or (earlier.pr_base if earlier else default_pr_base(host, req.base)),
-        title=title or (earlier.title if earlier else None),
-        warnings=warnings,
-    )
+    try:
+        spec = RunSpec(
+            run_id=run_id,
+            repo=str(host.path),
+            base_ref=follow.branch if follow else req.base,
+            base_commit=base_commit,
+            # A follow-up lands on the earlier run's branch without replacing it: the import only fast-forwards
+            # it, and the push needs no force.
+            branch=follow.branch if follow else (req.branch or f"sandbox/{run_id}"),
+            replace_branch=req.replace_branch,
+            pre=req.pre,
+            check=req.check,
+            task=followup.task_with_context(task, follow.context) if follow else task,
+            follow_up=follow.earlier.run_id if follow else None,
+            instruction=task if follow else None,
+            policy=pol,
+            policy_source=source,
+            model=model or pol.agent.model,
+            model_script=script_path,
+            upstream_url=pol.agent.api_url,
+            keep=req.keep,
+            run_dir=str(runs_dir() / run_id),
+            daily_remaining_usd=remaining,
+            push=push,
+            remote=req.remote,
+            open_pr=req.open_pr,
+            pr_repo=pr_repo,
+            pr_base=req.pr_base or (earlier.pr_base if earlier else default_pr_base(host, req.base)),
+            title=title or (earlier.title if earlier else None),
+            warnings=warnings,
+        )
+        store = open_store()
+    except BaseException:
+        _give_back(backend, slot)
+        raise
     # 3. Runs of this state directory that nobody supervises any more are finished first (cheap when there
     # are none: a look at the store and a lock per unfinished run). Only now is anything created.
-    store = open_store()
+    sup: Supervisor | None = None
     try:
         recover_first(backend, store, images, reporter)
         interrupts.checkpoint()
@@ -291,12 +298,43 @@ def run_task(
             store=store,
             daily_budget_usd=settings.daily_budget_usd,
             budget_guard=budget_guard,
+            slot=slot,
         )
         if on_start is not None:
             on_start(sup)
         return sup.run()
+    except BaseException:
+        if sup is None:
+            _give_back(backend, slot)
+        raise
     finally:
         store.close()
+
+
+def _claim(backend: Backend, images: ImageSet, pol: Policy, budget_guard: BudgetGuard | None) -> pool.Claimed | None:
+    """A slot of the warm pool for this run, where one fits: Docker, and no shared budget (whose socket the
+    held sidecar does not mount)."""
+    if budget_guard is not None or getattr(backend, "name", None) != "docker":
+        return None
+    claimed = pool.claim(images.sidecar, pol.egress.hosts)
+    if claimed is not None and Path(claimed.slot.run_dir) != runs_dir() / claimed.slot.run_id:
+        # Made for another state directory (its keeper's environment said so): not this run's to take.
+        _give_back(backend, claimed)
+        return None
+    return claimed
+
+
+def _give_back(backend: Backend, slot: pool.Claimed | None) -> None:
+    """A slot claimed by a run that then did not start: everything of it goes (its lock last)."""
+    if slot is None:
+        return
+    try:
+        backend.attach_run(slot.slot.run_id).teardown()
+        shutil.rmtree(slot.slot.run_dir, ignore_errors=True)
+    except Exception as exc:  # `sandbox gc` removes it once the lock is free
+        log.warning("pool_slot_not_removed run_id=%s error=%r", slot.slot.run_id, exc)
+    finally:
+        os.close(slot.lock_fd)
 
 
 def open_store() -> RunStore:

@@ -27,7 +27,7 @@ from agent_sandbox.backend.plan import SIDECAR_NAME
 from agent_sandbox.errors import ExitCode, SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported
 from agent_sandbox.interrupts import interrupts
-from agent_sandbox.run import quota, workspace
+from agent_sandbox.run import pool, quota, workspace
 from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN, SIDECAR_READY_TIMEOUT, STOP_GRACE, _Cancelled
 from agent_sandbox.run.budget import SharedBudget
 from agent_sandbox.run.liveness import (
@@ -37,7 +37,7 @@ from agent_sandbox.run.liveness import (
 )
 from agent_sandbox.run.recovery import Recovering
 from agent_sandbox.run.spec import RunSummary
-from agent_sandbox.run.workloads import CONTROL_SOCKET, SIDECAR_EVENTS, SIDECAR_UID
+from agent_sandbox.run.workloads import CONTROL_SOCKET, HELD_TARGET, SIDECAR_EVENTS, SIDECAR_UID, held_sidecar
 from agent_sandbox.sidecar.config import SidecarConfig
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class Supervisor(Recovering):
         """The run, from a new run directory to its summary. It holds the run's lock (liveness.py) throughout:
         whoever can take it knows the supervisor is gone. Signals stop the agent (interrupts.py); nothing
         interrupts the collection, import and teardown that follow."""
-        self.run_dir.mkdir(parents=True, exist_ok=False)
+        self.run_dir.mkdir(parents=True, exist_ok=self.slot is not None)  # a pool's slot made it
         self.lock.acquire()
         try:
             with interrupts.delivered_to(self._on_signal):
@@ -187,7 +187,7 @@ class Supervisor(Recovering):
 
     def _prepare(self) -> None:
         for sub in ("in", "out", "model"):
-            (self.run_dir / sub).mkdir()
+            (self.run_dir / sub).mkdir(exist_ok=self.slot is not None)
         inputs = {"task.md": self.spec.task}
         if self.ca_pem:
             inputs["ca-certificates.pem"] = self.ca_pem
@@ -220,8 +220,14 @@ class Supervisor(Recovering):
                 detail=prepared.detail,
             )
         )
-        for made in self.handle.prepare():
-            self._record(ev.NetworkCreated(**made))
+        if self.slot:
+            # The networks and the held sidecar the pool made: this run's from here on.
+            made = self.slot.slot.networks
+            self._adopted = self.handle.adopt(self._held_sidecar())
+        else:
+            made = self.handle.prepare()
+        for network in made:
+            self._record(ev.NetworkCreated(**network))
 
     def _sidecar_workload(self) -> Workload:
         """The sidecar's workload: its configuration, and what it mounts (the heartbeat it watches, the shared
@@ -257,19 +263,39 @@ class Supervisor(Recovering):
         mounts: list[Mount] = []
         if self.budget_guard is not None:
             # The shared budget's ledger, on a socket in a directory mounted into the sidecar alone.
-            sidecar_owner = (SIDECAR_UID, SIDECAR_UID) if self.chown else None
-            self.broker = self.budget_guard.serve(self.spec.run_id, sidecar_owner)
+            self.broker = self.budget_guard.serve(self.spec.run_id, self._sidecar_owner())
             config.broker_socket = "/sandbox/budget/" + self.broker.path.name
             mounts.append(Mount(source=str(self.broker.path.parent), target="/sandbox/budget", read_only=True))
         if self.spec.model_script:
-            config.script_path = "/sandbox/model/script.yaml"
             config.transcript_path = "/sandbox/model-out/transcript.jsonl"
-            mounts.append(Mount(source=self.spec.model_script, target=config.script_path))
+            if self.slot:
+                config.script_path = f"{HELD_TARGET}/{pool.copy_script(self.run_dir, self.spec.model_script)}"
+            else:
+                config.script_path = "/sandbox/model/script.yaml"
+                mounts.append(Mount(source=self.spec.model_script, target=config.script_path))
+        if self.slot:
+            # The pool's sidecar, held: no mount can be added to it (the runner claims no slot for a shared
+            # budget), and its configuration arrives as a file (`_start_sidecar`).
+            assert not mounts, "a pooled sidecar takes no mounts"
+            self._held_config = config.model_dump_json()
+            return self._held_sidecar()
         return self.recipes.sidecar(config, self.api_key, mounts)
 
+    def _held_sidecar(self) -> Workload:
+        return held_sidecar(self.images.sidecar, self.users, self.run_dir, self.spec.policy.egress.hosts)
+
     def _start_sidecar(self, workload: Workload) -> None:
-        self._start(workload)
+        if self.slot:
+            # Made ahead, its imports done: it starts serving once its configuration is there.
+            assert self._adopted is not None
+            pool.configure(self.run_dir, self._held_config, self.api_key, self._sidecar_owner())
+            self._record_started(workload, self._adopted)
+        else:
+            self._start(workload)
         threading.Thread(target=self._pump, args=("gateway", "sidecar", False), daemon=True).start()
+
+    def _sidecar_owner(self) -> tuple[int, int] | None:
+        return (SIDECAR_UID, SIDECAR_UID) if self.chown else None
 
     def _await_sidecar(self) -> None:
         """Until the sidecar listens on its ports (its `listening` line, before its heavy imports: the agent's

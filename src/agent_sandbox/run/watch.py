@@ -45,6 +45,7 @@ from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
 
+FINALISER_AHEAD_AFTER_POOLED = 0.0  # the same for a run whose sidecar the warm pool made ahead
 FINALISER_AHEAD_AFTER = 3.0  # seconds of the agent's after which the finaliser is started ahead, held
 FINALISER_HOLD_MARGIN = 60.0  # seconds a finaliser started ahead waits for its go-ahead past the agent's deadline
 FINALISER_AHEAD_JOIN = 120.0  # seconds the collection waits for the start of the finaliser started ahead
@@ -91,6 +92,10 @@ class Watching(RunBase):
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return "agent"
+
+    def _finaliser_ahead_after(self) -> float:
+        # A run begun ahead by the warm pool starts no sidecar of its own: the machine has room for it sooner.
+        return FINALISER_AHEAD_AFTER_POOLED if self.slot else FINALISER_AHEAD_AFTER
 
     def _start_finaliser_ahead(self) -> None:
         """Start the finaliser's container now, held until the agent has ended (collect.py gives the go-ahead):
@@ -202,7 +207,7 @@ class Watching(RunBase):
                 now = time.monotonic()
                 if self.heartbeat is not None:
                     self.heartbeat.progress = now  # the sidecar serves only while this loop goes round
-                if self._finaliser_ahead is None and w.reason is None and now - t0 > FINALISER_AHEAD_AFTER:
+                if self._finaliser_ahead is None and w.reason is None and now - t0 > self._finaliser_ahead_after():
                     self._start_finaliser_ahead()
                 if w.reason is None:
                     if self._cancel is not None:

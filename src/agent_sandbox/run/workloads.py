@@ -15,6 +15,7 @@ from agent_sandbox.git.checkout import CONTAINER_OBJECTS
 from agent_sandbox.run.liveness import HEARTBEAT_DIR
 from agent_sandbox.run.spec import RunSpec
 from agent_sandbox.sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
+from agent_sandbox.sidecar.contract import HELD_DIR_ENV, HELD_OUT_ENV
 
 AGENT_UID = 1000
 SIDECAR_UID = 1001
@@ -23,6 +24,8 @@ CONTROL_SOCKET = "control.sock"  # the sidecar's settle socket (sidecar/__main__
 SIDECAR_OUT = "/sandbox/model-out"  # where the sidecar sees run_dir/model, its own output directory
 FINALISER_GO_AHEAD = "finalise-ready"  # in run_dir/in: a held finaliser's go-ahead, holding the end reason
 SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines, in run_dir/model, for recovery
+HELD_INPUTS = "sidecar-in"  # in the run dir: a held sidecar's configuration and key (fleet/pool.py)
+HELD_TARGET = "/sandbox/sidecar-in"  # where the held sidecar sees it, read-only
 MiB = 1024**2
 
 
@@ -76,6 +79,49 @@ def git_identity(spec: RunSpec) -> dict[str, str]:
     }
 
 
+def sidecar_workload(
+    image: str,
+    users: Users,
+    run_dir: Path,
+    hosts: dict[str, str],
+    env: dict[str, str],
+    secret_env: dict[str, str] | None = None,
+    mounts: list[Mount] | None = None,
+) -> Workload:
+    """The sidecar's workload, given how its configuration and key arrive (env, or a held sidecar's files)."""
+    return Workload(
+        role="sidecar",
+        image=image,
+        user=users.sidecar,
+        env=env,
+        secret_env=secret_env or {},
+        mounts=[
+            Mount(source=str(run_dir / "model"), target=SIDECAR_OUT, read_only=False),
+            Mount(source=str(run_dir / HEARTBEAT_DIR), target="/sandbox/heartbeat"),
+            *(mounts or []),
+        ],
+        scratch=[Scratch(path="/tmp", size_bytes=64 * MiB)],
+        reach=Reach.OUTSIDE,
+        hosts=hosts,
+        resources=Resources(memory_bytes=512 * MiB, cpus=1.0, pids=128),
+        # A lost DNS query costs a 1 s retry, not the resolver's default 5 s (the proxy resolves per name).
+        dns_options=["timeout:1", "attempts:3"],
+    )
+
+
+def held_sidecar(image: str, users: Users, run_dir: Path, hosts: dict[str, str]) -> Workload:
+    """A sidecar made ahead for a pool (fleet/pool.py): it waits for its configuration and key, which the run
+    that claims it writes into run_dir/HELD_INPUTS (read-only in it), at HELD_TARGET."""
+    return sidecar_workload(
+        image,
+        users,
+        run_dir,
+        hosts,
+        env={HELD_DIR_ENV: HELD_TARGET, HELD_OUT_ENV: SIDECAR_OUT},
+        mounts=[Mount(source=str(run_dir / HELD_INPUTS), target=HELD_TARGET, read_only=True)],
+    )
+
+
 @dataclass(frozen=True)
 class Recipes:
     """The workloads of one run."""
@@ -113,23 +159,14 @@ class Recipes:
 
     def sidecar(self, config: SidecarConfig, api_key: str | None, mounts: list[Mount]) -> Workload:
         """The sidecar: the model gateway (with the only real key) and the egress proxy, reaching outside."""
-        return Workload(
-            role="sidecar",
-            image=self.images.sidecar,
-            user=self.users.sidecar,
+        return sidecar_workload(
+            self.images.sidecar,
+            self.users,
+            self.run_dir,
+            self.spec.policy.egress.hosts,
             env={CONFIG_ENV: config.model_dump_json()},
             secret_env={KEY_ENV: api_key} if api_key else {},
-            mounts=[
-                Mount(source=str(self.run_dir / "model"), target=SIDECAR_OUT, read_only=False),
-                Mount(source=str(self.run_dir / HEARTBEAT_DIR), target="/sandbox/heartbeat"),
-                *mounts,
-            ],
-            scratch=[Scratch(path="/tmp", size_bytes=64 * MiB)],
-            reach=Reach.OUTSIDE,
-            hosts=self.spec.policy.egress.hosts,
-            resources=Resources(memory_bytes=512 * MiB, cpus=1.0, pids=128),
-            # A lost DNS query costs a 1 s retry, not the resolver's default 5 s (the proxy resolves per name).
-            dns_options=["timeout:1", "attempts:3"],
+            mounts=mounts,
         )
 
     def _sandboxed(

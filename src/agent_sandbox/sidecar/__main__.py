@@ -17,7 +17,20 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from agent_sandbox.sidecar.contract import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, KEY_FILE_ENV, PROXY_PORT
+from agent_sandbox.sidecar.contract import (
+    CONFIG_ENV,
+    EXIT_UNCLAIMED,
+    GATEWAY_PORT,
+    HELD_CONFIG,
+    HELD_DIR_ENV,
+    HELD_KEY,
+    HELD_MARKER,
+    HELD_OUT_ENV,
+    HOLD_SECONDS,
+    KEY_ENV,
+    KEY_FILE_ENV,
+    PROXY_PORT,
+)
 
 if TYPE_CHECKING:
     import asyncio
@@ -119,7 +132,37 @@ def open_ports(raw: dict[str, Any], emit: Callable[[dict[str, Any]], None]) -> t
     return socks
 
 
+HELD_POLL = 0.005  # seconds between looks for the configuration of a held sidecar: on the run's critical path
+
+
+def hold(directory: str, out: str | None, seconds: float = HOLD_SECONDS) -> None:
+    """A sidecar made ahead (contract.py): its imports now, then its configuration and key when they come, into
+    the environment where the rest reads them. Exits EXIT_UNCLAIMED when none comes in `seconds`."""
+    import aiohttp.web  # noqa: F401 - imported ahead: the point of holding
+
+    import agent_sandbox.sidecar.gateway
+    import agent_sandbox.sidecar.proxy
+    import agent_sandbox.sidecar.scripted_model
+    import agent_sandbox.sidecar.watchdog  # noqa: F401
+
+    if out:
+        with open(os.path.join(out, HELD_MARKER), "w") as f:
+            f.write(f"{os.getpid()}\n")
+    config = os.path.join(directory, HELD_CONFIG)
+    end = time.monotonic() + seconds
+    while not os.path.exists(config):
+        if time.monotonic() > end:
+            sys.stderr.write(f"sidecar: held for {seconds:g}s and never given a run; ending\n")
+            sys.exit(EXIT_UNCLAIMED)
+        time.sleep(HELD_POLL)
+    with open(config, encoding="utf-8") as f:
+        os.environ[CONFIG_ENV] = f.read()
+    os.environ[KEY_FILE_ENV] = os.path.join(directory, HELD_KEY)
+
+
 def main() -> None:
+    if held := os.environ.get(HELD_DIR_ENV):
+        hold(held, os.environ.get(HELD_OUT_ENV))
     raw = json.loads(os.environ[CONFIG_ENV])
     emit = make_emitter(str(raw["run_id"]), raw.get("events_path"))
     gateway_sock, proxy_sock = open_ports(raw, emit)

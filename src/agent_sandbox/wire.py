@@ -1,0 +1,60 @@
+"""Messages over a Unix socket: a 4-byte big-endian length, then a JSON object; descriptors may ride along
+(SCM_RIGHTS). The warm daemon (cli/launch.py, cli/daemon.py) and its pool (fleet/pool.py, run/pool.py) speak it.
+Standard library only: the `sandbox` entry point imports this before anything else."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+MAX_MESSAGE = 4 << 20
+DAEMON_ENV = "SANDBOX_DAEMON"
+"""`off`: no warm daemon for this process: `sandbox run` neither hands itself over nor takes a pooled slot."""
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    body = json.dumps(message).encode()
+    if len(body) > MAX_MESSAGE:
+        raise ValueError("message too large")
+    header = struct.pack(">I", len(body))
+    if fds:
+        socket.send_fds(sock, [header], fds)
+        sock.sendall(body)
+    else:
+        sock.sendall(header + body)
+
+
+def _exactly(sock: socket.socket, n: int, first: bytes = b"") -> bytes | None:
+    data = bytearray(first)
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
+
+
+def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | None, list[int]]:
+    """The next message and the descriptors that came with it; (None, []) at the end of the stream."""
+    fds: list[int] = []
+    if max_fds:
+        first, fds, _flags, _addr = socket.recv_fds(sock, 4, max_fds)
+        if not first:
+            return None, fds
+    else:
+        first = b""
+    header = _exactly(sock, 4, first)
+    if header is None:
+        return None, fds
+    (size,) = struct.unpack(">I", header)
+    if size > MAX_MESSAGE:
+        raise ValueError(f"message of {size} bytes")
+    body = _exactly(sock, size)
+    if body is None:
+        return None, fds
+    message = json.loads(body)
+    if not isinstance(message, dict):
+        raise ValueError("a message is a JSON object")
+    return message, fds
