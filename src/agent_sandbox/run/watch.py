@@ -45,7 +45,6 @@ from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
 
-FINALISER_AHEAD_AFTER_POOLED = 0.0  # the same for a run whose sidecar the warm pool made ahead
 FINALISER_AHEAD_AFTER = 3.0  # seconds of the agent's after which the finaliser is started ahead, held
 FINALISER_HOLD_MARGIN = 60.0  # seconds a finaliser started ahead waits for its go-ahead past the agent's deadline
 FINALISER_AHEAD_JOIN = 120.0  # seconds the collection waits for the start of the finaliser started ahead
@@ -72,6 +71,11 @@ class Watching(RunBase):
                 box["error"] = exc
 
         starting = threading.Thread(target=begin, name="agent-start", daemon=True)
+        if self.slot is not None:
+            # A run the warm pool began starts no sidecar: the finaliser's container starts (held) alongside the
+            # agent's instead, before Claude Code's own start, which it would slow (measured: later, at the
+            # agent's first line, it slows the agent's turns; after 3 s it is on the critical path at the end).
+            self._start_finaliser_ahead()
         starting.start()
         try:
             sidecar()
@@ -92,10 +96,6 @@ class Watching(RunBase):
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
         return "agent"
-
-    def _finaliser_ahead_after(self) -> float:
-        # A run begun ahead by the warm pool starts no sidecar of its own: the machine has room for it sooner.
-        return FINALISER_AHEAD_AFTER_POOLED if self.slot else FINALISER_AHEAD_AFTER
 
     def _start_finaliser_ahead(self) -> None:
         """Start the finaliser's container now, held until the agent has ended (collect.py gives the go-ahead):
@@ -207,7 +207,7 @@ class Watching(RunBase):
                 now = time.monotonic()
                 if self.heartbeat is not None:
                     self.heartbeat.progress = now  # the sidecar serves only while this loop goes round
-                if self._finaliser_ahead is None and w.reason is None and now - t0 > self._finaliser_ahead_after():
+                if self._finaliser_ahead is None and w.reason is None and now - t0 > FINALISER_AHEAD_AFTER:
                     self._start_finaliser_ahead()
                 if w.reason is None:
                     if self._cancel is not None:
