@@ -54,7 +54,10 @@ def receive(sock: socket.socket, max_fds: int = 0) -> tuple[dict[str, Any] | Non
     body = _exactly(sock, size)
     if body is None:
         return None, fds
-    message = json.loads(body)
+    try:
+        message = json.loads(body)
+    except RecursionError:  # nested past the parser's depth: as malformed as any other bad message
+        raise ValueError("a message nested too deeply") from None
     if not isinstance(message, dict):
         raise ValueError("a message is a JSON object")
     return message, fds

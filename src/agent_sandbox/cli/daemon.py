@@ -17,6 +17,7 @@ another interpreter) are refused, and run the CLI themselves.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import importlib
 import io
@@ -49,6 +50,7 @@ REQUEST_TIMEOUT = 5.0
 KEEPER_STOP_WAIT = 120.0  # seconds the pool's keeper has to remove its slots
 KEEPER_RESTART = 5.0  # seconds before a keeper that ended is started again
 POOL_DEFAULT = 1
+PR_SET_PDEATHSIG = 1
 ANSWERED = threading.Event()  # in a run's process: its client has its exit code; its end is no signal any more
 # Not worth importing ahead: the model sidecar's own entry point, and this module's.
 SKIP_PRELOAD = ("agent_sandbox.sidecar.__main__", "agent_sandbox.cli.__main__", "agent_sandbox.cli.daemon")
@@ -176,7 +178,10 @@ class Daemon:
                     signal.signal(sig, signal.SIG_DFL)
                 from agent_sandbox.fleet import pool
 
-                code = pool.main(self.pool)
+                # Killed, the daemon takes its keeper with it: a keeper nobody can reach would hold its slots
+                # (and their locks, which keep `sandbox gc` off them) for good. SIGTERM: its slots are removed.
+                _die_with_parent(signal.SIGTERM)
+                code = pool.main(self.pool, parent=os.getppid())
             except BaseException:
                 log.exception("pool_keeper_failed")
             finally:
@@ -257,7 +262,7 @@ class Daemon:
             self.children.add(pid)
             self.served += 1
             log.info("daemon_run pid=%d cwd=%s", pid, request["cwd"])
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # whatever a request does, the daemon goes on serving
             log.warning("daemon_request_failed error=%r", exc)
         finally:
             for fd in fds:
@@ -274,6 +279,12 @@ class Daemon:
             "pool_size": self.pool,
             "keeper": self.keeper,
         }
+
+
+def _die_with_parent(sig: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("pdeathsig_unavailable error=%s", os.strerror(ctypes.get_errno()))
 
 
 def _become_run(conn: socket.socket, request: dict[str, Any], fds: list[int]) -> NoReturn:
@@ -310,7 +321,7 @@ def _become_run(conn: socket.socket, request: dict[str, Any], fds: list[int]) ->
         conn.settimeout(None)
         wire.send(conn, {"accepted": True, "pid": os.getpid()})
         threading.Thread(target=_client_watch, args=(conn,), name="client", daemon=True).start()
-        code = cli.exit_code()
+        code = cli.exit_code(os.path.basename(sys.argv[0]) or "sandbox")
     except BaseException as exc:  # reported to the client's stderr; the exit status still reaches it
         with contextlib.suppress(Exception):
             os.write(2, f"sandbox: the daemon's run process failed: {exc!r}\n".encode())

@@ -64,18 +64,18 @@ def _command(argv: list[str]) -> str | None:
     return next((a for a in argv[1:] if not a.startswith("-")), None)
 
 
-def _std_fds() -> tuple[list[int], list[int]]:
-    """Descriptors 0, 1 and 2, each replaced by /dev/null where this process has none open."""
-    fds, opened = [], []
+def _std_fds() -> list[int]:
+    """Descriptors 0, 1 and 2, each opened on /dev/null first where this process has none open (so that no later
+    descriptor takes one of those numbers)."""
     for fd in (0, 1, 2):
         try:
             os.fstat(fd)
-            fds.append(fd)
         except OSError:
             null = os.open(os.devnull, os.O_RDWR)
-            fds.append(null)
-            opened.append(null)
-    return fds, opened
+            if null != fd:  # the lowest free number is this one unless a lower one was closed too
+                os.dup2(null, fd)
+                os.close(null)
+    return [0, 1, 2]
 
 
 def hand_off(argv: list[str]) -> int | None:
@@ -86,6 +86,9 @@ def hand_off(argv: list[str]) -> int | None:
         path = socket_path()
         if not path.exists():
             return None
+        # Descriptors 0 to 2 open first: a socket made while one is closed would take its number and be handed
+        # over as the run's stream, keeping the connection open after this process is gone.
+        fds = _std_fds()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(ACCEPT_TIMEOUT)
         sock.connect(str(path))
@@ -100,16 +103,12 @@ def hand_off(argv: list[str]) -> int | None:
         "env": dict(os.environ),
         "umask": umask,
     }
-    fds, opened = _std_fds()
     try:
         send(sock, request, fds)
         answer, _ = receive(sock)
     except (OSError, ValueError):
         sock.close()
         return None
-    finally:
-        for fd in opened:
-            os.close(fd)
     if not answer or not answer.get("accepted"):
         why = (answer or {}).get("why") or "no answer"
         if answer and answer.get("stale"):

@@ -64,11 +64,12 @@ def entry() -> NoReturn:
     os._exit(exit_code())
 
 
-def exit_code() -> int:
+def exit_code(prog_name: str | None = None) -> int:
     """main()'s exit code, with what of the interpreter's teardown matters done: threads that are no daemons
-    joined, atexit handlers run (logging's among them), the streams flushed."""
+    joined, atexit handlers run (logging's among them), the streams flushed. prog_name: the command's name in
+    help and usage errors (click's guess otherwise; a daemon's run process would be named for the daemon)."""
     try:
-        main()
+        main(prog_name=prog_name)
         code: object = 0
     except SystemExit as exc:
         code = exc.code

@@ -76,6 +76,7 @@ class Keeper:
         self._wake = threading.Event()
         self._last_claim = 0.0
         self.stop = threading.Event()
+        self.parent: int | None = None  # the daemon's pid: the keeper stops once it is gone
 
     # Making and removing slots.
 
@@ -159,11 +160,21 @@ class Keeper:
                 break
 
     def _drop_dead(self) -> None:
+        """Removes the ready slots whose sidecar ended (the engine restarted, say) or whose image is no longer the
+        one runs ask for (the images were rebuilt): a slot nobody can claim is a slot too few."""
+        try:
+            current = self.backend.images().sidecar
+        except Exception as exc:  # the engine away: the sidecars' own status below says more
+            log.info("pool_images_unknown error=%r", exc)
+            current = self.sidecar_image
+        if current != self.sidecar_image:
+            log.info("pool_image_changed old=%s new=%s", self.sidecar_image, current)
+            self.sidecar_image = current
         with self._lock:
             slots = list(self.ready)
         for ready in slots:
             try:
-                alive = ready.handle.status("sidecar").running
+                alive = ready.slot.sidecar_image == current and ready.handle.status("sidecar").running
             except Exception:
                 alive = False
             if not alive:
@@ -246,6 +257,9 @@ class Keeper:
         filler.start()
         try:
             while not self.stop.is_set():
+                if self.parent is not None and os.getppid() != self.parent:
+                    log.warning("pool_parent_gone parent=%d", self.parent)
+                    break
                 try:
                     conn, _ = listener.accept()
                 except (TimeoutError, InterruptedError):
@@ -253,7 +267,7 @@ class Keeper:
                 with conn:
                     try:
                         self.answer(conn)
-                    except (OSError, ValueError) as exc:
+                    except Exception as exc:  # whatever a request does, the keeper goes on serving
                         log.warning("pool_request_failed error=%r", exc)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -282,8 +296,10 @@ def status(timeout: float = 1.0) -> dict[str, Any] | None:
         return None
 
 
-def main(size: int) -> int:
-    """The keeper's process: until SIGTERM."""
+def main(size: int, parent: int | None = None) -> int:
+    """The keeper's process: until SIGTERM, or until `parent` (the daemon) is gone."""
+    if parent is not None and os.getppid() != parent:
+        return 0  # the daemon died before its death signal was asked for
     backend = connect(load_settings().backend)
     if backend.name != "docker":
         log.info("pool_off reason=backend %s keeps no pool", backend.name)
@@ -295,5 +311,6 @@ def main(size: int) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: keeper.stop.set())
     log.info("pool_started pid=%d size=%d", os.getpid(), size)
+    keeper.parent = parent
     keeper.serve(state_dir() / POOL_SOCKET)
     return 0

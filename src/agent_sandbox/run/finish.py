@@ -162,8 +162,8 @@ class Finishing(Collecting):
             return self.work_settled or not self.agent_started
 
     def _cleanup_files(self) -> None:
-        if self.slot:
-            pool.forget_key(self.run_dir)
+        # A pooled sidecar's key file (run/pool.py): gone with the run, a recovered run's included.
+        pool.forget_key(self.run_dir)
         # Recovery's copy of the sidecar's lines: the trail has them now.
         (self.run_dir / "model" / SIDECAR_EVENTS).unlink(missing_ok=True)
         transcript = self.run_dir / "model" / "transcript.jsonl"
