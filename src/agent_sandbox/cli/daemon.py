@@ -28,7 +28,6 @@ import pkgutil
 import selectors
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -71,12 +70,6 @@ def preload() -> int:
         except Exception as exc:  # an optional dependency missing: that module loads in the run, if at all
             log.info("daemon_preload_skipped module=%s error=%r", info.name, exc)
     return count
-
-
-def peer_uid(conn: socket.socket) -> int:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    return int(uid)
 
 
 def _valid_run(request: dict[str, Any]) -> str | None:
@@ -226,7 +219,7 @@ class Daemon:
         conn.settimeout(REQUEST_TIMEOUT)
         fds: list[int] = []
         try:
-            if peer_uid(conn) != os.getuid():
+            if wire.peer_uid(conn) != os.getuid():
                 log.warning("daemon_refused reason=peer of another user")
                 return
             request, fds = wire.receive(conn, max_fds=3)

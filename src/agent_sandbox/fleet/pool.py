@@ -20,7 +20,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -53,11 +52,6 @@ class Ready:
     slot: Slot
     handle: RunHandle
     lock: RunLock
-
-
-def _peer_uid(conn: socket.socket) -> int:
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", raw)[1])
 
 
 class Keeper:
@@ -210,7 +204,7 @@ class Keeper:
 
     def answer(self, conn: socket.socket) -> None:
         conn.settimeout(5.0)
-        if _peer_uid(conn) != os.getuid():
+        if wire.peer_uid(conn) != os.getuid():
             log.warning("pool_refused reason=peer of another user")
             return
         request, fds = wire.receive(conn)
