@@ -724,3 +724,51 @@ def test_daemon_stop_removes_its_socket(short_state: Path, pool0_daemon: dict[st
     res = _cli(short_state, "run", "--help")
     assert res.returncode == 0 and "Usage: sandbox run" in res.stdout
     assert _daemon_runs(short_state) == 0
+
+
+class _Status:
+    running = True
+
+
+class _Handle:
+    def status(self, role: str) -> _Status:
+        return _Status()
+
+
+class _Backend:
+    name = "docker"
+
+    def engine_id(self) -> str:
+        return "engine-a"
+
+
+class _Lock:
+    def release(self) -> None:
+        pass
+
+
+def test_keeper_hands_out_only_a_slot_made_on_the_claimants_engine_image_and_hosts() -> None:
+    from agent_sandbox.fleet.pool import Keeper, Ready
+    from agent_sandbox.run.pool import Slot
+
+    keeper = Keeper(_Backend(), "sidecar:1", 2)  # type: ignore[arg-type]
+    assert keeper.engine == "engine-a"
+
+    def slot(run_id: str, engine: str, image: str = "sidecar:1", hosts: dict[str, str] | None = None) -> Ready:
+        made = Slot(
+            run_id=run_id, run_dir=f"/x/{run_id}", sidecar_image=image, hosts=hosts or {}, engine=engine, networks=[]
+        )
+        return Ready(made, _Handle(), _Lock())  # type: ignore[arg-type]
+
+    keeper.ready = [
+        slot("on-b", "engine-b"),
+        slot("old-image", "engine-a", image="sidecar:0"),
+        slot("hosts", "engine-a", hosts={"a": "1.2.3.4"}),
+    ]
+    want = {"sidecar_image": "sidecar:1", "hosts": {}, "engine": "engine-a"}
+    assert keeper.take(want) is None  # none fits: another engine's, another image's, other host names
+    keeper.ready.append(slot("fits", "engine-a"))
+    taken = keeper.take(want)
+    assert taken is not None and taken.slot.run_id == "fits"
+    assert [r.slot.run_id for r in keeper.ready] == ["on-b", "old-image", "hosts"]
+    assert keeper.take({**want, "engine": "engine-b"}).slot.run_id == "on-b"  # type: ignore[union-attr]

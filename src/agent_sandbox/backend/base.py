@@ -200,6 +200,11 @@ class Backend(ABC):
     engine_lost: bool = False
     """Set once the platform stopped answering during the run (it may have come back since)."""
 
+    def engine_id(self) -> str:
+        """Which engine (or cluster) this is, the same from every process that reaches it: a pooled run made on
+        one must not be taken over through another (fleet/pool.py)."""
+        return ""
+
     @abstractmethod
     def open_run(self, plan: RunPlan) -> RunHandle:
         """A handle for a new run; nothing is made until its `prepare`."""

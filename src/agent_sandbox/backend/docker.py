@@ -361,6 +361,7 @@ class DockerBackend(Backend):
         self._attached: dict[str, dict[bool, Any]] = {}
         self._engine_gone = False
         self._runtimes: list[str] | None = None  # the engine's container runtimes, once asked
+        self._engine_id: str | None = None
 
     @classmethod
     def connect(cls, config: DockerConfig | None = None) -> DockerBackend:
@@ -503,6 +504,11 @@ class DockerBackend(Backend):
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return cid
+
+    def engine_id(self) -> str:
+        if self._engine_id is None:
+            self._engine_id = str(self._engine(self.client.info).get("ID") or "")
+        return self._engine_id
 
     def _require_runtime(self, runtime: str) -> None:
         """EnvironmentNotReady unless the engine has that runtime: the policy asked for it, and running the

@@ -63,6 +63,7 @@ class Keeper:
         self.size = size
         self.hosts = hosts or {}
         self.users = Users.here()
+        self.engine = backend.engine_id()
         self.ready: list[Ready] = []
         self.made = 0
         self.claimed = 0
@@ -103,7 +104,12 @@ class Keeper:
             self._remove(run_id, run_dir, handle, lock)
             raise
         slot = Slot(
-            run_id=run_id, run_dir=str(run_dir), sidecar_image=self.sidecar_image, hosts=self.hosts, networks=networks
+            run_id=run_id,
+            run_dir=str(run_dir),
+            sidecar_image=self.sidecar_image,
+            hosts=self.hosts,
+            engine=self.engine,
+            networks=networks,
         )
         self.made += 1
         log.info("pool_slot_ready run_id=%s", run_id)
@@ -181,13 +187,15 @@ class Keeper:
     # Claims.
 
     def take(self, want: dict[str, Any]) -> Ready | None:
-        """A ready slot that fits (same sidecar image and host names) and whose sidecar still holds."""
+        """A ready slot that fits (same engine, sidecar image and host names) and whose sidecar still holds."""
         while True:
             with self._lock:
                 fits = [
                     r
                     for r in self.ready
-                    if r.slot.sidecar_image == want.get("sidecar_image") and r.slot.hosts == want.get("hosts")
+                    if r.slot.sidecar_image == want.get("sidecar_image")
+                    and r.slot.hosts == want.get("hosts")
+                    and r.slot.engine == want.get("engine")
                 ]
                 if not fits:
                     return None

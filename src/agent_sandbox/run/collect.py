@@ -13,10 +13,10 @@ import git
 
 from agent_sandbox.audit import events as ev
 from agent_sandbox.backend.base import NotHeld
-from agent_sandbox.backend.plan import NOTE_PATTERN
+from agent_sandbox.backend.plan import NOTE_PATTERN, Role
 from agent_sandbox.errors import SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported, branch_exists, import_bundle
-from agent_sandbox.run import quota
+from agent_sandbox.run import later, quota
 from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN, FINALISER_TIMEOUT
 from agent_sandbox.run.output import (
     read_result,
@@ -29,13 +29,20 @@ log = logging.getLogger(__name__)
 class Collecting(Watching):
     """The agent's work, from its workspace to the branch."""
 
+    def _discard_early(self, *roles: Role, network: bool = False) -> None:
+        """Remove what has done its part while the run goes on; in a process that removes everything right after
+        the run's answer (run/later.py: the warm daemon's runs), nothing: the removals would share the machine
+        with the packing and the import, on the answer's path."""
+        if not later.active():
+            self.handle.discard(*roles, network=network)
+
     def _collect(self, reason: str) -> tuple[Imported | None, str | None]:
         # What has done its part goes while the finaliser (which has no network) starts and packs: the agent's
         # container, and unless a check still needs them, the sidecar and the networks. Teardown waits for it.
         if self.spec.check:
-            self.handle.discard("agent")
+            self._discard_early("agent")
         else:
-            self.handle.discard("agent", "sidecar", network=True)
+            self._discard_early("agent", "sidecar", network=True)
         ahead = self._finaliser_started_ahead()
         released = False
         if ahead is not None:
@@ -56,7 +63,7 @@ class Collecting(Watching):
             result = read_result(result_path)
         except (OSError, ValueError):
             return None, f"the finaliser wrote no result (exit {info.exit_code}): {self._tail('finaliser')}"
-        self.handle.discard("finaliser")
+        self._discard_early("finaliser")
         self._record_untrusted("supervisor", "finalised", result)
         if self.spec.check and result.get("head"):
             if self._cancel is None:

@@ -46,6 +46,8 @@ class Slot(BaseModel):
     """The sidecar image it was started from."""
     hosts: dict[str, str]
     """The extra host names the sidecar was made with (a policy's egress.hosts)."""
+    engine: str
+    """The engine it was made on (Backend.engine_id): a run through another engine cannot take it over."""
     networks: list[dict[str, Any]]
     """What the backend's `prepare` made, as the run's trail records it."""
 
@@ -62,8 +64,9 @@ def socket_path() -> Path:
     return state_dir() / POOL_SOCKET
 
 
-def claim(sidecar_image: str, hosts: dict[str, str]) -> Claimed | None:
-    """A slot made for this sidecar image and these host names, or None (no keeper, none ready, any failure)."""
+def claim(sidecar_image: str, hosts: dict[str, str], engine: str) -> Claimed | None:
+    """A slot made on this engine for this sidecar image and these host names, or None (no keeper, none ready,
+    any failure)."""
     path = socket_path()
     if os.environ.get(wire.DAEMON_ENV) == "off" or not path.exists():
         return None
@@ -72,7 +75,7 @@ def claim(sidecar_image: str, hosts: dict[str, str]) -> Claimed | None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(CLAIM_TIMEOUT)
             sock.connect(str(path))
-            wire.send(sock, {"claim": {"sidecar_image": sidecar_image, "hosts": hosts}})
+            wire.send(sock, {"claim": {"sidecar_image": sidecar_image, "hosts": hosts, "engine": engine}})
             answer, fds = wire.receive(sock, max_fds=1)
         if answer is None or "slot" not in answer or len(fds) != 1:
             log.info("pool_claim_none reason=%s", (answer or {}).get("why", "no answer"))

@@ -316,7 +316,14 @@ def _claim(backend: Backend, images: ImageSet, pol: Policy, budget_guard: Budget
     held sidecar does not mount)."""
     if budget_guard is not None or getattr(backend, "name", None) != "docker":
         return None
-    claimed = pool.claim(images.sidecar, pol.egress.hosts)
+    if not pool.socket_path().exists():
+        return None
+    try:
+        engine = backend.engine_id()
+    except Exception as exc:  # the run finds out about its engine soon enough
+        log.info("pool_claim_skipped error=%r", exc)
+        return None
+    claimed = pool.claim(images.sidecar, pol.egress.hosts, engine)
     if claimed is not None and Path(claimed.slot.run_dir) != runs_dir() / claimed.slot.run_id:
         # Made for another state directory (its keeper's environment said so): not this run's to take.
         _give_back(backend, claimed)
