@@ -47,7 +47,9 @@ START_TIMEOUT = 60.0
 STOP_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 5.0
 KEEPER_STOP_WAIT = 120.0  # seconds the pool's keeper has to remove its slots
-KEEPER_RESTART = 5.0  # seconds before a keeper that ended is started again
+KEEPER_RESTART = 5.0  # seconds before a keeper that ended is started again; doubled for each quick end in a row
+KEEPER_RESTART_MAX = 300.0
+KEEPER_STEADY = 60.0  # seconds a keeper lives to count as having worked
 POOL_DEFAULT = 1
 PR_SET_PDEATHSIG = 1
 ANSWERED = threading.Event()  # in a run's process: its client has its exit code; its end is no signal any more
@@ -96,6 +98,8 @@ class Daemon:
         self.pool = pool  # slots the pool's keeper keeps ready (fleet/pool.py); 0: no keeper
         self.keeper: int | None = None
         self.keeper_due = 0.0  # when to start the keeper (again)
+        self.keeper_since = 0.0
+        self.keeper_failures = 0  # keepers in a row that ended within KEEPER_STEADY
         self.path = state / launch.SOCKET_NAME
         self.token = launch.code_token()
         self.started = time.time()
@@ -160,6 +164,7 @@ class Daemon:
         self.stopping = True
 
     def _start_keeper(self) -> None:
+        daemon = os.getpid()  # taken before the fork: in the child, a daemon already gone would read as init
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -174,13 +179,13 @@ class Daemon:
                 # Killed, the daemon takes its keeper with it: a keeper nobody can reach would hold its slots
                 # (and their locks, which keep `sandbox gc` off them) for good. SIGTERM: its slots are removed.
                 _die_with_parent(signal.SIGTERM)
-                code = pool.main(self.pool, parent=os.getppid())
+                code = pool.main(self.pool, parent=daemon)
             except BaseException:
                 log.exception("pool_keeper_failed")
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.keeper = pid
+        self.keeper, self.keeper_since = pid, time.monotonic()
         log.info("daemon_keeper_started pid=%d size=%d", pid, self.pool)
 
     def _stop_keeper(self) -> None:
@@ -206,8 +211,13 @@ class Daemon:
         if self.keeper is not None:
             done, status = os.waitpid(self.keeper, os.WNOHANG)
             if done:
-                log.warning("daemon_keeper_ended pid=%d status=%d restart_in=%.0fs", done, status, KEEPER_RESTART)
-                self.keeper, self.keeper_due = None, time.monotonic() + KEEPER_RESTART
+                # One that kept failing (no engine yet, say) is tried less and less often; one that lived a while
+                # is started again soon.
+                lived = time.monotonic() - self.keeper_since
+                self.keeper_failures = 0 if lived > KEEPER_STEADY else self.keeper_failures + 1
+                wait = min(KEEPER_RESTART * 2 ** max(0, self.keeper_failures - 1), KEEPER_RESTART_MAX)
+                log.warning("daemon_keeper_ended pid=%d status=%d restart_in=%.0fs", done, status, wait)
+                self.keeper, self.keeper_due = None, time.monotonic() + wait
         for pid in list(self.children):
             with contextlib.suppress(ChildProcessError):
                 done, _ = os.waitpid(pid, os.WNOHANG)
