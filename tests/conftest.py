@@ -168,5 +168,17 @@ def wait_for_event(state_dir: Path, type_: str, timeout: float = 90) -> tuple[st
     raise AssertionError(f"no {type_} event within {timeout}s")
 
 
+def alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, exited and not yet reaped, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def audit_events(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (Path(run_dir) / "audit.jsonl").read_text().splitlines()]

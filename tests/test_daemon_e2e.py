@@ -27,7 +27,7 @@ from agent_sandbox.run.liveness import state_id
 from agent_sandbox.run.workloads import HELD_INPUTS, HELD_TARGET, SIDECAR_UID
 from agent_sandbox.sidecar.contract import HELD_KEY
 
-from .conftest import CliResult, audit_events, git, labelled, tool_results, transcript
+from .conftest import CliResult, alive, audit_events, git, labelled, tool_results, transcript
 from .test_limits_e2e import SLEEPER
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
@@ -49,17 +49,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
             return value
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 class Warm:

@@ -26,6 +26,8 @@ import pytest
 from agent_sandbox import wire
 from agent_sandbox.cli import daemon, launch
 
+from .conftest import alive
+
 # The console script: `python -m agent_sandbox.cli` is the CLI itself, which hands nothing to a daemon.
 SANDBOX_BIN = Path(sys.executable).with_name("sandbox")
 NOBODY = 65534
@@ -64,17 +66,6 @@ def _cli(state: Path, *args: str, cwd: Path | None = None, **env: str) -> subpro
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 def _ask(state: Path, message: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any] | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(10)
@@ -101,9 +92,9 @@ def pool0_daemon(short_state: Path) -> Iterator[dict[str, Any]]:
     finally:
         _cli(short_state, "daemon", "stop")
         deadline = time.monotonic() + 15
-        while _alive(status["pid"]) and time.monotonic() < deadline:
+        while alive(status["pid"]) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(status["pid"]):
+        if alive(status["pid"]):
             os.kill(status["pid"], signal.SIGKILL)
             pytest.fail(f"the daemon {status['pid']} outlived `sandbox daemon stop`")
 
@@ -716,7 +707,7 @@ def test_daemon_stop_removes_its_socket(short_state: Path, pool0_daemon: dict[st
     res = _cli(short_state, "daemon", "stop", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["pid"] == pool0_daemon["pid"]
-    assert not _alive(pool0_daemon["pid"])
+    assert not alive(pool0_daemon["pid"])
     assert not (short_state / launch.SOCKET_NAME).exists()
     assert json.loads(_cli(short_state, "daemon", "status", "--json").stdout) == {"running": False}
     assert "no daemon is running" in _cli(short_state, "daemon", "stop").stdout
