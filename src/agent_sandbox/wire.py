@@ -4,9 +4,12 @@ Standard library only: the `sandbox` entry point imports this before anything el
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import struct
+from pathlib import Path
 from typing import Any
 
 MAX_MESSAGE = 4 << 20
@@ -67,3 +70,30 @@ def peer_uid(sock: socket.socket) -> int:
     """The user id of the process at the other end of a Unix socket (SO_PEERCRED), as the kernel says."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     return int(struct.unpack("3i", raw)[1])
+
+
+def request(
+    path: Path, message: dict[str, Any], timeout: float, max_fds: int = 0
+) -> tuple[dict[str, Any] | None, list[int]]:
+    """One message to the server at `path` and its answer, with the descriptors that came with it; OSError when
+    none listens, ValueError on a malformed answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        send(sock, message)
+        return receive(sock, max_fds=max_fds)
+
+
+def listen(path: Path, backlog: int = 64) -> socket.socket:
+    """A listening Unix socket at `path` that only its owner can connect to (mode 0600 from its creation); a
+    socket file left there by a server that was killed is replaced."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(old)
+    listener.listen(backlog)
+    return listener

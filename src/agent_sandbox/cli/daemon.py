@@ -118,15 +118,7 @@ class Daemon:
             return 1
         t0 = time.monotonic()
         modules = preload()
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # left by a daemon that was killed: the lock says none is running
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(self.path))
-        finally:
-            os.umask(old)
-        listener.listen(64)
+        listener = wire.listen(self.path)  # a socket file there is a killed daemon's: the lock says none runs
         selector = selectors.DefaultSelector()
         selector.register(listener, selectors.EVENT_READ)
         self.inherited = [lock, listener.fileno(), selector.fileno()]
@@ -369,12 +361,7 @@ def _client_watch(conn: socket.socket) -> None:
 def ask(state: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any] | None:
     """The daemon's answer to one message, or None when none is listening."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(state / launch.SOCKET_NAME))
-            wire.send(sock, message)
-            answer, _ = wire.receive(sock)
-            return answer
+        return wire.request(state / launch.SOCKET_NAME, message, timeout)[0]
     except (OSError, ValueError):
         return None
 

@@ -245,15 +245,7 @@ class Keeper:
         log.info("pool_slot_claimed run_id=%s", ready.slot.run_id)
 
     def serve(self, path: Path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
-        listener.listen(64)
+        listener = wire.listen(path)
         listener.settimeout(0.5)
         filler = threading.Thread(target=self.fill, name="pool-fill", daemon=True)
         filler.start()
@@ -288,12 +280,7 @@ class Keeper:
 def status(timeout: float = 1.0) -> dict[str, Any] | None:
     """The keeper's counts, or None when none answers."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(state_dir() / POOL_SOCKET))
-            wire.send(sock, {"status": True})
-            answer, _ = wire.receive(sock)
-            return answer
+        return wire.request(state_dir() / POOL_SOCKET, {"status": True}, timeout)[0]
     except (OSError, ValueError):
         return None
 

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,19 +63,20 @@ def socket_path() -> Path:
     return state_dir() / POOL_SOCKET
 
 
+def available() -> bool:
+    """Whether a keeper may be there to ask (its socket exists) and this process may take a slot."""
+    return os.environ.get(wire.DAEMON_ENV) != "off" and socket_path().exists()
+
+
 def claim(sidecar_image: str, hosts: dict[str, str], engine: str) -> Claimed | None:
     """A slot made on this engine for this sidecar image and these host names, or None (no keeper, none ready,
     any failure)."""
-    path = socket_path()
-    if os.environ.get(wire.DAEMON_ENV) == "off" or not path.exists():
+    if not available():
         return None
     fds: list[int] = []
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(CLAIM_TIMEOUT)
-            sock.connect(str(path))
-            wire.send(sock, {"claim": {"sidecar_image": sidecar_image, "hosts": hosts, "engine": engine}})
-            answer, fds = wire.receive(sock, max_fds=1)
+        want = {"claim": {"sidecar_image": sidecar_image, "hosts": hosts, "engine": engine}}
+        answer, fds = wire.request(socket_path(), want, CLAIM_TIMEOUT, max_fds=1)
         if answer is None or "slot" not in answer or len(fds) != 1:
             log.info("pool_claim_none reason=%s", (answer or {}).get("why", "no answer"))
             for fd in fds:

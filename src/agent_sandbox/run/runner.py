@@ -316,7 +316,7 @@ def _claim(backend: Backend, images: ImageSet, pol: Policy, budget_guard: Budget
     held sidecar does not mount)."""
     if budget_guard is not None or getattr(backend, "name", None) != "docker":
         return None
-    if not pool.socket_path().exists():
+    if not pool.available():
         return None
     try:
         engine = backend.engine_id()
