@@ -8,6 +8,16 @@ set -euo pipefail
 # supervisor starts it without Docker's init), this script hands PID 1 to init.py, which runs it again beneath
 # itself and holds the deadline where the agent cannot stop it (see init.py). Under another init it falls
 # back to coreutils `timeout`, which the agent, as the same user, could stop.
+# A container the warm pool made before its run (SANDBOX_HOLD_SECONDS) runs nothing until the run's start file
+# arrives: init.py waits for it, then runs this script again with the run's arguments and deadline.
+if [ -n "${SANDBOX_HOLD_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
+  if [ "$$" != 1 ]; then
+    echo "entrypoint: a held container needs this script as its PID 1" >&2
+    exit 64
+  fi
+  export SANDBOX_UNDER_DEADLINE=1
+  exec python3 -I /opt/sandbox/init.py --held "$SANDBOX_HOLD_SECONDS" /sandbox/in/agent-start bash "$0" "$@"
+fi
 if [ -n "${SANDBOX_DEADLINE_SECONDS:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
   if ! [[ $SANDBOX_DEADLINE_SECONDS =~ ^[0-9]+([.][0-9]+)?$ && $SANDBOX_DEADLINE_SECONDS =~ [1-9] ]]; then
     echo "entrypoint: SANDBOX_DEADLINE_SECONDS=$SANDBOX_DEADLINE_SECONDS is not a positive number of seconds" >&2

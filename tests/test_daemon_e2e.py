@@ -184,10 +184,24 @@ def warm(tmp_path: Path) -> Iterator[Warm]:
                 os.kill(pid, signal.SIGKILL)
         if survivors:
             problems.append(f"daemon/keeper processes outlived `sandbox daemon stop`: {survivors}")
+        mounted = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines() if str(root) in ln]
+        if mounted:
+            # A pooled agent's mount points and the objects bound on them go with their run, or their slot.
+            problems.append(f"mounts left under the state directory: {mounted}")
+            for point in sorted(mounted, reverse=True):
+                subprocess.run(["umount", "-l", point], check=False)
         if str(root) not in Path("/proc/mounts").read_text():
             shutil.rmtree(root, ignore_errors=True)
         if problems:
             pytest.fail("; ".join(problems))
+
+
+def held_agent_processes(run_id: str) -> list[str]:
+    """The command lines running in a slot's held agent container."""
+    res = subprocess.run(
+        ["docker", "top", f"sbx-{run_id}-agent", "-o", "pid,args"], capture_output=True, text=True, check=True
+    )
+    return [line.split(None, 1)[1] for line in res.stdout.splitlines()[1:]]
 
 
 def run_args(repo: Path, script: Path, *extra: str) -> list[str]:
@@ -216,6 +230,12 @@ def test_pooled_run_is_served_by_the_daemon(warm: Warm, make_repo, write_script)
     warm.wait_ready(1)
     (slot,) = warm.slots()
     assert (warm.state / "runs" / slot / "supervisor.lock").exists()
+    # The slot's agent container is made too, confined and held: nothing in it runs but its init, which waits
+    # for the run's start file; its workspace and objects are empty mount points until the run fills them.
+    held = held_agent_processes(slot)
+    assert len(held) == 1 and "init.py --held" in held[0], held
+    points = [ln.split()[1] for ln in Path("/proc/mounts").read_text().splitlines() if slot in ln]
+    assert sorted(Path(p).name for p in points) == ["host-objects", "workspace"], points
     repo = make_repo()
     base = git(repo, "rev-parse", "HEAD")
 
@@ -243,6 +263,13 @@ def test_pooled_run_is_served_by_the_daemon(warm: Warm, make_repo, write_script)
     assert types.index("checkout_prepared") < types.index("network_created")
     sidecar = events[first_container]["payload"]
     assert sidecar["role"] == "sidecar" and sidecar["security"]["name"] == f"sbx-{slot}-sidecar"
+    # The pool's agent container is the run's, its confinement on record as if the run had made it.
+    (agent,) = [e["payload"] for e in events if e["type"] == "container_created" and e["payload"]["role"] == "agent"]
+    assert agent["security"]["name"] == f"sbx-{slot}-agent" and agent["command"][0] == "claude"
+    assert agent["security"]["user"] == "1000:1000" and agent["security"]["read_only_root"] is True
+    assert "sidecar" in agent["security"]["extra_hosts"]
+    isolated = [e["payload"] for e in events if e["type"] == "network_isolated"]
+    assert [i["container"] for i in isolated] == [f"sbx-{slot}-agent"], isolated
     (teardown,) = [e["payload"] for e in events if e["type"] == "teardown"]
     assert teardown["after_answer"] is True and teardown["removed"] == [] and teardown["error"] is None
     assert types[-1] == "run_ended"
@@ -319,7 +346,7 @@ def test_daemon_stop_removes_the_unclaimed_slot(warm: Warm) -> None:
     status = warm.start(pool=1)
     warm.wait_ready(1)
     (slot,) = warm.slots()
-    assert len(labelled(slot)) == 3  # its sidecar and its two networks
+    assert len(labelled(slot)) == 4  # its sidecar, its agent and its two networks
     assert (warm.state / "daemon.sock").exists() and (warm.state / "pool.sock").exists()
     res = warm.cli("daemon", "stop", "--json", timeout=200)
     assert res.code == 0, res.stderr
@@ -343,14 +370,16 @@ def test_killed_keeper_is_restarted_and_its_slot_left_to_gc(warm: Warm) -> None:
     warm.wait_ready(1)
     (new,) = warm.slots() - {old}
     # The dead keeper's slot is nobody's now: nothing removed it, and its lock is free.
-    assert len(labelled(old)) == 3
+    assert len(labelled(old)) == 4  # its sidecar, its agent and its two networks
     res = warm.cli("gc", "--json")
     assert res.code == 0, res.stderr
     actions = {r["run_id"]: r["action"] for r in res.json()}
     assert actions.get(old) == "removed", res.stdout
     assert actions.get(new) == "skipped", res.stdout  # the live keeper's slot stays
     assert labelled(old) == []
-    assert len(labelled(new)) == 3
+    # Its mount points (the held agent's workspace and objects) went with it.
+    assert f"/runs/{old}/" not in Path("/proc/mounts").read_text()
+    assert len(labelled(new)) == 4
     p = warm.status()["pool"]
     assert (p["ready"], p["claimed"]) == (1, 0)
 
@@ -398,6 +427,37 @@ def test_stale_client_refused_and_daemon_off_runs_here(warm: Warm, make_repo, wr
     assert labelled(s["id"]) == []
     (teardown,) = [e["payload"] for e in audit_events(s["run_dir"]) if e["type"] == "teardown"]
     assert teardown["after_answer"] is False
+
+
+def test_a_run_whose_agent_would_differ_takes_no_slot(warm: Warm, make_repo, write_script, tmp_path) -> None:
+    """The pool's agent containers are made to the default policy: a run whose agent's container would be made
+    otherwise (its limits here) runs on containers of its own, and the slot stays for a run it fits."""
+    warm.start(pool=1)
+    warm.wait_ready(1)
+    (slot,) = warm.slots()
+    policy = tmp_path / "tight.yaml"
+    policy.write_text("limits:\n  memory: 768m\n  pids: 256\n")
+    repo = make_repo()
+    res = warm.cli(*run_args(repo, write_script(WORKER), "--policy", str(policy)))
+    assert res.code == 0, res.stderr
+    s = res.json()
+    assert s["status"] == "succeeded" and s["id"] != slot, s
+    assert warm.daemon_runs() == 1  # handed over, but no slot fits it
+    (agent,) = [
+        e["payload"]
+        for e in audit_events(s["run_dir"])
+        if e["type"] == "container_created" and e["payload"]["role"] == "agent"
+    ]
+    assert (agent["security"]["memory_bytes"], agent["security"]["pids_limit"]) == (768 * 1024**2, 256)
+    assert agent["security"]["name"] == f"sbx-{s['id']}-agent"
+    assert not any(m.get("propagated") for m in agent["security"]["mounts"])
+    status = warm.status()
+    assert (status["pool"]["ready"], status["pool"]["claimed"]) == (1, 0)
+    assert warm.slots() == {slot}
+    # The default policy's run takes it.
+    again = warm.cli(*run_args(repo, write_script(WORKER, "again.yaml")))
+    assert again.code == 0, again.stderr
+    assert again.json()["id"] == slot
 
 
 # --- the agent against a pooled run -------------------------------------------------------------------------

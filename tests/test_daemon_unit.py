@@ -738,16 +738,35 @@ class _Lock:
         pass
 
 
-def test_keeper_hands_out_only_a_slot_made_on_the_claimants_engine_image_and_hosts() -> None:
+def test_keeper_hands_out_only_a_slot_made_on_the_claimants_engine_image_hosts_and_agent() -> None:
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.config.policy import Policy
     from agent_sandbox.fleet.pool import Keeper, Ready
     from agent_sandbox.run.pool import Slot
+    from agent_sandbox.run.workloads import Users, held_shape
 
-    keeper = Keeper(_Backend(), "sidecar:1", 2)  # type: ignore[arg-type]
+    images = ImageSet(agent="agent:1", sidecar="sidecar:1")
+    keeper = Keeper(_Backend(), images, 2)  # type: ignore[arg-type]
     assert keeper.engine == "engine-a"
+    shape = held_shape(images, Users.here(), Policy())
+    tighter = Policy.model_validate({"limits": {"memory": "256m"}})
+    assert held_shape(images, Users.here(), tighter) != shape  # another policy's limits: another container
 
-    def slot(run_id: str, engine: str, image: str = "sidecar:1", hosts: dict[str, str] | None = None) -> Ready:
+    def slot(
+        run_id: str,
+        engine: str,
+        image: str = "sidecar:1",
+        hosts: dict[str, str] | None = None,
+        agent: dict[str, Any] | None = None,
+    ) -> Ready:
         made = Slot(
-            run_id=run_id, run_dir=f"/x/{run_id}", sidecar_image=image, hosts=hosts or {}, engine=engine, networks=[]
+            run_id=run_id,
+            run_dir=f"/x/{run_id}",
+            sidecar_image=image,
+            hosts=hosts or {},
+            engine=engine,
+            networks=[],
+            agent=agent,
         )
         return Ready(made, _Handle(), _Lock())  # type: ignore[arg-type]
 
@@ -755,11 +774,15 @@ def test_keeper_hands_out_only_a_slot_made_on_the_claimants_engine_image_and_hos
         slot("on-b", "engine-b"),
         slot("old-image", "engine-a", image="sidecar:0"),
         slot("hosts", "engine-a", hosts={"a": "1.2.3.4"}),
+        slot("agent", "engine-a", agent=held_shape(images, Users.here(), tighter)),
     ]
-    want = {"sidecar_image": "sidecar:1", "hosts": {}, "engine": "engine-a"}
-    assert keeper.take(want) is None  # none fits: another engine's, another image's, other host names
-    keeper.ready.append(slot("fits", "engine-a"))
+    want = {"sidecar_image": "sidecar:1", "hosts": {}, "engine": "engine-a", "agent": shape}
+    # None fits: another engine's, another image's, other host names, an agent made to another policy.
+    assert keeper.take(want) is None
+    assert keeper.take({**want, "agent": None}) is None  # nor a slot's agent to a run that starts its own
+    keeper.ready.pop()
+    keeper.ready.append(slot("fits", "engine-a", agent=shape))
     taken = keeper.take(want)
     assert taken is not None and taken.slot.run_id == "fits"
     assert [r.slot.run_id for r in keeper.ready] == ["on-b", "old-image", "hosts"]
-    assert keeper.take({**want, "engine": "engine-b"}).slot.run_id == "on-b"  # type: ignore[union-attr]
+    assert keeper.take({**want, "engine": "engine-b", "agent": None}).slot.run_id == "on-b"  # type: ignore[union-attr]

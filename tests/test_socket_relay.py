@@ -536,8 +536,17 @@ def test_garbage_on_its_input_stops_the_relay_and_removes_its_socket(tmp_path: P
     t = threading.Thread(target=lambda: result.append(relay.serve()), daemon=True)
     t.start()
     try:
+        # The socket's file exists from its bind, a moment before it listens: until then a connection is refused.
         _until(lambda: os.path.exists(path))
-        client = connect_unix(path, 5)
+        connected: list[socket.socket] = []
+
+        def connects() -> bool:
+            with contextlib.suppress(ConnectionRefusedError):
+                connected.append(connect_unix(path, 5))
+            return bool(connected)
+
+        _until(connects)
+        client = connected[0]
         os.write(to_relay[1], garbage)
         t.join(15)  # a loaded machine (the whole suite at once) may take a while to run the relay's thread
         assert result and result[0].startswith("protocol"), result

@@ -16,7 +16,7 @@ import pytest
 
 from agent_sandbox.git import trees
 from agent_sandbox.git.checkout import CONTAINER_OBJECTS, open_repo, remove_tree
-from agent_sandbox.run import quota, workspace
+from agent_sandbox.run import held_mounts, quota, workspace
 
 from .conftest import git
 
@@ -308,3 +308,74 @@ def test_an_overlay_the_kernel_refuses_falls_back_to_a_copy(state, repo, monkeyp
     assert sh(ws, repo, "git status --porcelain") == ""
     workspace.release_run(run_dir)
     remove_tree(ws)
+
+
+# --- a pooled agent's mount points (held_mounts.py) -------------------------------------------------------------
+
+
+def pooled(state: Path, name: str = "p1") -> tuple[Path, Path]:
+    """A slot's run directory with its two points, and a second namespace's view of it: a bind of the workspace
+    point made `rslave` elsewhere, as the held container's mount is."""
+    run_dir = state / "runs" / name
+    run_dir.mkdir()
+    held_mounts.make(run_dir)
+    seen = state.parent / f"{name}-seen"
+    seen.mkdir()
+    subprocess.run(["mount", "--bind", str(run_dir / "workspace"), str(seen)], check=True)
+    subprocess.run(["mount", "--make-rslave", str(seen)], check=True)
+    return run_dir, seen
+
+
+def test_a_pooled_workspace_reaches_a_view_made_before_it_and_goes_with_the_run(state, repo) -> None:
+    run_dir, seen = pooled(state)
+    assert quota.mounts_at(run_dir / "workspace") == 1 and not os.path.ismount(run_dir / "workspace")
+    made = workspace.prepare(run_dir, open_repo(repo), git(repo, "rev-parse", "HEAD"), "sandbox/p1", SMALL, AGENT)
+    assert made.mode == "overlay"
+    # The overlay mounted on the point after the view was made shows in the view (as in the held container).
+    assert (seen / "a.py").read_text() == "x = 1\n" and (seen / ".git" / "HEAD").is_file()
+    sh(seen, repo, "echo seen > from-view.txt")
+    assert (run_dir / "workspace" / "from-view.txt").read_text() == "seen\n"
+    released = workspace.release_run(run_dir)
+    assert f"filesystem:{run_dir / 'workspace'}" in released and f"mount:{run_dir / 'host-objects'}" in released
+    assert mounts_under(run_dir) == [] and sorted(p.name for p in run_dir.iterdir()) == []
+    # The release travelled to the view too: nothing of the run's stays visible there.
+    assert list(seen.iterdir()) == []
+    subprocess.run(["umount", str(seen)], check=True)
+
+
+def test_the_objects_bound_on_a_pooled_point_are_read_only_everywhere(state, repo) -> None:
+    run_dir, _seen = pooled(state)
+    view = state.parent / "objects-seen"
+    view.mkdir()
+    subprocess.run(["mount", "--bind", str(run_dir / "host-objects"), str(view)], check=True)
+    subprocess.run(["mount", "--make-rslave", str(view)], check=True)
+    objects = repo / ".git" / "objects"
+    held_mounts.bind_objects(run_dir, objects)
+    for where in (run_dir / "host-objects", view):
+        assert sorted(p.name for p in where.iterdir()) == sorted(p.name for p in objects.iterdir())
+        # Even root, who ignores file modes, meets a read-only filesystem: the flag came with the bind.
+        with pytest.raises(OSError) as err:
+            (where / "planted").write_text("x")
+        assert err.value.errno == 30  # EROFS
+        point = [
+            ln.split() for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(where)
+        ]
+        assert point[-1][5].split(",")[:4] == ["ro", "nosuid", "nodev", "noexec"], point
+    assert not (objects / "planted").exists()
+    # Parked (a run whose work waits for gc): the points go, the host's objects with them.
+    workspace.park(run_dir)
+    assert mounts_under(run_dir) == [] and list(view.iterdir()) == []
+    assert not (run_dir / "host-objects").exists()
+    for v in (view, _seen):
+        subprocess.run(["umount", str(v)], check=True)
+
+
+def test_mounts_at_counts_stacked_mounts_on_an_awkward_path(state) -> None:
+    odd = state / "a dir\twith\\odd name"
+    odd.mkdir()
+    assert quota.mounts_at(odd) == 0
+    subprocess.run(["mount", "--bind", str(odd), str(odd)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "t", str(odd)], check=True)
+    assert quota.mounts_at(odd) == 2
+    quota.unmount(odd)
+    assert quota.mounts_at(odd) == 0

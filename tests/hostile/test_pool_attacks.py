@@ -17,7 +17,7 @@ from agent_sandbox.run.workloads import HELD_INPUTS
 from agent_sandbox.sidecar.contract import HELD_KEY
 
 from ..conftest import audit_events, labelled, tool_results
-from ..test_daemon_e2e import Warm, finish, gone, run_args, wait_for
+from ..test_daemon_e2e import Warm, finish, gone, held_agent_processes, run_args, wait_for
 from ..test_daemon_e2e import warm as warm  # the fixture, re-exported
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
@@ -107,8 +107,11 @@ def test_agent_reaches_neither_the_next_slot_nor_its_key(warm: Warm, make_repo, 
         wait_for(lambda: warm.status()["pool"]["ready"] >= 1, 60, "the next slot to be ready")
         side = inspect(f"sbx-{nxt}-sidecar")
         ips = [n["IPAddress"] for n in side["NetworkSettings"]["Networks"].values() if n.get("IPAddress")]
-        targets = [*ips, *network_gateways(nxt), docker0()]
-        assert ips, side["NetworkSettings"]
+        # The next slot's agent container too, made ahead and held like its sidecar.
+        held = inspect(f"sbx-{nxt}-agent")
+        held_ips = [n["IPAddress"] for n in held["NetworkSettings"]["Networks"].values() if n.get("IPAddress")]
+        targets = [*ips, *held_ips, *network_gateways(nxt), docker0()]
+        assert ips and held_ips, (side["NetworkSettings"], held["NetworkSettings"])
         inputs = Path(warm.state / "runs" / slot / "in")
         (inputs / "targets.part").write_text(json.dumps(targets))
         (inputs / "targets.part").rename(inputs / "targets.json")
@@ -127,8 +130,11 @@ def test_agent_reaches_neither_the_next_slot_nor_its_key(warm: Warm, make_repo, 
     # Nothing connected, and nothing even refused (a refusal means the address answers at all).
     reached = {k: v for k, v in scan["results"].items() if v in ("CONNECTED", "REFUSED")}
     assert reached == {}, scan
-    # The held sidecar of the next slot never saw a connection: still held.
+    # The held sidecar of the next slot never saw a connection: still held; its agent still runs nothing but
+    # its init, waiting for a start.
     assert inspect(f"sbx-{nxt}-sidecar")["State"]["Running"]
+    held_now = held_agent_processes(nxt)
+    assert len(held_now) == 1 and "init.py --held" in held_now[0], held_now
     # No key material, wherever the agent looked.
     for o in outputs:
         assert fake not in o and fake[13:] not in o, o[:2000]
@@ -246,3 +252,53 @@ def test_runs_ending_at_the_claim_leave_no_slot_behind(warm: Warm, make_repo, wr
     assert labelled(first) == [] and labelled(second) == []
     p = warm.status()["pool"]
     assert p["claimed"] == 2 and p["ready"] == 1, p
+
+
+# --- 6: the repository's objects, bound into a container made before its run -----------------------------------
+
+OBJECTS_ATTACK = [
+    # Every way into the host's objects the agent's user has: a new file, an existing one, a rename, a chmod,
+    # a mount of its own over them, and a remount read-write.
+    "cd /sandbox/host-objects; touch planted 2>&1; f=$(find . -type f | head -1); echo $f; "
+    "echo x >> $f 2>&1; mv $f $f.moved 2>&1; chmod 777 . 2>&1; "
+    "mount -t tmpfs t /sandbox/host-objects 2>&1; mount -o remount,rw /sandbox/host-objects 2>&1; echo attack-end",
+    "grep -E ' /sandbox/host-objects | /workspace ' /proc/self/mountinfo; echo mounts-end",
+    "git -C /workspace log --oneline | wc -l; git -C /workspace cat-file -t HEAD; echo git-end",
+]
+
+
+def test_pooled_agent_cannot_write_the_host_objects(warm: Warm, make_repo, write_script) -> None:
+    warm.start(pool=1)
+    warm.wait_ready(1)
+    (slot,) = warm.slots()
+    repo = make_repo()
+    objects = repo / ".git" / "objects"
+
+    def snapshot() -> dict[str, tuple[int, int, int]]:
+        return {
+            str(p.relative_to(objects)): (p.stat().st_mode, p.stat().st_size, p.stat().st_mtime_ns)
+            for p in objects.rglob("*")
+        }
+
+    before = snapshot()
+    res = warm.cli(*run_args(repo, write_script(script(*OBJECTS_ATTACK))))
+    assert res.code == 0, res.stderr
+    s = res.json()
+    assert s["id"] == slot, s
+    attack, mounts, history = tool_results(s["run_dir"])
+    assert "attack-end" in attack, attack
+    # Each write refused, as on a read-only filesystem; no mount of its own.
+    assert attack.count("Read-only file system") >= 3, attack
+    assert "planted" not in "".join(before) and not (objects / "planted").exists()
+    assert "must be superuser" in attack or "permission denied" in attack.lower(), attack
+    # The objects' bind is read-only (and nosuid, nodev, noexec) in the container; the workspace's follows the
+    # run's overlay.
+    # The last mount on a path is the one seen there: the repository's objects the run bound on the point.
+    line = [ln for ln in mounts.splitlines() if " /sandbox/host-objects " in ln][-1]
+    assert line.split()[5].split(",")[:4] == ["ro", "nosuid", "nodev", "noexec"], mounts
+    assert any(" /workspace " in ln and " - overlay " in ln for ln in mounts.splitlines()), mounts
+    # The history is there to read.
+    assert history.split()[:2] == ["1", "commit"], history
+    gone(s["id"], 15)
+    assert snapshot() == before
+    assert str(warm.state) not in Path("/proc/mounts").read_text()

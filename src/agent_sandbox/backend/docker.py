@@ -443,7 +443,14 @@ class DockerBackend(Backend):
 
     def start_container(self, spec: ContainerSpec) -> str:
         mounts = [
-            DockerMount(target=m.target, source=m.source, type="bind", read_only=m.read_only) for m in spec.mounts
+            DockerMount(
+                target=m.target,
+                source=m.source,
+                type="bind",
+                read_only=m.read_only,
+                propagation="rslave" if m.propagated else None,
+            )
+            for m in spec.mounts
         ]
         kwargs: dict[str, Any] = dict(
             image=spec.image,
@@ -492,10 +499,7 @@ class DockerBackend(Backend):
                 network = self._engine(self.client.networks.get, extra)
                 self._engine(network.connect, container, aliases=spec.aliases or None)
             if spec.attach:
-                self._attached[cid] = {
-                    err: self.client.api.attach(cid, stdout=not err, stderr=err, stream=True, logs=False)
-                    for err in (False, True)
-                }
+                self.attach(cid)
             container.start()
         except Exception:
             for stream in self._attached.pop(cid, {}).values():
@@ -504,6 +508,14 @@ class DockerBackend(Backend):
             raise
         log.info("container_started name=%s image=%s", spec.name, spec.image)
         return cid
+
+    def attach(self, container: str) -> None:
+        """Follow the container's output from now on (`output`): attached before its start, or, for one made
+        ahead and held (fleet/pool.py), before its go-ahead, so that nothing it writes is missed."""
+        self._attached[container] = {
+            err: self.client.api.attach(container, stdout=not err, stderr=err, stream=True, logs=False)
+            for err in (False, True)
+        }
 
     def engine_id(self) -> str:
         if self._engine_id is None:
@@ -804,12 +816,20 @@ class DockerRun(RunHandle):
         self._prepared = True
         return [{"name": spec.name, "internal": spec.internal} for spec in specs]
 
-    def adopt(self, sidecar: Workload) -> Started:
+    def adopt(self, sidecar: Workload, agent: Workload | None = None) -> Started:
         assert self.labels is not None, "an attached run makes nothing"
         self._prepared = True
         self._mounts["sidecar"] = list(sidecar.mounts)
         spec = self.container_spec(sidecar)
         self._ids["sidecar"] = spec.name
+        if agent is not None:
+            # Made ahead, confined and held (its start file and go-ahead are the run's to write): its output is
+            # followed from now, before anything in it runs.
+            self._mounts["agent"] = list(agent.mounts)
+            self._ids["agent"] = self._name("agent")
+            assert agent.go_ahead is not None
+            self._go_ahead["agent"] = agent.go_ahead
+            self.backend.attach(self._ids["agent"])
         return self._sidecar.run(lambda: Started(security=spec.security_summary()))
 
     def container_spec(self, w: Workload, hosts_file: str | None = None) -> ContainerSpec:

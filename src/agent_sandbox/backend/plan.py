@@ -47,6 +47,10 @@ class Mount(BaseModel):
     """Path inside the workload."""
     read_only: bool = True
     """Mount read-only unless the workload must write."""
+    propagated: bool = False
+    """Mounts made on the source after the workload started appear inside it too (and nothing travels back):
+    for a container made before its run's workspace exists (run/held_mounts.py). The source must be a mount
+    point of its own, shared."""
 
 
 class Scratch(BaseModel):

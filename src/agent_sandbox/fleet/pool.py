@@ -28,13 +28,16 @@ from typing import Any
 
 from agent_sandbox import wire
 from agent_sandbox.backend import Backend, RunHandle, connect
-from agent_sandbox.backend.plan import Owner, RunPlan
+from agent_sandbox.backend.plan import ImageSet, Owner, Role, RunPlan, Workload
+from agent_sandbox.config.policy import Policy, load_policy
 from agent_sandbox.config.settings import load_settings
 from agent_sandbox.paths import runs_dir, state_dir
+from agent_sandbox.run import held_mounts
 from agent_sandbox.run.liveness import HEARTBEAT_DIR, RunLock, state_id, supervisor_identity
 from agent_sandbox.run.pool import POOL_SOCKET, Slot
 from agent_sandbox.run.runner import new_run_id
-from agent_sandbox.run.workloads import HELD_INPUTS, SIDECAR_UID, Users, held_sidecar
+from agent_sandbox.run.workloads import HELD_INPUTS, SIDECAR_UID, Users, held_agent, held_shape, held_sidecar
+from agent_sandbox.run.workspace import overlay_unavailable, release_run
 from agent_sandbox.sidecar.contract import HELD_MARKER
 
 log = logging.getLogger("agent_sandbox.pool")
@@ -57,11 +60,16 @@ class Ready:
 class Keeper:
     """Keeps `size` slots ready for runs with the default policy's sidecar host names."""
 
-    def __init__(self, backend: Backend, sidecar_image: str, size: int, hosts: dict[str, str] | None = None) -> None:
+    def __init__(self, backend: Backend, images: ImageSet, size: int, policy: Policy | None = None) -> None:
         self.backend = backend
-        self.sidecar_image = sidecar_image
+        self.images = images
+        self.sidecar_image = images.sidecar
         self.size = size
-        self.hosts = hosts or {}
+        self.policy = policy or Policy()
+        self.hosts = self.policy.egress.hosts
+        # The agent's container too, where a run's workspace can reach it after its start (an overlay, mounted
+        # on a shared mount point: held_mounts.py).
+        self.agents = overlay_unavailable() is None
         self.users = Users.here()
         self.engine = backend.engine_id()
         self.ready: list[Ready] = []
@@ -82,10 +90,12 @@ class Keeper:
         lock = RunLock(run_dir)
         lock.acquire()
         handle: RunHandle | None = None
+        agent: dict[str, Any] = {}
         try:
-            for sub in ("model", HEARTBEAT_DIR, HELD_INPUTS):
+            for sub in ("model", HEARTBEAT_DIR, HELD_INPUTS, "in"):
                 (run_dir / sub).mkdir()
-            os.chmod(run_dir / HELD_INPUTS, 0o755)  # the sidecar's user reads it, whatever the umask
+            for sub in (HELD_INPUTS, "in"):
+                os.chmod(run_dir / sub, 0o755)  # their workloads' users read them, whatever the umask
             if self.users.chown:
                 os.chown(run_dir / "model", SIDECAR_UID, SIDECAR_UID)
             handle = self.backend.open_run(
@@ -94,7 +104,19 @@ class Keeper:
                 )
             )
             networks = handle.prepare()
-            handle.start(held_sidecar(self.sidecar_image, self.users, run_dir, self.hosts))
+            starting = None
+            if self.agents:
+                held_mounts.make(run_dir)
+                workload = held_agent(self.images, self.users, self.policy, run_id, run_dir)
+                starting = threading.Thread(target=self._start_agent, args=(handle, workload, agent), daemon=True)
+                starting.start()
+            try:
+                handle.start(held_sidecar(self.sidecar_image, self.users, run_dir, self.hosts))
+            finally:
+                if starting is not None:
+                    starting.join()
+            if "error" in agent:
+                raise agent["error"]
             deadline = time.monotonic() + HELD_WAIT
             while not (run_dir / "model" / HELD_MARKER).exists():
                 if time.monotonic() > deadline or not handle.status("sidecar").running:
@@ -110,14 +132,26 @@ class Keeper:
             hosts=self.hosts,
             engine=self.engine,
             networks=networks,
+            agent=held_shape(self.images, self.users, self.policy) if "started" in agent else None,
+            agent_started=agent["started"].model_dump(mode="json") if "started" in agent else None,
         )
         self.made += 1
         log.info("pool_slot_ready run_id=%s", run_id)
         return Ready(slot, handle, lock)
 
+    @staticmethod
+    def _start_agent(handle: RunHandle, workload: Workload, box: dict[str, Any]) -> None:
+        """The agent's container, started alongside the sidecar's (it waits for the sidecar's address), then
+        confined; held for its run's start."""
+        try:
+            box["started"] = handle.start(workload, hold=True)
+        except BaseException as exc:  # raised in make's thread
+            box["error"] = exc
+
     def _remove(self, run_id: str, run_dir: Path, handle: RunHandle | None, lock: RunLock) -> None:
         try:
             (handle or self.backend.attach_run(run_id)).teardown()
+            release_run(run_dir)
             shutil.rmtree(run_dir, ignore_errors=True)
         except Exception as exc:  # gc's, once the lock below is free
             log.warning("pool_slot_not_removed run_id=%s error=%r", run_id, exc)
@@ -163,18 +197,20 @@ class Keeper:
         """Removes the ready slots whose sidecar ended (the engine restarted, say) or whose image is no longer the
         one runs ask for (the images were rebuilt): a slot nobody can claim is a slot too few."""
         try:
-            current = self.backend.images().sidecar
-        except Exception as exc:  # the engine away: the sidecars' own status below says more
+            current = self.backend.images()
+        except Exception as exc:  # the engine away: the containers' own status below says more
             log.info("pool_images_unknown error=%r", exc)
-            current = self.sidecar_image
-        if current != self.sidecar_image:
-            log.info("pool_image_changed old=%s new=%s", self.sidecar_image, current)
-            self.sidecar_image = current
+            current = self.images
+        if current != self.images:
+            log.info("pool_image_changed old=%s new=%s", self.images, current)
+            self.images, self.sidecar_image = current, current.sidecar
         with self._lock:
             slots = list(self.ready)
         for ready in slots:
             try:
-                alive = ready.slot.sidecar_image == current and ready.handle.status("sidecar").running
+                alive = ready.slot.sidecar_image == current.sidecar and self._alive(ready)
+                if ready.slot.agent is not None:
+                    alive = alive and ready.slot.agent == held_shape(current, self.users, self.policy)
             except Exception:
                 alive = False
             if not alive:
@@ -183,6 +219,12 @@ class Keeper:
                         self.ready.remove(ready)
                 log.info("pool_slot_dead run_id=%s", ready.slot.run_id)
                 self.remove(ready)
+
+    @staticmethod
+    def _alive(ready: Ready) -> bool:
+        """Whether its containers still hold (an engine restart, a hold that ran out, ends them)."""
+        roles: tuple[Role, ...] = ("sidecar", "agent") if ready.slot.agent is not None else ("sidecar",)
+        return all(ready.handle.status(role).running for role in roles)
 
     # Claims.
 
@@ -196,6 +238,7 @@ class Keeper:
                     if r.slot.sidecar_image == want.get("sidecar_image")
                     and r.slot.hosts == want.get("hosts")
                     and r.slot.engine == want.get("engine")
+                    and r.slot.agent == want.get("agent")
                 ]
                 if not fits:
                     return None
@@ -204,7 +247,7 @@ class Keeper:
                 self._last_claim = time.monotonic()
             self._wake.set()
             try:
-                if ready.handle.status("sidecar").running:
+                if self._alive(ready):
                     return ready
             except Exception as exc:
                 log.info("pool_slot_unusable run_id=%s error=%r", ready.slot.run_id, exc)
@@ -293,10 +336,7 @@ def main(size: int, parent: int | None = None) -> int:
     if backend.name != "docker":
         log.info("pool_off reason=backend %s keeps no pool", backend.name)
         return 0
-    from agent_sandbox.config.policy import load_policy
-
-    hosts = load_policy("default")[0].egress.hosts
-    keeper = Keeper(backend, backend.images().sidecar, size, hosts)
+    keeper = Keeper(backend, backend.images(), size, load_policy("default")[0])
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: keeper.stop.set())
     log.info("pool_started pid=%d size=%d", os.getpid(), size)

@@ -11,6 +11,7 @@ its own: the pool only ever saves time.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent_sandbox import wire
 from agent_sandbox.paths import state_dir
-from agent_sandbox.run.workloads import HELD_INPUTS
+from agent_sandbox.run.workloads import AGENT_START, HELD_INPUTS
 from agent_sandbox.sidecar.contract import HELD_CONFIG, HELD_KEY
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class Slot(BaseModel):
     """The engine it was made on (Backend.engine_id): a run through another engine cannot take it over."""
     networks: list[dict[str, Any]]
     """What the backend's `prepare` made, as the run's trail records it."""
+    agent: dict[str, Any] | None = None
+    """The agent's container made ahead, held, as workloads.held_shape describes it (None: none made; the run
+    starts its own)."""
+    agent_started: dict[str, Any] | None = None
+    """What the held agent's start put on record (backend Started: its security settings and confinement)."""
 
 
 @dataclass
@@ -68,14 +74,14 @@ def available() -> bool:
     return os.environ.get(wire.DAEMON_ENV) != "off" and socket_path().exists()
 
 
-def claim(sidecar_image: str, hosts: dict[str, str], engine: str) -> Claimed | None:
-    """A slot made on this engine for this sidecar image and these host names, or None (no keeper, none ready,
-    any failure)."""
+def claim(sidecar_image: str, hosts: dict[str, str], engine: str, agent: dict[str, Any] | None) -> Claimed | None:
+    """A slot made on this engine for this sidecar image and these host names, with a held agent of this shape
+    (or none), or None (no keeper, none ready, any failure)."""
     if not available():
         return None
     fds: list[int] = []
     try:
-        want = {"claim": {"sidecar_image": sidecar_image, "hosts": hosts, "engine": engine}}
+        want = {"claim": {"sidecar_image": sidecar_image, "hosts": hosts, "engine": engine, "agent": agent}}
         answer, fds = wire.request(socket_path(), want, CLAIM_TIMEOUT, max_fds=1)
         if answer is None or "slot" not in answer or len(fds) != 1:
             log.info("pool_claim_none reason=%s", (answer or {}).get("why", "no answer"))
@@ -116,6 +122,14 @@ def copy_script(run_dir: Path, script: str) -> str:
     shutil.copyfile(script, dest)
     os.chmod(dest, 0o644)
     return SCRIPT_NAME
+
+
+def start_agent(run_dir: Path, start: dict[str, Any]) -> None:
+    """A held agent's start (workloads.Recipes.agent_start), renamed into place whole: init.py starts on it."""
+    part = run_dir / "in" / f"{AGENT_START}.part"
+    part.write_text(json.dumps(start))
+    os.chmod(part, 0o644)  # the agent's user reads it, whatever the supervisor's umask
+    os.replace(part, run_dir / "in" / AGENT_START)
 
 
 def forget_key(run_dir: Path) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 HOST_RESERVE = 512 * 1024**2  # what the state filesystem keeps free for everything else
 MIN_SIZE = 64 * 1024**2
 MOUNT_OPTIONS = "loop,nosuid,nodev,noatime"
+MOST_STACKED = 8  # mounts `unmount` takes off one directory: its own, an overlay over it, what a crash left
 MODE_ENV = "SANDBOX_DISK_QUOTA"  # `sampled`: measure instead of mounting, even where a filesystem quota works
 
 
@@ -133,9 +135,26 @@ def release(directory: Path, keep: bool = False) -> None:
 
 
 def unmount(directory: Path) -> None:
-    """Unmount whatever is mounted at `directory` (lazily: a process still holding a file, a container being
-    removed, must not keep the mount alive)."""
-    _run(tool("umount") or "umount", "-l", str(directory))
+    """Unmount whatever is mounted at `directory`, every mount stacked there (a pooled run's workspace is a mount
+    of its own under the overlay: held_mounts.py), lazily: a process still holding a file, a container being
+    removed, must not keep the mount alive."""
+    for _ in range(MOST_STACKED):
+        _run(tool("umount") or "umount", "-l", str(directory))
+        if not mounts_at(directory):
+            return
+
+
+def mounts_at(directory: Path) -> int:
+    """How many mounts are stacked on `directory`. (os.path.ismount misses a bind of a directory of the same
+    filesystem, such as one onto itself.)"""
+    where = os.path.realpath(directory)
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return int(is_mounted(directory))
+    # Field 5 is the mount point, its spaces, tabs, newlines and backslashes written as octal escapes.
+    escaped = re.sub(r"[ \t\n\\]", lambda m: f"\\{ord(m.group()):03o}", where)
+    return sum(1 for line in lines if line.split(" ", 5)[4:5] == [escaped])
 
 
 def mount_in(cwd: str | Path, *args: str) -> None:

@@ -20,11 +20,12 @@ from agent_sandbox.git.checkout import HostRepo, branch_exists, open_repo, resol
 from agent_sandbox.git.handoff import GITHUB_REPO_ENV, github_slug, remote_url
 from agent_sandbox.interrupts import interrupts
 from agent_sandbox.paths import runs_dir, state_dir
-from agent_sandbox.run import followup, pool
+from agent_sandbox.run import followup, pool, workspace
 from agent_sandbox.run.progress import Guarded, Reporter
 from agent_sandbox.run.request import LIMIT_OVERRIDES, RunRequest
 from agent_sandbox.run.spec import RunSpec, RunSummary
 from agent_sandbox.run.supervisor import API_KEY_ENV, BudgetGuard, Supervisor
+from agent_sandbox.run.workloads import Users, held_shape
 from agent_sandbox.sidecar.script import ScriptError, load_script
 from agent_sandbox.store import RunStore
 
@@ -323,7 +324,9 @@ def _claim(backend: Backend, images: ImageSet, pol: Policy, budget_guard: Budget
     except Exception as exc:  # the run finds out about its engine soon enough
         log.info("pool_claim_skipped error=%r", exc)
         return None
-    claimed = pool.claim(images.sidecar, pol.egress.hosts, engine)
+    # The pool's agent containers are made for an overlay workspace (its mounts reach them after their start).
+    shape = held_shape(images, Users.here(), pol) if workspace.overlay_unavailable() is None else None
+    claimed = pool.claim(images.sidecar, pol.egress.hosts, engine, shape)
     if claimed is not None and Path(claimed.slot.run_dir) != runs_dir() / claimed.slot.run_id:
         # Made for another state directory (its keeper's environment said so): not this run's to take.
         _give_back(backend, claimed)
@@ -337,6 +340,7 @@ def _give_back(backend: Backend, slot: pool.Claimed | None) -> None:
         return
     try:
         backend.attach_run(slot.slot.run_id).teardown()
+        workspace.release_run(Path(slot.slot.run_dir))
         shutil.rmtree(slot.slot.run_dir, ignore_errors=True)
     except Exception as exc:  # `sandbox gc` removes it once the lock is free
         log.warning("pool_slot_not_removed run_id=%s error=%r", slot.slot.run_id, exc)

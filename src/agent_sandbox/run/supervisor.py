@@ -27,7 +27,7 @@ from agent_sandbox.backend.plan import SIDECAR_NAME
 from agent_sandbox.errors import ExitCode, SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported
 from agent_sandbox.interrupts import interrupts
-from agent_sandbox.run import pool, quota, workspace
+from agent_sandbox.run import held_mounts, pool, quota, workspace
 from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN, SIDECAR_READY_TIMEOUT, STOP_GRACE, _Cancelled
 from agent_sandbox.run.budget import SharedBudget
 from agent_sandbox.run.liveness import (
@@ -221,9 +221,17 @@ class Supervisor(Recovering):
             )
         )
         if self.slot:
-            # The networks and the held sidecar the pool made: this run's from here on.
+            # The networks and the held sidecar the pool made (and the agent's container, where it made one):
+            # this run's from here on.
             made = self.slot.slot.networks
-            self._adopted = self.handle.adopt(self._held_sidecar())
+            agent = None
+            if self.slot.slot.agent is not None:
+                if prepared.mode != "overlay":
+                    raise SandboxError(f"the pool's agent container needs an overlay workspace ({prepared.detail})")
+                # The repository's objects, read-only, on the mount point the held container's history reads.
+                held_mounts.bind_objects(self.run_dir, self.repo.objects)
+                agent = self.recipes.held_agent()
+            self._adopted = self.handle.adopt(self._held_sidecar(), agent)
         else:
             made = self.handle.prepare()
         for network in made:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import queue
 import secrets
 import sqlite3
@@ -18,9 +19,10 @@ from typing import Any
 import psutil
 
 from agent_sandbox.audit import events as ev
-from agent_sandbox.backend.plan import Role
+from agent_sandbox.backend.plan import Role, Started
 from agent_sandbox.errors import SandboxError, disk_full
-from agent_sandbox.run import agent_stream
+from agent_sandbox.git.checkout import CONTAINER_OBJECTS
+from agent_sandbox.run import agent_stream, pool
 from agent_sandbox.run.base import (
     DEADLINE_MARGIN,
     DISK_CHECK_INTERVAL,
@@ -61,12 +63,20 @@ class Watching(RunBase):
         for it to listen; then give the agent the go-ahead. The backend has the agent's start wait for whatever
         it needs of the sidecar's (its address). Whatever fails, the agent's start is over before this returns
         or raises (teardown must not race it)."""
-        workload = self.recipes.agent(self._deadline())
+        held = self.slot is not None and self.slot.slot.agent_started is not None
+        workload = self.recipes.held_agent() if held else self.recipes.agent(self._deadline())
         box: dict[str, Any] = {}
 
         def begin() -> None:
             try:
-                box["started"] = self.handle.start(workload, hold=True)
+                if held:
+                    # Made and confined by the pool (fleet/pool.py), held: it starts on the run's start file.
+                    assert self.slot is not None and self.slot.slot.agent_started is not None
+                    if not self.handle.status("agent").running:
+                        raise SandboxError("the pool's agent container ended before its run")
+                    box["started"] = Started.model_validate(self.slot.slot.agent_started)
+                else:
+                    box["started"] = self.handle.start(workload, hold=True)
             except BaseException as exc:  # handed to the supervisor's thread below
                 box["error"] = exc
 
@@ -85,9 +95,14 @@ class Watching(RunBase):
             starting.join()
         if "error" in box:
             raise box["error"]
-        self._record_started(workload, box["started"], command=["claude", *workload.command])
+        self._record_started(workload, box["started"], command=["claude", *self.recipes.claude_args()])
         self._checkpoint()
         self.agent_started = True  # the workspace is the agent's from here: never removed before it is imported
+        if held:
+            # Its arguments, identity and deadline, and the paths that prove the run's mounts reached it.
+            first = sorted(os.listdir(self.repo.objects))[:1]
+            require = ["/workspace/.git", *(f"{CONTAINER_OBJECTS}/{name}" for name in first)]
+            pool.start_agent(self.run_dir, self.recipes.agent_start(self._deadline(), require))
         self.handle.release("agent")
         threading.Thread(target=self._pump, args=("agent", "agent", False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", "agent", True), daemon=True).start()

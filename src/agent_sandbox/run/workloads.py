@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent_sandbox.backend.plan import SIDECAR_NAME, ImageSet, Mount, Reach, Resources, Scratch, Workload
+from agent_sandbox.config.policy import Policy
 from agent_sandbox.git.checkout import CONTAINER_OBJECTS
+from agent_sandbox.run import held_mounts
 from agent_sandbox.run.liveness import HEARTBEAT_DIR
 from agent_sandbox.run.spec import RunSpec
 from agent_sandbox.sidecar.config import CONFIG_ENV, GATEWAY_PORT, KEY_ENV, PROXY_PORT, SidecarConfig
-from agent_sandbox.sidecar.contract import HELD_DIR_ENV, HELD_OUT_ENV
+from agent_sandbox.sidecar.contract import HELD_DIR_ENV, HELD_OUT_ENV, HOLD_SECONDS
 
 AGENT_UID = 1000
 SIDECAR_UID = 1001
@@ -27,6 +29,7 @@ SIDECAR_EVENTS = "events.jsonl"  # the sidecar's own numbered copy of its lines,
 HELD_INPUTS = "sidecar-in"  # in the run dir: a held sidecar's configuration and key (fleet/pool.py)
 HELD_TARGET = "/sandbox/sidecar-in"  # where the held sidecar sees it, read-only
 MiB = 1024**2
+AGENT_START = "agent-start"  # in run_dir/in: a held agent's start (init.py --held)
 
 
 @dataclass(frozen=True)
@@ -122,6 +125,82 @@ def held_sidecar(image: str, users: Users, run_dir: Path, hosts: dict[str, str])
     )
 
 
+AGENT_ENV = {
+    "ANTHROPIC_BASE_URL": f"http://{SIDECAR_NAME}:{GATEWAY_PORT}",
+    # Claude Code wants a key to start; the real one exists only in the sidecar.
+    "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+}
+
+
+def sandboxed(
+    role: str,
+    images: ImageSet,
+    users: Users,
+    policy: Policy,
+    run_id: str,
+    run_dir: Path,
+    env: dict[str, str],
+    mounts: list[Mount],
+    go_ahead: str,
+    **kwargs: object,
+) -> Workload:
+    """A workload that runs the agent's code (the agent, the check): the policy's limits, the sidecar alone to
+    reach, the proxy, and no key."""
+    lim = policy.limits
+    uid, gid = (int(x) for x in users.agent.split(":"))
+    return Workload.model_validate(
+        {
+            "role": role,
+            "image": images.agent,
+            "user": users.agent,
+            "env": {**env, "SANDBOX_RUN_ID": run_id, "HOME": "/home/agent", **proxy_env()},
+            "mounts": mounts,
+            "reach": Reach.SIDECAR,
+            "go_ahead": str(run_dir / "in" / go_ahead),
+            "scratch": [
+                Scratch(path="/tmp", size_bytes=min(lim.disk_bytes, 1024**3), exec=True),
+                Scratch(path="/home/agent", size_bytes=512 * MiB, exec=True, owner=(uid, gid)),
+            ],
+            "resources": Resources(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids),
+            "working_dir": "/workspace",
+            "runtime": policy.agent.runtime,
+            # Names the sidecar does not know get no answer: fail in a second, not ten.
+            "dns_options": ["timeout:1", "attempts:1"],
+            **kwargs,
+        }
+    )
+
+
+def held_agent(images: ImageSet, users: Users, policy: Policy, run_id: str, run_dir: Path) -> Workload:
+    """The agent's container as the warm pool makes it ahead of its run (fleet/pool.py): everything of the
+    policy's, nothing of the task's. Its workspace and the repository's objects reach it later, through the
+    run directory's shared mount points (held_mounts.py, hence `rslave`); it runs nothing until the run's start
+    file (`Recipes.agent_start`: its arguments, git identity and deadline) is in its inputs."""
+    return sandboxed(
+        "agent",
+        images,
+        users,
+        policy,
+        run_id,
+        run_dir,
+        {**AGENT_ENV, "SANDBOX_HOLD_SECONDS": str(HOLD_SECONDS)},
+        [
+            Mount(source=str(run_dir / held_mounts.WORKSPACE), target="/workspace", read_only=False, propagated=True),
+            Mount(source=str(run_dir / held_mounts.OBJECTS), target=CONTAINER_OBJECTS, read_only=True, propagated=True),
+            Mount(source=str(run_dir / "in"), target="/sandbox/in", read_only=True),
+        ],
+        "network-ready",
+        own_init=True,
+        follow=True,
+    )
+
+
+def held_shape(images: ImageSet, users: Users, policy: Policy) -> dict[str, object]:
+    """What a held agent's container is made of, the run's own names aside: a run takes a pooled agent only
+    when its own would be made the same."""
+    return held_agent(images, users, policy, "-", Path("/-")).model_dump(mode="json")
+
+
 @dataclass(frozen=True)
 class Recipes:
     """The workloads of one run."""
@@ -172,30 +251,17 @@ class Recipes:
     def _sandboxed(
         self, role: str, env: dict[str, str], mounts: list[Mount], go_ahead: str, **kwargs: object
     ) -> Workload:
-        """A workload that runs the agent's code (the agent, the check): the policy's limits, the sidecar
-        alone to reach, the proxy, and no key."""
-        lim = self.spec.policy.limits
-        uid, gid = (int(x) for x in self.users.agent.split(":"))
-        return Workload.model_validate(
-            {
-                "role": role,
-                "image": self.images.agent,
-                "user": self.users.agent,
-                "env": {**env, "SANDBOX_RUN_ID": self.spec.run_id, "HOME": "/home/agent", **proxy_env()},
-                "mounts": mounts,
-                "reach": Reach.SIDECAR,
-                "go_ahead": str(self.run_dir / "in" / go_ahead),
-                "scratch": [
-                    Scratch(path="/tmp", size_bytes=min(lim.disk_bytes, 1024**3), exec=True),
-                    Scratch(path="/home/agent", size_bytes=512 * MiB, exec=True, owner=(uid, gid)),
-                ],
-                "resources": Resources(memory_bytes=lim.memory_bytes, cpus=lim.cpus, pids=lim.pids),
-                "working_dir": "/workspace",
-                "runtime": self.spec.policy.agent.runtime,
-                # Names the sidecar does not know get no answer: fail in a second, not ten.
-                "dns_options": ["timeout:1", "attempts:1"],
-                **kwargs,
-            }
+        return sandboxed(
+            role,
+            self.images,
+            self.users,
+            self.spec.policy,
+            self.spec.run_id,
+            self.run_dir,
+            env,
+            mounts,
+            go_ahead,
+            **kwargs,
         )
 
     def agent(self, deadline_s: float) -> Workload:
@@ -203,9 +269,7 @@ class Recipes:
         return self._sandboxed(
             "agent",
             {
-                "ANTHROPIC_BASE_URL": f"http://{SIDECAR_NAME}:{GATEWAY_PORT}",
-                # Claude Code wants a key to start; the real one exists only in the sidecar.
-                "ANTHROPIC_API_KEY": PLACEHOLDER_KEY,
+                **AGENT_ENV,
                 **git_identity(self.spec),
                 # Its entry point ends the container by itself past this, should the supervisor be gone.
                 "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
@@ -216,6 +280,20 @@ class Recipes:
             own_init=True,
             follow=True,
         )
+
+    def held_agent(self) -> Workload:
+        """The agent's workload as the warm pool made it for this run (held_agent): what a slot must match."""
+        return held_agent(self.images, self.users, self.spec.policy, self.spec.run_id, self.run_dir)
+
+    def agent_start(self, deadline_s: float, require: list[str]) -> dict[str, object]:
+        """What a held agent's container (held_agent) is given at its start: what `agent` puts in its creation."""
+        return {
+            "deadline_s": int(deadline_s),
+            "args": self.claude_args(),
+            "env": git_identity(self.spec),
+            "cwd": "/workspace",
+            "require": require,
+        }
 
     def check(self, head: str, timeout_s: int) -> Workload:
         """The operator's check on a clean checkout of the packed head."""

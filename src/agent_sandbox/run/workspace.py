@@ -28,7 +28,7 @@ from pathlib import Path
 from agent_sandbox.errors import EnvironmentNotReady, SandboxError
 from agent_sandbox.git import trees
 from agent_sandbox.git.checkout import HostRepo, prepare_checkout, remove_tree
-from agent_sandbox.run import quota
+from agent_sandbox.run import held_mounts, quota
 
 log = logging.getLogger(__name__)
 
@@ -168,10 +168,12 @@ def park(run_dir: Path) -> str:
             quota.unmount(workspace)
         parked = quota.is_mounted(layer)
         quota.park(layer)
+        _release_points(run_dir)
         # The agent's work: its changes over the tree, in the layer's filesystem image, or in the plain layer.
         return str(quota.image_path(layer) if parked else layer / "upper")
     parked = quota.is_mounted(workspace)
     quota.park(workspace)
+    _release_points(run_dir)
     return str(quota.image_path(workspace) if parked else workspace)
 
 
@@ -203,6 +205,7 @@ def release_run(run_dir: Path, keep: bool = False) -> list[str]:
     layer; with keep, the workspace is first copied to a plain directory of the same name. Returns what was
     released. Once the layer is gone the run no longer references its tree."""
     released = quota.release_run(run_dir, keep=keep)
+    released += _release_points(run_dir)
     layer = run_dir / LAYER
     workspace = run_dir / "workspace"
     if quota.is_mounted(workspace) or quota.is_mounted(layer) or quota.image_path(layer).exists():
@@ -215,6 +218,16 @@ def release_run(run_dir: Path, keep: bool = False) -> list[str]:
     except (SandboxError, OSError) as exc:
         log.warning("layer_release_failed dir=%s error=%s", layer, getattr(exc, "message", exc))
     return released
+
+
+def _release_points(run_dir: Path) -> list[str]:
+    """A pooled agent's mount points (held_mounts.py), the host's objects bound on one of them: never left
+    behind, whatever else stays for `sandbox gc`."""
+    try:
+        return held_mounts.release(run_dir)
+    except (EnvironmentNotReady, OSError) as exc:
+        log.warning("held_mounts_release_failed run_dir=%s error=%s", run_dir, getattr(exc, "message", exc))
+        return []
 
 
 def in_use(runs: Path) -> set[str]:
