@@ -20,18 +20,26 @@ set -uo pipefail
 
 # Started ahead (SANDBOX_GO_AHEAD set), it waits for its go-ahead while the agent works, for SANDBOX_HOLD_SECONDS
 # at most, without forking: the file's content is why the run ended. Its deadline below counts from the go-ahead.
+# Made ahead by the warm pool (SANDBOX_START_FILE), before its run, it takes the run's own settings (base commit,
+# branch, disk limit, git identity) from its inputs then, which nothing of the run's can write: those names only.
 if [ -n "${SANDBOX_GO_AHEAD:-}" ] && [ -z "${SANDBOX_UNDER_DEADLINE:-}" ]; then
-  if ! python3 -I -c '
-import os, sys, time
-gate, end = sys.argv[1], time.monotonic() + float(sys.argv[2])
+  if ! start_env=$(python3 -I -c '
+import json, os, re, shlex, sys, time
+gate, end, start = sys.argv[1], time.monotonic() + float(sys.argv[2]), sys.argv[3]
 while not os.path.exists(gate):
     if time.monotonic() > end:
         sys.exit(1)
     time.sleep(0.01)
-' "$SANDBOX_GO_AHEAD" "${SANDBOX_HOLD_SECONDS:-60}"; then
-    echo "finalize: the supervisor never gave the go-ahead ($SANDBOX_GO_AHEAD)" >&2
+if start:
+    names = re.compile(r"(SANDBOX_(BASE_COMMIT|BRANCH|DISK_LIMIT)|GIT_(AUTHOR|COMMITTER)_(NAME|EMAIL))")
+    for key, value in json.load(open(start))["env"].items():
+        if names.fullmatch(key) and isinstance(value, str):
+            print(f"export {key}={shlex.quote(value)}")
+' "$SANDBOX_GO_AHEAD" "${SANDBOX_HOLD_SECONDS:-60}" "${SANDBOX_START_FILE:-}"); then
+    echo "finalize: the supervisor never gave the go-ahead ($SANDBOX_GO_AHEAD), or its settings were unreadable" >&2
     exit 65
   fi
+  eval "$start_env"
   note=$(head -c 64 "$SANDBOX_GO_AHEAD" | tr -cd 'A-Za-z0-9_-')
   if [ -n "$note" ]; then export SANDBOX_END_REASON=$note; fi
 fi

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from agent_sandbox import wire
+from agent_sandbox.config.policy import Policy
 from agent_sandbox.run.liveness import state_id
 from agent_sandbox.run.workloads import HELD_INPUTS, HELD_TARGET, SIDECAR_UID
 from agent_sandbox.sidecar.contract import HELD_KEY
@@ -37,6 +38,13 @@ SANDBOX_BIN = Path(sys.executable).with_name("sandbox")
 WORKER = """
 turns:
   - write: {path: notes.md, content: "from a pooled run\\n"}
+  - text: "Done."
+"""
+
+
+MORE = """
+turns:
+  - write: {path: more.md, content: "and more\\n"}
   - text: "Done."
 """
 
@@ -244,6 +252,9 @@ def test_pooled_run_is_served_by_the_daemon(warm: Warm, make_repo, write_script)
     s = res.json()
     assert (s["status"], s["reason"]) == ("succeeded", "completed")
     assert git(repo, "show", f"{s['branch']}:notes.md") == "from a pooled run"
+    # The pool's agent and finaliser, made before the run, took the run's git identity at its start.
+    author = Policy().git.author
+    assert git(repo, "log", "-1", "--format=%an <%ae>", s["branch"]) == f"{author.name} <{author.email}>"
     assert git(repo, "diff", "--name-only", f"{base}..{s['branch']}") == "notes.md"
     # Served by the daemon, on the slot the keeper had ready.
     assert warm.daemon_runs() == 1, warm.log()
@@ -270,6 +281,8 @@ def test_pooled_run_is_served_by_the_daemon(warm: Warm, make_repo, write_script)
     assert "sidecar" in agent["security"]["extra_hosts"]
     isolated = [e["payload"] for e in events if e["type"] == "network_isolated"]
     assert [i["container"] for i in isolated] == [f"sbx-{slot}-agent"], isolated
+    (fin,) = [e["payload"] for e in events if e["type"] == "container_created" and e["payload"]["role"] == "finaliser"]
+    assert fin["security"]["name"] == f"sbx-{slot}-finalise" and fin["security"]["no_network"] is True
     (teardown,) = [e["payload"] for e in events if e["type"] == "teardown"]
     assert teardown["after_answer"] is True and teardown["removed"] == [] and teardown["error"] is None
     assert types[-1] == "run_ended"
@@ -282,6 +295,20 @@ def test_pooled_run_is_served_by_the_daemon(warm: Warm, make_repo, write_script)
     assert not (run_dir / "workspace").exists()
     assert str(run_dir) not in Path("/proc/mounts").read_text()
     assert warm.show(s["id"])["status"] == "succeeded"
+
+    # A follow-up on the next slot: the branch, the base commit and the identity the pool's finaliser packs with
+    # are the run's (its start file), not those of a run named after the slot.
+    warm.wait_ready(1)
+    (slot2,) = warm.slots()
+    follow = warm.cli(*run_args(repo, write_script(MORE, "more.yaml"), "--follow-up", s["id"]))
+    assert follow.code == 0, follow.stderr
+    s2 = follow.json()
+    assert s2["id"] == slot2 and s2["status"] == "succeeded", s2
+    assert s2["branch"] == s["branch"] and s2["base_commit"] == s["head"]
+    history = git(repo, "rev-list", "--reverse", f"{base}..{s2['branch']}").split()
+    assert history == s["commits"] + s2["commits"] and len(s2["commits"]) == 1
+    assert git(repo, "show", f"{s2['branch']}:more.md") == "and more"
+    gone(s2["id"])
 
 
 # --- the client goes: a signal, or killed -------------------------------------------------------------------
@@ -346,7 +373,7 @@ def test_daemon_stop_removes_the_unclaimed_slot(warm: Warm) -> None:
     status = warm.start(pool=1)
     warm.wait_ready(1)
     (slot,) = warm.slots()
-    assert len(labelled(slot)) == 4  # its sidecar, its agent and its two networks
+    assert len(labelled(slot)) == 5  # its sidecar, agent and finaliser, and its two networks
     assert (warm.state / "daemon.sock").exists() and (warm.state / "pool.sock").exists()
     res = warm.cli("daemon", "stop", "--json", timeout=200)
     assert res.code == 0, res.stderr
@@ -370,7 +397,7 @@ def test_killed_keeper_is_restarted_and_its_slot_left_to_gc(warm: Warm) -> None:
     warm.wait_ready(1)
     (new,) = warm.slots() - {old}
     # The dead keeper's slot is nobody's now: nothing removed it, and its lock is free.
-    assert len(labelled(old)) == 4  # its sidecar, its agent and its two networks
+    assert len(labelled(old)) == 5  # its sidecar, agent and finaliser, and its two networks
     res = warm.cli("gc", "--json")
     assert res.code == 0, res.stderr
     actions = {r["run_id"]: r["action"] for r in res.json()}
@@ -379,7 +406,7 @@ def test_killed_keeper_is_restarted_and_its_slot_left_to_gc(warm: Warm) -> None:
     assert labelled(old) == []
     # Its mount points (the held agent's workspace and objects) went with it.
     assert f"/runs/{old}/" not in Path("/proc/mounts").read_text()
-    assert len(labelled(new)) == 4
+    assert len(labelled(new)) == 5
     p = warm.status()["pool"]
     assert (p["ready"], p["claimed"]) == (1, 0)
 

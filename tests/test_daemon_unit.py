@@ -786,3 +786,73 @@ def test_keeper_hands_out_only_a_slot_made_on_the_claimants_engine_image_hosts_a
     assert taken is not None and taken.slot.run_id == "fits"
     assert [r.slot.run_id for r in keeper.ready] == ["on-b", "old-image", "hosts"]
     assert keeper.take({**want, "engine": "engine-b", "agent": None}).slot.run_id == "on-b"  # type: ignore[union-attr]
+
+
+class _SlotHandle:
+    """A run handle whose sidecar 'starts' (its held marker written) and whose agent's start fails."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def prepare(self) -> list[dict[str, Any]]:
+        return []
+
+    def start(self, workload: Any, hold: bool = False) -> Any:
+        from agent_sandbox.backend.plan import Started
+        from agent_sandbox.sidecar.contract import HELD_MARKER
+
+        if workload.role == "agent":
+            raise RuntimeError("mounts on the run directory do not reach the container's /workspace")
+        (self.run_dir / "model" / HELD_MARKER).touch()
+        return Started(security={})
+
+    def status(self, role: str) -> _Status:
+        return _Status()
+
+    def teardown(self) -> list[str]:
+        return []
+
+
+class _SlotBackend(_Backend):
+    def open_run(self, plan: Any) -> _SlotHandle:
+        from agent_sandbox.paths import runs_dir
+
+        return _SlotHandle(runs_dir() / plan.run_id)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the held agent's mount points need root")
+def test_keeper_goes_on_without_agent_containers_where_they_cannot_be_made(tmp_path: Path, monkeypatch) -> None:
+    from agent_sandbox.backend.plan import ImageSet
+    from agent_sandbox.fleet.pool import AGENT_ATTEMPTS, Keeper
+
+    monkeypatch.setenv("SANDBOX_STATE_DIR", str(tmp_path / "state"))
+    keeper = Keeper(_SlotBackend(), ImageSet(agent="agent:1", sidecar="sidecar:1"), 1)  # type: ignore[arg-type]
+    keeper.agents = True  # whatever this machine's overlay says: the failure below is the point
+    for _ in range(AGENT_ATTEMPTS):
+        with pytest.raises(RuntimeError, match="do not reach"):
+            keeper.make()
+    assert keeper.agents is False
+    # Each failed slot went whole: its directory, and the mount points made for its agent.
+    runs = tmp_path / "state" / "runs"
+    assert list(runs.iterdir()) == []
+    assert str(tmp_path) not in Path("/proc/mounts").read_text()
+    ready = keeper.make()
+    assert ready.slot.agent is None and ready.slot.agent_started is None
+    assert not (Path(ready.slot.run_dir) / "host-objects").exists()
+    keeper.remove(ready)
+    assert list(runs.iterdir()) == []
+
+
+def test_peer_groups_reads_the_topmost_mount_of_each_point() -> None:
+    from agent_sandbox.backend.docker import _peer_groups
+
+    info = "\n".join(
+        [
+            "97 80 254:0 /r/ws /workspace rw,relatime master:3 - ext4 /dev/vda rw",
+            "60 97 0:50 / /workspace rw,relatime master:6 shared:9 - overlay o rw",
+            "98 80 254:0 /r/o /sandbox/host\\040objects ro,relatime - ext4 /dev/vda rw",
+            "garbage line",
+        ]
+    )
+    assert _peer_groups(info, "master") == {"/workspace": {"6"}, "/sandbox/host\\040objects": set()}
+    assert _peer_groups(info, "shared") == {"/workspace": {"9"}, "/sandbox/host\\040objects": set()}

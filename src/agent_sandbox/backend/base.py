@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -64,12 +64,12 @@ class RunHandle(ABC):
 
     run_id: str
 
-    def adopt(self, sidecar: Workload, agent: Workload | None = None) -> Started:
+    def adopt(self, sidecar: Workload, held: Sequence[Workload] = ()) -> Started:
         """Take over what a pool made ahead for this run (fleet/pool.py): what `prepare` makes, the sidecar
-        started from `sidecar`, held for its configuration, and the agent's container started from `agent`
-        (held_agent), confined and held for its start and go-ahead, if the pool made one. The run goes on as if
-        this handle had made them; what the sidecar's start would have put on record is returned.
-        NotImplementedError where the backend has no pool."""
+        started from `sidecar`, held for its configuration, and the workloads `held` (the agent's and the
+        finaliser's, if the pool made them), started held for their go-ahead, the agent's confined.
+        The run goes on as if this handle had made them; what the sidecar's start would have put on record is
+        returned. NotImplementedError where the backend has no pool."""
         raise NotImplementedError(f"{type(self).__name__} takes over no pooled sidecar")
 
     @abstractmethod

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,46 @@ def _is_containers_process(pid: int, container_id: str) -> bool:
     except OSError:
         return False
     return container_id in cgroups
+
+
+def _peer_groups(mountinfo: str, tag: str) -> dict[str, set[str]]:
+    """Mount point -> the peer groups its topmost mount is `tag` of (`shared` or `master`), from a mountinfo."""
+    out: dict[str, set[str]] = {}
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) < 7 or "-" not in fields[6:]:
+            continue
+        optional = fields[6 : fields.index("-", 6)]
+        out[fields[4]] = {f.split(":", 1)[1] for f in optional if f.startswith(f"{tag}:")}
+    return out
+
+
+def propagation_gap(pid: int, container_id: str, mounts: list[Mount]) -> str | None:
+    """Why a mount made later on a propagated mount's source (Mount.propagated) would not reach the container,
+    or None when it would: the container's mount must be a slave of the source's own peer group. An engine in
+    another mount namespace (a snap, a VM, another machine) would leave the container's view empty."""
+    wanted = [m for m in mounts if m.propagated]
+    if not wanted:
+        return None
+    if not _is_containers_process(pid, container_id):
+        return "the engine's containers are not processes of this machine"
+    try:
+        ours = _peer_groups(Path("/proc/self/mountinfo").read_text(), "shared")
+        theirs = _peer_groups(Path(f"/proc/{pid}/mountinfo").read_text(), "master")
+    except OSError as exc:
+        return f"mount table unreadable: {exc}"
+    for m in wanted:
+        source = os.path.realpath(m.source)
+        if not ours.get(_escaped(source)):
+            return f"{source} is not a shared mount point"
+        if not ours[_escaped(source)] & theirs.get(_escaped(m.target), set()):
+            return f"mounts on {source} do not reach the container's {m.target}"
+    return None
+
+
+def _escaped(path: str) -> str:
+    """A path as mountinfo writes it (space, tab, newline and backslash in octal)."""
+    return re.sub(r"[ \t\n\\]", lambda c: f"\\{ord(c.group()):03o}", path)
 
 
 class EngineUnavailable(EnvironmentNotReady):
@@ -359,6 +399,9 @@ class DockerBackend(Backend):
         self._firewall_warned = False
         # Container id -> its attached output streams (stdout: False, stderr: True) not yet handed out.
         self._attached: dict[str, dict[bool, Any]] = {}
+        # Container id -> when it was started or taken over (before it could end): `wait` reads its end from the
+        # engine's events from then on.
+        self._watched: dict[str, float] = {}
         self._engine_gone = False
         self._runtimes: list[str] | None = None  # the engine's container runtimes, once asked
         self._engine_id: str | None = None
@@ -494,6 +537,7 @@ class DockerBackend(Backend):
             }
         container = self._create(spec.name, kwargs)
         cid = _id(container.id)
+        self.watch_exit(cid)
         try:
             for extra in spec.networks[1:]:
                 network = self._engine(self.client.networks.get, extra)
@@ -664,10 +708,53 @@ class DockerBackend(Backend):
             running=running,
         )
 
+    def watch_exit(self, container_id: str) -> None:
+        """Have `wait` take the container's end from the engine's events (see _ended): it has not ended yet."""
+        self._watched[container_id] = time.time()
+
     def wait(self, container: str, timeout: float) -> ExitInfo:
         with contextlib.suppress(requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
             self._get(container).wait(timeout=timeout)
         return self.status(container)
+
+    def wait_ended(self, container: str, timeout: float) -> ExitInfo:
+        """`wait`, for a container whose end decides what comes next (a run's workloads): from its `die` event
+        where this backend saw it start (`watch_exit`)."""
+        since = self._watched.get(container)
+        if since is not None:
+            deadline = time.monotonic() + timeout
+            info = self._ended(container, since, timeout)
+            if info is not None:
+                return info
+            timeout = max(0.1, deadline - time.monotonic())
+        return self.wait(container, timeout)
+
+    def _ended(self, container_id: str, since: float, timeout: float) -> ExitInfo | None:
+        """The container's end as its `die` event says (and an `oom` event before it), or None (no such event
+        within `timeout`: `wait` asks the usual way). The engine sends `die` once the container's processes are all
+        gone, then tears its network down, and only then calls it stopped, which is when `wait` and `inspect`
+        answer: 50 ms later for a container on a bridge, on the run's critical path."""
+        oom = False
+        try:
+            stream = self.client.api.events(
+                since=int(since) - 1,
+                until=int(time.time() + timeout) + 1,
+                filters={"type": "container", "container": container_id, "event": ["die", "oom"]},
+                decode=True,
+            )
+            try:
+                for event in stream:
+                    action = event.get("Action") or event.get("status")
+                    if action == "oom":
+                        oom = True
+                    elif action == "die":
+                        code = ((event.get("Actor") or {}).get("Attributes") or {}).get("exitCode")
+                        return ExitInfo(exit_code=int(str(code)), oom_killed=oom, running=False)
+            finally:
+                stream.close()
+        except (docker.errors.APIError, requests.exceptions.RequestException, ValueError, TypeError) as exc:
+            log.info("exit_event_unread container=%s error=%r", container_id, exc)
+        return None
 
     def stop(self, container: str, grace: float) -> None:
         with contextlib.suppress(docker.errors.NotFound):
@@ -816,20 +903,23 @@ class DockerRun(RunHandle):
         self._prepared = True
         return [{"name": spec.name, "internal": spec.internal} for spec in specs]
 
-    def adopt(self, sidecar: Workload, agent: Workload | None = None) -> Started:
+    def adopt(self, sidecar: Workload, held: Sequence[Workload] = ()) -> Started:
         assert self.labels is not None, "an attached run makes nothing"
         self._prepared = True
         self._mounts["sidecar"] = list(sidecar.mounts)
         spec = self.container_spec(sidecar)
         self._ids["sidecar"] = spec.name
-        if agent is not None:
-            # Made ahead, confined and held (its start file and go-ahead are the run's to write): its output is
-            # followed from now, before anything in it runs.
-            self._mounts["agent"] = list(agent.mounts)
-            self._ids["agent"] = self._name("agent")
-            assert agent.go_ahead is not None
-            self._go_ahead["agent"] = agent.go_ahead
-            self.backend.attach(self._ids["agent"])
+        for w in held:
+            # Made ahead, confined and held (their start and go-ahead are the run's to give): the agent's output
+            # is followed from now, before anything in it runs.
+            assert w.go_ahead is not None, f"the pool's {w.role} waits for no go-ahead"
+            self._mounts[w.role] = list(w.mounts)
+            # By its id: its end is read from the engine's events for that container alone (`wait`).
+            self._ids[w.role] = cid = _id(self.backend._get(self._name(w.role)).id)
+            self.backend.watch_exit(cid)
+            self._go_ahead[w.role] = w.go_ahead
+            if w.follow:
+                self.backend.attach(self._ids[w.role])
         return self._sidecar.run(lambda: Started(security=spec.security_summary()))
 
     def container_spec(self, w: Workload, hosts_file: str | None = None) -> ContainerSpec:
@@ -898,7 +988,8 @@ class DockerRun(RunHandle):
             os.chmod(part, 0o644)  # the workload reads its note, whatever the supervisor's umask
         if workload.reach is not Reach.SIDECAR:
             spec = self.container_spec(workload)
-            self._ids[workload.role] = self.backend.start_container(spec)
+            self._ids[workload.role] = cid = self.backend.start_container(spec)
+            self._check_propagation(workload, cid)
             if workload.go_ahead:
                 self._go_ahead[workload.role] = workload.go_ahead
                 if not hold:
@@ -915,6 +1006,7 @@ class DockerRun(RunHandle):
         os.chmod(hosts_file, 0o644)  # whatever the supervisor's umask: the workload's user resolves with it
         spec = self.container_spec(workload, str(hosts_file))
         self._ids[workload.role] = cid = self.backend.start_container(spec)
+        self._check_propagation(workload, cid)
         sidecar_ip = self._sidecar_address()
         own = self.backend.own_name_and_address(cid, self.internal)
         names = {SIDECAR_NAME: sidecar_ip, **workload.hosts}
@@ -924,6 +1016,14 @@ class DockerRun(RunHandle):
         if not hold:
             self.release(workload.role)
         return Started(security={**spec.security_summary(), "extra_hosts": names}, confinement=routes)
+
+    def _check_propagation(self, workload: Workload, cid: str) -> None:
+        """RuntimeError unless the mounts the run makes later on its propagated mounts' sources reach it."""
+        if any(m.propagated for m in workload.mounts):
+            pid = int((self.backend._get(cid).attrs.get("State") or {}).get("Pid") or 0)
+            gap = propagation_gap(pid, cid, workload.mounts)
+            if gap is not None:
+                raise RuntimeError(f"the {workload.role}'s container cannot receive its run's mounts: {gap}")
 
     def _sidecar_address(self) -> str:
         """The sidecar's address on the internal network; waits for its start when this handle is making it."""
@@ -994,7 +1094,7 @@ class DockerRun(RunHandle):
         return self.backend.stats(self._ref(role))
 
     def wait(self, role: Role, timeout: float) -> ExitInfo:
-        return self.backend.wait(self._ref(role), timeout)
+        return self.backend.wait_ended(self._ref(role), timeout)
 
     def status(self, role: Role) -> ExitInfo:
         return self.backend.status(self._ref(role))

@@ -247,8 +247,8 @@ def _render(request: RunRequest, config: Any, directory: str) -> list[str]:
 
     from agent_sandbox.backend.kubernetes import render
     from agent_sandbox.backend.plan import SIDECAR_NAME
-    from agent_sandbox.run.base import DEADLINE_MARGIN, FINALISER_TIMEOUT
     from agent_sandbox.run.runner import run_task
+    from agent_sandbox.run.workloads import DEADLINE_MARGIN, FINALISER_TIMEOUT
     from agent_sandbox.sidecar.config import SidecarConfig
 
     written: list[str] = []

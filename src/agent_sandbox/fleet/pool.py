@@ -36,7 +36,15 @@ from agent_sandbox.run import held_mounts
 from agent_sandbox.run.liveness import HEARTBEAT_DIR, RunLock, state_id, supervisor_identity
 from agent_sandbox.run.pool import POOL_SOCKET, Slot
 from agent_sandbox.run.runner import new_run_id
-from agent_sandbox.run.workloads import HELD_INPUTS, SIDECAR_UID, Users, held_agent, held_shape, held_sidecar
+from agent_sandbox.run.workloads import (
+    HELD_INPUTS,
+    SIDECAR_UID,
+    Users,
+    held_agent,
+    held_finaliser,
+    held_shape,
+    held_sidecar,
+)
 from agent_sandbox.run.workspace import overlay_unavailable, release_run
 from agent_sandbox.sidecar.contract import HELD_MARKER
 
@@ -48,6 +56,7 @@ RETRY_AFTER = (1.0, 60.0)  # backoff after a slot could not be made: first, most
 # Seconds after a claim before the next slot is made: its networks and sidecar would otherwise start alongside
 # the claiming run's agent, on the same cores, just when that run's start is on its user's clock.
 REFILL_AFTER = 3.0
+AGENT_ATTEMPTS = 2  # slots in a row whose agent container failed before the keeper makes slots without one
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Keeper:
         # The agent's container too, where a run's workspace can reach it after its start (an overlay, mounted
         # on a shared mount point: held_mounts.py).
         self.agents = overlay_unavailable() is None
+        self.agent_failures = 0
         self.users = Users.here()
         self.engine = backend.engine_id()
         self.ready: list[Ready] = []
@@ -106,9 +116,16 @@ class Keeper:
             networks = handle.prepare()
             starting = None
             if self.agents:
-                held_mounts.make(run_dir)
-                workload = held_agent(self.images, self.users, self.policy, run_id, run_dir)
-                starting = threading.Thread(target=self._start_agent, args=(handle, workload, agent), daemon=True)
+                (run_dir / "out").mkdir()
+                if self.users.chown:
+                    os.chown(run_dir / "out", *self.users.chown)
+                workloads = [
+                    held_agent(self.images, self.users, self.policy, run_id, run_dir),
+                    held_finaliser(self.images, self.users, self.policy, run_id, run_dir),
+                ]
+                starting = threading.Thread(
+                    target=self._start_held, args=(handle, run_dir, workloads, agent), daemon=True
+                )
                 starting.start()
             try:
                 handle.start(held_sidecar(self.sidecar_image, self.users, run_dir, self.hosts))
@@ -116,7 +133,9 @@ class Keeper:
                 if starting is not None:
                     starting.join()
             if "error" in agent:
+                self._agent_failed(agent["error"])
                 raise agent["error"]
+            self.agent_failures = 0
             deadline = time.monotonic() + HELD_WAIT
             while not (run_dir / "model" / HELD_MARKER).exists():
                 if time.monotonic() > deadline or not handle.status("sidecar").running:
@@ -132,26 +151,39 @@ class Keeper:
             hosts=self.hosts,
             engine=self.engine,
             networks=networks,
-            agent=held_shape(self.images, self.users, self.policy) if "started" in agent else None,
-            agent_started=agent["started"].model_dump(mode="json") if "started" in agent else None,
+            agent=held_shape(self.images, self.users, self.policy) if "agent" in agent else None,
+            agent_started=agent["agent"].model_dump(mode="json") if "agent" in agent else None,
+            finaliser_started=agent["finaliser"].model_dump(mode="json") if "finaliser" in agent else None,
         )
         self.made += 1
         log.info("pool_slot_ready run_id=%s", run_id)
         return Ready(slot, handle, lock)
 
     @staticmethod
-    def _start_agent(handle: RunHandle, workload: Workload, box: dict[str, Any]) -> None:
+    def _start_held(handle: RunHandle, run_dir: Path, workloads: list[Workload], box: dict[str, Any]) -> None:
         """The agent's container, started alongside the sidecar's (it waits for the sidecar's address), then
-        confined; held for its run's start."""
+        confined, and the finaliser's; both held for their run."""
         try:
-            box["started"] = handle.start(workload, hold=True)
+            held_mounts.make(run_dir)
+            for workload in workloads:
+                box[workload.role] = handle.start(workload, hold=True)
         except BaseException as exc:  # raised in make's thread
             box["error"] = exc
 
+    def _agent_failed(self, error: BaseException) -> None:
+        """A slot's agent container could not be made: twice in a row (mounts refused here, an engine whose
+        containers do not receive this machine's mounts), and the slots go on without one (the runs start
+        their own agent's container, as they did before)."""
+        self.agent_failures += 1
+        if self.agent_failures >= AGENT_ATTEMPTS:
+            self.agents = False
+            log.warning("pool_agents_off error=%r", error)
+
     def _remove(self, run_id: str, run_dir: Path, handle: RunHandle | None, lock: RunLock) -> None:
         try:
-            (handle or self.backend.attach_run(run_id)).teardown()
+            # Its mount points first: they are this machine's, and must not wait on the engine.
             release_run(run_dir)
+            (handle or self.backend.attach_run(run_id)).teardown()
             shutil.rmtree(run_dir, ignore_errors=True)
         except Exception as exc:  # gc's, once the lock below is free
             log.warning("pool_slot_not_removed run_id=%s error=%r", run_id, exc)
@@ -223,7 +255,7 @@ class Keeper:
     @staticmethod
     def _alive(ready: Ready) -> bool:
         """Whether its containers still hold (an engine restart, a hold that ran out, ends them)."""
-        roles: tuple[Role, ...] = ("sidecar", "agent") if ready.slot.agent is not None else ("sidecar",)
+        roles: tuple[Role, ...] = ("sidecar", "agent", "finaliser") if ready.slot.agent is not None else ("sidecar",)
         return all(ready.handle.status(role).running for role in roles)
 
     # Claims.

@@ -36,7 +36,7 @@ from agent_sandbox.run.pool import Claimed
 from agent_sandbox.run.progress import Guarded, Reporter, Silent
 from agent_sandbox.run.spec import RunSpec
 from agent_sandbox.run.state import RunState
-from agent_sandbox.run.workloads import Recipes, Users
+from agent_sandbox.run.workloads import DEADLINE_MARGIN, Recipes, Users
 from agent_sandbox.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -44,10 +44,8 @@ log = logging.getLogger(__name__)
 SIDECAR_READY_TIMEOUT = 30.0
 STOP_GRACE = 5.0  # SIGTERM, then SIGKILL after this long
 RESULT_GRACE = 10.0  # Claude Code sometimes lingers after printing its result
-FINALISER_TIMEOUT = 300.0
 CHECK_TIMEOUT = 900  # seconds the operator's check may take
 DISK_CHECK_INTERVAL = 5.0
-DEADLINE_MARGIN = 120  # seconds the containers' own deadline leaves the supervisor past the wall clock
 RESULT_SLACK = 0.5  # seconds: a model call that started this long after the agent's result is a later call
 END_STOP_REASONS = ("end_turn", "stop_sequence")
 

@@ -17,11 +17,12 @@ from agent_sandbox.backend.plan import NOTE_PATTERN, Role
 from agent_sandbox.errors import SandboxError, disk_full
 from agent_sandbox.git.checkout import Imported, branch_exists, import_bundle
 from agent_sandbox.run import later, quota
-from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN, FINALISER_TIMEOUT
+from agent_sandbox.run.base import CHECK_TIMEOUT, DEADLINE_MARGIN
 from agent_sandbox.run.output import (
     read_result,
 )
 from agent_sandbox.run.watch import Watching
+from agent_sandbox.run.workloads import FINALISER_TIMEOUT
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ MS_SHARED = 1 << 20
 # architecture from 424 on.
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 OPEN_TREE_CLONE, OPEN_TREE_CLOEXEC = 1, os.O_CLOEXEC
-AT_FDCWD, AT_EMPTY_PATH = -100, 0x1000
+AT_FDCWD, AT_EMPTY_PATH, AT_RECURSIVE = -100, 0x1000, 0x8000
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1, 0x2, 0x4, 0x8
 
@@ -82,7 +82,10 @@ def bind_objects(run_dir: Path, objects: Path) -> None:
     """The repository's objects on the run's objects point: read-only (and nosuid, nodev, noexec) before any
     copy of the bind exists."""
     fd = _check(
-        _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, str(objects).encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC),
+        # Recursive, as Docker's own binds are: a mount inside the objects (a pack directory elsewhere) comes too.
+        _libc.syscall(
+            SYS_OPEN_TREE, AT_FDCWD, str(objects).encode(), OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_RECURSIVE
+        ),
         "open_tree",
         objects,
     )
@@ -90,7 +93,12 @@ def bind_objects(run_dir: Path, objects: Path) -> None:
         attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC, 0, 0, 0)
         _check(
             _libc.syscall(
-                SYS_MOUNT_SETATTR, fd, b"", AT_EMPTY_PATH, ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))
+                SYS_MOUNT_SETATTR,
+                fd,
+                b"",
+                AT_EMPTY_PATH | AT_RECURSIVE,
+                ctypes.byref(attr),
+                ctypes.c_size_t(ctypes.sizeof(attr)),
             ),
             "mount_setattr",
             objects,

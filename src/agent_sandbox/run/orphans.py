@@ -25,7 +25,7 @@ from agent_sandbox.backend.images import ImageSet
 from agent_sandbox.errors import EnvironmentNotReady
 from agent_sandbox.git import trees
 from agent_sandbox.paths import runs_dir, state_dir
-from agent_sandbox.run import workspace
+from agent_sandbox.run import held_mounts, workspace
 from agent_sandbox.run.liveness import RunLock, state_id, supervised
 from agent_sandbox.store import RunStore
 
@@ -92,14 +92,17 @@ def collect(
     mine = state_id()
     rows = {r["id"]: r for r in store.unfinished()}
     found = backend.list_runs() if objects else {}
+    # A pool's slots have no row in the store until a run claims one: a slot whose keeper died, and whose objects
+    # on the engine went meanwhile (a reset engine), is found by the mount points it still holds.
+    held = {p.parent.name for p in runs_dir().glob(f"*/{held_mounts.OBJECTS}")} if objects else set()
     out: list[Collected] = []
-    for run_id in sorted(set(rows) | set(found)):
+    for run_id in sorted(set(rows) | set(found) | held):
         row, entry = rows.get(run_id) or store.get(run_id), found.get(run_id, {})
         objs = list(entry.get("objects", []))
         state = entry.get("state")
-        if entry and state is None and row is None:
+        if entry and state is None and row is None and run_id not in held:
             # Made before the state label, or what a run leaves on the host itself (a firewall rule) without a
-            # labelled object beside it.
+            # labelled object beside it. (A slot's mount points say whose it is: it is recovered as any run.)
             if supervisor_alive(entry.get("supervisor")):
                 out.append(Collected(run_id=run_id, action="skipped", objects=objs, detail="its supervisor is alive"))
                 continue

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 
 from agent_sandbox import wire
 from agent_sandbox.paths import state_dir
-from agent_sandbox.run.workloads import AGENT_START, HELD_INPUTS
+from agent_sandbox.run.workloads import HELD_INPUTS
 from agent_sandbox.sidecar.contract import HELD_CONFIG, HELD_KEY
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,12 @@ class Slot(BaseModel):
     networks: list[dict[str, Any]]
     """What the backend's `prepare` made, as the run's trail records it."""
     agent: dict[str, Any] | None = None
-    """The agent's container made ahead, held, as workloads.held_shape describes it (None: none made; the run
-    starts its own)."""
+    """The agent's and the finaliser's containers made ahead, held, as workloads.held_shape describes them
+    (None: none made; the run starts its own)."""
     agent_started: dict[str, Any] | None = None
     """What the held agent's start put on record (backend Started: its security settings and confinement)."""
+    finaliser_started: dict[str, Any] | None = None
+    """What the held finaliser's start put on record."""
 
 
 @dataclass
@@ -124,12 +126,13 @@ def copy_script(run_dir: Path, script: str) -> str:
     return SCRIPT_NAME
 
 
-def start_agent(run_dir: Path, start: dict[str, Any]) -> None:
-    """A held agent's start (workloads.Recipes.agent_start), renamed into place whole: init.py starts on it."""
-    part = run_dir / "in" / f"{AGENT_START}.part"
+def start_held(run_dir: Path, name: str, start: dict[str, Any]) -> None:
+    """A held container's start (workloads.Recipes.agent_start, finaliser_start) in the run's inputs, renamed
+    into place whole: it starts on it (the agent's init.py), or reads it at its go-ahead (finalize.sh)."""
+    part = run_dir / "in" / f"{name}.part"
     part.write_text(json.dumps(start))
-    os.chmod(part, 0o644)  # the agent's user reads it, whatever the supervisor's umask
-    os.replace(part, run_dir / "in" / AGENT_START)
+    os.chmod(part, 0o644)  # the workload's user reads it, whatever the supervisor's umask
+    os.replace(part, run_dir / "in" / name)
 
 
 def forget_key(run_dir: Path) -> None:

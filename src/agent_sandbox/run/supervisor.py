@@ -224,14 +224,14 @@ class Supervisor(Recovering):
             # The networks and the held sidecar the pool made (and the agent's container, where it made one):
             # this run's from here on.
             made = self.slot.slot.networks
-            agent = None
+            held = []
             if self.slot.slot.agent is not None:
                 if prepared.mode != "overlay":
                     raise SandboxError(f"the pool's agent container needs an overlay workspace ({prepared.detail})")
-                # The repository's objects, read-only, on the mount point the held container's history reads.
+                # The repository's objects, read-only, on the mount point the held containers' history reads.
                 held_mounts.bind_objects(self.run_dir, self.repo.objects)
-                agent = self.recipes.held_agent()
-            self._adopted = self.handle.adopt(self._held_sidecar(), agent)
+                held = [self.recipes.held_agent(), self.recipes.held_finaliser()]
+            self._adopted = self.handle.adopt(self._held_sidecar(), held)
         else:
             made = self.handle.prepare()
         for network in made:

@@ -27,7 +27,6 @@ from agent_sandbox.run.base import (
     DEADLINE_MARGIN,
     DISK_CHECK_INTERVAL,
     END_STOP_REASONS,
-    FINALISER_TIMEOUT,
     RESULT_GRACE,
     RESULT_SLACK,
     SIDECAR_READY_TIMEOUT,
@@ -42,7 +41,7 @@ from agent_sandbox.run.output import (
 )
 from agent_sandbox.run.spec import Tokens
 from agent_sandbox.run.state import RunState
-from agent_sandbox.run.workloads import CONTROL_SOCKET, SIDECAR_OUT
+from agent_sandbox.run.workloads import AGENT_START, CONTROL_SOCKET, FINALISER_START, FINALISER_TIMEOUT, SIDECAR_OUT
 from agent_sandbox.sidecar.events import GatewaySettled
 
 log = logging.getLogger(__name__)
@@ -85,7 +84,11 @@ class Watching(RunBase):
             # A run the warm pool began starts no sidecar: the finaliser's container starts (held) alongside the
             # agent's instead, before Claude Code's own start, which it would slow (measured: later, at the
             # agent's first line, it slows the agent's turns; after 3 s it is on the critical path at the end).
-            self._start_finaliser_ahead()
+            # Where the pool made the finaliser too, it only takes the run's settings, for after its go-ahead.
+            if held:
+                self._held_finaliser()
+            else:
+                self._start_finaliser_ahead()
         starting.start()
         try:
             sidecar()
@@ -98,18 +101,20 @@ class Watching(RunBase):
         self._record_started(workload, box["started"], command=["claude", *self.recipes.claude_args()])
         self._checkpoint()
         self.agent_started = True  # the workspace is the agent's from here: never removed before it is imported
+        # Its resources are sampled from before its go-ahead: the engine answers the first sample slowly under
+        # load, and an agent that ends within that time would otherwise end with no figures at all.
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
         if held:
             # Its arguments, identity and deadline, and the paths that prove the run's mounts reached it.
             first = sorted(os.listdir(self.repo.objects))[:1]
             require = ["/workspace/.git", *(f"{CONTAINER_OBJECTS}/{name}" for name in first)]
-            pool.start_agent(self.run_dir, self.recipes.agent_start(self._deadline(), require))
+            pool.start_held(self.run_dir, AGENT_START, self.recipes.agent_start(self._deadline(), require))
         self.handle.release("agent")
         threading.Thread(target=self._pump, args=("agent", "agent", False), daemon=True).start()
         threading.Thread(target=self._pump, args=("agent_stderr", "agent", True), daemon=True).start()
         if self.quota.mode == "sampled":
             threading.Thread(target=self._measure_disk, daemon=True).start()
-        self._sampler = threading.Thread(target=self._sample, daemon=True)
-        self._sampler.start()
         return "agent"
 
     def _start_finaliser_ahead(self) -> None:
@@ -135,12 +140,24 @@ class Watching(RunBase):
         self._finaliser_ahead = ahead
         ahead["thread"].start()
 
+    def _held_finaliser(self) -> None:
+        """The finaliser the warm pool made (held_finaliser), given the run's settings: collect.py gives it its
+        go-ahead as it would one started ahead."""
+        assert self.slot is not None and self.slot.slot.finaliser_started is not None
+        pool.start_held(self.run_dir, FINALISER_START, self.recipes.finaliser_start())
+        self._finaliser_ahead = {
+            "workload": self.recipes.held_finaliser(),
+            "started": Started.model_validate(self.slot.slot.finaliser_started),
+        }
+
     def _finaliser_started_ahead(self) -> dict[str, Any] | None:
         """Once its start is over: the finaliser started ahead (`workload`, `started`), or None (none was, or its
         start failed). Teardown calls this too: no container's start may race the run's removal."""
         ahead = self._finaliser_ahead
         if ahead is None:
             return None
+        if "thread" not in ahead:
+            return ahead  # the pool's, started with the slot
         ahead["thread"].join(FINALISER_AHEAD_JOIN)
         if ahead["thread"].is_alive():
             log.warning("finaliser_ahead_slow run_id=%s waited_s=%.0f", self.spec.run_id, FINALISER_AHEAD_JOIN)

@@ -30,6 +30,10 @@ HELD_INPUTS = "sidecar-in"  # in the run dir: a held sidecar's configuration and
 HELD_TARGET = "/sandbox/sidecar-in"  # where the held sidecar sees it, read-only
 MiB = 1024**2
 AGENT_START = "agent-start"  # in run_dir/in: a held agent's start (init.py --held)
+FINALISER_START = "finaliser-start"  # in run_dir/in: a held finaliser's settings (finalize.sh)
+FINALISER_TIMEOUT = 300.0
+DEADLINE_MARGIN = 120  # seconds the containers' own deadline leaves the supervisor past the wall clock
+FINALISER_DEADLINE = FINALISER_TIMEOUT + DEADLINE_MARGIN  # the finaliser's own, from its go-ahead
 
 
 @dataclass(frozen=True)
@@ -184,21 +188,103 @@ def held_agent(images: ImageSet, users: Users, policy: Policy, run_id: str, run_
         run_id,
         run_dir,
         {**AGENT_ENV, "SANDBOX_HOLD_SECONDS": str(HOLD_SECONDS)},
-        [
-            Mount(source=str(run_dir / held_mounts.WORKSPACE), target="/workspace", read_only=False, propagated=True),
-            Mount(source=str(run_dir / held_mounts.OBJECTS), target=CONTAINER_OBJECTS, read_only=True, propagated=True),
-            Mount(source=str(run_dir / "in"), target="/sandbox/in", read_only=True),
-        ],
+        held_work_mounts(run_dir),
         "network-ready",
         own_init=True,
         follow=True,
     )
 
 
+def held_work_mounts(run_dir: Path) -> list[Mount]:
+    """What a held container sees of its run: the workspace and the objects, through the run directory's mount
+    points (held_mounts.py), and the run's inputs."""
+    return [
+        Mount(source=str(run_dir / held_mounts.WORKSPACE), target="/workspace", read_only=False, propagated=True),
+        Mount(source=str(run_dir / held_mounts.OBJECTS), target=CONTAINER_OBJECTS, read_only=True, propagated=True),
+        Mount(source=str(run_dir / "in"), target="/sandbox/in", read_only=True),
+    ]
+
+
 def held_shape(images: ImageSet, users: Users, policy: Policy) -> dict[str, object]:
-    """What a held agent's container is made of, the run's own names aside: a run takes a pooled agent only
-    when its own would be made the same."""
-    return held_agent(images, users, policy, "-", Path("/-")).model_dump(mode="json")
+    """What a slot's held containers are made of, the run's own names aside: a run takes them only when its own
+    would be made the same."""
+    run_id, run_dir = "-", Path("/-")
+    return {
+        "agent": held_agent(images, users, policy, run_id, run_dir).model_dump(mode="json"),
+        "finaliser": held_finaliser(images, users, policy, run_id, run_dir).model_dump(mode="json"),
+    }
+
+
+def finaliser_env(spec: RunSpec) -> dict[str, str]:
+    """The finaliser's settings that are the run's own (the rest is the same for every run)."""
+    return {
+        "SANDBOX_BASE_COMMIT": spec.base_commit,
+        "SANDBOX_BRANCH": spec.branch,
+        # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
+        "SANDBOX_DISK_LIMIT": str(spec.policy.limits.disk_bytes),
+        **git_identity(spec),
+    }
+
+
+def finaliser(
+    images: ImageSet,
+    users: Users,
+    policy: Policy,
+    run_id: str,
+    run_dir: Path,
+    env: dict[str, str],
+    deadline_s: float,
+    mounts: list[Mount],
+    go_ahead: bool,
+) -> Workload:
+    """The finaliser's workload: finalize.sh on the workspace, no network, the same runtime as the agent."""
+    return Workload(
+        role="finaliser",
+        image=images.agent,
+        user=users.agent,
+        entrypoint=["/opt/sandbox/finalize.sh"],
+        env={
+            "SANDBOX_RUN_ID": run_id,
+            **env,
+            "HOME": "/tmp",
+            # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`, from its
+            # go-ahead on).
+            "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
+        },
+        mounts=mounts,
+        reach=Reach.NOTHING,
+        go_ahead=str(run_dir / "in" / FINALISER_GO_AHEAD) if go_ahead else None,
+        scratch=[Scratch(path="/tmp", size_bytes=256 * MiB)],
+        resources=Resources(memory_bytes=1024**3, cpus=1.0, pids=256),
+        working_dir="/workspace",
+        # It reads what the agent left: the same runtime as the agent.
+        runtime=policy.agent.runtime,
+    )
+
+
+def held_finaliser(images: ImageSet, users: Users, policy: Policy, run_id: str, run_dir: Path) -> Workload:
+    """The finaliser as the warm pool makes it ahead of its run, beside the held agent: the same mount points,
+    held for its go-ahead (which a run gives once its agent has ended), the run's own settings
+    (`Recipes.finaliser_start`) read from its inputs after the go-ahead."""
+    return finaliser(
+        images,
+        users,
+        policy,
+        run_id,
+        run_dir,
+        {
+            "SANDBOX_GO_AHEAD": "/sandbox/in/" + FINALISER_GO_AHEAD,
+            # The slot's wait, then its run's: past it, the run starts a finaliser of its own (collect.py).
+            "SANDBOX_HOLD_SECONDS": str(2 * HOLD_SECONDS),
+            "SANDBOX_START_FILE": "/sandbox/in/" + FINALISER_START,
+        },
+        FINALISER_DEADLINE,
+        [
+            *held_work_mounts(run_dir),
+            Mount(source=str(run_dir / "out"), target="/sandbox/out", read_only=False),
+        ],
+        go_ahead=True,
+    )
 
 
 @dataclass(frozen=True)
@@ -319,34 +405,23 @@ class Recipes:
         held = {}
         if hold_s is not None:
             held = {"SANDBOX_GO_AHEAD": "/sandbox/in/" + FINALISER_GO_AHEAD, "SANDBOX_HOLD_SECONDS": str(int(hold_s))}
-        return Workload(
-            role="finaliser",
-            image=self.images.agent,
-            user=self.users.agent,
-            entrypoint=["/opt/sandbox/finalize.sh"],
-            env={
-                "SANDBOX_RUN_ID": self.spec.run_id,
-                "SANDBOX_BASE_COMMIT": self.spec.base_commit,
-                "SANDBOX_BRANCH": self.spec.branch,
-                **({"SANDBOX_END_REASON": reason} if reason else {}),
-                **held,
-                "HOME": "/tmp",
-                # It ends by itself even if whoever waits for it dies (finalize.sh runs under `timeout`, from its
-                # go-ahead on).
-                "SANDBOX_DEADLINE_SECONDS": str(int(deadline_s)),
-                # No file the finaliser writes (the bundle above all) may grow past the run's disk limit.
-                "SANDBOX_DISK_LIMIT": str(self.spec.policy.limits.disk_bytes),
-                **git_identity(self.spec),
-            },
-            mounts=[
-                *self.work_mounts(),
-                Mount(source=str(self.run_dir / "out"), target="/sandbox/out", read_only=False),
-            ],
-            reach=Reach.NOTHING,
-            go_ahead=str(self.run_dir / "in" / FINALISER_GO_AHEAD) if hold_s is not None else None,
-            scratch=[Scratch(path="/tmp", size_bytes=256 * MiB)],
-            resources=Resources(memory_bytes=1024**3, cpus=1.0, pids=256),
-            working_dir="/workspace",
-            # It reads what the agent left: the same runtime as the agent.
-            runtime=self.spec.policy.agent.runtime,
+        return finaliser(
+            self.images,
+            self.users,
+            self.spec.policy,
+            self.spec.run_id,
+            self.run_dir,
+            {**finaliser_env(self.spec), **({"SANDBOX_END_REASON": reason} if reason else {}), **held},
+            deadline_s,
+            [*self.work_mounts(), Mount(source=str(self.run_dir / "out"), target="/sandbox/out", read_only=False)],
+            go_ahead=hold_s is not None,
         )
+
+    def held_finaliser(self) -> Workload:
+        """The finaliser's workload as the warm pool made it for this run (held_finaliser)."""
+        return held_finaliser(self.images, self.users, self.spec.policy, self.spec.run_id, self.run_dir)
+
+    def finaliser_start(self) -> dict[str, object]:
+        """What a held finaliser (held_finaliser) is given before its go-ahead: what `finaliser` puts in its
+        creation."""
+        return {"env": finaliser_env(self.spec)}
