@@ -379,6 +379,59 @@ def _figures(raw: Any) -> dict[str, int] | None:
     }
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+# What a sample reads, by cgroup version: (memory now, memory's peak, CPU time, processes).
+CGROUP_FILES = {
+    2: ("memory.current", "memory.peak", "cpu.stat", "pids.current"),
+    1: (
+        "memory/memory.usage_in_bytes",
+        "memory/memory.max_usage_in_bytes",
+        "cpuacct/cpuacct.usage",
+        "pids/pids.current",
+    ),
+}
+
+
+def cgroup_files(pid: int, container_id: str) -> list[Path] | None:
+    """The files of the container's cgroup a sample reads (CGROUP_FILES), where its process is one of this
+    machine's; None otherwise (an engine elsewhere: Docker's own figures then)."""
+    if not _is_containers_process(pid, container_id):
+        return None
+    try:
+        lines = [line.split(":", 2) for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()]
+    except OSError:
+        return None
+    if (CGROUP_ROOT / "cgroup.controllers").exists():
+        path = next((p for h, c, p in lines if h == "0"), None)
+        files = [CGROUP_ROOT / path.lstrip("/") / f for f in CGROUP_FILES[2]] if path else []
+    else:
+        paths = {name: p for _h, c, p in lines for name in c.split(",") if c}
+        files = []
+        for rel in CGROUP_FILES[1]:
+            controller, name = rel.split("/")
+            if controller not in paths:
+                return None
+            files.append(CGROUP_ROOT / controller / paths[controller].lstrip("/") / name)
+    # The peak is optional (cgroup v2 before Linux 5.19 has none).
+    return files if files and all(f.exists() for f in (files[0], files[2], files[3])) else None
+
+
+def cgroup_figures(files: list[Path]) -> dict[str, int] | None:
+    """A sample read from the container's cgroup (cgroup_files); None once the cgroup is gone."""
+    try:
+        memory = int(files[0].read_text())
+        peak = int(files[1].read_text()) if files[1].exists() else memory
+        cpu = files[2].read_text()
+        if files[2].name == "cpu.stat":
+            cpu_ns = 1000 * next(int(ln.split()[1]) for ln in cpu.splitlines() if ln.startswith("usage_usec "))
+        else:
+            cpu_ns = int(cpu)
+        pids = int(files[3].read_text())
+    except (OSError, ValueError, StopIteration):
+        return None
+    return {"memory": memory, "peak_memory": max(peak, memory), "cpu_ns": cpu_ns, "pids": pids}
+
+
 def _id(value: str | None) -> str:
     """An id the engine just gave: the SDK types it optional, an object it returned always has one."""
     if not value:
@@ -680,9 +733,23 @@ class DockerBackend(Backend):
         yield from c.logs(stream=True, follow=True, stdout=not stderr, stderr=stderr)
 
     def stats(self, container: str) -> Iterator[dict[str, int]]:
-        # One-shot samples, one every STATS_INTERVAL: the streaming endpoint's first frame waits a second for a
-        # CPU delta, so an agent that lives about that long (a short task on a loaded engine) would end with
-        # no figures at all; a one-shot answer comes at once.
+        # Where the container's processes are this machine's, its cgroup's own files, read every STATS_INTERVAL:
+        # at once, and with the kernel's peak. The engine's figures come from a collector that ticks once a
+        # second: a short agent on a busy engine (another container's figures keep it ticking) would end
+        # before its first.
+        try:
+            attrs = self._get(container).attrs
+            files = cgroup_files(int((attrs.get("State") or {}).get("Pid") or 0), str(attrs.get("Id") or ""))
+        except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
+            return
+        if files is not None:
+            while (sample := cgroup_figures(files)) is not None:
+                yield sample
+                if self.wait(container, STATS_INTERVAL).exit_code is not None:
+                    return
+            return
+        # Elsewhere, one-shot samples, one every STATS_INTERVAL: the streaming endpoint's first frame waits a
+        # second for a CPU delta; a one-shot answer comes at the collector's next tick.
         try:
             while True:
                 sample = _figures(self.client.api.stats(container, stream=False, one_shot=True))
