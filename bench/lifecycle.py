@@ -93,12 +93,12 @@ PHASES = [
     ("checkout (disk quota, workspace)", "checkout_prepared"),
     ("networks", "network_created"),
     (
-        "sidecar and agent containers, side by side, to the sidecar's start (warm: the pool's sidecar, taken over)",
+        "sidecar and agent containers, side by side, to the sidecar's start (warm: the pool's, taken over)",
         "container_created:sidecar",
     ),
     ("sidecar's ports open (`listening`)", "listening"),
     (
-        "agent container and isolation, past the sidecar's `listening` (warm: alongside the finaliser's)",
+        "agent container and isolation, past the sidecar's `listening` (warm: made and confined by the pool)",
         "container_created:agent",
     ),
     ("network_isolated recorded", "network_isolated"),
@@ -107,7 +107,7 @@ PHASES = [
     ("agent exit, resource usage", "resource_usage"),
     ("result check", "result_verified"),
     (
-        "finaliser container (started ahead and held: warm, with the agent's; cold, once the agent ran 3 s; else now)",
+        "finaliser container (held: warm, the pool's; cold, started once the agent ran 3 s; else now)",
         "container_created:finaliser",
     ),
     ("finaliser run", "finalised"),
