@@ -433,12 +433,17 @@ def test_a_frame_out_of_protocol_ends_the_relay(
 ) -> None:
     caplog.set_level(logging.INFO)
     fwd, stream = _hostile(target, *frames)
-    _until(fwd.ended.is_set)
+
+    def ended_line() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage().startswith("socket_relay_ended")]
+
+    # Its end is set, then said (relay.py, end: the log line comes from the end's callback, a moment later).
+    _until(lambda: fwd.ended.is_set() and bool(ended_line()))
     assert fwd.reason is not None and fwd.reason.startswith("protocol") and why in fwd.reason, fwd.reason
     assert fwd.open_connections == 0 and stream.closed
     assert (rl.END, 0, b"") in stream.frames()  # the relay is told to stop
     # One line, a warning: the relay failed (not closed with its pod).
-    lines = [r for r in caplog.records if r.getMessage().startswith("socket_relay_ended")]
+    lines = ended_line()
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING and "protocol" in lines[0].getMessage()
 
 
