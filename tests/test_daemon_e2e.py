@@ -216,6 +216,21 @@ def run_args(repo: Path, script: Path, *extra: str) -> list[str]:
     return ["run", "--repo", str(repo), "--task", "t", "--model-script", str(script), "--json", *extra]
 
 
+def summary(proc: subprocess.Popen[str], out: Path, err: Path, timeout: float = 180) -> dict[str, Any]:
+    """The summary a background `sandbox run --json` printed, once it exited 0."""
+    code = finish(proc, timeout)
+    assert code == 0, err.read_text()
+    return json.loads(out.read_text())
+
+
+def put_input(run_dir: Path, name: str, data: object) -> None:
+    """A file in the run's inputs (the agent's /sandbox/in, which it can only read), renamed into place whole."""
+    part = run_dir / "in" / f"{name}.part"
+    part.write_text(json.dumps(data))
+    os.chmod(part, 0o644)
+    part.rename(run_dir / "in" / name)
+
+
 def finish(proc: subprocess.Popen[str], timeout: float = 180) -> int:
     try:
         return proc.wait(timeout)

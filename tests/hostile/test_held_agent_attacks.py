@@ -23,7 +23,7 @@ from agent_sandbox.run.held_mounts import OBJECTS, POINTS, WORKSPACE
 from agent_sandbox.run.workloads import AGENT_START, Users
 
 from ..conftest import git, labelled, tool_results
-from ..test_daemon_e2e import WORKER, Warm, finish, held_agent_processes, run_args, wait_for
+from ..test_daemon_e2e import WORKER, Warm, finish, held_agent_processes, put_input, run_args, summary, wait_for
 from ..test_daemon_e2e import warm as warm  # the fixture, re-exported
 from ..test_limits_e2e import SLEEPER
 
@@ -64,14 +64,6 @@ def transcript_has(run_dir: Path, text: str) -> bool:
         return any(text in out for out in tool_results(run_dir))
     except (OSError, ValueError):
         return False  # not there yet, or a line half written
-
-
-def put_input(run_dir: Path, name: str, data: object) -> None:
-    """A file in the run's inputs (the agent's /sandbox/in, which it can only read), renamed into place whole."""
-    part = run_dir / "in" / f"{name}.part"
-    part.write_text(json.dumps(data))
-    os.chmod(part, 0o644)
-    part.rename(run_dir / "in" / name)
 
 
 # --- 1: the repository's objects, the agent's own files, bound read-only into its held container ----------------
@@ -216,12 +208,10 @@ def test_agent_cannot_unlock_or_replace_the_objects_it_owns(warm: Warm, make_rep
         assert theirs and all(any(o.startswith("master:") for o in f[6 : f.index("-")]) for f in theirs), theirs
         assert not any(o.startswith("shared:") for f in theirs for o in f[6 : f.index("-")]), theirs
         put_input(run_dir, "proceed", {})
-        code = finish(proc, 180)
+        s = summary(proc, out, err)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert code == 0, err.read_text()
-    s = json.loads(out.read_text())
     assert s["id"] == slot, s
     attack, proceeded = tool_results(s["run_dir"])
     assert "proceed True" in proceeded, proceeded
@@ -329,12 +319,10 @@ def test_held_agent_runs_only_its_init_and_never_reaches_the_next_slot(warm: War
         assert inspect(f"sbx-{slot}-agent")["ExecIDs"] is None
         paths = [str(nxt_dir / "in"), str(nxt_dir / "in" / AGENT_START), str(warm.state), str(run_dir)]
         put_input(run_dir, "next.json", {"next": nxt, "paths": paths})
-        code = finish(proc, 180)
+        s = summary(proc, out, err)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert code == 0, err.read_text()
-    s = json.loads(out.read_text())
     assert s["id"] == slot and s["status"] == "succeeded", s
     (probe,) = tool_results(s["run_dir"])
     line = next(ln for ln in probe.splitlines() if ln.startswith("PROBE "))

@@ -17,7 +17,7 @@ from agent_sandbox.run.workloads import HELD_INPUTS
 from agent_sandbox.sidecar.contract import HELD_KEY
 
 from ..conftest import audit_events, labelled, tool_results
-from ..test_daemon_e2e import Warm, finish, gone, held_agent_processes, run_args, wait_for
+from ..test_daemon_e2e import Warm, finish, gone, held_agent_processes, put_input, run_args, summary, wait_for
 from ..test_daemon_e2e import warm as warm  # the fixture, re-exported
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("docker_ready")]
@@ -112,15 +112,11 @@ def test_agent_reaches_neither_the_next_slot_nor_its_key(warm: Warm, make_repo, 
         held_ips = [n["IPAddress"] for n in held["NetworkSettings"]["Networks"].values() if n.get("IPAddress")]
         targets = [*ips, *held_ips, *network_gateways(nxt), docker0()]
         assert ips and held_ips, (side["NetworkSettings"], held["NetworkSettings"])
-        inputs = Path(warm.state / "runs" / slot / "in")
-        (inputs / "targets.part").write_text(json.dumps(targets))
-        (inputs / "targets.part").rename(inputs / "targets.json")
-        code = finish(proc, 180)
+        put_input(warm.state / "runs" / slot, "targets.json", targets)
+        s = summary(proc, out, err)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert code == 0, err.read_text()
-    s = json.loads(out.read_text())
     assert s["id"] == slot, s
     outputs = tool_results(s["run_dir"])
     assert len(outputs) == 1 + len(LOOK), outputs
