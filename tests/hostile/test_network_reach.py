@@ -28,9 +28,10 @@ from typing import Any
 import psutil
 import pytest
 
-from agent_sandbox.backend.base import RUN_LABEL
+from agent_sandbox.backend.base import RUN_LABEL, SUPERVISOR_LABEL
 from agent_sandbox.backend.docker import DockerBackend, HostFirewall, NetworkSpec
 from agent_sandbox.backend.images import require_images
+from agent_sandbox.run.liveness import supervisor_identity
 
 from .. import testhosts
 from ..conftest import audit_events, labelled, tool_results
@@ -301,11 +302,14 @@ def test_the_host_firewall_drops_what_the_internal_network_sends(host_service) -
     image = require_images(backend.client).agent
     run_id = f"test-fw-{uuid.uuid4().hex[:8]}"
     control = f"sbx-{run_id}-control"
+    # Labelled with this live process as their supervisor: a `sandbox gc` another test runs meanwhile, on the
+    # same engine, takes objects without one for an earlier version's leftovers and removes them.
+    owner = {RUN_LABEL: run_id, SUPERVISOR_LABEL: supervisor_identity()}
     try:
         # The control: an internal network without the rules lets a container with Docker's routes reach
         # the host service on the bridge's .1. This is the leak.
         subprocess.run(
-            ["docker", "network", "create", "--internal", "--label", f"{RUN_LABEL}={run_id}", control],
+            ["docker", "network", "create", "--internal", *(f"--label={k}={v}" for k, v in owner.items()), control],
             check=True,
             capture_output=True,
         )
@@ -313,7 +317,7 @@ def test_the_host_firewall_drops_what_the_internal_network_sends(host_service) -
         assert leak["tcp"] == "HOST-SERVICE-REACHED\n", leak
         # A run's internal network: the same attempt meets the host firewall (dropped: a timeout).
         closed = f"sbx-{run_id}-int"
-        backend.create_network(NetworkSpec(name=closed, internal=True, labels={RUN_LABEL: run_id}))
+        backend.create_network(NetworkSpec(name=closed, internal=True, labels=owner))
         rules = [line for _tool, line, rid in HostFirewall().rules() if rid == run_id]
         assert any(line.startswith("-A INPUT ") for line in rules), rules
         assert any(" ! -o br-" in line for line in rules), rules
