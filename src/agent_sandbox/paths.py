@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 
@@ -41,3 +42,8 @@ def resource(name: str) -> Path:
 
 def package_dir() -> Path:
     return Path(__file__).resolve().parent
+
+
+def mountinfo_path(path: str) -> str:
+    """A path as /proc/*/mountinfo writes it: space, tab, newline and backslash as octal escapes."""
+    return re.sub(r"[ \t\n\\]", lambda c: f"\\{ord(c.group()):03o}", path)

@@ -52,6 +52,7 @@ from agent_sandbox.backend.plan import (
 from agent_sandbox.config.backends import DockerConfig
 from agent_sandbox.config.policy import Policy
 from agent_sandbox.errors import EnvironmentNotReady
+from agent_sandbox.paths import mountinfo_path
 
 log = logging.getLogger(__name__)
 
@@ -131,16 +132,11 @@ def propagation_gap(pid: int, container_id: str, mounts: list[Mount]) -> str | N
         return f"mount table unreadable: {exc}"
     for m in wanted:
         source = os.path.realpath(m.source)
-        if not ours.get(_escaped(source)):
+        if not ours.get(mountinfo_path(source)):
             return f"{source} is not a shared mount point"
-        if not ours[_escaped(source)] & theirs.get(_escaped(m.target), set()):
+        if not ours[mountinfo_path(source)] & theirs.get(mountinfo_path(m.target), set()):
             return f"mounts on {source} do not reach the container's {m.target}"
     return None
-
-
-def _escaped(path: str) -> str:
-    """A path as mountinfo writes it (space, tab, newline and backslash in octal)."""
-    return re.sub(r"[ \t\n\\]", lambda c: f"\\{ord(c.group()):03o}", path)
 
 
 class EngineUnavailable(EnvironmentNotReady):

@@ -72,7 +72,6 @@ class Keeper:
     def __init__(self, backend: Backend, images: ImageSet, size: int, policy: Policy | None = None) -> None:
         self.backend = backend
         self.images = images
-        self.sidecar_image = images.sidecar
         self.size = size
         self.policy = policy or Policy()
         self.hosts = self.policy.egress.hosts
@@ -119,16 +118,21 @@ class Keeper:
                 (run_dir / "out").mkdir()
                 if self.users.chown:
                     os.chown(run_dir / "out", *self.users.chown)
+                # Their output is the claiming run's to follow (it attaches at adopt): streams attached here would
+                # stay open in this long-lived process, two sockets a slot, never read.
                 workloads = [
-                    held_agent(self.images, self.users, self.policy, run_id, run_dir),
-                    held_finaliser(self.images, self.users, self.policy, run_id, run_dir),
+                    w.model_copy(update={"follow": False})
+                    for w in (
+                        held_agent(self.images, self.users, self.policy, run_id, run_dir),
+                        held_finaliser(self.images, self.users, self.policy, run_id, run_dir),
+                    )
                 ]
                 starting = threading.Thread(
                     target=self._start_held, args=(handle, run_dir, workloads, agent), daemon=True
                 )
                 starting.start()
             try:
-                handle.start(held_sidecar(self.sidecar_image, self.users, run_dir, self.hosts))
+                handle.start(held_sidecar(self.images.sidecar, self.users, run_dir, self.hosts))
             finally:
                 if starting is not None:
                     starting.join()
@@ -147,7 +151,7 @@ class Keeper:
         slot = Slot(
             run_id=run_id,
             run_dir=str(run_dir),
-            sidecar_image=self.sidecar_image,
+            sidecar_image=self.images.sidecar,
             hosts=self.hosts,
             engine=self.engine,
             networks=networks,
@@ -235,14 +239,15 @@ class Keeper:
             current = self.images
         if current != self.images:
             log.info("pool_image_changed old=%s new=%s", self.images, current)
-            self.images, self.sidecar_image = current, current.sidecar
+            self.images = current
+        shape = held_shape(current, self.users, self.policy)
         with self._lock:
             slots = list(self.ready)
         for ready in slots:
             try:
                 alive = ready.slot.sidecar_image == current.sidecar and self._alive(ready)
                 if ready.slot.agent is not None:
-                    alive = alive and ready.slot.agent == held_shape(current, self.users, self.policy)
+                    alive = alive and ready.slot.agent == shape
             except Exception:
                 alive = False
             if not alive:

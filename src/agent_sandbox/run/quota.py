@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent_sandbox.errors import EnvironmentNotReady
+from agent_sandbox.paths import mountinfo_path
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,7 @@ def mounts_at(directory: Path) -> int:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
         return int(is_mounted(directory))
-    # Field 5 is the mount point, its spaces, tabs, newlines and backslashes written as octal escapes.
-    escaped = re.sub(r"[ \t\n\\]", lambda m: f"\\{ord(m.group()):03o}", where)
+    escaped = mountinfo_path(where)  # field 5, the mount point
     return sum(1 for line in lines if line.split(" ", 5)[4:5] == [escaped])
 
 
