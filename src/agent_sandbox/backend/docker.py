@@ -739,10 +739,11 @@ class DockerBackend(Backend):
         except (docker.errors.NotFound, docker.errors.APIError, requests.exceptions.RequestException):
             return
         if files is not None:
+            # The files go with the container's cgroup, at its end: no engine is asked again (one gone away
+            # mid-run would otherwise end the sampler with an error).
             while (sample := cgroup_figures(files)) is not None:
                 yield sample
-                if self.wait(container, STATS_INTERVAL).exit_code is not None:
-                    return
+                time.sleep(STATS_INTERVAL)
             return
         # Elsewhere, one-shot samples, one every STATS_INTERVAL: the streaming endpoint's first frame waits a
         # second for a CPU delta; a one-shot answer comes at the collector's next tick.
